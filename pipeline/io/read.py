@@ -1,0 +1,233 @@
+"""Open an OME-Zarr image (NGFF 0.4 or 0.5, local or fsspec URL) as an :class:`ImageSource`.
+
+The source is plain, picklable metadata plus methods that open zarr lazily, so it can be sent
+to every task and each task reads its own region straight from the store.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+import zarr
+
+from pipeline.errors import InputError
+from pipeline.io import store
+from pipeline.io.ngff import (
+    CHANNEL,
+    SPACE,
+    Axis,
+    Level,
+    level_transforms,
+    parse_axes,
+    parse_multiscales,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    """A multiscale image: named axes, levels with their chunk layout, channels and labels.
+
+    Arrays are never held: :meth:`read`, :meth:`dask` and :meth:`xarray` open the store on use.
+    """
+
+    url: str
+    version: str
+    name: str
+    axes: tuple[Axis, ...]
+    levels: tuple[Level, ...]
+    channel_names: tuple[str, ...] | None = None
+    labels: tuple[str, ...] = ()
+    image_label: Mapping[str, Any] | None = None
+    storage_options: Mapping[str, Any] = field(default_factory=dict)
+
+    # -- shape helpers --------------------------------------------------------------------
+    @property
+    def dims(self) -> tuple[str, ...]:
+        return tuple(a.name for a in self.axes)
+
+    @property
+    def spatial_dims(self) -> tuple[str, ...]:
+        return tuple(a.name for a in self.axes if a.type == SPACE or (a.type is None and a.name in "zyx"))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.levels[0].shape
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.levels[0].dtype)
+
+    @property
+    def n_channels(self) -> int:
+        return self.shape[self.dims.index("c")] if "c" in self.dims else 1
+
+    def level(self, level: int = 0) -> Level:
+        try:
+            return self.levels[level]
+        except IndexError:
+            raise InputError(
+                f"'{self.url}' has {len(self.levels)} levels (0..{len(self.levels) - 1}); level {level} does not exist."
+            ) from None
+
+    # -- data access ----------------------------------------------------------------------
+    def array(self, level: int = 0) -> zarr.Array:
+        """The zarr array of a level, opened read-only."""
+        return store.open_array(store.join(self.url, self.level(level).path), "r", self.storage_options)
+
+    def read(self, region: tuple[slice, ...], level: int = 0) -> np.ndarray:
+        """Read one region (a tuple of slices in this image's axis order) into memory."""
+        return np.asarray(self.array(level)[region])
+
+    def dask(self, level: int = 0):
+        """A lazy dask array of a level, one dask chunk per zarr chunk."""
+        import dask.array as da
+
+        return da.from_zarr(self.array(level))
+
+    def xarray(self, level: int = 0):
+        """A lazy ``xarray.DataArray`` with named dims and physical coordinates (pixel centres)."""
+        import xarray as xr
+
+        lv = self.level(level)
+        coords: dict[str, Any] = {}
+        for i, axis in enumerate(self.axes):
+            if axis.type == CHANNEL and self.channel_names and len(self.channel_names) == lv.shape[i]:
+                coords[axis.name] = list(self.channel_names)
+            elif axis.type != CHANNEL:
+                values = lv.translation[i] + lv.scale[i] * np.arange(lv.shape[i])
+                coords[axis.name] = xr.Variable(axis.name, values, attrs={"units": axis.unit} if axis.unit else {})
+        return xr.DataArray(self.dask(level), dims=self.dims, coords=coords, name=self.name,
+                            attrs={"ngff_version": self.version, "url": self.url})
+
+    def label(self, name: str) -> "ImageSource":
+        """Open one labels image of this image (``labels/<name>``)."""
+        if name not in self.labels:
+            raise InputError(
+                f"'{self.url}' has no labels '{name}'; it has: {', '.join(self.labels) or 'none'}."
+            )
+        return open_image(store.join(self.url, "labels", name), self.storage_options)
+
+
+def _list_labels(group: zarr.Group) -> tuple[str, ...]:
+    try:
+        labels_group = group["labels"]
+    except KeyError:
+        return ()
+    attrs = dict(labels_group.attrs)
+    names = attrs.get("ome", attrs).get("labels", [])
+    return tuple(str(n) for n in names)
+
+
+def _level_layout(arr: zarr.Array) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
+    shards = getattr(arr, "shards", None)
+    return tuple(int(c) for c in arr.chunks), (tuple(int(s) for s in shards) if shards else None)
+
+
+def open_image(url: str, storage_options: Mapping[str, Any] | None = None) -> ImageSource:
+    """Open the OME-Zarr image at ``url`` (the group holding ``multiscales``).
+
+    A store whose root is a collection (e.g. a tilewise output or sample with ``raw/`` and
+    ``clean/``) is accepted when it holds exactly one image; otherwise the error lists them.
+    """
+    storage_options = dict(storage_options or {})
+    group = store.open_group_readonly(url, storage_options)
+    attrs = dict(group.attrs)
+    if not _is_image(group):
+        children = [path for path, _ in _walk(group, "")]
+        if len(children) == 1:
+            return open_image(store.join(url, children[0]), storage_options)
+        if children:
+            raise InputError(
+                f"'{url}' holds several images ({', '.join(children)}); name one, e.g. "
+                f"'{store.join(url, children[0])}'."
+            )
+    version, multiscale, omero = parse_multiscales(attrs, url)
+    datasets = multiscale.get("datasets") or []
+    if not datasets:
+        raise InputError(f"'{url}': multiscales lists no datasets; the image has no arrays.")
+    levels = []
+    first_ndim = None
+    for ds in datasets:
+        try:
+            arr = group[ds["path"]]
+        except KeyError:
+            raise InputError(f"'{url}': dataset '{ds['path']}' is listed in multiscales but missing.") from None
+        if not isinstance(arr, zarr.Array):
+            raise InputError(f"'{url}': dataset '{ds['path']}' is a group, not an array.")
+        first_ndim = first_ndim or arr.ndim
+        levels.append((ds["path"], arr))
+    axes = parse_axes(multiscale, first_ndim, url)
+    transforms = level_transforms(multiscale, len(axes))
+    out_levels = []
+    for (path, arr), (scale, translation) in zip(levels, transforms):
+        where = f"'{url}' level '{path}'"
+        if arr.ndim != len(axes):
+            raise InputError(
+                f"{where} has {arr.ndim} dimensions but the axes are {[a.name for a in axes]}; "
+                "fix the metadata or re-convert with the right --axes."
+            )
+        if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
+            raise InputError(
+                f"{where} has dtype {arr.dtype}, which is not numeric; tilewise processes integer, "
+                "float and boolean images. Convert the data to a numeric type first."
+            )
+        if 0 in arr.shape:
+            raise InputError(f"{where} has shape {tuple(arr.shape)}: an empty array has nothing to process.")
+        chunks, shards = _level_layout(arr)
+        out_levels.append(Level(path, tuple(arr.shape), chunks, shards, str(arr.dtype), scale, translation))
+    channel_names = None
+    if omero and omero.get("channels"):
+        channel_names = tuple(str(ch.get("label", i)) for i, ch in enumerate(omero["channels"]))
+    image_label = attrs.get("ome", attrs).get("image-label")
+    return ImageSource(
+        url=url.rstrip("/"),
+        version=version,
+        name=str(multiscale.get("name") or url.rstrip("/").split("/")[-1]),
+        axes=axes,
+        levels=tuple(out_levels),
+        channel_names=channel_names,
+        labels=_list_labels(group),
+        image_label=image_label,
+        storage_options=storage_options,
+    )
+
+
+def _is_image(group: zarr.Group) -> bool:
+    attrs = dict(group.attrs)
+    return "multiscales" in attrs or "multiscales" in attrs.get("ome", {})
+
+
+def walk_images(url: str, storage_options: Mapping[str, Any] | None = None) -> Iterator[tuple[str, zarr.Group]]:
+    """Yield ``(relative path, group)`` for every image group in a store (not labels).
+
+    The root itself is yielded as ``""`` when it is an image.
+    """
+    group = store.open_group_readonly(url, storage_options)
+    if _is_image(group):
+        yield "", group
+    else:
+        yield from _walk(group, "")
+
+
+def _walk(group: zarr.Group, prefix: str) -> Iterator[tuple[str, zarr.Group]]:
+    for name, child in sorted(group.groups(), key=lambda kv: kv[0]):
+        if name in ("labels", "tables", "_tilewise"):
+            continue
+        path = f"{prefix}{name}"
+        if _is_image(child):
+            yield path, child
+        else:
+            yield from _walk(child, path + "/")
+
+
+def list_tables(url: str, storage_options: Mapping[str, Any] | None = None) -> list[str]:
+    """Names of the tables under ``tables/`` of a store (Parquet datasets tilewise wrote)."""
+    fs, path = store._fs(store.join(url, "tables"), storage_options)
+    if not fs.exists(path):
+        return []
+    return sorted(p.rstrip("/").split("/")[-1] for p in fs.ls(path, detail=False) if fs.isdir(p))

@@ -1,0 +1,81 @@
+"""Global intensity statistics, computed once per input (DESIGN invariant 4).
+
+Read from the finest pyramid level that fits a voxel budget, or from randomly sampled chunks
+of the coarsest level when no level is that small; never from the whole of level 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.grid import grid_shape, region_of
+from pipeline.io.read import ImageSource
+
+PERCENTILES = (0.1, 1.0, 50.0, 99.0, 99.9)
+
+
+@dataclass(frozen=True)
+class ChannelStats:
+    """Summary of one channel: min/max/mean/std and the percentiles in ``PERCENTILES``."""
+
+    min: float
+    max: float
+    mean: float
+    std: float
+    percentiles: tuple[float, ...]
+
+    def percentile(self, q: float) -> float:
+        return self.percentiles[PERCENTILES.index(q)]
+
+
+@dataclass(frozen=True)
+class ImageStats:
+    """Per-channel statistics and where they came from (level, voxels sampled)."""
+
+    channels: tuple[ChannelStats, ...]
+    level: int
+    n_voxels: int
+
+    def omero_windows(self) -> list[tuple[float, float, float, float]]:
+        """(min, max, start, end) per channel: contrast from the 0.1 and 99.9 percentiles."""
+        return [(c.min, c.max, c.percentile(0.1), c.percentile(99.9)) for c in self.channels]
+
+
+def _summarise(values: np.ndarray) -> ChannelStats:
+    values = values.astype(np.float64, copy=False).ravel()
+    return ChannelStats(float(values.min()), float(values.max()), float(values.mean()), float(values.std()),
+                        tuple(float(p) for p in np.percentile(values, PERCENTILES)))
+
+
+def compute_stats(source: ImageSource, *, max_voxels: int = 2**24, seed: int = 0) -> ImageStats:
+    """Statistics per channel from at most ~``max_voxels`` voxels (bounded memory)."""
+    dims = source.dims
+    c_axis = dims.index("c") if "c" in dims else None
+    level = next((k for k, lv in enumerate(source.levels) if np.prod(lv.shape) <= max_voxels), None)
+    if level is not None:
+        data = source.read(tuple(slice(None) for _ in dims), level)
+        n = data.size
+    else:
+        level = len(source.levels) - 1
+        lv = source.levels[level]
+        grid = grid_shape(lv.shape, lv.chunks)
+        per_chunk = int(np.prod(lv.chunks))
+        n_pick = max(1, min(int(np.prod(grid)), max_voxels // per_chunk))
+        rng = np.random.default_rng(seed)
+        picks = rng.choice(int(np.prod(grid)), size=n_pick, replace=False)
+        arr = source.array(level)
+        pieces = []
+        for flat in picks:
+            block = arr[region_of(np.unravel_index(flat, grid), lv.shape, lv.chunks)]
+            pieces.append(np.moveaxis(block, c_axis, 0).reshape(block.shape[c_axis], -1) if c_axis is not None
+                          else block.reshape(1, -1))
+        data = np.concatenate(pieces, axis=1)
+        c_axis = 0
+        n = data.size
+    if c_axis is None:
+        channels = (_summarise(data),)
+    else:
+        channels = tuple(_summarise(np.take(data, i, axis=c_axis)) for i in range(data.shape[c_axis]))
+    return ImageStats(channels, level, int(n))
