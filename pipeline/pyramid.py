@@ -83,3 +83,17 @@ def build_pyramid(sink: ImageSink, client: Any, method: Method = "mean", *, prog
                            desc=f"pyramid {sink.name} level {level}", progress=progress):
             pass
     log.info("built %d pyramid levels for %s (%s)", len(sink.levels) - 1, sink.url, method)
+
+
+def finalize_image(sink: ImageSink, client: Any, *, labels: bool = False, progress: bool = True,
+                   colors: Sequence[str] | None = None) -> None:
+    """Build the pyramid and, for intensity images, write ``omero`` contrast from global stats.
+
+    Statistics come from a coarse level (see :mod:`pipeline.stats`), so this stays cheap.
+    """
+    build_pyramid(sink, client, "mode" if labels else "mean", progress=progress)
+    if not labels:
+        from pipeline.io.write import write_omero
+        from pipeline.stats import compute_stats
+
+        write_omero(sink, compute_stats(sink.source()).omero_windows(), colors)

@@ -7,6 +7,7 @@ to every task and each task reads its own region straight from the store.
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
 
@@ -215,7 +216,10 @@ def walk_images(url: str, storage_options: Mapping[str, Any] | None = None) -> I
 
 
 def _walk(group: zarr.Group, prefix: str) -> Iterator[tuple[str, zarr.Group]]:
-    for name, child in sorted(group.groups(), key=lambda kv: kv[0]):
+    with warnings.catch_warnings():  # our tables/ folders are Parquet, not zarr: expected
+        warnings.simplefilter("ignore")
+        children = sorted(group.groups(), key=lambda kv: kv[0])
+    for name, child in children:
         if name in ("labels", "tables", "_tilewise"):
             continue
         path = f"{prefix}{name}"

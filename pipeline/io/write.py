@@ -177,6 +177,7 @@ def create_image(
     channel_names: Sequence[str] | None = None,
     overwrite: bool = False,
     storage_options: Mapping[str, Any] | None = None,
+    levels: Sequence[Level] | None = None,
 ) -> ImageSink:
     """Create every level's (empty) array and the multiscales metadata, once, from the client.
 
@@ -187,6 +188,7 @@ def create_image(
     chunks, shards : storage layout; shards need NGFF 0.5 (zarr v3) and must be chunk multiples.
     n_levels : number of pyramid levels; ``None`` adds levels until the top fits in one chunk.
     version : ``"0.5"`` (zarr v3, default) or ``"0.4"`` (zarr v2).
+    levels : explicit levels (e.g. copied from a source image) instead of the planned pyramid.
     """
     axes = tuple(axes)
     validate_axes(axes)
@@ -208,7 +210,9 @@ def create_image(
     storage_options = dict(storage_options or {})
     store.prepare_output(url, overwrite, storage_options)
     group = store.open_group(url, "w", storage_options, zarr_format=zarr_format)
-    levels = plan_levels(shape, dtype, axes, scale, translation, chunks, shards, n_levels)
+    if levels is None:
+        levels = plan_levels(shape, dtype, axes, scale, translation, chunks, shards, n_levels)
+    levels = tuple(levels)
     for level in levels:
         _create_array(group, level, axes, zarr_format)
     from ome_zarr.writer import write_multiscales_metadata
@@ -231,10 +235,13 @@ def label_colors(n_labels: int, limit: int = 256) -> list[dict[str, Any]]:
 
 
 def create_labels(image: ImageSink, name: str, *, dtype: Any = np.uint32, n_labels: int | None = None,
-                  chunks: Sequence[int] | None = None, overwrite: bool = False) -> ImageSink:
+                  chunks: Sequence[int] | None = None, overwrite: bool = False,
+                  levels: Sequence[Level] | None = None,
+                  image_label: Mapping[str, Any] | None = None) -> ImageSink:
     """Create ``<image>/labels/<name>`` with the image's geometry and ``image-label`` metadata.
 
     Labels have no channel axis; their pyramid mirrors the image's (built with the mode).
+    ``levels`` and ``image_label`` copy an existing labels image's layout and metadata.
     """
     keep = [i for i, a in enumerate(image.axes) if a.type != "channel"]
     lv0 = image.levels[0]
@@ -250,7 +257,7 @@ def create_labels(image: ImageSink, name: str, *, dtype: Any = np.uint32, n_labe
         chunks=chunks or [lv0.chunks[i] for i in keep],
         shards=[lv0.shards[i] for i in keep] if lv0.shards else None,
         n_levels=len(image.levels), version=image.version, name=name,
-        overwrite=overwrite, storage_options=image.storage_options,
+        overwrite=overwrite, storage_options=image.storage_options, levels=levels,
     )
     from ome_zarr.writer import add_metadata, get_metadata, write_label_metadata
 
@@ -260,8 +267,11 @@ def create_labels(image: ImageSink, name: str, *, dtype: Any = np.uint32, n_labe
     if image.version != "0.4":
         group_meta["version"] = image.version  # 0.5 wants the version on the labels group too
     add_metadata(parent, group_meta, fmt=fmt)
-    colors = label_colors(n_labels) if n_labels else None
-    write_label_metadata(parent, name, colors=colors, fmt=fmt, source={"image": "../../"})
+    meta = {k: v for k, v in dict(image_label or {}).items() if k != "version"}
+    meta.setdefault("source", {"image": "../../"})
+    if n_labels and "colors" not in meta:
+        meta["colors"] = label_colors(n_labels)
+    write_label_metadata(parent, name, fmt=fmt, **meta)
     return sink
 
 

@@ -1,0 +1,53 @@
+"""A readable summary of a store: images, levels, chunks, dtypes, labels and tables."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from pipeline.io import store
+from pipeline.io.read import ImageSource, list_tables, open_image, walk_images
+
+
+def _fmt(values) -> str:
+    return " x ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
+
+
+def _describe_image(src: ImageSource, title: str, indent: str) -> list[str]:
+    units = {a.unit for a in src.axes if a.unit}
+    lines = [f"{indent}{title}  [{','.join(src.dims)}]  {src.dtype}  NGFF {src.version}"
+             + (f"  ({', '.join(sorted(units))})" if units else "")]
+    if src.channel_names:
+        lines.append(f"{indent}  channels: {', '.join(src.channel_names)}")
+    for k, lv in enumerate(src.levels):
+        shard = f"  shards {_fmt(lv.shards)}" if lv.shards else ""
+        lines.append(f"{indent}  level {k}: shape {_fmt(lv.shape)}  chunks {_fmt(lv.chunks)}{shard}  "
+                     f"scale {_fmt(lv.scale)}  ({lv.nbytes / 2**20:.1f} MiB)")
+    for name in src.labels:
+        lab = src.label(name)
+        lines.append(f"{indent}  labels/{name}: {lab.dtype}, {len(lab.levels)} levels, shape {_fmt(lab.shape)}")
+    return lines
+
+
+def _table_rows(url: str, name: str, storage_options) -> int | None:
+    try:
+        import pyarrow.dataset as ds
+
+        fs, path = store._fs(store.join(url, "tables", name), storage_options)
+        return ds.dataset(path, filesystem=fs, format="parquet").count_rows()
+    except Exception:  # an unreadable table is reported without a row count
+        return None
+
+
+def describe(url: str, storage_options: Mapping[str, Any] | None = None) -> str:
+    """The text ``tilewise info`` prints."""
+    lines = [f"{url}"]
+    images = list(walk_images(url, storage_options))
+    for path, _ in images:
+        src = open_image(store.join(url, path) if path else url, storage_options)
+        lines += _describe_image(src, path or "(root image)", "  ")
+    if not images:
+        lines.append("  (no images)")
+    for name in list_tables(url, storage_options):
+        rows = _table_rows(url, name, storage_options)
+        lines.append(f"  tables/{name}" + (f": {rows} rows" if rows is not None else ""))
+    return "\n".join(lines)
