@@ -174,20 +174,42 @@ class NucleiField:
             if any(a >= b for a, b in zip(lo, hi)):
                 continue
             found.append(nuc)
-            grids = np.meshgrid(*[np.arange(a, b) - c for a, b, c in zip(lo, hi, nuc.center)], indexing="ij")
-            offsets = np.stack(grids, axis=-1)
-            rho2 = np.einsum("...i,ij,...j->...", offsets, nuc.quadric, offsets)
-            inside = rho2 <= 1.0
-            value = nuc.brightness * (1.0 - 0.35 * rho2)
-            kind = CLASSES[nuc.cls]
-            if kind.texture:
-                box = tuple(b - a for a, b in zip(nuc.lo, nuc.hi))
-                trng = np.random.default_rng(nuc.texture_seed)
-                tex = ndimage.gaussian_filter(trng.normal(size=box), 1.0)
-                tex /= tex.std() + 1e-9
-                crop = tuple(slice(a - l0, b - l0) for a, b, l0 in zip(lo, hi, nuc.lo))
-                value = value * np.clip(1.0 + kind.texture * tex[crop], 0.1, None)
+            inside, value = self._rasterize(nuc, lo, hi)
             dst = tuple(slice(a - sl.start, b - sl.start) for a, b, sl in zip(lo, hi, region))
             intensity[dst][inside] = value[inside]
             labels[dst][inside] = nuc.id
         return intensity, labels, found
+
+    def _rasterize(self, nuc: Nucleus, lo: Sequence[int], hi: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Mask and intensity of ``nuc`` over the box ``lo:hi`` (pixels)."""
+        grids = np.meshgrid(*[np.arange(a, b) - c for a, b, c in zip(lo, hi, nuc.center)], indexing="ij")
+        offsets = np.stack(grids, axis=-1)
+        rho2 = np.einsum("...i,ij,...j->...", offsets, nuc.quadric, offsets)
+        inside = rho2 <= 1.0
+        value = nuc.brightness * (1.0 - 0.35 * rho2)
+        kind = CLASSES[nuc.cls]
+        if kind.texture:
+            box = tuple(b - a for a, b in zip(nuc.lo, nuc.hi))
+            trng = np.random.default_rng(nuc.texture_seed)
+            tex = ndimage.gaussian_filter(trng.normal(size=box), 1.0)
+            tex /= tex.std() + 1e-9
+            crop = tuple(slice(a - l0, b - l0) for a, b, l0 in zip(lo, hi, nuc.lo))
+            value = value * np.clip(1.0 + kind.texture * tex[crop], 0.1, None)
+        return inside, value
+
+    def visible(self, nuc: Nucleus) -> tuple[tuple[int, ...], tuple[float, ...], int] | None:
+        """First voxel (C order), centroid and voxel count of the part of ``nuc`` inside the image.
+
+        The first voxel names one owner block per object, so per-block tables never repeat rows.
+        """
+        lo = [max(a, 0) for a in nuc.lo]
+        hi = [min(b, n) for b, n in zip(nuc.hi, self.shape)]
+        if any(a >= b for a, b in zip(lo, hi)):
+            return None
+        inside, _ = self._rasterize(nuc, lo, hi)
+        where = np.nonzero(inside)
+        if not where[0].size:
+            return None
+        first = tuple(int(w[0]) + a for w, a in zip(where, lo))
+        centroid = tuple(float(w.mean()) + a for w, a in zip(where, lo))
+        return first, centroid, int(where[0].size)

@@ -57,19 +57,23 @@ class LightsheetModel:
         return tuple(int(math.ceil(4 * s)) for s in self.sigma_px)
 
 
-def _ground_truth_rows(nuclei, core: Region, scale: Sequence[float], dims: str) -> dict[str, list]:
-    rows: dict[str, list] = {"label": [], "class": [], "class_name": []}
+def _ground_truth_rows(field: NucleiField, nuclei, core: Region, scale: Sequence[float], dims: str) -> dict[str, list]:
+    """One row per object whose first in-image voxel lies in ``core`` (so exactly one block)."""
+    rows: dict[str, list] = {"label": [], "class": [], "class_name": [], "voxels": []}
     for d in dims:
         rows[f"centroid_{d}"] = []
         rows[f"centroid_{d}_um"] = []
     for nuc in nuclei:
-        if all(sl.start <= c < sl.stop for c, sl in zip(nuc.center, core)):
-            rows["label"].append(nuc.id)
-            rows["class"].append(nuc.cls)
-            rows["class_name"].append(CLASSES[nuc.cls].name)
-            for d, c, s in zip(dims, nuc.center, scale):
-                rows[f"centroid_{d}"].append(float(c))
-                rows[f"centroid_{d}_um"].append(float(c * s))
+        seen = field.visible(nuc)
+        if seen is None or not all(sl.start <= f < sl.stop for f, sl in zip(seen[0], core)):
+            continue
+        rows["label"].append(nuc.id)
+        rows["class"].append(nuc.cls)
+        rows["class_name"].append(CLASSES[nuc.cls].name)
+        rows["voxels"].append(seen[2])
+        for d, c, s in zip(dims, seen[1], scale):
+            rows[f"centroid_{d}"].append(c)
+            rows[f"centroid_{d}_um"].append(c * s)
     return rows
 
 
@@ -106,7 +110,7 @@ def _lightsheet_block(model: LightsheetModel, field: NucleiField, sinks: dict[st
         sinks["raw"].write(region, np.clip(np.rint(raw), 0, 65535).astype(np.uint16))
     if "labels" in sinks:
         sinks["labels"].write(region, labels[core])
-        rows = _ground_truth_rows(nuclei, region, model.scale, "zyx")
+        rows = _ground_truth_rows(field, nuclei, region, model.scale, "zyx")
         if rows["label"]:
             _write_table_part(root, "ground_truth", _part_name(region, block), rows, sinks["labels"].storage_options)
     return int(np.prod([sl.stop - sl.start for sl in region]))

@@ -1,0 +1,62 @@
+"""Measure a command: wall time and peak RSS of its whole process tree (client + workers)."""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import psutil
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def _tree_rss(proc: psutil.Process) -> tuple[int, int]:
+    total, largest = 0, 0
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            rss = p.memory_info().rss
+        except psutil.Error:
+            continue
+        total += rss
+        largest = max(largest, rss)
+    return total, largest
+
+
+def run_measured(cmd: Sequence[str], interval: float = 0.2) -> dict[str, float]:
+    """Run ``cmd`` to completion; return seconds, peak tree RSS and peak single-process RSS (bytes)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(list(cmd), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ps = psutil.Process(proc.pid)
+    peak = [0, 0]
+
+    def sample() -> None:
+        while proc.poll() is None:
+            total, largest = _tree_rss(ps)
+            peak[0], peak[1] = max(peak[0], total), max(peak[1], largest)
+            time.sleep(interval)
+
+    watcher = threading.Thread(target=sample, daemon=True)
+    watcher.start()
+    _, err = proc.communicate()
+    watcher.join()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{err.decode()[-3000:]}")
+    return {"seconds": time.perf_counter() - start, "peak_rss_total": peak[0], "peak_rss_largest": peak[1]}
+
+
+def machine() -> dict[str, Any]:
+    return {"cpus": psutil.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+            "platform": platform.platform(), "python": platform.python_version()}
+
+
+def save(name: str, payload: dict[str, Any]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    payload = {"benchmark": name, "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M"), **payload}
+    path.write_text(json.dumps(payload, indent=2))
+    return path

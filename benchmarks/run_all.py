@@ -1,0 +1,20 @@
+"""Run every benchmark (``make bench``); each writes JSON under benchmarks/results/."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+BENCHMARKS = ["benchmarks.bench_io"]
+
+
+def main() -> int:
+    names = sys.argv[1:] or BENCHMARKS
+    for name in names:
+        print(f"== {name}", flush=True)
+        importlib.import_module(name).main([])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

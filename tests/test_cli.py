@@ -1,0 +1,42 @@
+"""The tilewise CLI: --help everywhere, info output, exit code 2 with one-line errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import make_image
+from pipeline.cli import main
+
+
+@pytest.mark.parametrize("command", [[], ["info"], ["sample"], ["convert"]])
+def test_help(command):
+    done = subprocess.run([sys.executable, "-m", "pipeline.cli", *command, "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and "usage: tilewise" in done.stdout
+
+
+def test_info_shows_levels_labels_and_chunks(tmp_path, client, capsys):
+    url, _, _ = make_image(tmp_path / "i.ome.zarr", client)
+    assert main(["info", url]) == 0
+    out = capsys.readouterr().out
+    assert "[z,y,x]" in out and "uint16" in out and "level 0: shape 21 x 70 x 83  chunks 8 x 32 x 32" in out
+    assert "labels/cells: uint32" in out and "channels: dapi" in out
+
+
+def test_sample_refuses_existing_output(tmp_path, capsys):
+    (tmp_path / "x.ome.zarr").mkdir()
+    assert main(["-q", "sample", "lightsheet", str(tmp_path / "x.ome.zarr")]) == 2
+    err = capsys.readouterr().err
+    assert "already exists" in err and "--overwrite" in err
+
+
+def test_sample_shape_rejected_for_real_images(tmp_path, capsys):
+    assert main(["-q", "sample", "he", str(tmp_path / "h.ome.zarr"), "--shape", "10,10", "--workers", "1"]) == 2
+    assert "fixed size" in capsys.readouterr().err
+
+
+def test_info_on_missing_store_is_exit_2(tmp_path, capsys):
+    assert main(["info", str(tmp_path / "missing.ome.zarr")]) == 2
+    assert capsys.readouterr().err.startswith("tilewise: error: No store at")
