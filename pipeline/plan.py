@@ -1,0 +1,133 @@
+"""TilePlan: output-chunk-aligned tile cores, each read with a halo covering the receptive field.
+
+Tiles are computed on demand from their id (C-order index in the tile grid), so a plan for a
+10^5-tile volume is a few numbers, not a list (DESIGN: planning must take constant memory).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterator, Literal, Mapping, Sequence
+
+import numpy as np
+
+from pipeline.errors import OptionError
+from pipeline.grid import Region, grid_shape, grow_block, region_of
+
+PadMode = Literal["reflect", "symmetric", "edge", "constant"]
+PAD_MODES = ("reflect", "symmetric", "edge", "constant")
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One task's share of the volume.
+
+    ``core`` is what the task owns and writes; ``read`` is core + halo clipped to the array;
+    ``pad`` is the halo that lies beyond the array edge (filled with the plan's pad mode); ``crop``
+    locates the core inside the padded block the kernel sees.
+    """
+
+    id: int
+    index: tuple[int, ...]
+    core: Region
+    read: Region
+    pad: tuple[tuple[int, int], ...]
+    crop: Region
+
+    @property
+    def core_shape(self) -> tuple[int, ...]:
+        return tuple(sl.stop - sl.start for sl in self.core)
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """Tiles over an array of ``shape`` with cores of ``tile_shape`` and per-axis ``halo``."""
+
+    shape: tuple[int, ...]
+    tile_shape: tuple[int, ...]
+    halo: tuple[int, ...]
+    pad_mode: PadMode = "reflect"
+
+    @property
+    def grid(self) -> tuple[int, ...]:
+        return grid_shape(self.shape, self.tile_shape)
+
+    def __len__(self) -> int:
+        return int(np.prod(self.grid))
+
+    def tile(self, tile_id: int) -> Tile:
+        if not 0 <= tile_id < len(self):
+            raise IndexError(f"tile id {tile_id} outside 0..{len(self) - 1}")
+        index = tuple(int(i) for i in np.unravel_index(tile_id, self.grid))
+        core = region_of(index, self.shape, self.tile_shape)
+        read, pad, crop = [], [], []
+        for sl, h, n in zip(core, self.halo, self.shape):
+            lo, hi = sl.start - h, sl.stop + h
+            read.append(slice(max(lo, 0), min(hi, n)))
+            pad.append((max(0, -lo), max(0, hi - n)))
+            crop.append(slice(h, h + sl.stop - sl.start))
+        return Tile(tile_id, index, core, tuple(read), tuple(pad), tuple(crop))
+
+    def __iter__(self) -> Iterator[Tile]:
+        for tile_id in range(len(self)):
+            yield self.tile(tile_id)
+
+    def tiles(self, ids: Sequence[int] | None = None) -> Iterator[Tile]:
+        """Tiles by id (lazy); all of them when ``ids`` is None."""
+        for tile_id in (range(len(self)) if ids is None else ids):
+            yield self.tile(int(tile_id))
+
+    def padded(self, block: np.ndarray, tile: Tile) -> np.ndarray:
+        """The read block padded out to core + full halo with the plan's pad mode."""
+        if not any(a or b for a, b in tile.pad):
+            return block
+        return np.pad(block, tile.pad, mode=self.pad_mode)
+
+    def foreground_ids(self, mask: np.ndarray) -> list[int]:
+        """Ids of tiles whose core overlaps ``True`` in a low-resolution foreground ``mask``.
+
+        The mask covers the same extent as the array at any coarser sampling; a tile is kept when
+        any mask pixel mapping into its core (grown by one mask pixel, to be safe at the
+        resampling boundary) is set.
+        """
+        if mask.ndim != len(self.shape):
+            raise OptionError(f"foreground mask has {mask.ndim} dims; the plan has {len(self.shape)}.")
+        factors = [n / m for n, m in zip(self.shape, mask.shape)]
+        keep = []
+        for tile in self:
+            sel = tuple(slice(max(0, int(sl.start / f) - 1), min(m, int(math.ceil(sl.stop / f)) + 1))
+                        for sl, f, m in zip(tile.core, factors, mask.shape))
+            if mask[sel].any():
+                keep.append(tile.id)
+        return keep
+
+
+def make_plan(shape: Sequence[int], dims: Sequence[str], write_unit: Sequence[int],
+              halo: Mapping[str, int], *, tile_shape: Sequence[int] | None = None,
+              itemsize: int = 4, target_bytes: int = 32 * 2**20, pad_mode: PadMode = "reflect") -> TilePlan:
+    """Plan tiles whose cores are whole output write units (chunks or shards).
+
+    Parameters
+    ----------
+    shape, dims : the output array's shape and axis names.
+    write_unit : the output chunk (or shard) shape; cores are multiples of it, so no two tiles
+        ever write the same chunk.
+    halo : halo per axis name (the kernel's receptive field); axes not named get 0.
+    tile_shape : explicit core shape (rounded up to write-unit multiples); default grows the
+        write unit to ~``target_bytes``.
+    """
+    if pad_mode not in PAD_MODES:
+        raise OptionError(f"Unknown padding mode '{pad_mode}'; choose from {', '.join(PAD_MODES)}.")
+    unknown = set(halo) - set(dims)
+    if unknown:
+        raise OptionError(f"Halo names axes {sorted(unknown)} that the image does not have ({', '.join(dims)}).")
+    halo_t = tuple(int(halo.get(d, 0)) for d in dims)
+    if any(h < 0 for h in halo_t):
+        raise OptionError(f"Halo must be >= 0 per axis, got {dict(halo)}.")
+    if tile_shape is None:
+        core = grow_block(write_unit, shape, itemsize, target_bytes)
+    else:
+        core = tuple(min(u * max(1, math.ceil(t / u)), u * math.ceil(n / u))
+                     for t, u, n in zip(tile_shape, write_unit, shape))
+    return TilePlan(tuple(int(s) for s in shape), tuple(int(c) for c in core), halo_t, pad_mode)
