@@ -52,7 +52,8 @@ def n_regions(shape: Sequence[int], block: Sequence[int]) -> int:
 def is_aligned(region: Region, shape: Sequence[int], unit: Sequence[int]) -> bool:
     """True when ``region`` covers whole write units (edges may stop at the array end)."""
     for sl, s, u in zip(region, shape, unit):
-        if sl.start % u or (sl.stop % u and sl.stop != s):
+        start, stop, _ = sl.indices(s)
+        if start % u or (stop % u and stop != s):
             return False
     return True
 

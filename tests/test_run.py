@@ -1,0 +1,101 @@
+"""pipeline.run: tiled equals untiled, models load once per worker, resume, refusal."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kernels import KernelSpec, build_kernel, resident
+from kernels.base import load_counts
+from pipeline.errors import OutputExistsError
+from pipeline.io import create_image, default_axes, open_image
+from pipeline.run import run_kernel
+
+
+def _image(tmp_path, name, data, axes, chunks):
+    url = str(tmp_path / name)
+    sink = create_image(url, shape=data.shape, dtype=data.dtype, axes=default_axes(axes), chunks=chunks, n_levels=1)
+    sink.write(tuple(slice(0, s) for s in data.shape), data)
+    return url
+
+
+def _untiled(spec, data, has_c, norm=None):
+    """The reference: the kernel on the whole image, padded once by the halo, then cropped."""
+    kernel = resident(spec)
+    x = data.astype(np.float32)[None] if not has_c else data.astype(np.float32)
+    pads = [(0, 0)] + [(h, h) for h in kernel.halo]
+    x = np.pad(x, pads, mode="reflect")
+    if norm is not None:
+        lo = np.asarray([a for a, _ in norm], np.float32).reshape((-1,) + (1,) * (x.ndim - 1))
+        hi = np.asarray([b for _, b in norm], np.float32).reshape(lo.shape)
+        x = (x - lo) / np.maximum(hi - lo, 1e-12)
+    y = kernel(x[None])[0]
+    return y[(slice(None),) + tuple(slice(h, h + n) for h, n in zip(kernel.halo, data.shape[-len(kernel.halo):]))]
+
+
+CASES = [
+    ("gaussian-3d", "zyx", (19, 45, 37), (8, 16, 16), KernelSpec.of("gaussian", sigma=[1.0, 2.0, 1.5])),
+    ("gaussian-2d-c2", "cyx", (2, 53, 41), (1, 16, 16), KernelSpec.of("gaussian", sigma=[3.0, 5.0], channels=2)),
+    ("convnet-3d", "zyx", (13, 35, 29), (8, 16, 16), KernelSpec.of("convnet", ndim=3, depth=3, width=4)),
+    ("convnet-2d-c3", "cyx", (3, 47, 39), (1, 16, 16), KernelSpec.of("convnet", ndim=2, in_channels=3, out_channels=2, depth=5, width=6)),
+]
+
+
+@pytest.mark.parametrize("name, axes, shape, chunks, spec", CASES, ids=[c[0] for c in CASES])
+def test_tiled_equals_untiled(tmp_path, client, name, axes, shape, chunks, spec):
+    data = np.random.default_rng(0).integers(0, 1000, size=shape).astype(np.uint16)
+    url = _image(tmp_path, "in.ome.zarr", data, axes, chunks)
+    summary = run_kernel(url, str(tmp_path / "out.ome.zarr"), spec, client, progress=False,
+                         tile_shape=[c for c, a in zip(chunks, axes) if a != "c"])
+    assert summary.tiles > 4  # really tiled, with halos crossing tile and volume edges
+    out = open_image(str(tmp_path / "out.ome.zarr" / spec.name))
+    tiled = out.read((slice(None),) * len(out.dims))
+    norm = None
+    if build_kernel(spec).normalize:
+        import json
+
+        norm = json.load(open(tmp_path / "out.ome.zarr" / "_tilewise" / "run.json"))["normalisation"]
+    ref = _untiled(spec, data, "c" in axes, norm)
+    if tiled.ndim == ref.ndim - 1:
+        ref = ref[0]
+    assert np.abs(tiled - ref).max() <= 1e-5
+
+
+def test_model_is_loaded_once_per_worker(tmp_path, client):
+    data = np.random.default_rng(1).integers(0, 100, size=(16, 64, 64)).astype(np.uint16)
+    url = _image(tmp_path, "in.ome.zarr", data, "zyx", (8, 16, 16))
+    spec = KernelSpec.of("convnet", ndim=3, depth=2, width=4, seed=99)
+    summary = run_kernel(url, str(tmp_path / "o.ome.zarr"), spec, client, tile_shape=(8, 16, 16), progress=False)
+    assert summary.tiles == 32
+    per_worker = client.run(load_counts)
+    loads = [counts.get(spec.key, 0) for counts in per_worker.values()]
+    assert sum(loads) >= 1 and max(loads) == 1, loads
+
+
+def test_resume_runs_only_missing_tiles_and_matches_clean_run(tmp_path, client):
+    data = np.random.default_rng(2).integers(0, 1000, size=(21, 50, 40)).astype(np.uint16)
+    url = _image(tmp_path, "in.ome.zarr", data, "zyx", (8, 16, 16))
+    spec = KernelSpec.of("gaussian", sigma=[1.0, 1.5, 1.5])
+    kw = dict(progress=False, tile_shape=(8, 16, 16))
+    clean = run_kernel(url, str(tmp_path / "clean.ome.zarr"), spec, client, **kw)
+    first = run_kernel(url, str(tmp_path / "r.ome.zarr"), spec, client, tile_ids=[0, 3, 5], **kw)
+    assert first.computed == 3 and clean.tiles == 36
+    second = run_kernel(url, str(tmp_path / "r.ome.zarr"), spec, client, **kw)
+    assert second.computed == clean.tiles - 3 and second.skipped == 3
+    a = open_image(str(tmp_path / "clean.ome.zarr" / "gaussian"))
+    b = open_image(str(tmp_path / "r.ome.zarr" / "gaussian"))
+    for k in range(len(a.levels)):
+        np.testing.assert_array_equal(a.read((slice(None),) * 3, k), b.read((slice(None),) * 3, k))
+    third = run_kernel(url, str(tmp_path / "r.ome.zarr"), spec, client, **kw)
+    assert third.computed == 0
+
+
+def test_other_parameters_on_existing_output_are_refused(tmp_path, client):
+    data = np.zeros((10, 20, 20), np.uint16)
+    url = _image(tmp_path, "in.ome.zarr", data, "zyx", (8, 16, 16))
+    run_kernel(url, str(tmp_path / "o.ome.zarr"), KernelSpec.of("gaussian", sigma=[1, 1, 1]), client, progress=False)
+    with pytest.raises(OutputExistsError, match="other parameters.*--overwrite"):
+        run_kernel(url, str(tmp_path / "o.ome.zarr"), KernelSpec.of("gaussian", sigma=[2, 1, 1]), client, progress=False)
+    s = run_kernel(url, str(tmp_path / "o.ome.zarr"), KernelSpec.of("gaussian", sigma=[2, 1, 1]), client,
+                   progress=False, overwrite=True)
+    assert s.computed == s.tiles
