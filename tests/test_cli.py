@@ -11,7 +11,7 @@ from conftest import make_image
 from pipeline.cli import main
 
 
-@pytest.mark.parametrize("command", [[], ["info"], ["sample"], ["convert"]])
+@pytest.mark.parametrize("command", [[], ["info"], ["sample"], ["convert"], ["run-kernel"]])
 def test_help(command):
     done = subprocess.run([sys.executable, "-m", "pipeline.cli", *command, "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "usage: tilewise" in done.stdout
@@ -40,3 +40,15 @@ def test_sample_shape_rejected_for_real_images(tmp_path, capsys):
 def test_info_on_missing_store_is_exit_2(tmp_path, capsys):
     assert main(["info", str(tmp_path / "missing.ome.zarr")]) == 2
     assert capsys.readouterr().err.startswith("tilewise: error: No store at")
+
+
+def test_run_kernel_end_to_end_and_resume(tmp_path, client, capsys):
+    url, data, _ = make_image(tmp_path / "i.ome.zarr", client)
+    out = str(tmp_path / "o.ome.zarr")
+    args = ["-q", "run-kernel", "gaussian", url, out, "--sigma", "1", "--tile", "8,32,32", "--workers", "2"]
+    assert main(args) == 0
+    assert "computed" in capsys.readouterr().out
+    assert main(args) == 0
+    assert "0 tiles computed" in capsys.readouterr().out  # resumed: nothing left to do
+    assert main(args[:-2] + ["--sigma", "2", "--workers", "2"]) == 2
+    assert "other parameters" in capsys.readouterr().err
