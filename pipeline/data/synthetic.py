@@ -23,6 +23,7 @@ import numpy as np
 from scipy import ndimage
 
 from pipeline.data.nuclei import CLASSES, NucleiField, value_noise
+from pipeline.errors import OptionError
 from pipeline.grid import Region, grow_block, iter_regions, n_regions
 from pipeline.io import store
 from pipeline.io.ngff import default_axes
@@ -55,6 +56,14 @@ class LightsheetModel:
     @property
     def halo_px(self) -> tuple[int, ...]:
         return tuple(int(math.ceil(4 * s)) for s in self.sigma_px)
+
+
+def _check_shape(shape: Sequence[int], what: str, axes: str, example: str) -> tuple[int, ...]:
+    shape = tuple(int(s) for s in shape)
+    ndim = len(axes.split(", "))
+    if len(shape) != ndim or min(shape) < 1:
+        raise OptionError(f"The {what} sample is {ndim}D ({axes}); got shape {shape}. Use e.g. --shape {example}.")
+    return shape
 
 
 def _ground_truth_rows(field: NucleiField, nuclei, core: Region, scale: Sequence[float], dims: str) -> dict[str, list]:
@@ -131,15 +140,9 @@ def make_lightsheet(
     storage_options: dict | None = None,
 ) -> dict[str, str]:
     """Write the synthetic light-sheet sample to ``url``; returns the URL of each part written."""
-    shape = tuple(int(s) for s in shape)
-    if len(shape) != 3:
-        from pipeline.errors import OptionError
-
-        raise OptionError(f"The light-sheet sample is 3D (z, y, x); got shape {shape}. Use e.g. --shape 96,512,512.")
+    shape = _check_shape(shape, "light-sheet", "z, y, x", "96,512,512")
     unknown = set(parts) - set(LIGHTSHEET_PARTS)
     if unknown or not parts:
-        from pipeline.errors import OptionError
-
         raise OptionError(f"Unknown parts {sorted(unknown)}; choose from {LIGHTSHEET_PARTS}.")
     field = NucleiField(shape, model.scale, seed)
     create_collection(url, version=version, overwrite=overwrite, storage_options=storage_options,
@@ -218,11 +221,7 @@ def make_wholeslide(
     storage_options: dict | None = None,
 ) -> dict[str, str]:
     """Write an RGB whole-slide-like image (axes c, y, x; uint8) with nuclei labels at ``url``."""
-    shape = tuple(int(s) for s in shape)
-    if len(shape) != 2:
-        from pipeline.errors import OptionError
-
-        raise OptionError(f"The whole-slide sample is 2D (y, x); got shape {shape}. Use e.g. --shape 4096,4096.")
+    shape = _check_shape(shape, "whole-slide", "y, x", "4096,4096")
     field = NucleiField(shape, (scale_um, scale_um), seed, density=0.8)
     image = create_image(url, shape=(3, *shape), dtype=np.uint8, axes=default_axes("cyx"),
                          scale=(1.0, scale_um, scale_um), chunks=(1, *(chunks or (1024, 1024))),
