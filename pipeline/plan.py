@@ -73,11 +73,6 @@ class TilePlan:
         for tile_id in range(len(self)):
             yield self.tile(tile_id)
 
-    def tiles(self, ids: Sequence[int] | None = None) -> Iterator[Tile]:
-        """Tiles by id (lazy); all of them when ``ids`` is None."""
-        for tile_id in (range(len(self)) if ids is None else ids):
-            yield self.tile(int(tile_id))
-
     def padded(self, block: np.ndarray, tile: Tile) -> np.ndarray:
         """The read block padded out to core + full halo with the plan's pad mode."""
         if not any(a or b for a, b in tile.pad):

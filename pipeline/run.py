@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -66,7 +66,6 @@ class RunSummary:
     skipped: int
     seconds: float
     voxels_per_s: float
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _spatial(source: ImageSource) -> tuple[list[int], bool]:
