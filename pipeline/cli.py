@@ -53,10 +53,8 @@ def cmd_info(args) -> None:
 def cmd_sample(args) -> None:
     from pipeline.io import store
 
-    if store.exists(args.out) and not args.overwrite:  # fail before starting a cluster
-        from pipeline.io.store import prepare_output
-
-        prepare_output(args.out, False)
+    if not args.overwrite:  # refuse an existing output before starting a cluster
+        store.prepare_output(args.out, False)
     with _client(args) as client:
         progress = not args.quiet
         if args.name == "lightsheet":
@@ -82,7 +80,7 @@ def cmd_convert(args) -> None:
     from pipeline.io import store
     from pipeline.io.convert import convert
 
-    if store.exists(args.output) and not args.overwrite:
+    if not args.overwrite:  # refuse an existing output before starting a cluster
         store.prepare_output(args.output, False)
     with _client(args) as client:
         convert(args.input, args.output, client, axes=args.axes, scale=args.scale, chunks=args.chunks,

@@ -115,9 +115,7 @@ def run_kernel(input_url: str, output_url: str, kernel: KernelSpec, client: Any,
     image_url = store.join(output_url, kernel.name)
     if store.exists(output_url, storage_options) and not overwrite:
         check_compatible(output_url, manifest.read_params(), params)
-        existing = open_image(image_url, storage_options)
-        sink = ImageSink(existing.url, existing.version, existing.name, existing.axes, existing.levels,
-                         existing.channel_names, storage_options or {})
+        sink = ImageSink.open(image_url, storage_options)
     else:
         create_collection(output_url, overwrite=overwrite, storage_options=storage_options,
                           attributes={"tilewise": {"run": params}})

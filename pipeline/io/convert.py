@@ -162,10 +162,11 @@ def _convert_ome(src: ImageSource, dst: str, client: Any, *, chunks, shards, ver
     sink = create_image(dst, shape=src.shape, dtype=src.dtype, axes=src.axes, version=version, name=src.name,
                         channel_names=src.channel_names, overwrite=overwrite, levels=relayout(src.levels))
     _copy_levels(src, sink, client, progress)
-    omero = _source_omero(src)
-    if omero:
-        write_omero(sink, [(w["min"], w["max"], w["start"], w["end"]) for w in omero],
-                    [c.get("color", "FFFFFF") for c in _source_channels(src)])
+    channels = _source_channels(src)
+    windows = [c.get("window") or {} for c in channels]
+    if channels and all({"min", "max", "start", "end"} <= set(w) for w in windows):
+        write_omero(sink, [(w["min"], w["max"], w["start"], w["end"]) for w in windows],
+                    [c.get("color", "FFFFFF") for c in channels])
     for name in src.labels:
         lsrc = src.label(name)
         lsink = create_labels(sink, name, dtype=lsrc.dtype, levels=relayout(lsrc.levels),
@@ -184,10 +185,3 @@ def _source_channels(src: ImageSource) -> list[dict]:
     attrs = dict(group.attrs)
     return list(attrs.get("ome", attrs).get("omero", {}).get("channels", []))
 
-
-def _source_omero(src: ImageSource) -> list[dict] | None:
-    channels = _source_channels(src)
-    windows = [c.get("window") for c in channels]
-    if channels and all(w and {"min", "max", "start", "end"} <= set(w) for w in windows):
-        return windows
-    return None

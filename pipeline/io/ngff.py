@@ -7,8 +7,8 @@ hides the per-level chunk layout we plan tiles on; writing goes through
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -55,6 +55,23 @@ class Level:
     @property
     def nbytes(self) -> int:
         return int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
+
+
+@dataclass(frozen=True)
+class ImageMeta:
+    """What every multiscale image carries, whether opened for reading or created for writing."""
+
+    url: str
+    version: str
+    name: str
+    axes: tuple[Axis, ...]
+    levels: tuple[Level, ...]
+    channel_names: tuple[str, ...] | None = None
+    storage_options: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def dims(self) -> tuple[str, ...]:
+        return tuple(a.name for a in self.axes)
 
 
 def default_axes(names: str | Sequence[str], unit: str | None = "micrometer") -> tuple[Axis, ...]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterator, Mapping
 
 import numpy as np
@@ -19,7 +19,7 @@ from pipeline.io import store
 from pipeline.io.ngff import (
     CHANNEL,
     SPACE,
-    Axis,
+    ImageMeta,
     Level,
     level_transforms,
     parse_axes,
@@ -30,27 +30,16 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class ImageSource:
+class ImageSource(ImageMeta):
     """A multiscale image: named axes, levels with their chunk layout, channels and labels.
 
     Arrays are never held: :meth:`read`, :meth:`dask` and :meth:`xarray` open the store on use.
     """
 
-    url: str
-    version: str
-    name: str
-    axes: tuple[Axis, ...]
-    levels: tuple[Level, ...]
-    channel_names: tuple[str, ...] | None = None
     labels: tuple[str, ...] = ()
     image_label: Mapping[str, Any] | None = None
-    storage_options: Mapping[str, Any] = field(default_factory=dict)
 
     # -- shape helpers --------------------------------------------------------------------
-    @property
-    def dims(self) -> tuple[str, ...]:
-        return tuple(a.name for a in self.axes)
-
     @property
     def spatial_dims(self) -> tuple[str, ...]:
         return tuple(a.name for a in self.axes if a.type == SPACE or (a.type is None and a.name in "zyx"))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import colorsys
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -22,6 +22,7 @@ from pipeline.io import store
 from pipeline.io.ngff import (
     SPACE,
     Axis,
+    ImageMeta,
     Level,
     datasets_json,
     ome_format,
@@ -36,20 +37,16 @@ DEFAULT_CHUNK_3D = (64, 256, 256)
 
 
 @dataclass(frozen=True)
-class ImageSink:
+class ImageSink(ImageMeta):
     """A created (possibly still empty) multiscale image that tasks write into."""
 
-    url: str
-    version: str
-    name: str
-    axes: tuple[Axis, ...]
-    levels: tuple[Level, ...]
-    channel_names: tuple[str, ...] | None = None
-    storage_options: Mapping[str, Any] = field(default_factory=dict)
+    @classmethod
+    def open(cls, url: str, storage_options: Mapping[str, Any] | None = None) -> "ImageSink":
+        """An existing image, for writing more of it (e.g. when a run resumes)."""
+        from pipeline.io.read import open_image
 
-    @property
-    def dims(self) -> tuple[str, ...]:
-        return tuple(a.name for a in self.axes)
+        src = open_image(url, storage_options)
+        return cls(src.url, src.version, src.name, src.axes, src.levels, src.channel_names, dict(storage_options or {}))
 
     def array(self, level: int = 0, mode: str = "r+") -> zarr.Array:
         return store.open_array(store.join(self.url, self.levels[level].path), mode, self.storage_options)
