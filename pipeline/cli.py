@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Callable, Sequence
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Sequence
 
 from pipeline.errors import OptionError, TilewiseError
 
@@ -38,10 +39,16 @@ def _add_output_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ngff", choices=("0.5", "0.4"), default="0.5", help="NGFF version to write (default 0.5)")
 
 
-def _client(args):
+@contextmanager
+def _client(args) -> Iterator[Any]:
+    """Connect as the options say and print the dashboard link, where progress can be watched."""
     from pipeline.cluster import connect
 
-    return connect(scheduler=args.scheduler, scheduler_file=args.scheduler_file, n_workers=args.workers)
+    with connect(scheduler=args.scheduler, scheduler_file=args.scheduler_file, n_workers=args.workers) as client:
+        if not args.quiet:
+            workers = len(client.scheduler_info(n_workers=-1).get("workers", {}))
+            print(f"dask: {workers} workers, dashboard {client.dashboard_link}", file=sys.stderr)
+        yield client
 
 
 def cmd_info(args) -> None:
@@ -100,14 +107,42 @@ def cmd_run_kernel(args) -> None:
         if len(sigma) == 1:
             sigma = sigma * ndim
         spec = KernelSpec.of("gaussian", sigma=list(sigma), channels=source.n_channels)
+    elif args.kernel == "identity":
+        spec = KernelSpec.of("identity", ndim=ndim, channels=source.n_channels)
     else:
         spec = KernelSpec.of("convnet", ndim=ndim, in_channels=source.n_channels, out_channels=args.out_channels,
                              width=args.width, depth=args.depth, seed=args.seed)
     with _client(args) as client:
-        summary = run_kernel(args.input, args.output, spec, client, level=args.level, tile_shape=args.tile,
-                             overwrite=args.overwrite, progress=not args.quiet)
+        summary = run_kernel(args.input, args.output, spec, client, **_engine_options(args, ndim))
     print(f"wrote {store.join(args.output, spec.name)}: {summary.computed} tiles computed, {summary.skipped} already "
           f"done, {summary.voxels_per_s / 1e6:.2f} Mvox/s")
+
+
+def _add_engine_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("tiling")
+    g.add_argument("--level", type=int, default=0, help="input pyramid level (default 0)")
+    g.add_argument("--tile", type=_ints, help="tile core shape over the spatial axes (rounded to chunks)")
+    g.add_argument("--batch", type=int, default=1, help="tiles per task, stacked into one model call (GPU: 2-8)")
+    g.add_argument("--pad-mode", default="reflect", choices=("reflect", "symmetric", "edge", "constant"),
+                   help="how the halo is filled past the volume edge (default reflect)")
+    g.add_argument("--blend", type=_ints, metavar="WINDOW",
+                   help="weight-blend model windows of this size (per spatial axis) instead of crop-stitching halos")
+    g.add_argument("--blend-overlap", type=float, default=0.25, help="overlap of blend windows (default 0.25)")
+    g.add_argument("--dtype", default="float32", help="output dtype: float32 (default), input, uint16, ...")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing output instead of resuming")
+
+
+def _engine_options(args, ndim: int) -> dict[str, Any]:
+    from pipeline.run import Blend
+
+    blend = None
+    if args.blend:
+        window = args.blend * ndim if len(args.blend) == 1 else args.blend
+        if len(window) != ndim:
+            raise OptionError(f"--blend needs one size or {ndim} sizes (one per spatial axis), got {args.blend}.")
+        blend = Blend(tuple(window), args.blend_overlap)
+    return dict(level=args.level, tile_shape=args.tile, batch=args.batch, pad_mode=args.pad_mode, blend=blend,
+                out_dtype=args.dtype, overwrite=args.overwrite, progress=not args.quiet)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -149,21 +184,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cluster_options(p)
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("run-kernel", help="run a built-in kernel tile by tile (gaussian, convnet)",
+    p = sub.add_parser("run-kernel", help="run a built-in kernel tile by tile (gaussian, convnet, identity)",
                        description="Run a kernel over an image through the tiled engine: chunk-aligned tiles read "
                                    "with a halo covering the kernel's receptive field, crop-stitched, resumable "
                                    "(re-run the same command after an interruption).")
-    p.add_argument("kernel", choices=("gaussian", "convnet"))
+    p.add_argument("kernel", choices=("gaussian", "convnet", "identity"))
     p.add_argument("input", help="OME-Zarr image")
     p.add_argument("output", help="output store; the result is written to OUTPUT/KERNEL")
-    p.add_argument("--level", type=int, default=0, help="input pyramid level (default 0)")
-    p.add_argument("--tile", type=_ints, help="tile core shape over the spatial axes (rounded to chunks)")
     p.add_argument("--sigma", type=_floats, help="gaussian: sigma in pixels, one value or one per spatial axis")
     p.add_argument("--depth", type=int, default=4, help="convnet: number of 3-wide conv layers (halo = depth)")
     p.add_argument("--width", type=int, default=16, help="convnet: channels of the hidden layers")
     p.add_argument("--out-channels", type=int, default=1, help="convnet: output channels")
     p.add_argument("--seed", type=int, default=0, help="convnet: weight seed")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output instead of resuming")
+    _add_engine_options(p)
     _add_cluster_options(p)
     p.set_defaults(func=cmd_run_kernel)
     return parser

@@ -20,6 +20,50 @@ def default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def cuda_devices() -> int:
+    """GPUs visible to this process (0 without CUDA or without torch)."""
+    try:
+        import torch
+
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except ImportError:  # pragma: no cover
+        return 0
+
+
+def gpu_worker_specs(n_gpus: int, cores: int, memory_limit: str | int = "auto") -> dict[str, dict]:
+    """One worker process per GPU, pinned with ``CUDA_VISIBLE_DEVICES`` and advertising
+    ``resources={"GPU": 1}``; the cores are shared out as threads for CPU stages (as
+    dask-cuda's LocalCUDACluster does, without needing it installed)."""
+    from distributed import Nanny
+
+    threads = max(1, cores // max(n_gpus, 1))
+    return {
+        f"gpu-{i}": {"cls": Nanny, "options": {
+            "nthreads": threads, "resources": {"GPU": 1}, "memory_limit": memory_limit,
+            "env": {"CUDA_VISIBLE_DEVICES": str(i)}, "silence_logs": logging.WARNING}}
+        for i in range(n_gpus)
+    }
+
+
+def _local_cluster(n_workers: int | None, threads_per_worker: int, memory_limit: str | int):
+    """Default cluster: one process per GPU when there are GPUs, else one per core."""
+    from distributed import LocalCluster, Scheduler, SpecCluster
+
+    n_gpus = cuda_devices()
+    if n_gpus and not n_workers:
+        scheduler = {"cls": Scheduler, "options": {"dashboard_address": ":0"}}
+        return SpecCluster(workers=gpu_worker_specs(n_gpus, default_workers(), memory_limit), scheduler=scheduler,
+                           silence_logs=logging.WARNING)
+    return LocalCluster(
+        n_workers=n_workers or default_workers(),
+        threads_per_worker=threads_per_worker,
+        processes=True,
+        memory_limit=memory_limit,
+        dashboard_address=":0",
+        silence_logs=logging.WARNING,
+    )
+
+
 @contextmanager
 def connect(
     client: Any = None,
@@ -37,10 +81,11 @@ def connect(
     ----------
     client : an existing ``distributed.Client`` to use as is.
     scheduler, scheduler_file : address or scheduler file of a running cluster.
-    n_workers : worker processes of the default LocalCluster (default: one per core).
+    n_workers : worker processes of the default LocalCluster (default: one per GPU when CUDA is
+        available, each advertising ``resources={"GPU": 1}``, else one per core).
     security : a ``distributed.Security`` (TLS) passed through to the Client.
     """
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     if client is not None:
         yield client
@@ -51,14 +96,7 @@ def connect(
             log.info("connected to scheduler %s (dashboard %s)", own.scheduler.address, own.dashboard_link)
             yield own
         return
-    cluster = LocalCluster(
-        n_workers=n_workers or default_workers(),
-        threads_per_worker=threads_per_worker,
-        processes=True,
-        memory_limit=memory_limit,
-        dashboard_address=":0",
-        silence_logs=logging.WARNING,
-    )
+    cluster = _local_cluster(n_workers, threads_per_worker, memory_limit)
     try:
         with Client(cluster) as own:
             log.info("local cluster with %d workers; dashboard: %s", len(cluster.workers), own.dashboard_link)

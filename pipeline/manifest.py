@@ -2,7 +2,9 @@
 
 Everything a run needs to resume lives in the output (DESIGN invariant 7): ``_tilewise/run.json``
 holds the parameters (input, kernel spec, tiling, statistics); ``_tilewise/done/<tile id>`` is
-written by a task after its output chunks, so a marker always means "written completely".
+written by a task after its output chunks, so a marker always means "written completely". A
+marker holds the tile's small JSON metadata (timings, and whatever the kernel reports, e.g. the
+residual statistics of a denoiser), so run reports survive interruptions too.
 """
 
 from __future__ import annotations
@@ -41,10 +43,20 @@ class RunManifest:
         with fs.open(f"{path}/run.json", "w") as fh:
             json.dump(params, fh, indent=2, sort_keys=True)
 
-    def mark_done(self, tile_id: int) -> None:
+    def mark_done(self, tile_id: int, metadata: Mapping[str, Any] | None = None) -> None:
         fs, path = self._fs()
-        with fs.open(f"{path}/done/{int(tile_id)}", "wb") as fh:
-            fh.write(b"")
+        with fs.open(f"{path}/done/{int(tile_id)}", "w") as fh:
+            json.dump(dict(metadata or {}), fh)
+
+    def tile_metadata(self) -> dict[int, dict[str, Any]]:
+        """The metadata every finished tile left in its marker (one small file per tile)."""
+        fs, path = self._fs()
+        out = {}
+        for tile_id in sorted(self.done()):
+            with fs.open(f"{path}/done/{tile_id}", "r") as fh:
+                text = fh.read()
+            out[tile_id] = json.loads(text) if text.strip() else {}
+        return out
 
     def done(self) -> set[int]:
         fs, path = self._fs()

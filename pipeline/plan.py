@@ -19,6 +19,14 @@ PadMode = Literal["reflect", "symmetric", "edge", "constant"]
 PAD_MODES = ("reflect", "symmetric", "edge", "constant")
 
 
+def pad_block(block: np.ndarray, pad: Sequence[tuple[int, int]], mode: PadMode) -> np.ndarray:
+    """Pad the trailing ``len(pad)`` axes of ``block`` (leading axes, e.g. channels, untouched)."""
+    if not any(a or b for a, b in pad):
+        return block
+    lead = [(0, 0)] * (block.ndim - len(pad))
+    return np.pad(block, lead + [tuple(p) for p in pad], mode=mode)
+
+
 @dataclass(frozen=True)
 class Tile:
     """One task's share of the volume.
@@ -75,9 +83,7 @@ class TilePlan:
 
     def padded(self, block: np.ndarray, tile: Tile) -> np.ndarray:
         """The read block padded out to core + full halo with the plan's pad mode."""
-        if not any(a or b for a, b in tile.pad):
-            return block
-        return np.pad(block, tile.pad, mode=self.pad_mode)
+        return pad_block(block, tile.pad, self.pad_mode)
 
     def foreground_ids(self, mask: np.ndarray) -> list[int]:
         """Ids of tiles whose core overlaps ``True`` in a low-resolution foreground ``mask``.

@@ -18,7 +18,9 @@ from pipeline.io.ngff import SPACE, Axis
 from pipeline.io.read import ImageSource, open_image
 from pipeline.io.write import ImageSink, create_collection, create_image
 from pipeline.manifest import RunManifest, check_compatible
-from pipeline.plan import TilePlan, make_plan
+from pipeline.blend import BlendLattice, BlendWeights, window_weights
+from pipeline.grid import Region
+from pipeline.plan import Tile, TilePlan, make_plan, pad_block
 from pipeline.stats import compute_stats
 from pipeline.tasks import run_tasks
 
@@ -27,7 +29,11 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TileTask:
-    """Everything a tile task needs; small and picklable (no arrays, no open stores)."""
+    """Everything a tile task needs; small and picklable (no arrays, no open stores).
+
+    Called with a group of tile ids: their blocks go through the kernel in batches of up to
+    ``batch`` (one device call per batch), then each tile's core is written and marked done.
+    """
 
     source: ImageSource
     level: int
@@ -37,25 +43,96 @@ class TileTask:
     sink: ImageSink
     manifest: RunManifest
     norm: tuple[tuple[float, float], ...] | None  # (low, high) per input channel
+    batch: int = 1
+    blend: BlendLattice | None = None  # None: crop-stitching
+    out_dtype: str = "float32"
 
-    def __call__(self, tile_id: int) -> dict[str, Any]:
+    def __call__(self, tile_ids: Sequence[int]) -> list[dict[str, Any]]:
         started = time.perf_counter()
-        tile = self.plan.tile(tile_id)
+        model = resident(self.kernel)
+        tiles = [self.plan.tile(int(t)) for t in tile_ids]
+        if self.blend is None:
+            blocks = [self.read(tile.read, tile.pad) for tile in tiles]
+            outputs = [out[(slice(None),) + tile.crop] for tile, out in zip(tiles, self.apply(model, blocks))]
+            inputs = [block[(slice(None),) + tile.crop] for tile, block in zip(tiles, blocks)]
+        else:
+            pairs = [self.blended(model, tile) for tile in tiles]
+            inputs, outputs = [p[0] for p in pairs], [p[1] for p in pairs]
+        seconds = (time.perf_counter() - started) / len(tiles)
+        results = []
+        for tile, inp, out in zip(tiles, inputs, outputs):
+            self.write(tile, out)
+            meta = {"tile": tile.id, "voxels": int(np.prod(tile.core_shape)), "seconds": seconds}
+            describe = getattr(model, "describe_tile", None)
+            if describe is not None:
+                meta.update(describe(inp, out))
+            self.manifest.mark_done(tile.id, meta)
+            results.append(meta)
+        return results
+
+    def read(self, region: Region, pad: Sequence[tuple[int, int]]) -> np.ndarray:
+        """``(C, *spatial)`` float32 of ``region``, padded past the array edge, normalised."""
         lead = (slice(None),) if self.has_channels else ()
-        block = self.source.read(lead + tile.read, self.level).astype(np.float32, copy=False)
+        block = self.source.read(lead + tuple(region), self.level).astype(np.float32, copy=False)
         if not self.has_channels:
             block = block[None]
-        block = np.stack([self.plan.padded(ch, tile) for ch in block])
+        block = pad_block(block, pad, self.plan.pad_mode)
         if self.norm is not None:
             lo = np.asarray([a for a, _ in self.norm], np.float32).reshape((-1,) + (1,) * (block.ndim - 1))
             hi = np.asarray([b for _, b in self.norm], np.float32).reshape(lo.shape)
             block = (block - lo) / np.maximum(hi - lo, 1e-12)
-        out = resident(self.kernel)(block[None])[0]
-        out = out[(slice(None),) + tile.crop]
+        return block
+
+    def apply(self, model: Any, blocks: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """The kernel on each block, blocks of one shape stacked up to ``batch`` per call."""
+        outputs: list[np.ndarray | None] = [None] * len(blocks)
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for i, block in enumerate(blocks):
+            by_shape.setdefault(block.shape, []).append(i)
+        for idx in by_shape.values():
+            for k in range(0, len(idx), self.batch):
+                group = idx[k:k + self.batch]
+                result = model(np.stack([blocks[i] for i in group]))
+                for i, out in zip(group, result):
+                    outputs[i] = out
+        return outputs  # type: ignore[return-value]
+
+    def blended(self, model: Any, tile: Tile) -> tuple[np.ndarray, np.ndarray]:
+        """Input core and the weight-blended output over ``tile.core`` from every lattice
+        window touching it (see ``pipeline.blend``)."""
+        lattice = self.blend
+        assert lattice is not None
+        region, pad = lattice.read_span(tile.core)
+        block = self.read(region, pad)
+        origin = [sl.start for sl in region]
+        weights = window_weights(lattice.window, lattice.weights)
+        starts = list(lattice.iter_windows(tile.core))
+        windows = [block[(slice(None),) + tuple(slice(s - o, s - o + w) for s, o, w in zip(st, origin, lattice.window))]
+                   for st in starts]
+        acc = wsum = None
+        for start, out in zip(starts, self.apply(model, windows)):
+            win_sel, core_sel = [], []
+            for s, w, sl in zip(start, lattice.window, tile.core):
+                lo, hi = max(s, sl.start), min(s + w, sl.stop)
+                win_sel.append(slice(lo - s, hi - s))
+                core_sel.append(slice(lo - sl.start, hi - sl.start))
+            if acc is None:
+                acc = np.zeros((out.shape[0],) + tile.core_shape, np.float32)
+                wsum = np.zeros(tile.core_shape, np.float32)
+            w = weights[tuple(win_sel)]
+            acc[(slice(None),) + tuple(core_sel)] += out[(slice(None),) + tuple(win_sel)] * w
+            wsum[tuple(core_sel)] += w
+        core_in = block[(slice(None),) + tuple(slice(sl.start - o, sl.stop - o) for sl, o in zip(tile.core, origin))]
+        return core_in, acc / wsum
+
+    def write(self, tile: Tile, out: np.ndarray) -> None:
+        dtype = np.dtype(self.out_dtype)
+        if dtype.kind in "iu" and out.dtype.kind == "f":
+            info = np.iinfo(dtype)
+            out = np.clip(np.rint(out), info.min, info.max)
+        out = out.astype(dtype, copy=False)
         out_lead = (slice(None),) if len(self.sink.dims) > len(tile.core) else ()
         self.sink.write(out_lead + tile.core, out if out_lead else out[0])
-        self.manifest.mark_done(tile_id)
-        return {"tile": tile_id, "voxels": int(np.prod(tile.core_shape)), "seconds": time.perf_counter() - started}
 
 
 @dataclass(frozen=True)
@@ -79,14 +156,48 @@ def _spatial(source: ImageSource) -> tuple[list[int], bool]:
     return spatial, has_c
 
 
+def gpu_resources(client: Any, kernel: Any) -> dict[str, float]:
+    """``{"GPU": 1}`` for a GPU-capable kernel on a cluster whose workers advertise GPUs.
+
+    Tasks then run only on GPU workers, one per GPU at a time (DESIGN invariant 5); CPU-only
+    clusters and CPU kernels get no restriction.
+    """
+    if not getattr(kernel, "uses_gpu", False):
+        return {}
+    workers = client.scheduler_info(n_workers=-1).get("workers", {}) if client is not None else {}
+    has_gpu = any(w.get("resources", {}).get("GPU", 0) >= 1 for w in workers.values())
+    return {"GPU": 1} if has_gpu else {}
+
+
+@dataclass(frozen=True)
+class Blend:
+    """Weight-blended stitching: the kernel runs on ``window``-sized windows on a global lattice
+    overlapping by ``overlap`` and outputs are averaged with ``weights`` (see ``pipeline.blend``)."""
+
+    window: tuple[int, ...]
+    overlap: float = 0.25
+    weights: BlendWeights = "gaussian"
+
+
 def run_kernel(input_url: str, output_url: str, kernel: KernelSpec, client: Any, *, level: int = 0,
                tile_shape: Sequence[int] | None = None, pad_mode: str = "reflect", overwrite: bool = False,
                tile_ids: Sequence[int] | None = None, progress: bool = True, window: int | None = None,
-               storage_options: dict | None = None) -> RunSummary:
+               batch: int = 1, blend: Blend | None = None, out_dtype: str = "float32",
+               resources: dict[str, float] | None = None, storage_options: dict | None = None) -> RunSummary:
     """Run ``kernel`` over an image, tile by tile, into ``<output_url>/<kernel name>``.
 
     Re-running the same call resumes (finished tiles are skipped); other parameters on an
     existing output are refused unless ``overwrite``. ``tile_ids`` restricts the run to some tiles.
+
+    Parameters
+    ----------
+    batch : tiles per task, stacked into one kernel call where their shapes agree (GPU kernels
+        gain from 2-8); capped by the kernel's ``max_batch``.
+    blend : weight-blend lattice windows instead of crop-stitching halos (``Blend(window=...)``).
+    out_dtype : output dtype, ``"float32"`` or any numpy dtype name, or ``"input"``; integer
+        outputs are rounded and clipped.
+    resources : Dask resources per task; default ``{"GPU": 1}`` for GPU kernels when the
+        cluster's workers advertise GPUs.
     """
     source = open_image(input_url, storage_options)
     spatial, has_c = _spatial(source)
@@ -96,20 +207,28 @@ def run_kernel(input_url: str, output_url: str, kernel: KernelSpec, client: Any,
         raise OptionError(f"Kernel '{kernel.name}' is {k.ndim}D but '{input_url}' has {len(spatial)} spatial axes.")
     if k.in_channels != source.n_channels:
         raise OptionError(f"Kernel '{kernel.name}' takes {k.in_channels} channel(s); the image has {source.n_channels}.")
+    if batch < 1:
+        raise OptionError(f"batch must be >= 1, got {batch}.")
+    batch = min(batch, int(getattr(k, "max_batch", 1)))
+    dtype = np.dtype(source.levels[level].dtype if out_dtype == "input" else out_dtype).name
     spatial_dims = [source.dims[i] for i in spatial]
     spatial_shape = [lv.shape[i] for i in spatial]
     out_axes: list[Axis] = ([Axis("c", "channel")] if (has_c or k.out_channels > 1) else []) + [source.axes[i] for i in spatial]
     out_shape = ([k.out_channels] if len(out_axes) > len(spatial) else []) + spatial_shape
     chunks = ([1] if len(out_axes) > len(spatial) else []) + [lv.chunks[i] for i in spatial]
     out_chunk_spatial = chunks[-len(spatial):]
-    plan = make_plan(spatial_shape, spatial_dims, out_chunk_spatial, dict(zip(spatial_dims, k.halo)),
-                     tile_shape=tile_shape, itemsize=4 * max(k.in_channels, k.out_channels), pad_mode=pad_mode)
+    halo = dict(zip(spatial_dims, (0,) * len(spatial) if blend else k.halo))
+    plan = make_plan(spatial_shape, spatial_dims, out_chunk_spatial, halo, tile_shape=tile_shape,
+                     itemsize=4 * max(k.in_channels, k.out_channels), pad_mode=pad_mode)
+    lattice = BlendLattice.make(spatial_shape, blend.window, blend.overlap, blend.weights) if blend else None
     stats = compute_stats(source) if k.normalize else None
     norm = tuple((c.percentile(1.0), c.percentile(99.9)) for c in stats.channels) if stats else None
     params = {
         "input": input_url, "level": level, "kernel": kernel.name, "kernel_params": kernel.params,
         "tile_shape": list(plan.tile_shape), "halo": list(plan.halo), "pad_mode": pad_mode,
-        "normalisation": [list(n) for n in norm] if norm else None,
+        "normalisation": [list(n) for n in norm] if norm else None, "dtype": dtype,
+        "blend": {"window": list(lattice.window), "stride": list(lattice.stride), "weights": lattice.weights}
+        if lattice else None,
     }
     manifest = RunManifest(output_url, storage_options or {})
     image_url = store.join(output_url, kernel.name)
@@ -120,7 +239,7 @@ def run_kernel(input_url: str, output_url: str, kernel: KernelSpec, client: Any,
         create_collection(output_url, overwrite=overwrite, storage_options=storage_options,
                           attributes={"tilewise": {"run": params}})
         manifest.write_params(params)
-        sink = create_image(image_url, shape=out_shape, dtype=np.float32, axes=out_axes,
+        sink = create_image(image_url, shape=out_shape, dtype=dtype, axes=out_axes,
                             scale=[lv.scale[i] for i in spatial] if len(out_axes) == len(spatial)
                             else [1.0] + [lv.scale[i] for i in spatial],
                             translation=([0.0] if len(out_axes) > len(spatial) else []) + [lv.translation[i] for i in spatial],
@@ -130,13 +249,21 @@ def run_kernel(input_url: str, output_url: str, kernel: KernelSpec, client: Any,
     if tile_ids is not None and any(not 0 <= t < len(plan) for t in wanted):
         raise OptionError(f"Tile ids must be in 0..{len(plan) - 1} for this plan (grid {plan.grid}).")
     todo = [t for t in wanted if t not in done]
-    task = TileTask(source, level, has_c, kernel, plan, sink, manifest, norm)
-    log.info("%s: %d tiles, %d done, %d to run (halo %s)", kernel.name, len(plan), len(done), len(todo), plan.halo)
+    groups = (tuple(todo[i:i + batch]) for i in range(0, len(todo), batch))
+    task = TileTask(source, level, has_c, kernel, plan, sink, manifest, norm, batch, lattice, dtype)
+    if resources is None:
+        resources = gpu_resources(client, k)
+    log.info("%s: %d tiles, %d done, %d to run (halo %s, %d per task%s)", kernel.name, len(plan), len(done),
+             len(todo), plan.halo, batch, f", resources {resources}" if resources else "")
     started = time.perf_counter()
     voxels = 0
-    for result in run_tasks(client, task, todo, total=len(todo), desc=kernel.name, progress=progress,
-                            window=window, unit_size=int(np.prod(plan.tile_shape))):
-        voxels += result["voxels"]
+    for results in run_tasks(client, task, groups, total=-(-len(todo) // batch), desc=kernel.name,
+                             progress=progress, window=window, unit_size=batch * int(np.prod(plan.tile_shape)),
+                             resources=resources or None):
+        for meta in results:
+            voxels += meta["voxels"]
+            if meta.get("warning"):
+                log.warning("tile %d: %s", meta["tile"], meta["warning"])
     seconds = time.perf_counter() - started
     if tile_ids is None or len(manifest.done()) == len(plan):
         from pipeline.pyramid import finalize_image

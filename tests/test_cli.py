@@ -52,3 +52,19 @@ def test_run_kernel_end_to_end_and_resume(tmp_path, client, capsys):
     assert "0 tiles computed" in capsys.readouterr().out  # resumed: nothing left to do
     assert main(args[:-2] + ["--sigma", "2", "--workers", "2"]) == 2
     assert "other parameters" in capsys.readouterr().err
+
+
+def test_run_kernel_prints_dashboard_and_takes_engine_options(tmp_path, client, capsys):
+    url, data, _ = make_image(tmp_path / "i.ome.zarr", client)
+    out = str(tmp_path / "o.ome.zarr")
+    args = ["run-kernel", "convnet", url, out, "--depth", "2", "--width", "4", "--tile", "8,32,32",
+            "--batch", "3", "--blend", "8,24,24", "--workers", "1"]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert "dashboard http" in captured.err and "computed" in captured.out
+    import json
+
+    params = json.load(open(f"{out}/_tilewise/run.json"))
+    assert params["blend"]["window"] == [8, 24, 24] and params["halo"] == [0, 0, 0]
+    assert main(args[:-6] + ["--blend", "8,24", "--workers", "1", "--overwrite"]) == 2
+    assert "--blend needs one size or 3 sizes" in capsys.readouterr().err

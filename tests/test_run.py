@@ -99,3 +99,77 @@ def test_other_parameters_on_existing_output_are_refused(tmp_path, client):
     s = run_kernel(url, str(tmp_path / "o.ome.zarr"), KernelSpec.of("gaussian", sigma=[2, 1, 1]), client,
                    progress=False, overwrite=True)
     assert s.computed == s.tiles
+
+
+def test_batched_tiles_equal_one_tile_per_call(tmp_path, client):
+    data = np.random.default_rng(3).integers(0, 1000, size=(13, 45, 37)).astype(np.uint16)
+    url = _image(tmp_path, "in.ome.zarr", data, "zyx", (8, 16, 16))
+    spec = KernelSpec.of("convnet", ndim=3, depth=3, width=4)
+    kw = dict(progress=False, tile_shape=(8, 16, 16))
+    one = run_kernel(url, str(tmp_path / "one.ome.zarr"), spec, client, **kw)
+    many = run_kernel(url, str(tmp_path / "many.ome.zarr"), spec, client, batch=5, **kw)
+    assert one.computed == many.computed == 18
+    a = open_image(str(tmp_path / "one.ome.zarr" / "convnet")).read((slice(None),) * 3)
+    b = open_image(str(tmp_path / "many.ome.zarr" / "convnet")).read((slice(None),) * 3)
+    assert np.abs(a - b).max() <= 1e-5
+
+
+@pytest.mark.parametrize("axes, shape, chunks, window, weights", [
+    ("zyx", (21, 45, 38), (8, 16, 16), (12, 20, 20), "gaussian"),
+    ("cyx", (2, 70, 53), (1, 16, 16), (24, 24), "cosine"),
+])
+def test_blended_tiled_equals_blended_untiled(tmp_path, client, axes, shape, chunks, window, weights):
+    from pipeline.run import Blend
+
+    data = np.random.default_rng(4).integers(0, 1000, size=shape).astype(np.uint16)
+    url = _image(tmp_path, "in.ome.zarr", data, axes, chunks)
+    ndim = len(window)
+    spec = KernelSpec.of("convnet", ndim=ndim, in_channels=shape[0] if "c" in axes else 1, depth=3, width=4)
+    blend = Blend(window, 0.5, weights)
+    spatial = [s for s, a in zip(shape, axes) if a != "c"]
+    tiled = run_kernel(url, str(tmp_path / "t.ome.zarr"), spec, client, progress=False, blend=blend,
+                       tile_shape=[c for c, a in zip(chunks, axes) if a != "c"])
+    whole = run_kernel(url, str(tmp_path / "w.ome.zarr"), spec, client, progress=False, blend=blend,
+                       tile_shape=spatial)
+    assert tiled.tiles > 4 and whole.tiles == 1
+    a = open_image(str(tmp_path / "t.ome.zarr" / "convnet")).read((slice(None),) * (ndim + ("c" in axes)))
+    b = open_image(str(tmp_path / "w.ome.zarr" / "convnet")).read((slice(None),) * (ndim + ("c" in axes)))
+    assert np.abs(a - b).max() <= 1e-5
+    # blending really differs from one window's crop: the overlap averages several windows
+    run_kernel(url, str(tmp_path / "c.ome.zarr"), spec, client, progress=False)
+    c = open_image(str(tmp_path / "c.ome.zarr" / "convnet")).read((slice(None),) * (ndim + ("c" in axes)))
+    assert np.abs(a - c).max() > 1e-3
+
+
+def test_gpu_kernels_run_only_on_workers_with_a_gpu_resource(tmp_path):
+    """Routing by ``resources={"GPU": 1}``: on a cluster where one of two workers advertises a
+    GPU, every tile of a GPU kernel lands on that worker (CPU-only here, so the label is all)."""
+    from distributed import Client, Nanny, Scheduler, SpecCluster
+
+    data = np.random.default_rng(5).integers(0, 100, size=(16, 32, 32)).astype(np.uint16)
+    url = _image(tmp_path, "in.ome.zarr", data, "zyx", (8, 16, 16))
+    spec = KernelSpec.of("convnet", ndim=3, depth=2, width=4, seed=7)
+    workers = {
+        "gpu": {"cls": Nanny, "options": {"nthreads": 1, "resources": {"GPU": 1}}},
+        "cpu": {"cls": Nanny, "options": {"nthreads": 1}},
+    }
+    scheduler = {"cls": Scheduler, "options": {"dashboard_address": ":0"}}
+    with SpecCluster(workers=workers, scheduler=scheduler) as cluster, Client(cluster) as c:
+        c.wait_for_workers(2)
+        run_kernel(url, str(tmp_path / "o.ome.zarr"), spec, c, progress=False, tile_shape=(8, 16, 16))
+        info = c.scheduler_info(n_workers=-1)["workers"]
+        loads = {info[addr]["name"]: counts.get(spec.key, 0) for addr, counts in c.run(load_counts).items()}
+    assert loads == {"gpu": 1, "cpu": 0}
+
+
+
+def test_tile_metadata_is_kept_in_the_manifest(tmp_path, client):
+    from pipeline.manifest import RunManifest
+
+    data = np.zeros((10, 20, 20), np.uint16)
+    url = _image(tmp_path, "in.ome.zarr", data, "zyx", (8, 16, 16))
+    s = run_kernel(url, str(tmp_path / "o.ome.zarr"), KernelSpec.of("identity"), client, progress=False,
+                   tile_shape=(8, 16, 16), batch=3, out_dtype="input")
+    meta = RunManifest(str(tmp_path / "o.ome.zarr")).tile_metadata()
+    assert sorted(meta) == list(range(s.tiles)) and sum(m["voxels"] for m in meta.values()) == data.size
+    assert open_image(str(tmp_path / "o.ome.zarr" / "identity")).levels[0].dtype == "uint16"
