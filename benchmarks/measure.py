@@ -15,8 +15,9 @@ import psutil
 RESULTS = Path(__file__).parent / "results"
 
 
-def _tree_rss(proc: psutil.Process) -> tuple[int, int]:
-    total, largest = 0, 0
+def _tree_rss(proc: psutil.Process) -> tuple[int, int, int, int]:
+    """(total, largest process, the root process, largest child) resident bytes now."""
+    total, largest, root, child = 0, 0, 0, 0
     for p in [proc, *proc.children(recursive=True)]:
         try:
             rss = p.memory_info().rss
@@ -24,20 +25,25 @@ def _tree_rss(proc: psutil.Process) -> tuple[int, int]:
             continue
         total += rss
         largest = max(largest, rss)
-    return total, largest
+        if p.pid == proc.pid:
+            root = rss
+        else:
+            child = max(child, rss)
+    return total, largest, root, child
 
 
 def run_measured(cmd: Sequence[str], interval: float = 0.2) -> dict[str, float]:
-    """Run ``cmd`` to completion; return seconds, peak tree RSS and peak single-process RSS (bytes)."""
+    """Run ``cmd`` to completion; return seconds and peak RSS in bytes: of the whole tree, of the
+    largest process, of the root (the client, with a LocalCluster's scheduler) and of the largest
+    child (a worker)."""
     start = time.perf_counter()
     proc = subprocess.Popen(list(cmd), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     ps = psutil.Process(proc.pid)
-    peak = [0, 0]
+    peak = [0, 0, 0, 0]
 
     def sample() -> None:
         while proc.poll() is None:
-            total, largest = _tree_rss(ps)
-            peak[0], peak[1] = max(peak[0], total), max(peak[1], largest)
+            peak[:] = [max(a, b) for a, b in zip(peak, _tree_rss(ps))]
             time.sleep(interval)
 
     watcher = threading.Thread(target=sample, daemon=True)
@@ -46,7 +52,8 @@ def run_measured(cmd: Sequence[str], interval: float = 0.2) -> dict[str, float]:
     watcher.join()
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{err.decode()[-3000:]}")
-    return {"seconds": time.perf_counter() - start, "peak_rss_total": peak[0], "peak_rss_largest": peak[1]}
+    return {"seconds": time.perf_counter() - start, "peak_rss_total": peak[0], "peak_rss_largest": peak[1],
+            "peak_rss_client": peak[2], "peak_rss_worker": peak[3]}
 
 
 def machine() -> dict[str, Any]:

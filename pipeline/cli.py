@@ -118,6 +118,29 @@ def cmd_run_kernel(args) -> None:
           f"done, {summary.voxels_per_s / 1e6:.2f} Mvox/s")
 
 
+def cmd_train_denoise(args) -> None:
+    from pipeline.train import train_denoise
+
+    card = train_denoise(args.input, args.model, method=args.method, patch=args.patch, steps=args.steps,
+                         batch=args.batch, level=args.level, depth=args.depth, width=args.width, seed=args.seed,
+                         overwrite=args.overwrite, progress=not args.quiet)
+    print(f"wrote {args.model}: {card.method}, validation loss {card.validation_loss:.5f}, "
+          f"{card.training['seconds']:.0f} s, weights {card.weights_sha256[:12]}")
+
+
+def cmd_denoise(args) -> None:
+    from pipeline.denoise import denoise
+    from pipeline.io import open_image, store
+
+    source = open_image(args.input)
+    with _client(args) as client:
+        summary, report = denoise(args.input, args.output, args.model, client,
+                                  **_engine_options(args, len(source.spatial_dims)))
+    print(f"wrote {store.join(args.output, 'denoised')}: {summary.computed} tiles computed, {summary.skipped} already "
+          f"done, {summary.voxels_per_s / 1e6:.2f} Mvox/s; residual std {report.residual_std_median:.4f} "
+          f"(normalised), {len(report.flagged)} tiles flagged")
+
+
 def _add_engine_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("tiling")
     g.add_argument("--level", type=int, default=0, help="input pyramid level (default 0)")
@@ -199,6 +222,36 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_options(p)
     _add_cluster_options(p)
     p.set_defaults(func=cmd_run_kernel)
+
+    p = sub.add_parser("train", help="train a model on an image (denoise)",
+                       description="Train a model from the data itself and write a model folder "
+                                   "(weights.pt + card.json).")
+    train = p.add_subparsers(dest="task", required=True, metavar="TASK")
+    p = train.add_parser("denoise", help="self-supervised denoiser (N2V2 or Noise2Self) trained on the noisy image",
+                         description="Train a blind-spot denoiser on patches drawn from random blocks of the image "
+                                     "(no clean data needed).")
+    p.add_argument("input", help="OME-Zarr image")
+    p.add_argument("model", help="model folder to write")
+    p.add_argument("--method", choices=("n2v2", "n2s"), default="n2v2", help="N2V2 (default) or Noise2Self")
+    p.add_argument("--patch", type=_ints, help="patch shape over the spatial axes (default 64,64 or 16,64,64)")
+    p.add_argument("--steps", type=int, default=2000, help="training steps at most (early stopping may end sooner)")
+    p.add_argument("--batch", type=int, default=16, help="patches per step")
+    p.add_argument("--level", type=int, default=0, help="pyramid level to train on")
+    p.add_argument("--depth", type=int, default=2, help="U-Net down-sampling steps")
+    p.add_argument("--width", type=int, default=32, help="U-Net channels at the top level")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing model folder")
+    p.set_defaults(func=cmd_train_denoise)
+
+    p = sub.add_parser("denoise", help="denoise an image with a trained model, tile by tile",
+                       description="Run a denoising model through the tiled engine into OUTPUT/denoised, with a "
+                                   "pyramid; residual statistics per tile are kept and suspicious tiles logged.")
+    p.add_argument("input", help="OME-Zarr image")
+    p.add_argument("output", help="output store")
+    p.add_argument("--model", required=True, help="model folder from `tilewise train denoise`")
+    _add_engine_options(p)
+    _add_cluster_options(p)
+    p.set_defaults(func=cmd_denoise)
     return parser
 
 

@@ -106,7 +106,8 @@ class TilePlan:
 
 def make_plan(shape: Sequence[int], dims: Sequence[str], write_unit: Sequence[int],
               halo: Mapping[str, int], *, tile_shape: Sequence[int] | None = None,
-              itemsize: int = 4, target_bytes: int = 32 * 2**20, pad_mode: PadMode = "reflect") -> TilePlan:
+              itemsize: int = 4, target_bytes: int = 32 * 2**20, pad_mode: PadMode = "reflect",
+              align: Sequence[int] | None = None) -> TilePlan:
     """Plan tiles whose cores are whole output write units (chunks or shards).
 
     Parameters
@@ -117,6 +118,8 @@ def make_plan(shape: Sequence[int], dims: Sequence[str], write_unit: Sequence[in
     halo : halo per axis name (the kernel's receptive field); axes not named get 0.
     tile_shape : explicit core shape (rounded up to write-unit multiples); default grows the
         write unit to ~``target_bytes``.
+    align : per-axis grid the tile starts must lie on (a U-Net's total down-sampling, so its
+        pooling windows fall the same way in every tile as in the whole image).
     """
     if pad_mode not in PAD_MODES:
         raise OptionError(f"Unknown padding mode '{pad_mode}'; choose from {', '.join(PAD_MODES)}.")
@@ -126,6 +129,8 @@ def make_plan(shape: Sequence[int], dims: Sequence[str], write_unit: Sequence[in
     halo_t = tuple(int(halo.get(d, 0)) for d in dims)
     if any(h < 0 for h in halo_t):
         raise OptionError(f"Halo must be >= 0 per axis, got {dict(halo)}.")
+    if align is not None:
+        write_unit = [math.lcm(int(u), int(a)) for u, a in zip(write_unit, align)]
     if tile_shape is None:
         core = grow_block(write_unit, shape, itemsize, target_bytes)
     else:

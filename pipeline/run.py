@@ -31,8 +31,8 @@ log = logging.getLogger(__name__)
 class TileTask:
     """Everything a tile task needs; small and picklable (no arrays, no open stores).
 
-    Called with a group of tile ids: their blocks go through the kernel in batches of up to
-    ``batch`` (one device call per batch), then each tile's core is written and marked done.
+    Called with a group of tile ids, taken ``batch`` at a time: one device call per batch, then
+    each tile's core is written and marked done.
     """
 
     source: ImageSource
@@ -48,9 +48,14 @@ class TileTask:
     out_dtype: str = "float32"
 
     def __call__(self, tile_ids: Sequence[int]) -> list[dict[str, Any]]:
-        started = time.perf_counter()
         model = resident(self.kernel)
-        tiles = [self.plan.tile(int(t)) for t in tile_ids]
+        results: list[dict[str, Any]] = []
+        for k in range(0, len(tile_ids), self.batch):  # memory: one batch of tiles at a time
+            results += self.run_batch(model, [self.plan.tile(int(t)) for t in tile_ids[k:k + self.batch]])
+        return results
+
+    def run_batch(self, model: Any, tiles: list[Tile]) -> list[dict[str, Any]]:
+        started = time.perf_counter()
         if self.blend is None:
             blocks = [self.read(tile.read, tile.pad) for tile in tiles]
             outputs = [out[(slice(None),) + tile.crop] for tile, out in zip(tiles, self.apply(model, blocks))]
@@ -61,11 +66,14 @@ class TileTask:
         seconds = (time.perf_counter() - started) / len(tiles)
         results = []
         for tile, inp, out in zip(tiles, inputs, outputs):
-            self.write(tile, out)
             meta = {"tile": tile.id, "voxels": int(np.prod(tile.core_shape)), "seconds": seconds}
             describe = getattr(model, "describe_tile", None)
             if describe is not None:
                 meta.update(describe(inp, out))
+            if getattr(model, "denormalize", False) and self.norm is not None:
+                lo, hi = self._norm_arrays(out.ndim)
+                out = out * (hi - lo) + lo
+            self.write(tile, out)
             self.manifest.mark_done(tile.id, meta)
             results.append(meta)
         return results
@@ -78,10 +86,16 @@ class TileTask:
             block = block[None]
         block = pad_block(block, pad, self.plan.pad_mode)
         if self.norm is not None:
-            lo = np.asarray([a for a, _ in self.norm], np.float32).reshape((-1,) + (1,) * (block.ndim - 1))
-            hi = np.asarray([b for _, b in self.norm], np.float32).reshape(lo.shape)
-            block = (block - lo) / np.maximum(hi - lo, 1e-12)
+            lo, hi = self._norm_arrays(block.ndim)
+            block = (block - lo) / (hi - lo)
         return block
+
+    def _norm_arrays(self, ndim: int) -> tuple[np.ndarray, np.ndarray]:
+        """(low, high) per channel, shaped to broadcast over ``(C, *spatial)``; high > low."""
+        assert self.norm is not None
+        lo = np.asarray([a for a, _ in self.norm], np.float32).reshape((-1,) + (1,) * (ndim - 1))
+        hi = np.asarray([max(b, a + 1e-6) for a, b in self.norm], np.float32).reshape(lo.shape)
+        return lo, hi
 
     def apply(self, model: Any, blocks: Sequence[np.ndarray]) -> list[np.ndarray]:
         """The kernel on each block, blocks of one shape stacked up to ``batch`` per call."""
@@ -145,7 +159,9 @@ class RunSummary:
     voxels_per_s: float
 
 
-def _spatial(source: ImageSource) -> tuple[list[int], bool]:
+def kernel_layout(source: ImageSource) -> tuple[list[int], bool]:
+    """Indices of the spatial axes and whether there is a channel axis; refuses layouts other
+    than ``(c,) + spatial``, the one kernels take."""
     dims = source.dims
     if "t" in dims:
         raise InputError(f"'{source.url}' has a time axis; run-kernel processes one time point: convert one first.")
@@ -154,6 +170,17 @@ def _spatial(source: ImageSource) -> tuple[list[int], bool]:
     if [*([dims.index("c")] if has_c else []), *spatial] != list(range(len(dims))):
         raise InputError(f"'{source.url}' axes {dims} are not (c,) + spatial; convert it to NGFF order first.")
     return spatial, has_c
+
+
+MAX_TASKS = 2048
+
+
+def tiles_per_task(n_tiles: int, batch: int, max_tasks: int = MAX_TASKS) -> int:
+    """Tiles per task: a whole number of batches, and enough that the run has <= ``max_tasks``
+    tasks. Small runs get one batch per task (best balance); 10^5-tile runs get a few dozen
+    tiles per task, so scheduling overhead stays small while memory stays one batch."""
+    per_task = max(batch, -(-n_tiles // max(max_tasks, 1)))
+    return -(-per_task // batch) * batch
 
 
 def gpu_resources(client: Any, kernel: Any) -> dict[str, float]:
@@ -183,8 +210,10 @@ def run_kernel(input_url: str, output_url: str, kernel: KernelSpec, client: Any,
                tile_shape: Sequence[int] | None = None, pad_mode: str = "reflect", overwrite: bool = False,
                tile_ids: Sequence[int] | None = None, progress: bool = True, window: int | None = None,
                batch: int = 1, blend: Blend | None = None, out_dtype: str = "float32",
-               resources: dict[str, float] | None = None, storage_options: dict | None = None) -> RunSummary:
-    """Run ``kernel`` over an image, tile by tile, into ``<output_url>/<kernel name>``.
+               resources: dict[str, float] | None = None, max_tasks: int = MAX_TASKS, name: str | None = None,
+               storage_options: dict | None = None) -> RunSummary:
+    """Run ``kernel`` over an image, tile by tile, into ``<output_url>/<name>`` (default: the
+    kernel's name).
 
     Re-running the same call resumes (finished tiles are skipped); other parameters on an
     existing output are refused unless ``overwrite``. ``tile_ids`` restricts the run to some tiles.
@@ -196,11 +225,13 @@ def run_kernel(input_url: str, output_url: str, kernel: KernelSpec, client: Any,
     blend : weight-blend lattice windows instead of crop-stitching halos (``Blend(window=...)``).
     out_dtype : output dtype, ``"float32"`` or any numpy dtype name, or ``"input"``; integer
         outputs are rounded and clipped.
+    max_tasks : tiles are grouped so that a run has at most about this many tasks; the
+        scheduler's per-task cost (~1 ms) then stays seconds at 10^5 tiles.
     resources : Dask resources per task; default ``{"GPU": 1}`` for GPU kernels when the
         cluster's workers advertise GPUs.
     """
     source = open_image(input_url, storage_options)
-    spatial, has_c = _spatial(source)
+    spatial, has_c = kernel_layout(source)
     lv = source.level(level)
     k = build_kernel(kernel)
     if k.ndim != len(spatial):
@@ -219,19 +250,21 @@ def run_kernel(input_url: str, output_url: str, kernel: KernelSpec, client: Any,
     out_chunk_spatial = chunks[-len(spatial):]
     halo = dict(zip(spatial_dims, (0,) * len(spatial) if blend else k.halo))
     plan = make_plan(spatial_shape, spatial_dims, out_chunk_spatial, halo, tile_shape=tile_shape,
-                     itemsize=4 * max(k.in_channels, k.out_channels), pad_mode=pad_mode)
+                     itemsize=4 * max(k.in_channels, k.out_channels), pad_mode=pad_mode,
+                     align=getattr(k, "align", None))
     lattice = BlendLattice.make(spatial_shape, blend.window, blend.overlap, blend.weights) if blend else None
     stats = compute_stats(source) if k.normalize else None
     norm = tuple((c.percentile(1.0), c.percentile(99.9)) for c in stats.channels) if stats else None
     params = {
-        "input": input_url, "level": level, "kernel": kernel.name, "kernel_params": kernel.params,
+        "input": input_url, "level": level, "kernel": kernel.name, "kernel_params": kernel.params, "name": name or kernel.name,
         "tile_shape": list(plan.tile_shape), "halo": list(plan.halo), "pad_mode": pad_mode,
         "normalisation": [list(n) for n in norm] if norm else None, "dtype": dtype,
         "blend": {"window": list(lattice.window), "stride": list(lattice.stride), "weights": lattice.weights}
         if lattice else None,
     }
     manifest = RunManifest(output_url, storage_options or {})
-    image_url = store.join(output_url, kernel.name)
+    name = name or kernel.name
+    image_url = store.join(output_url, name)
     if store.exists(output_url, storage_options) and not overwrite:
         check_compatible(output_url, manifest.read_params(), params)
         sink = ImageSink.open(image_url, storage_options)
@@ -243,22 +276,23 @@ def run_kernel(input_url: str, output_url: str, kernel: KernelSpec, client: Any,
                             scale=[lv.scale[i] for i in spatial] if len(out_axes) == len(spatial)
                             else [1.0] + [lv.scale[i] for i in spatial],
                             translation=([0.0] if len(out_axes) > len(spatial) else []) + [lv.translation[i] for i in spatial],
-                            chunks=chunks, name=kernel.name, storage_options=storage_options)
+                            chunks=chunks, name=name, storage_options=storage_options)
     done = manifest.done()
     wanted = range(len(plan)) if tile_ids is None else [int(t) for t in tile_ids]
     if tile_ids is not None and any(not 0 <= t < len(plan) for t in wanted):
         raise OptionError(f"Tile ids must be in 0..{len(plan) - 1} for this plan (grid {plan.grid}).")
     todo = [t for t in wanted if t not in done]
-    groups = (tuple(todo[i:i + batch]) for i in range(0, len(todo), batch))
+    per_task = tiles_per_task(len(todo), batch, max_tasks)
+    groups = (tuple(todo[i:i + per_task]) for i in range(0, len(todo), per_task))
     task = TileTask(source, level, has_c, kernel, plan, sink, manifest, norm, batch, lattice, dtype)
     if resources is None:
         resources = gpu_resources(client, k)
-    log.info("%s: %d tiles, %d done, %d to run (halo %s, %d per task%s)", kernel.name, len(plan), len(done),
-             len(todo), plan.halo, batch, f", resources {resources}" if resources else "")
+    log.info("%s: %d tiles, %d done, %d to run (halo %s, %d per task, %d per call%s)", kernel.name, len(plan),
+             len(done), len(todo), plan.halo, per_task, batch, f", resources {resources}" if resources else "")
     started = time.perf_counter()
     voxels = 0
-    for results in run_tasks(client, task, groups, total=-(-len(todo) // batch), desc=kernel.name,
-                             progress=progress, window=window, unit_size=batch * int(np.prod(plan.tile_shape)),
+    for results in run_tasks(client, task, groups, total=-(-len(todo) // per_task), desc=kernel.name,
+                             progress=progress, window=window, unit_size=per_task * int(np.prod(plan.tile_shape)),
                              resources=resources or None):
         for meta in results:
             voxels += meta["voxels"]

@@ -17,9 +17,14 @@ log = logging.getLogger(__name__)
 
 
 def default_window(client: Any) -> int:
-    """Enough tasks in flight to keep every worker thread busy, and no more."""
+    """Enough tasks in flight to keep every worker thread busy through a client round trip.
+
+    The scheduler queues what workers cannot start yet (``worker-saturation``), so a deeper
+    window costs the scheduler a few KB per task, not worker memory; too shallow a window makes
+    short tasks wait on client round trips (measured: 131 vs ~300 no-op tasks/s on 2 cores).
+    """
     threads = sum(client.nthreads().values()) or 1
-    return max(4, 4 * threads)
+    return max(32, 8 * threads)
 
 
 def run_tasks(
@@ -45,25 +50,25 @@ def run_tasks(
     window = window or default_window(client)
     iterator = iter(items)
 
-    def submit(item: T):
-        return client.submit(fn, item, pure=False, retries=retries, **submit_kwargs)
+    def submit(n: int) -> list:
+        chunk = list(itertools.islice(iterator, n))
+        # one message per refill, not one per task: keeps 10^5-task runs scheduler-bound, not client-bound
+        return client.map(fn, chunk, pure=False, retries=retries, **submit_kwargs) if chunk else []
 
-    futures = [submit(item) for item in itertools.islice(iterator, window)]
     bar = tqdm(total=total, desc=desc, unit="task", disable=not progress, dynamic_ncols=True, leave=False)
     started = time.perf_counter()
     done = 0
+    queue = as_completed(submit(window), with_results=True)
     try:
-        queue = as_completed(futures)
-        for future in queue:
-            result = future.result()
-            future.release()
-            for item in itertools.islice(iterator, 1):
-                queue.add(submit(item))
-            done += 1
-            bar.update(1)
-            if unit_size:
-                rate = done * unit_size / max(time.perf_counter() - started, 1e-9)
-                bar.set_postfix_str(f"{rate / 1e6:.1f} Mvox/s", refresh=False)
-            yield result
+        for batch in queue.batches():
+            queue.update(submit(len(batch)))
+            for future, result in batch:
+                future.release()
+                done += 1
+                bar.update(1)
+                if unit_size:
+                    rate = done * unit_size / max(time.perf_counter() - started, 1e-9)
+                    bar.set_postfix_str(f"{rate / 1e6:.1f} Mvox/s", refresh=False)
+                yield result
     finally:
         bar.close()

@@ -1,0 +1,310 @@
+"""Engine benchmarks (issue 3), each part in its own process so its memory is its own.
+
+    python -m benchmarks.bench_engine [--shape 64,512,512] [--sizes-gb 1,4,16] [--parts ...]
+
+- efficiency: conv-net voxels/s through the engine / the same kernel called directly on the same
+  padded tiles held in memory, both on 2 single-threaded processes.
+- map_overlap: the same conv-net over the same volume with ``dask.array.map_overlap`` + ``to_zarr``
+  on the same LocalCluster: wall time, task count, peak client+scheduler RSS.
+- plan_1tb: plan + windowed submission of every tile of a 2048 x 16384 x 16384 uint16 store that
+  holds metadata only, with a no-op kernel (each task rebuilds its tile from the id and returns).
+- memory: peak worker RSS running a Gaussian (halo 4) over 1, 4 and 16 GB uint16 inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.measure import run_measured, save
+
+CONVNET = dict(ndim=3, depth=4, width=16, seed=0)
+TILE = (64, 256, 256)
+
+
+def _client_peak() -> int:
+    """Peak RSS of this process (the client, and the LocalCluster's scheduler) in bytes."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _cluster(workers: int = 2):
+    from distributed import Client, LocalCluster
+
+    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
+                           silence_logs=40)
+    return cluster, Client(cluster)
+
+
+def _random_volume(url: str, shape, client, chunks=TILE, seed: int = 0) -> None:
+    """A uint16 volume of smooth-ish random data, written chunk by chunk (no pyramid)."""
+    from pipeline.grid import iter_regions, n_regions
+    from pipeline.io import create_image, default_axes
+    from pipeline.tasks import run_tasks
+
+    sink = create_image(url, shape=shape, dtype=np.uint16, axes=default_axes("zyx"), chunks=chunks, n_levels=1,
+                        overwrite=True)
+
+    def fill(region):
+        rng = np.random.default_rng([seed, *(sl.start for sl in region)])
+        block = rng.poisson(200.0, size=tuple(sl.stop - sl.start for sl in region)).astype(np.uint16)
+        sink.write(region, block)
+        return 0
+
+    for _ in run_tasks(client, fill, iter_regions(shape, chunks), total=n_regions(shape, chunks), progress=False):
+        pass
+
+
+# ---- parts (each runs in a fresh process) ---------------------------------------------------
+
+def part_efficiency(work: Path, shape) -> dict:
+    from concurrent.futures import ProcessPoolExecutor
+
+    from kernels import KernelSpec
+    from pipeline.run import run_kernel
+
+    spec = KernelSpec.of("convnet", **CONVNET)
+    cluster, client = _cluster()
+    url = str(work / "in.ome.zarr")
+    _random_volume(url, shape, client)
+    # warm up as the direct baseline does: torch and the model resident on both workers
+    warm = str(work / "warm.ome.zarr")
+    _random_volume(warm, (64, 256, 512), client)
+    run_kernel(warm, str(work / "warm-out.ome.zarr"), spec, client, tile_shape=TILE, progress=False, overwrite=True)
+    started = time.perf_counter()
+    summary = run_kernel(url, str(work / "engine.ome.zarr"), spec, client, tile_shape=TILE, progress=False,
+                         overwrite=True)
+    end_to_end = time.perf_counter() - started
+    client.close()
+    cluster.close()
+    # direct: the same padded tile shapes, in memory, on 2 single-threaded processes
+    from pipeline.plan import make_plan
+
+    plan = make_plan(shape, "zyx", TILE, {"z": 4, "y": 4, "x": 4}, tile_shape=TILE)
+    padded = [tuple(sl.stop - sl.start for sl in t.core) for t in plan]
+    with ProcessPoolExecutor(2, initializer=_single_thread) as pool:
+        list(pool.map(_direct_tile, [padded[0]] * 2))  # load + warm up both processes
+        t0 = time.perf_counter()
+        list(pool.map(_direct_tile, padded))
+        direct = time.perf_counter() - t0
+    voxels = int(np.prod(shape))
+    return {
+        "shape": list(shape), "tile": list(TILE), "tiles": summary.tiles, "kernel": spec.params,
+        "engine_tile_stage_s": summary.seconds, "engine_voxels_per_s": voxels / summary.seconds,
+        "engine_end_to_end_s": end_to_end, "engine_end_to_end_voxels_per_s": voxels / end_to_end,
+        "direct_s": direct, "direct_voxels_per_s": voxels / direct,
+        "efficiency": (voxels / summary.seconds) / (voxels / direct),
+        "efficiency_end_to_end": (voxels / end_to_end) / (voxels / direct),
+        "note": "engine = read + normalise + kernel + crop + write + done marker; end-to-end adds global "
+                "statistics and the pyramid. Direct = kernel on in-memory padded tiles. Both 2 processes x 1 thread.",
+    }
+
+
+def _single_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _direct_tile(core_shape) -> float:
+    from kernels import KernelSpec, resident
+
+    kernel = resident(KernelSpec.of("convnet", **CONVNET))
+    h = kernel.halo
+    block = np.random.default_rng(0).random((1, 1, *(c + 2 * x for c, x in zip(core_shape, h))), dtype=np.float32)
+    out = kernel(block)
+    return float(out[0, 0, 0, 0, 0])
+
+
+def part_map_overlap(work: Path, shape) -> dict:
+    import dask.array as da
+    import zarr
+
+    from kernels import KernelSpec
+    from pipeline.run import run_kernel
+
+    spec = KernelSpec.of("convnet", **CONVNET)
+    cluster, client = _cluster()
+    url = str(work / "in.ome.zarr")
+    _random_volume(url, shape, client)
+    base = _client_peak()
+    t0 = time.perf_counter()
+    summary = run_kernel(url, str(work / "engine.ome.zarr"), spec, client, tile_shape=TILE, progress=False,
+                         overwrite=True)
+    engine_s = time.perf_counter() - t0
+    engine_peak = _client_peak()
+    params = json.loads((work / "engine.ome.zarr" / "_tilewise" / "run.json").read_text())
+    lo, hi = params["normalisation"][0]
+
+    x = da.from_zarr(zarr.open_array(f"{url}/0", mode="r"))
+    y = x.map_overlap(_convnet_block, depth=4, boundary="reflect", dtype=np.float32, lo=lo, hi=hi)
+    out = zarr.create_array(str(work / "map_overlap.zarr"), shape=shape, chunks=TILE, dtype="float32", overwrite=True)
+    stored = y.store(out, lock=False, compute=False)
+    tasks = len(stored.__dask_graph__())
+    t0 = time.perf_counter()
+    stored.compute()
+    map_overlap_s = time.perf_counter() - t0
+    peak = _client_peak()
+    client.close()
+    cluster.close()
+    return {
+        "shape": list(shape), "tile": list(TILE), "kernel": spec.params,
+        "engine": {"seconds": engine_s, "tasks": summary.tiles, "tile_stage_s": summary.seconds,
+                   "note": "includes global statistics and pyramid",
+                   "client_scheduler_peak_rss_bytes": engine_peak, "client_rss_at_start_bytes": base},
+        "map_overlap": {"seconds": map_overlap_s, "tasks": tasks, "note": "level 0 only, no pyramid or metadata",
+                        "client_scheduler_peak_rss_bytes": peak},
+    }
+
+
+def _convnet_block(block: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    from kernels import KernelSpec, resident
+
+    kernel = resident(KernelSpec.of("convnet", **CONVNET))
+    x = (block.astype(np.float32) - lo) / max(hi - lo, 1e-12)
+    return kernel(x[None, None])[0, 0]
+
+
+def part_plan_1tb(work: Path, shape) -> dict:
+    from kernels import KernelSpec
+    from pipeline.io import create_image, default_axes, open_image
+    from pipeline.manifest import RunManifest
+    from pipeline.plan import make_plan
+    from pipeline.run import TileTask, tiles_per_task
+    from pipeline.tasks import run_tasks
+
+    big = (2048, 16384, 16384)
+    cluster, client = _cluster()
+    client.wait_for_workers(2)
+    client.run(lambda: 0)  # workers up and idle before the clock starts
+    src = create_image(str(work / "tb.ome.zarr"), shape=big, dtype=np.uint16, axes=default_axes("zyx"),
+                       chunks=TILE, n_levels=1, overwrite=True)
+    out = create_image(str(work / "tb-out.ome.zarr"), shape=big, dtype=np.uint16, axes=default_axes("zyx"),
+                       chunks=TILE, n_levels=1, overwrite=True)
+    base = _client_peak()
+    t0 = time.perf_counter()
+    plan = make_plan(big, "zyx", TILE, {"z": 4, "y": 4, "x": 4})  # run_kernel's default tile size
+    source = open_image(src.url)
+    manifest = RunManifest(str(work / "tb-out.ome.zarr"))
+    todo = [t for t in range(len(plan)) if t not in manifest.done()]
+    task = TileTask(source, 0, False, KernelSpec.of("identity"), plan, out, manifest, None)
+    per_task = tiles_per_task(len(todo), 1)
+    plan_s = time.perf_counter() - t0
+    groups = (tuple(todo[i:i + per_task]) for i in range(0, len(todo), per_task))
+    n = 0
+    for _ in run_tasks(client, _noop_tile, ((task, g) for g in groups), total=len(plan), progress=False):
+        n += 1
+    total_s = time.perf_counter() - t0
+    peak = _client_peak()
+    client.close()
+    cluster.close()
+    return {"shape": list(big), "bytes": int(np.prod(big)) * 2, "tile": list(plan.tile_shape), "halo": list(plan.halo),
+            "tiles": len(plan), "tiles_per_task": per_task, "tasks": n, "plan_s": plan_s, "plan_and_submit_s": total_s, "tasks_per_s": n / total_s,
+            "client_peak_rss_bytes": peak, "client_rss_before_bytes": base,
+            "note": "every task ships the real TileTask payload and rebuilds its Tiles from their ids; no I/O"}
+
+
+def _noop_tile(args) -> int:
+    task, ids = args
+    return sum(len(task.plan.tile(i).read) for i in ids)
+
+
+def part_memory(work: Path, size_gb: float) -> dict:
+    side = int(round((size_gb * 1e9 / 2 / 256) ** 0.5 / 256)) * 256
+    shape = (256, side, side)
+    cluster, client = _cluster()
+    url = str(work / f"in-{size_gb}.ome.zarr")
+    t0 = time.perf_counter()
+    _random_volume(url, shape, client)
+    gen_s = time.perf_counter() - t0
+    client.close()
+    cluster.close()
+    return {"shape": list(shape), "bytes": int(np.prod(shape)) * 2, "generate_s": gen_s, "url": url}
+
+
+def run_memory_engine(url: str, out: str) -> None:
+    from kernels import KernelSpec
+    from pipeline.run import run_kernel
+
+    cluster, client = _cluster()
+    run_kernel(url, out, KernelSpec.of("gaussian", sigma=[1.0, 1.0, 1.0]), client, tile_shape=TILE, progress=False,
+               out_dtype="input", overwrite=True)
+    client.close()
+    cluster.close()
+
+
+PARTS = {"efficiency": part_efficiency, "map_overlap": part_map_overlap, "plan_1tb": part_plan_1tb}
+
+
+def _run_part(name: str, work: Path, arg: str) -> dict:
+    out = work / f"{name}.json"
+    cmd = [sys.executable, "-m", "benchmarks.bench_engine", "--part", name, "--arg", arg, "--workdir", str(work),
+           "--json", str(out)]
+    measured = run_measured(cmd)
+    result = json.loads(out.read_text())
+    result["process_tree"] = measured
+    return result
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shape", default="64,1024,1024", help="volume for efficiency and map_overlap")
+    parser.add_argument("--sizes-gb", default="1,4,16", help="input sizes for the memory part")
+    parser.add_argument("--parts", default="efficiency,map_overlap,plan_1tb,memory")
+    parser.add_argument("--workdir", default=None)
+    parser.add_argument("--part", help=argparse.SUPPRESS)
+    parser.add_argument("--arg", help=argparse.SUPPRESS)
+    parser.add_argument("--json", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="tilewise-bench-engine-"))
+    work.mkdir(parents=True, exist_ok=True)
+    if args.part:  # child process: one part
+        if args.part == "memory_input":
+            result = part_memory(work, float(args.arg))
+        elif args.part == "memory_engine":
+            url, out = args.arg.split("|")
+            run_memory_engine(url, out)
+            result = {}
+        else:
+            result = PARTS[args.part](work, tuple(int(v) for v in args.arg.split(",")))
+        Path(args.json).write_text(json.dumps(result))
+        return result
+    results: dict = {}
+    try:
+        for name in args.parts.split(","):
+            print(f"-- {name}", flush=True)
+            if name == "memory":
+                rows = []
+                for gb in (float(v) for v in args.sizes_gb.split(",")):
+                    made = _run_part("memory_input", work, str(gb))
+                    engine = run_measured([sys.executable, "-m", "benchmarks.bench_engine", "--part", "memory_engine",
+                                           "--arg", f"{made['url']}|{work / 'mem-out.ome.zarr'}", "--workdir", str(work),
+                                           "--json", str(work / "m.json")])
+                    rows.append({"input_gb": made["bytes"] / 1e9, "shape": made["shape"], "seconds": engine["seconds"],
+                                 "voxels_per_s": made["bytes"] / 2 / engine["seconds"],
+                                 "peak_worker_rss_bytes": engine["peak_rss_worker"],
+                                 "peak_client_rss_bytes": engine["peak_rss_client"],
+                                 "peak_total_rss_bytes": engine["peak_rss_total"]})
+                    print(json.dumps(rows[-1]), flush=True)
+                    shutil.rmtree(made["url"], ignore_errors=True)
+                    shutil.rmtree(work / "mem-out.ome.zarr", ignore_errors=True)
+                results["memory"] = {"kernel": "gaussian sigma 1 (halo 4), uint16 out, with pyramid", "rows": rows}
+            else:
+                results[name] = _run_part(name, work, args.shape)
+                print(json.dumps(results[name], default=str)[:600], flush=True)
+            save("engine", results)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,212 @@
+"""Self-supervised denoising: N2V2 and Noise2Self training, and the denoising kernel.
+
+Training sees only noisy data: a blind-spot mask (``kernels.masking``) hides pixels from the
+network and the loss is the squared error on those pixels only, which in expectation is the
+error against the clean signal plus the noise variance (Batson & Royer 2019). Patches come from
+a caller-supplied sampler, so this module knows nothing of stores: ``pipeline.train`` feeds it
+patches drawn from random chunks of an OME-Zarr image.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Literal
+
+import numpy as np
+
+from kernels.base import register
+from kernels.masking import augment, grid_mask, n2v_mask
+from kernels.unet import UNetConfig, receptive_field
+
+log = logging.getLogger(__name__)
+
+Method = Literal["n2v2", "n2s"]
+PatchSampler = Callable[[int, np.random.Generator], np.ndarray]  # (n, rng) -> (n, C, *patch) float32
+
+
+def architecture(method: Method, ndim: int, channels: int = 1, depth: int = 2, width: int = 32,
+                 pool: tuple[int, ...] = ()) -> UNetConfig:
+    """N2V2: max-blur-pool, no top skip, no residual. Noise2Self: a plain U-Net."""
+    if method == "n2v2":
+        return UNetConfig(ndim=ndim, in_channels=channels, out_channels=channels, depth=depth, width=width,
+                          norm="batch", pool=pool, blurpool=True, skip_top=False, residual=False)
+    if method == "n2s":
+        return UNetConfig(ndim=ndim, in_channels=channels, out_channels=channels, depth=depth, width=width,
+                          norm="batch", pool=pool)
+    raise ValueError(f"unknown denoising method '{method}' (n2v2 or n2s)")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    method: Method = "n2v2"
+    patch: tuple[int, ...] = (64, 64)
+    batch: int = 16
+    steps: int = 2000
+    lr: float = 4e-4
+    mask_fraction: float = 0.002  # N2V: pixels masked per patch
+    n2s_grid: int = 4  # Noise2Self: lattice period
+    val_patches: int = 32
+    val_every: int = 100
+    patience: int = 6  # validations without improvement before stopping
+    seed: int = 0
+    depth: int = 2
+    width: int = 32
+    pool: tuple[int, ...] = ()
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["patch"], d["pool"] = list(self.patch), list(self.pool)
+        return d
+
+
+@dataclass
+class TrainResult:
+    state_dict: dict
+    config: UNetConfig
+    best_val_loss: float
+    history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    device: str = "cpu"
+
+
+def mask_batch(batch: np.ndarray, cfg: TrainConfig, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    if cfg.method == "n2v2":
+        return n2v_mask(batch, cfg.mask_fraction, rng, replacement="median")
+    return grid_mask(batch, cfg.n2s_grid, rng)
+
+
+def masked_mse(pred, target, mask):
+    """Mean squared error over the masked pixels only."""
+    diff = (pred - target) ** 2
+    return (diff * mask).sum() / mask.sum().clamp_min(1)
+
+
+def train_denoiser(sample: PatchSampler, validation: np.ndarray, cfg: TrainConfig, *, channels: int = 1,
+                   device: str | None = None, progress: bool = True) -> TrainResult:
+    """Train a blind-spot denoiser on patches from ``sample``; returns the best weights by the
+    masked loss on ``validation`` patches (held-out data, masked once with a fixed seed)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from kernels.base import default_device
+    from kernels.unet import UNet
+
+    device = device or default_device()
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    net_cfg = architecture(cfg.method, len(cfg.patch), channels, cfg.depth, cfg.width, cfg.pool)
+    net = UNet(net_cfg).to(device)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=max(1, cfg.patience // 2))
+
+    val_rng = np.random.default_rng(cfg.seed + 1)
+    val = np.asarray(validation, np.float32)
+    val_in, val_mask = mask_batch(val, cfg, val_rng)
+    to = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(device)  # noqa: E731
+    val_t, val_in_t, val_mask_t = to(val), to(val_in), to(val_mask)
+
+    best, best_state, stale, history = float("inf"), None, 0, []
+    started = time.perf_counter()
+    bar = tqdm(total=cfg.steps, desc=f"train {cfg.method}", disable=not progress, dynamic_ncols=True, leave=False)
+    running = None
+    for step in range(1, cfg.steps + 1):
+        net.train()
+        batch = augment(sample(cfg.batch, rng), rng)
+        masked, mask = mask_batch(batch, cfg, rng)
+        loss = masked_mse(net(to(masked)), to(batch), to(mask))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        value = loss.item()
+        running = value if running is None else 0.95 * running + 0.05 * value
+        bar.update(1)
+        bar.set_postfix_str(f"loss {running:.4f}", refresh=False)
+        if step % cfg.val_every == 0 or step == cfg.steps:
+            net.eval()
+            with torch.inference_mode():
+                val_loss = float(masked_mse(net(val_in_t), val_t, val_mask_t))
+            sched.step(val_loss)
+            history.append({"step": step, "train_loss": running, "val_loss": val_loss,
+                            "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - started})
+            log.info("step %d: train %.5f, validation %.5f", step, running, val_loss)
+            if val_loss < best - 1e-6:
+                best, best_state, stale = val_loss, copy.deepcopy(net.state_dict()), 0
+            else:
+                stale += 1
+                if stale >= cfg.patience:
+                    log.info("early stop at step %d (no validation gain for %d checks)", step, stale)
+                    break
+    bar.close()
+    return TrainResult(best_state or net.state_dict(), net_cfg, best, history, time.perf_counter() - started, device)
+
+
+@register("denoise")
+class DenoiseKernel:
+    """A trained denoiser from a model folder (see ``kernels.modelfile``); keyed by its hash."""
+
+    name = "denoise"
+    normalize = True  # inputs scaled by the engine's global percentiles ...
+    denormalize = True  # ... and outputs scaled back to input units
+    uses_gpu = True
+    max_batch = 16
+    # a residual whose neighbours correlate this much is structure, not noise
+    residual_correlation_limit = 0.2
+
+    def __init__(self, model: str, sha256: str = ""):
+        from kernels.modelfile import read_card
+
+        self.model_path = model
+        self.card = read_card(model)
+        if sha256 and sha256 != self.card.weights_sha256:
+            raise ValueError(f"model '{model}' changed since this run started (weights hash differs)")
+        self.config = UNetConfig(**{**self.card.architecture, "pool": tuple(self.card.architecture["pool"])})
+        self.ndim = self.config.ndim
+        self.in_channels = self.out_channels = self.config.in_channels
+        self.halo = receptive_field(self.config).halo
+        self.align = self.config.factor
+        self.net = None
+        self.device = "cpu"
+
+    def load(self, device: str) -> None:
+        from kernels.modelfile import load_model
+        from kernels.unet import UNet
+
+        _, state = load_model(self.model_path, device)
+        net = UNet(self.config)
+        net.load_state_dict(state)
+        self.net, self.device = net.to(device).eval(), device
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        import torch
+
+        if self.net is None:
+            raise RuntimeError("denoise kernel used before load()")
+        with torch.inference_mode():
+            x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device)
+            return self.net.forward_padded(x).float().cpu().numpy()
+
+    def describe_tile(self, inp: np.ndarray, out: np.ndarray) -> dict[str, Any]:
+        """Residual (input - output) statistics: the hallucination guard.
+
+        Removed noise is independent from pixel to pixel; a residual whose neighbouring pixels
+        correlate holds image structure the model took away (or invented), which is flagged.
+        """
+        r = (inp - out).astype(np.float64)
+        r = r - r.mean()
+        var = float((r**2).mean())
+        corr = []
+        for axis in range(1, r.ndim):
+            if r.shape[axis] > 1 and var > 0:
+                a = np.take(r, range(r.shape[axis] - 1), axis=axis)
+                b = np.take(r, range(1, r.shape[axis]), axis=axis)
+                corr.append(float((a * b).mean() / var))
+        lag1 = max(corr) if corr else 0.0
+        meta: dict[str, Any] = {"residual_mean": float((inp - out).mean()), "residual_std": var**0.5,
+                                "residual_lag1_correlation": lag1}
+        if lag1 > self.residual_correlation_limit:
+            meta["warning"] = (f"residual is not noise-like (neighbour correlation {lag1:.2f} > "
+                               f"{self.residual_correlation_limit}): the denoiser removed structure here")
+        return meta

@@ -1,0 +1,168 @@
+"""Training from a store: patches drawn from random blocks, bounded memory, whole-volume coverage.
+
+Kernels train on numpy patches and know nothing of stores; this module is the seam. A
+``PatchPool`` holds a few blocks (twice the patch size) read from random places of the image and
+swaps one for a fresh random block every few steps, so memory is a few blocks whatever the
+volume size while training sees the whole volume over time. A fixed share of the blocks is held
+out for validation. Inputs are normalised with the same global percentiles the engine uses at
+inference, and the model card records them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from pipeline.errors import InputError, OptionError, OutputExistsError
+from pipeline.grid import Region, grid_shape, region_of
+from pipeline.io.read import ImageSource, open_image
+from pipeline.run import kernel_layout
+from pipeline.stats import compute_stats
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Normalisation:
+    """Per-channel (low, high) percentiles mapped to (0, 1); the engine uses the same."""
+
+    low: tuple[float, ...]
+    high: tuple[float, ...]
+    percentiles: tuple[float, float] = (1.0, 99.9)
+
+    @classmethod
+    def of(cls, source: ImageSource) -> "Normalisation":
+        stats = compute_stats(source)
+        return cls(tuple(c.percentile(1.0) for c in stats.channels), tuple(c.percentile(99.9) for c in stats.channels))
+
+    def apply(self, block: np.ndarray) -> np.ndarray:
+        shape = (-1,) + (1,) * (block.ndim - 1)
+        lo = np.asarray(self.low, np.float32).reshape(shape)
+        hi = np.maximum(np.asarray(self.high, np.float32).reshape(shape), lo + 1e-6)
+        return (block.astype(np.float32) - lo) / (hi - lo)
+
+    def to_dict(self) -> dict:
+        return {"low": list(self.low), "high": list(self.high), "percentiles": list(self.percentiles)}
+
+
+class PatchPool:
+    """Random training patches ``(n, C, *patch)`` from an image, a few blocks in memory at a time."""
+
+    def __init__(self, source: ImageSource, patch: Sequence[int], norm: Normalisation, *, level: int = 0,
+                 pool_blocks: int = 16, refresh_every: int = 4, validation_share: float = 0.1, seed: int = 0):
+        spatial, self.has_c = kernel_layout(source)
+        self.source, self.level, self.norm = source, level, norm
+        shape = [source.level(level).shape[i] for i in spatial]
+        if len(patch) != len(shape):
+            raise OptionError(f"--patch needs {len(shape)} sizes (one per spatial axis {source.spatial_dims}), got {tuple(patch)}.")
+        if any(p > n for p, n in zip(patch, shape)):
+            raise OptionError(f"Patch {tuple(patch)} is larger than the image {tuple(shape)}; choose a smaller --patch.")
+        self.patch = tuple(int(p) for p in patch)
+        self.shape = tuple(shape)
+        self.block = tuple(min(n, 2 * p) for n, p in zip(shape, self.patch))
+        n_blocks = int(np.prod(grid_shape(self.shape, self.block)))
+        order = np.random.default_rng(seed).permutation(n_blocks)
+        n_val = int(round(validation_share * n_blocks)) if n_blocks >= 5 else 0
+        self.validation_ids, self.training_ids = order[:n_val], order[n_val:]
+        if n_val == 0:
+            self.validation_ids = order[:1]  # too small to hold out a block: validate on a fixed draw
+        self.rng = np.random.default_rng(seed + 7)
+        self.pool = [self._read(int(i)) for i in self.rng.choice(self.training_ids, min(pool_blocks, len(self.training_ids)),
+                                                                  replace=False)]
+        self.refresh_every, self.calls = refresh_every, 0
+
+    def _region(self, block_id: int) -> Region:
+        index = np.unravel_index(block_id, grid_shape(self.shape, self.block))
+        region = region_of(tuple(int(i) for i in index), self.shape, self.block)
+        # blocks at the far edge are shorter: move them back so a patch always fits
+        return tuple(slice(max(0, min(sl.start, n - p)), max(sl.stop, min(n, sl.start + p)))
+                     for sl, n, p in zip(region, self.shape, self.patch))
+
+    def _read(self, block_id: int) -> np.ndarray:
+        lead = (slice(None),) if self.has_c else ()
+        data = self.source.read(lead + self._region(block_id), self.level)
+        return self.norm.apply(data if self.has_c else data[None])
+
+    @staticmethod
+    def _crop(blocks: list[np.ndarray], patch: Sequence[int], n: int, rng: np.random.Generator) -> np.ndarray:
+        out = []
+        for _ in range(n):
+            block = blocks[int(rng.integers(len(blocks)))]
+            start = [int(rng.integers(0, s - p + 1)) for s, p in zip(block.shape[1:], patch)]
+            out.append(block[(slice(None),) + tuple(slice(a, a + p) for a, p in zip(start, patch))])
+        return np.stack(out).astype(np.float32)
+
+    def sample(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        """Training patches; every ``refresh_every`` calls one pooled block is swapped for a new one."""
+        self.calls += 1
+        if self.calls % self.refresh_every == 0 and len(self.training_ids) > len(self.pool):
+            self.pool[int(rng.integers(len(self.pool)))] = self._read(int(rng.choice(self.training_ids)))
+        return self._crop(self.pool, self.patch, n, rng)
+
+    def validation(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        """Patches from the held-out blocks only (read once, then dropped)."""
+        blocks = [self._read(int(i)) for i in self.validation_ids[:8]]
+        return self._crop(blocks, self.patch, n, rng)
+
+
+def data_fingerprint(source: ImageSource, level: int, norm: Normalisation) -> dict:
+    """What the model was trained on: enough to recognise the data again, never the data."""
+    lv = source.level(level)
+    desc = {"url": source.url, "level": level, "shape": list(lv.shape), "dtype": lv.dtype,
+            "axes": list(source.dims), "scale": list(lv.scale), "normalisation": norm.to_dict()}
+    desc["sha256"] = hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()
+    return desc
+
+
+def prepare_model_folder(model_dir: str, overwrite: bool) -> None:
+    path = Path(model_dir)
+    if path.exists() and any(path.iterdir()) and not overwrite:
+        raise OutputExistsError(f"Model folder '{model_dir}' exists; pass --overwrite to replace it, or choose another path.")
+    if path.exists() and not path.is_dir():
+        raise OutputExistsError(f"'{model_dir}' is a file; a model is a folder. Choose another path.")
+
+
+def train_denoise(input_url: str, model_dir: str, *, method: str = "n2v2", patch: Sequence[int] | None = None,
+                  steps: int = 2000, batch: int = 16, level: int = 0, depth: int = 2, width: int = 32,
+                  seed: int = 0, overwrite: bool = False, progress: bool = True, device: str | None = None,
+                  storage_options: dict | None = None):
+    """Train a self-supervised denoiser on the image itself and write a model folder.
+
+    Returns the model card as written.
+    """
+    from kernels.denoise import TrainConfig, train_denoiser
+    from kernels.modelfile import ModelCard, save_model
+
+    if method not in ("n2v2", "n2s"):
+        raise OptionError(f"Unknown denoising method '{method}'; choose n2v2 or n2s.")
+    prepare_model_folder(model_dir, overwrite)
+    source = open_image(input_url, storage_options)
+    spatial, _ = kernel_layout(source)
+    if len(spatial) not in (2, 3):
+        raise InputError(f"'{input_url}' has {len(spatial)} spatial axes; denoising needs 2D or 3D images.")
+    if patch is None:
+        patch = (64, 64) if len(spatial) == 2 else (16, 64, 64)
+    norm = Normalisation.of(source)
+    pool = PatchPool(source, patch, norm, level=level, seed=seed)
+    factor = 2**depth
+    pool_axes = tuple(2 if p >= 2 * factor else 1 for p in pool.patch)  # thin axes (anisotropic z) not pooled
+    if any(p % (f**depth) for p, f in zip(pool.patch, pool_axes)):
+        raise OptionError(f"--patch {pool.patch} must be a multiple of {factor} on each pooled axis for a depth-{depth} U-Net.")
+    cfg = TrainConfig(method=method, patch=pool.patch, batch=batch, steps=steps, seed=seed, depth=depth, width=width,
+                      pool=pool_axes)
+    validation = pool.validation(cfg.val_patches, np.random.default_rng(seed + 1))
+    result = train_denoiser(pool.sample, validation, cfg, channels=source.n_channels, device=device, progress=progress)
+    card = ModelCard(task="denoise", method=method, architecture=result.config.to_dict(),
+                     normalisation=norm.to_dict(), training={**cfg.to_dict(), "seconds": result.seconds,
+                                                             "device": result.device, "history": result.history},
+                     data=data_fingerprint(source, level, norm), validation_loss=result.best_val_loss)
+    card = save_model(model_dir, result.state_dict, card)
+    log.info("trained %s in %.0f s (validation loss %.5f) -> %s [%s]", method, result.seconds, result.best_val_loss,
+             model_dir, card.weights_sha256[:12])
+    return card
