@@ -108,7 +108,13 @@ def train_denoiser(sample: PatchSampler, validation: np.ndarray, cfg: TrainConfi
     to = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(device)  # noqa: E731
     val_t, val_in_t, val_mask_t = to(val), to(val_in), to(val_mask)
 
-    best, best_state, stale, history = float("inf"), None, 0, []
+    def validate() -> float:
+        net.eval()
+        with torch.inference_mode():
+            return float(masked_mse(net(val_in_t), val_t, val_mask_t))
+
+    best, best_state, stale = float("inf"), None, 0
+    history = [{"step": 0, "train_loss": None, "val_loss": validate(), "lr": cfg.lr, "seconds": 0.0}]
     started = time.perf_counter()
     bar = tqdm(total=cfg.steps, desc=f"train {cfg.method}", disable=not progress, dynamic_ncols=True, leave=False)
     running = None
@@ -125,9 +131,7 @@ def train_denoiser(sample: PatchSampler, validation: np.ndarray, cfg: TrainConfi
         bar.update(1)
         bar.set_postfix_str(f"loss {running:.4f}", refresh=False)
         if step % cfg.val_every == 0 or step == cfg.steps:
-            net.eval()
-            with torch.inference_mode():
-                val_loss = float(masked_mse(net(val_in_t), val_t, val_mask_t))
+            val_loss = validate()
             sched.step(val_loss)
             history.append({"step": step, "train_loss": running, "val_loss": val_loss,
                             "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - started})

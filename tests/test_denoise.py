@@ -1,0 +1,170 @@
+"""Denoising: masking statistics, training lowers the masked loss, model files, tiled equals
+whole-image denoising (2D and 3D), the residual guard, and the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from kernels.denoise import DenoiseKernel, TrainConfig, mask_batch, train_denoiser
+from kernels.masking import grid_mask, n2v_mask, stratified_coords
+from kernels.modelfile import ModelCard, ModelFileError, load_model, save_model
+from pipeline.cli import main
+from pipeline.io import create_image, default_axes, open_image
+
+
+def test_stratified_masking_fraction_and_spread():
+    rng = np.random.default_rng(0)
+    coords = stratified_coords((256, 256), 0.002, rng)
+    assert 0.0015 < len(coords) / 256**2 < 0.0025
+    assert len({tuple(c) for c in coords}) == len(coords)  # one per stratum: no repeats
+    cells = {(y // 22, x // 22) for y, x in coords}
+    assert len(cells) == len(coords)  # and every stratum holds exactly one
+
+
+@pytest.mark.parametrize("replacement", ["random", "median"])
+def test_n2v_replacement_never_uses_the_centre(replacement):
+    rng = np.random.default_rng(1)
+    batch = (np.arange(2 * 64 * 64, dtype=np.float32).reshape(2, 1, 64, 64) * 7.0) % 1013  # all distinct
+    masked, mask = n2v_mask(batch, 0.01, rng, replacement=replacement)
+    assert mask.sum() > 0
+    if replacement == "random":  # all values distinct: a neighbour's value is never the centre's
+        assert np.all(masked[mask] != batch[mask])
+    assert np.array_equal(masked[~mask], batch[~mask])
+    # an outlier at every masked pixel never leaks into its own replacement
+    spiky = batch.copy()
+    spiky[mask] = 1e9
+    masked2, _ = n2v_mask(spiky, 0.01, np.random.default_rng(1), replacement=replacement)
+    assert masked2[mask].max() < 1e9
+
+
+def test_noise2self_grid_masking_replaces_a_lattice_by_its_neighbours():
+    batch = np.random.default_rng(2).random((1, 1, 32, 32)).astype(np.float32)
+    spiky = batch.copy()
+    masked, mask = grid_mask(batch, 4, np.random.default_rng(3))
+    assert abs(mask.mean() - 1 / 16) < 1e-9
+    spiky[mask] = 1e6
+    masked2, _ = grid_mask(spiky, 4, np.random.default_rng(3))
+    assert masked2[mask].max() < 1e6  # the centre is not in its own donut
+
+
+def _noisy_blobs(shape, seed=0):
+    rng = np.random.default_rng(seed)
+    from scipy import ndimage
+
+    clean = ndimage.gaussian_filter(rng.random(shape).astype(np.float32), 3)
+    clean = (clean - clean.min()) / (clean.max() - clean.min())
+    return clean, clean + rng.normal(0, 0.2, shape).astype(np.float32)
+
+
+@pytest.mark.parametrize("method", ["n2v2", "n2s"])
+def test_short_training_lowers_the_masked_loss(method):
+    _, noisy = _noisy_blobs((128, 128))
+
+    def sample(n, rng):
+        out = []
+        for _ in range(n):
+            y, x = rng.integers(0, 128 - 32, size=2)
+            out.append(noisy[None, y:y + 32, x:x + 32])
+        return np.stack(out)
+
+    cfg = TrainConfig(method=method, patch=(32, 32), batch=8, steps=60, val_every=20, width=8, lr=2e-3,
+                      mask_fraction=0.02, patience=100)
+    val = sample(16, np.random.default_rng(9))
+    result = train_denoiser(sample, val, cfg, progress=False, device="cpu")
+    first, best = result.history[0]["val_loss"], result.best_val_loss
+    assert best < 0.7 * first, result.history
+    masked, mask = mask_batch(val, cfg, np.random.default_rng(0))
+    assert mask.any() and masked.shape == val.shape
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    """Two briefly trained models, 2D N2V2 and 3D Noise2Self with anisotropic pooling."""
+    folder = tmp_path_factory.mktemp("models")
+    out = {}
+    for ndim, method, patch, pool in [(2, "n2v2", (16, 16), ()), (3, "n2s", (4, 16, 16), (1, 2, 2))]:
+        rng = np.random.default_rng(0)
+
+        def sample(n, r, ndim=ndim, patch=patch):
+            return r.random((n, 1) + patch).astype(np.float32)
+
+        cfg = TrainConfig(method=method, patch=patch, batch=2, steps=3, val_every=3, width=4, pool=pool)
+        result = train_denoiser(sample, sample(4, rng), cfg, progress=False, device="cpu")
+        card = ModelCard(task="denoise", method=method, architecture=result.config.to_dict(),
+                         normalisation={"low": [0.0], "high": [1.0]}, validation_loss=result.best_val_loss)
+        save_model(folder / f"m{ndim}", result.state_dict, card)
+        out[ndim] = str(folder / f"m{ndim}")
+    return out
+
+
+def test_model_round_trip_and_tampered_weights_are_refused(tiny_models, tmp_path):
+    import shutil
+
+    import torch
+
+    card, state = load_model(tiny_models[2])
+    assert card.method == "n2v2" and card.architecture["blurpool"] and len(card.weights_sha256) == 64
+    kernel = DenoiseKernel(tiny_models[2], card.weights_sha256)
+    kernel.load("cpu")
+    for k, v in kernel.net.state_dict().items():
+        if k in state:
+            torch.testing.assert_close(v, state[k])
+    bad = tmp_path / "tampered"
+    shutil.copytree(tiny_models[2], bad)
+    raw = bytearray((bad / "weights.pt").read_bytes())
+    raw[-100] ^= 0xFF
+    (bad / "weights.pt").write_bytes(bytes(raw))
+    with pytest.raises(ModelFileError, match="do not match their card"):
+        load_model(bad)
+    with pytest.raises(ModelFileError, match="not a tilewise model folder"):
+        load_model(tmp_path)
+
+
+@pytest.mark.parametrize("ndim, shape, chunks", [(2, (75, 61), (10, 12)), (3, (11, 45, 38), (4, 16, 16))])
+def test_tiled_denoising_equals_whole_image_denoising(tmp_path, client, tiny_models, ndim, shape, chunks):
+    from pipeline.denoise import denoise
+
+    data = np.random.default_rng(4).integers(0, 3000, size=shape).astype(np.uint16)
+    url = str(tmp_path / "in.ome.zarr")
+    sink = create_image(url, shape=shape, dtype=np.uint16, axes=default_axes("zyx"[-ndim:]), chunks=chunks, n_levels=1)
+    sink.write((slice(None),) * ndim, data)
+    tiled, report = denoise(url, str(tmp_path / "t.ome.zarr"), tiny_models[ndim], client, progress=False,
+                            tile_shape=chunks, batch=3)
+    whole, _ = denoise(url, str(tmp_path / "w.ome.zarr"), tiny_models[ndim], client, progress=False, tile_shape=shape)
+    assert tiled.tiles > 4 and whole.tiles == 1 and report.tiles == tiled.tiles
+    a = open_image(str(tmp_path / "t.ome.zarr" / "denoised")).read((slice(None),) * ndim)
+    b = open_image(str(tmp_path / "w.ome.zarr" / "denoised")).read((slice(None),) * ndim)
+    assert np.abs(a - b).max() <= 1e-5 * max(1.0, np.abs(b).max())
+    assert a.dtype == np.float32 and np.isfinite(a).all()
+    params = json.load(open(tmp_path / "t.ome.zarr" / "_tilewise" / "run.json"))
+    assert params["kernel_params"]["sha256"] and all(h % 4 == 0 for h in params["halo"][-2:])
+
+
+def test_residual_guard_flags_structure_but_not_noise(tiny_models):
+    kernel = DenoiseKernel(tiny_models[2])
+    clean, noisy = _noisy_blobs((1, 96, 96))
+    assert "warning" not in kernel.describe_tile(noisy, clean)  # removed noise only
+    yy, xx = np.mgrid[:96, :96]
+    stripes = (np.sin(xx / 3.0) > 0).astype(np.float32)[None]
+    meta = kernel.describe_tile(noisy + stripes, clean)  # the "denoiser" also removed stripes
+    assert meta["residual_lag1_correlation"] > 0.2 and "not noise-like" in meta["warning"]
+
+
+def test_cli_train_and_denoise(tmp_path, client, capsys):
+    data = np.random.default_rng(5).poisson(50, size=(64, 48)).astype(np.uint16)
+    url = str(tmp_path / "in.ome.zarr")
+    sink = create_image(url, shape=data.shape, dtype=np.uint16, axes=default_axes("yx"), chunks=(32, 32), n_levels=1)
+    sink.write((slice(None),) * 2, data)
+    model = str(tmp_path / "model")
+    args = ["-q", "train", "denoise", url, model, "--patch", "16,16", "--steps", "4", "--batch", "2", "--width", "4"]
+    assert main(args) == 0 and "validation loss" in capsys.readouterr().out
+    assert main(args) == 2 and "--overwrite" in capsys.readouterr().err
+    out = str(tmp_path / "out.ome.zarr")
+    assert main(["-q", "denoise", url, out, "--model", model, "--workers", "1"]) == 0
+    assert "tiles flagged" in capsys.readouterr().out
+    assert open_image(out + "/denoised").levels[0].shape == (64, 48)
+    assert main(["-q", "denoise", url, str(tmp_path / "o2"), "--model", str(tmp_path), "--workers", "1"]) == 2
+    assert "not a tilewise model folder" in capsys.readouterr().err
