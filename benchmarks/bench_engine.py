@@ -62,20 +62,9 @@ def _random_volume(url: str, shape, client, chunks=TILE, seed: int = 0) -> None:
         pass
 
 
-def _warm_up(work: Path, spec, client) -> None:
-    """Import torch and make the model resident on both workers, as the direct baseline does."""
-    from pipeline.run import run_kernel
-
-    warm = str(work / "warm.ome.zarr")
-    _random_volume(warm, (64, 256, 512), client)
-    run_kernel(warm, str(work / "warm-out.ome.zarr"), spec, client, tile_shape=TILE, progress=False, overwrite=True)
-
-
-# ---- parts (each runs in a fresh process) ---------------------------------------------------
-
-def part_efficiency(work: Path, shape) -> dict:
-    from concurrent.futures import ProcessPoolExecutor
-
+def _engine_setup(work: Path, shape):
+    """The conv-net spec, a 2-worker cluster, the input volume, and both workers warmed up
+    (torch imported, model resident) as the direct baseline is."""
     from kernels import KernelSpec
     from pipeline.run import run_kernel
 
@@ -83,7 +72,20 @@ def part_efficiency(work: Path, shape) -> dict:
     cluster, client = _cluster()
     url = str(work / "in.ome.zarr")
     _random_volume(url, shape, client)
-    _warm_up(work, spec, client)
+    warm = str(work / "warm.ome.zarr")
+    _random_volume(warm, (64, 256, 512), client)
+    run_kernel(warm, str(work / "warm-out.ome.zarr"), spec, client, tile_shape=TILE, progress=False, overwrite=True)
+    return spec, cluster, client, url
+
+
+# ---- parts (each runs in a fresh process) ---------------------------------------------------
+
+def part_efficiency(work: Path, shape) -> dict:
+    from concurrent.futures import ProcessPoolExecutor
+
+    from pipeline.run import run_kernel
+
+    spec, cluster, client, url = _engine_setup(work, shape)
     started = time.perf_counter()
     summary = run_kernel(url, str(work / "engine.ome.zarr"), spec, client, tile_shape=TILE, progress=False,
                          overwrite=True)
@@ -133,14 +135,9 @@ def part_map_overlap(work: Path, shape) -> dict:
     import dask.array as da
     import zarr
 
-    from kernels import KernelSpec
     from pipeline.run import run_kernel
 
-    spec = KernelSpec.of("convnet", **CONVNET)
-    cluster, client = _cluster()
-    url = str(work / "in.ome.zarr")
-    _random_volume(url, shape, client)
-    _warm_up(work, spec, client)
+    spec, cluster, client, url = _engine_setup(work, shape)
     base = _client_peak()
     t0 = time.perf_counter()
     summary = run_kernel(url, str(work / "engine.ome.zarr"), spec, client, tile_shape=TILE, progress=False,

@@ -21,7 +21,7 @@ from pipeline.manifest import RunManifest, check_compatible
 from pipeline.blend import BlendLattice, BlendWeights, window_weights
 from pipeline.grid import Region
 from pipeline.plan import Tile, TilePlan, make_plan, pad_block
-from pipeline.stats import compute_stats
+from pipeline.stats import Normalisation
 from pipeline.tasks import run_tasks
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ class TileTask:
     plan: TilePlan  # over the spatial axes
     sink: ImageSink
     manifest: RunManifest
-    norm: tuple[tuple[float, float], ...] | None  # (low, high) per input channel
+    norm: Normalisation | None  # global, computed once per input
     batch: int = 1
     blend: BlendLattice | None = None  # None: crop-stitching
     out_dtype: str = "float32"
@@ -71,8 +71,7 @@ class TileTask:
             if describe is not None:
                 meta.update(describe(inp, out))
             if getattr(model, "denormalize", False) and self.norm is not None:
-                lo, hi = self._norm_arrays(out.ndim)
-                out = out * (hi - lo) + lo
+                out = self.norm.invert(out)
             self.write(tile, out)
             self.manifest.mark_done(tile.id, meta)
             results.append(meta)
@@ -85,17 +84,7 @@ class TileTask:
         if not self.has_channels:
             block = block[None]
         block = pad_block(block, pad, self.plan.pad_mode)
-        if self.norm is not None:
-            lo, hi = self._norm_arrays(block.ndim)
-            block = (block - lo) / (hi - lo)
-        return block
-
-    def _norm_arrays(self, ndim: int) -> tuple[np.ndarray, np.ndarray]:
-        """(low, high) per channel, shaped to broadcast over ``(C, *spatial)``; high > low."""
-        assert self.norm is not None
-        lo = np.asarray([a for a, _ in self.norm], np.float32).reshape((-1,) + (1,) * (ndim - 1))
-        hi = np.asarray([max(b, a + 1e-6) for a, b in self.norm], np.float32).reshape(lo.shape)
-        return lo, hi
+        return self.norm.apply(block) if self.norm is not None else block
 
     def apply(self, model: Any, blocks: Sequence[np.ndarray]) -> list[np.ndarray]:
         """The kernel on each block, blocks of one shape stacked up to ``batch`` per call."""
@@ -253,12 +242,11 @@ def run_kernel(input_url: str, output_url: str, kernel: KernelSpec, client: Any,
                      itemsize=4 * max(k.in_channels, k.out_channels), pad_mode=pad_mode,
                      align=getattr(k, "align", None))
     lattice = BlendLattice.make(spatial_shape, blend.window, blend.overlap, blend.weights) if blend else None
-    stats = compute_stats(source) if k.normalize else None
-    norm = tuple((c.percentile(1.0), c.percentile(99.9)) for c in stats.channels) if stats else None
+    norm = Normalisation.of(source) if k.normalize else None
     params = {
         "input": input_url, "level": level, "kernel": kernel.name, "kernel_params": kernel.params, "name": name or kernel.name,
         "tile_shape": list(plan.tile_shape), "halo": list(plan.halo), "pad_mode": pad_mode,
-        "normalisation": [list(n) for n in norm] if norm else None, "dtype": dtype,
+        "normalisation": norm.pairs() if norm else None, "dtype": dtype,
         "blend": {"window": list(lattice.window), "stride": list(lattice.stride), "weights": lattice.weights}
         if lattice else None,
     }

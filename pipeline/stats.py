@@ -79,3 +79,42 @@ def compute_stats(source: ImageSource, *, max_voxels: int = 2**24, seed: int = 0
     else:
         channels = tuple(_summarise(np.take(data, i, axis=c_axis)) for i in range(data.shape[c_axis]))
     return ImageStats(channels, level, int(n))
+
+
+@dataclass(frozen=True)
+class Normalisation:
+    """Per-channel (low, high) percentiles mapped to (0, 1); the engine uses the same."""
+
+    low: tuple[float, ...]
+    high: tuple[float, ...]
+    percentiles: tuple[float, float] = (1.0, 99.9)
+
+    @classmethod
+    def of(cls, source: ImageSource) -> "Normalisation":
+        """From the global statistics of an ``ImageSource`` (computed once, see ``compute_stats``)."""
+        stats = compute_stats(source)
+        low, high = cls.percentiles
+        return cls(tuple(c.percentile(low) for c in stats.channels), tuple(c.percentile(high) for c in stats.channels))
+
+    def _bounds(self, ndim: int) -> tuple[np.ndarray, np.ndarray]:
+        """(low, high) shaped to broadcast over ``(C, *spatial)``; high > low."""
+        shape = (-1,) + (1,) * (ndim - 1)
+        lo = np.asarray(self.low, np.float32).reshape(shape)
+        return lo, np.maximum(np.asarray(self.high, np.float32).reshape(shape), lo + 1e-6)
+
+    def apply(self, block: np.ndarray) -> np.ndarray:
+        """``(C, *spatial)`` in input units -> normalised float32."""
+        lo, hi = self._bounds(block.ndim)
+        return (block.astype(np.float32) - lo) / (hi - lo)
+
+    def invert(self, block: np.ndarray) -> np.ndarray:
+        """Normalised ``(C, *spatial)`` -> input units (for kernels whose output is an image)."""
+        lo, hi = self._bounds(block.ndim)
+        return block * (hi - lo) + lo
+
+    def pairs(self) -> list[list[float]]:
+        """``[[low, high], ...]`` per channel, as recorded in run manifests."""
+        return [[a, b] for a, b in zip(self.low, self.high)]
+
+    def to_dict(self) -> dict:
+        return {"low": list(self.low), "high": list(self.high), "percentiles": list(self.percentiles)}

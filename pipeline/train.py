@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -23,32 +22,9 @@ from pipeline.errors import InputError, OptionError, OutputExistsError
 from pipeline.grid import Region, grid_shape, region_of
 from pipeline.io.read import ImageSource, open_image
 from pipeline.run import kernel_layout
-from pipeline.stats import compute_stats
+from pipeline.stats import Normalisation
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Normalisation:
-    """Per-channel (low, high) percentiles mapped to (0, 1); the engine uses the same."""
-
-    low: tuple[float, ...]
-    high: tuple[float, ...]
-    percentiles: tuple[float, float] = (1.0, 99.9)
-
-    @classmethod
-    def of(cls, source: ImageSource) -> "Normalisation":
-        stats = compute_stats(source)
-        return cls(tuple(c.percentile(1.0) for c in stats.channels), tuple(c.percentile(99.9) for c in stats.channels))
-
-    def apply(self, block: np.ndarray) -> np.ndarray:
-        shape = (-1,) + (1,) * (block.ndim - 1)
-        lo = np.asarray(self.low, np.float32).reshape(shape)
-        hi = np.maximum(np.asarray(self.high, np.float32).reshape(shape), lo + 1e-6)
-        return (block.astype(np.float32) - lo) / (hi - lo)
-
-    def to_dict(self) -> dict:
-        return {"low": list(self.low), "high": list(self.high), "percentiles": list(self.percentiles)}
 
 
 class PatchPool:
