@@ -71,6 +71,7 @@ def build_kernel(spec: KernelSpec) -> Kernel:
     """Construct (not load) a kernel from its spec; cheap, usable on the client for its halo."""
     import kernels.builtin  # noqa: F401  (registers the built-in kernels)
     import kernels.denoise  # noqa: F401
+    import kernels.segment  # noqa: F401
 
     if spec.name not in REGISTRY:
         from pipeline.errors import OptionError

@@ -21,6 +21,15 @@ from pipeline.io import store
 class RunManifest:
     url: str  # the output store
     storage_options: Mapping[str, Any] = field(default_factory=dict)
+    stage: str = ""  # runs with several passes over the tiles keep one done-set per pass
+
+    def at(self, stage: str) -> "RunManifest":
+        """The same run's manifest for another pass (e.g. ``"relabel"`` after segmentation)."""
+        return RunManifest(self.url, self.storage_options, stage)
+
+    @property
+    def done_folder(self) -> str:
+        return "done" if not self.stage else f"done-{self.stage}"
 
     @property
     def folder(self) -> str:
@@ -39,13 +48,32 @@ class RunManifest:
 
     def write_params(self, params: Mapping[str, Any]) -> None:
         fs, path = self._fs()
-        fs.makedirs(f"{path}/done", exist_ok=True)
+        fs.makedirs(f"{path}/{self.done_folder}", exist_ok=True)
         with fs.open(f"{path}/run.json", "w") as fh:
             json.dump(params, fh, indent=2, sort_keys=True)
 
+    def write_json(self, name: str, value: Any) -> None:
+        """A small JSON document beside the run parameters (e.g. a finished run's summary)."""
+        fs, path = self._fs()
+        with fs.open(f"{path}/{name}.json", "w") as fh:
+            json.dump(value, fh, indent=2)
+
+    def read_json(self, name: str) -> Any:
+        fs, path = self._fs()
+        try:
+            with fs.open(f"{path}/{name}.json", "r") as fh:
+                return json.load(fh)
+        except FileNotFoundError:
+            return None
+
+    def begin(self) -> None:
+        """Create this pass's done folder (the client calls it once, before any task runs)."""
+        fs, path = self._fs()
+        fs.makedirs(f"{path}/{self.done_folder}", exist_ok=True)
+
     def mark_done(self, tile_id: int, metadata: Mapping[str, Any] | None = None) -> None:
         fs, path = self._fs()
-        with fs.open(f"{path}/done/{int(tile_id)}", "w") as fh:
+        with fs.open(f"{path}/{self.done_folder}/{int(tile_id)}", "w") as fh:
             json.dump(dict(metadata or {}), fh)
 
     def tile_metadata(self) -> dict[int, dict[str, Any]]:
@@ -53,16 +81,16 @@ class RunManifest:
         fs, path = self._fs()
         out = {}
         for tile_id in sorted(self.done()):
-            with fs.open(f"{path}/done/{tile_id}", "r") as fh:
+            with fs.open(f"{path}/{self.done_folder}/{tile_id}", "r") as fh:
                 text = fh.read()
             out[tile_id] = json.loads(text) if text.strip() else {}
         return out
 
     def done(self) -> set[int]:
         fs, path = self._fs()
-        if not fs.exists(f"{path}/done"):
+        if not fs.exists(f"{path}/{self.done_folder}"):
             return set()
-        return {int(p.rstrip("/").split("/")[-1]) for p in fs.ls(f"{path}/done", detail=False)}
+        return {int(p.rstrip("/").split("/")[-1]) for p in fs.ls(f"{path}/{self.done_folder}", detail=False)}
 
 
 def check_compatible(url: str, old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> None:

@@ -46,6 +46,7 @@ class TileTask:
     batch: int = 1
     blend: BlendLattice | None = None  # None: crop-stitching
     out_dtype: str = "float32"
+    native_input: bool = False  # hand the kernel the stored dtype (labels), not float32
 
     def __call__(self, tile_ids: Sequence[int]) -> list[dict[str, Any]]:
         model = resident(self.kernel)
@@ -80,7 +81,9 @@ class TileTask:
     def read(self, region: Region, pad: Sequence[tuple[int, int]]) -> np.ndarray:
         """``(C, *spatial)`` float32 of ``region``, padded past the array edge, normalised."""
         lead = (slice(None),) if self.has_channels else ()
-        block = self.source.read(lead + tuple(region), self.level).astype(np.float32, copy=False)
+        block = self.source.read(lead + tuple(region), self.level)
+        if not self.native_input:
+            block = block.astype(np.float32, copy=False)
         if not self.has_channels:
             block = block[None]
         block = pad_block(block, pad, self.plan.pad_mode)
@@ -195,6 +198,60 @@ class Blend:
     weights: BlendWeights = "gaussian"
 
 
+@dataclass(frozen=True)
+class EngineSetup:
+    """What every tiled pass over an input works out first, on the client: the input's layout,
+    the built (not loaded) kernel, the tile plan, global statistics and the run parameters that
+    go into the manifest."""
+
+    source: ImageSource
+    level: int
+    spatial: list[int]  # indices of the spatial axes in the input
+    has_channels: bool
+    kernel: Any  # built, not loaded: the client only needs its halo, channels and flags
+    plan: TilePlan
+    norm: Normalisation | None
+    params: dict[str, Any]
+
+    @property
+    def spatial_dims(self) -> list[str]:
+        return [self.source.dims[i] for i in self.spatial]
+
+    @property
+    def spatial_levels(self) -> tuple[list[float], list[float], list[int]]:
+        """(scale, translation, chunks) of the input level over the spatial axes."""
+        lv = self.source.level(self.level)
+        return ([lv.scale[i] for i in self.spatial], [lv.translation[i] for i in self.spatial],
+                [lv.chunks[i] for i in self.spatial])
+
+
+def prepare_engine(input_url: str, kernel: KernelSpec, *, level: int = 0, tile_shape: Sequence[int] | None = None,
+                   pad_mode: str = "reflect", blend: Blend | None = None, storage_options: dict | None = None
+                   ) -> EngineSetup:
+    """Open the input, check the kernel fits it, plan the tiles and compute global statistics."""
+    source = open_image(input_url, storage_options)
+    spatial, has_c = kernel_layout(source)
+    lv = source.level(level)
+    k = build_kernel(kernel)
+    if k.ndim != len(spatial):
+        raise OptionError(f"Kernel '{kernel.name}' is {k.ndim}D but '{input_url}' has {len(spatial)} spatial axes.")
+    if k.in_channels != source.n_channels:
+        raise OptionError(f"Kernel '{kernel.name}' takes {k.in_channels} channel(s); the image has {source.n_channels}.")
+    spatial_dims = [source.dims[i] for i in spatial]
+    spatial_shape = [lv.shape[i] for i in spatial]
+    halo = dict(zip(spatial_dims, (0,) * len(spatial) if blend else k.halo))
+    plan = make_plan(spatial_shape, spatial_dims, [lv.chunks[i] for i in spatial], halo, tile_shape=tile_shape,
+                     itemsize=4 * max(k.in_channels, k.out_channels), pad_mode=pad_mode,
+                     align=getattr(k, "align", None))
+    norm = Normalisation.of(source) if k.normalize else None
+    params = {
+        "input": input_url, "level": level, "kernel": kernel.name, "kernel_params": kernel.params,
+        "tile_shape": list(plan.tile_shape), "halo": list(plan.halo), "pad_mode": pad_mode,
+        "normalisation": norm.pairs() if norm else None,
+    }
+    return EngineSetup(source, level, spatial, has_c, k, plan, norm, params)
+
+
 def run_kernel(input_url: str, output_url: str, kernel: KernelSpec, client: Any, *, level: int = 0,
                tile_shape: Sequence[int] | None = None, pad_mode: str = "reflect", overwrite: bool = False,
                tile_ids: Sequence[int] | None = None, progress: bool = True, window: int | None = None,
@@ -219,34 +276,21 @@ def run_kernel(input_url: str, output_url: str, kernel: KernelSpec, client: Any,
     resources : Dask resources per task; default ``{"GPU": 1}`` for GPU kernels when the
         cluster's workers advertise GPUs.
     """
-    source = open_image(input_url, storage_options)
-    spatial, has_c = kernel_layout(source)
+    setup = prepare_engine(input_url, kernel, level=level, tile_shape=tile_shape, pad_mode=pad_mode, blend=blend,
+                           storage_options=storage_options)
+    source, spatial, has_c, k, plan, norm = setup.source, setup.spatial, setup.has_channels, setup.kernel, setup.plan, setup.norm
     lv = source.level(level)
-    k = build_kernel(kernel)
-    if k.ndim != len(spatial):
-        raise OptionError(f"Kernel '{kernel.name}' is {k.ndim}D but '{input_url}' has {len(spatial)} spatial axes.")
-    if k.in_channels != source.n_channels:
-        raise OptionError(f"Kernel '{kernel.name}' takes {k.in_channels} channel(s); the image has {source.n_channels}.")
     if batch < 1:
         raise OptionError(f"batch must be >= 1, got {batch}.")
     batch = min(batch, int(getattr(k, "max_batch", 1)))
     dtype = np.dtype(source.levels[level].dtype if out_dtype == "input" else out_dtype).name
-    spatial_dims = [source.dims[i] for i in spatial]
-    spatial_shape = [lv.shape[i] for i in spatial]
     out_axes: list[Axis] = ([Axis("c", "channel")] if (has_c or k.out_channels > 1) else []) + [source.axes[i] for i in spatial]
+    spatial_shape = list(plan.shape)
     out_shape = ([k.out_channels] if len(out_axes) > len(spatial) else []) + spatial_shape
     chunks = ([1] if len(out_axes) > len(spatial) else []) + [lv.chunks[i] for i in spatial]
-    out_chunk_spatial = chunks[-len(spatial):]
-    halo = dict(zip(spatial_dims, (0,) * len(spatial) if blend else k.halo))
-    plan = make_plan(spatial_shape, spatial_dims, out_chunk_spatial, halo, tile_shape=tile_shape,
-                     itemsize=4 * max(k.in_channels, k.out_channels), pad_mode=pad_mode,
-                     align=getattr(k, "align", None))
     lattice = BlendLattice.make(spatial_shape, blend.window, blend.overlap, blend.weights) if blend else None
-    norm = Normalisation.of(source) if k.normalize else None
     params = {
-        "input": input_url, "level": level, "kernel": kernel.name, "kernel_params": kernel.params, "name": name or kernel.name,
-        "tile_shape": list(plan.tile_shape), "halo": list(plan.halo), "pad_mode": pad_mode,
-        "normalisation": norm.pairs() if norm else None, "dtype": dtype,
+        **setup.params, "name": name or kernel.name, "dtype": dtype,
         "blend": {"window": list(lattice.window), "stride": list(lattice.stride), "weights": lattice.weights}
         if lattice else None,
     }

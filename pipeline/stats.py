@@ -49,36 +49,50 @@ def _summarise(values: np.ndarray) -> ChannelStats:
                         tuple(float(p) for p in np.percentile(values, PERCENTILES)))
 
 
-def compute_stats(source: ImageSource, *, max_voxels: int = 2**24, seed: int = 0) -> ImageStats:
-    """Statistics per channel from at most ~``max_voxels`` voxels (bounded memory)."""
+def sample_values(source: ImageSource, *, max_voxels: int = 2**24, seed: int = 0) -> tuple[np.ndarray, int]:
+    """``(C, n)`` voxel values from at most ~``max_voxels`` voxels, and the level they came from.
+
+    The finest level that fits the budget is read whole; otherwise random chunks of the
+    coarsest level are sampled (bounded memory whatever the volume size).
+    """
     dims = source.dims
     c_axis = dims.index("c") if "c" in dims else None
     level = next((k for k, lv in enumerate(source.levels) if np.prod(lv.shape) <= max_voxels), None)
     if level is not None:
         data = source.read(tuple(slice(None) for _ in dims), level)
-        n = data.size
-    else:
-        level = len(source.levels) - 1
-        lv = source.levels[level]
-        grid = grid_shape(lv.shape, lv.chunks)
-        per_chunk = int(np.prod(lv.chunks))
-        n_pick = max(1, min(int(np.prod(grid)), max_voxels // per_chunk))
-        rng = np.random.default_rng(seed)
-        picks = rng.choice(int(np.prod(grid)), size=n_pick, replace=False)
-        arr = source.array(level)
-        pieces = []
-        for flat in picks:
-            block = arr[region_of(np.unravel_index(flat, grid), lv.shape, lv.chunks)]
-            pieces.append(np.moveaxis(block, c_axis, 0).reshape(block.shape[c_axis], -1) if c_axis is not None
-                          else block.reshape(1, -1))
-        data = np.concatenate(pieces, axis=1)
-        c_axis = 0
-        n = data.size
-    if c_axis is None:
-        channels = (_summarise(data),)
-    else:
-        channels = tuple(_summarise(np.take(data, i, axis=c_axis)) for i in range(data.shape[c_axis]))
-    return ImageStats(channels, level, int(n))
+        data = np.moveaxis(data, c_axis, 0) if c_axis is not None else data[None]
+        return data.reshape(data.shape[0], -1), level
+    level = len(source.levels) - 1
+    lv = source.levels[level]
+    grid = grid_shape(lv.shape, lv.chunks)
+    per_chunk = int(np.prod(lv.chunks))
+    n_pick = max(1, min(int(np.prod(grid)), max_voxels // per_chunk))
+    picks = np.random.default_rng(seed).choice(int(np.prod(grid)), size=n_pick, replace=False)
+    arr = source.array(level)
+    pieces = []
+    for flat in picks:
+        block = arr[region_of(np.unravel_index(flat, grid), lv.shape, lv.chunks)]
+        pieces.append(np.moveaxis(block, c_axis, 0).reshape(block.shape[c_axis], -1) if c_axis is not None
+                      else block.reshape(1, -1))
+    return np.concatenate(pieces, axis=1), level
+
+
+def compute_stats(source: ImageSource, *, max_voxels: int = 2**24, seed: int = 0) -> ImageStats:
+    """Statistics per channel from at most ~``max_voxels`` voxels (bounded memory)."""
+    data, level = sample_values(source, max_voxels=max_voxels, seed=seed)
+    return ImageStats(tuple(_summarise(row) for row in data), level, int(data.size))
+
+
+def otsu_threshold(source: ImageSource, channel: int = 0, *, max_voxels: int = 2**24) -> float:
+    """Otsu's global threshold (input units) of one channel, from the same bounded sample.
+
+    A coarse level is a block mean of level 0, i.e. already smoothed, which is the image a
+    threshold is usually taken on.
+    """
+    from skimage.filters import threshold_otsu
+
+    data, _ = sample_values(source, max_voxels=max_voxels)
+    return float(threshold_otsu(data[channel].astype(np.float64)))
 
 
 @dataclass(frozen=True)

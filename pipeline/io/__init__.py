@@ -6,11 +6,12 @@ from pipeline.io.write import (
     ImageSink,
     create_collection,
     create_image,
+    create_label_image,
     create_labels,
     write_omero,
 )
 
 __all__ = [
     "Axis", "Level", "default_axes", "ImageSource", "open_image", "walk_images", "list_tables",
-    "ImageSink", "create_collection", "create_image", "create_labels", "write_omero",
+    "ImageSink", "create_collection", "create_image", "create_labels", "create_label_image", "write_omero",
 ]

@@ -242,30 +242,43 @@ def create_labels(image: ImageSink, name: str, *, dtype: Any = np.uint32, n_labe
     """
     keep = [i for i, a in enumerate(image.axes) if a.type != "channel"]
     lv0 = image.levels[0]
-    axes = tuple(image.axes[i] for i in keep)
-    labels_url = store.join(image.url, "labels")
-    fmt = ome_format(image.version)
-    zarr_format = zarr_format_for(image.version)
-    parent = store.open_group(labels_url, "a", image.storage_options, zarr_format=zarr_format)
-    sink = create_image(
-        store.join(labels_url, name),
-        shape=[lv0.shape[i] for i in keep], dtype=dtype, axes=axes,
+    return create_label_image(
+        store.join(image.url, "labels"), name, shape=[lv0.shape[i] for i in keep], axes=[image.axes[i] for i in keep],
         scale=[lv0.scale[i] for i in keep], translation=[lv0.translation[i] for i in keep],
-        chunks=chunks or [lv0.chunks[i] for i in keep],
-        shards=[lv0.shards[i] for i in keep] if lv0.shards else None,
-        n_levels=len(image.levels), version=image.version, name=name,
-        overwrite=overwrite, storage_options=image.storage_options, levels=levels,
+        chunks=chunks or [lv0.chunks[i] for i in keep], shards=[lv0.shards[i] for i in keep] if lv0.shards else None,
+        n_levels=len(image.levels), version=image.version, dtype=dtype, n_labels=n_labels, overwrite=overwrite,
+        levels=levels, image_label=image_label, storage_options=image.storage_options)
+
+
+def create_label_image(labels_url: str, name: str, *, shape: Sequence[int], axes: Sequence[Axis],
+                       scale: Sequence[float], translation: Sequence[float], chunks: Sequence[int],
+                       shards: Sequence[int] | None = None, n_levels: int | None = None, version: str = "0.5",
+                       dtype: Any = np.uint32, n_labels: int | None = None, overwrite: bool = False,
+                       levels: Sequence[Level] | None = None, image_label: Mapping[str, Any] | None = None,
+                       source_image: str = "../../",
+                       storage_options: Mapping[str, Any] | None = None) -> ImageSink:
+    """Create ``<labels_url>/<name>``: a labels multiscale inside an NGFF ``labels`` group.
+
+    ``labels_url`` is normally ``<image>/labels``; a segmentation run whose image lives in
+    another store writes its own ``labels`` group and points ``source_image`` at that image.
+    """
+    fmt = ome_format(version)
+    parent = store.open_group(labels_url, "a", storage_options, zarr_format=zarr_format_for(version))
+    sink = create_image(
+        store.join(labels_url, name), shape=shape, dtype=dtype, axes=axes, scale=scale, translation=translation,
+        chunks=chunks, shards=shards, n_levels=n_levels, version=version, name=name, overwrite=overwrite,
+        storage_options=storage_options, levels=levels,
     )
     from ome_zarr.writer import add_metadata, get_metadata, write_label_metadata
 
     # write_label_metadata appends ``name``; drop an older entry first so it is listed once.
     existing = [n for n in get_metadata(parent).get("labels", []) if n != name]
     group_meta: dict[str, Any] = {"labels": existing}
-    if image.version != "0.4":
-        group_meta["version"] = image.version  # 0.5 wants the version on the labels group too
+    if version != "0.4":
+        group_meta["version"] = version  # 0.5 wants the version on the labels group too
     add_metadata(parent, group_meta, fmt=fmt)
     meta = {k: v for k, v in dict(image_label or {}).items() if k != "version"}
-    meta.setdefault("source", {"image": "../../"})
+    meta.setdefault("source", {"image": source_image})
     if n_labels and "colors" not in meta:
         meta["colors"] = label_colors(n_labels)
     write_label_metadata(parent, name, fmt=fmt, **meta)

@@ -1,0 +1,383 @@
+"""Globally stitched instance labels: unique ids without a serial chain, IoU matching in the
+halos, union-find on the sparse match edges, and a chunk-aligned relabel pass.
+
+Three passes over the tiles, each a set of independent tasks that talk only through storage
+(DESIGN invariants 1, 2 and 8):
+
+1. **Segment** (:class:`LabelTileTask`). A tile's kernel labels its whole core + halo. Objects
+   present in the core are numbered ``1..n`` first, so a tile's ids are consecutive; the global
+   id is ``tile_id << 32 | local``: unique with no coordination. The core is written to an
+   internal ``raw`` array (uint64, sharded by tile with small inner chunks so that neighbours
+   can read thin slabs of it cheaply), the halo shell (labels outside the core) to a small
+   per-tile file, and per-object partial sums for the table (``pipeline.tables``).
+2. **Match** (:class:`MatchTask`). For each neighbour B of tile A, inside the region where A's
+   halo overlaps B's core, A's labels are compared with what B wrote: object pairs with IoU >=
+   ``iou`` (0.5 makes matches one-to-one) become edges. Objects are matched by overlap *inside
+   the halo*, not by touching faces, so two different objects that touch across a tile border
+   are never merged. The edges (a few per object on tile borders) go to the client.
+3. **Relabel** (:class:`RelabelTask`). The client runs union-find over the edges
+   (:func:`resolve`) - cost near-linear in *stitched* objects - and gives each tile task only its
+   own part of the answer: the final ids of its merged objects and the offset of its consecutive
+   range. The task rewrites its core chunks, finishes the table rows of objects that live only in
+   that tile, and leaves the partial rows of stitched objects for the client to sum.
+
+A tile's objects that reach the outer edge of its halo are counted and reported: such objects
+are larger than the halo, and their shape can differ between tiles (raise the halo).
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from pipeline.grid import Region
+from pipeline.io import store
+from pipeline.manifest import RunManifest
+from pipeline.plan import Tile, TilePlan
+from pipeline.run import TileTask
+from pipeline.tables import INSTANCE_KEY, TableSpec, finish, partial_stats, write_part
+
+log = logging.getLogger(__name__)
+
+LOCAL_BITS = 32
+LOCAL_MASK = np.uint64((1 << LOCAL_BITS) - 1)
+MAX_TILES = 1 << 31  # ids stay below 2^63, so they survive int64 round trips (Parquet, pandas)
+
+
+def global_ids(tile_id: int, local: np.ndarray) -> np.ndarray:
+    """``tile_id << 32 | local`` for nonzero ``local``; background stays 0."""
+    out = local.astype(np.uint64)
+    out[local > 0] |= np.uint64(tile_id) << np.uint64(LOCAL_BITS)
+    return out
+
+
+def tile_of(ids: np.ndarray) -> np.ndarray:
+    return (ids >> np.uint64(LOCAL_BITS)).astype(np.int64)
+
+
+def local_of(ids: np.ndarray) -> np.ndarray:
+    return (ids & LOCAL_MASK).astype(np.int64)
+
+
+def renumber_core_first(labels: np.ndarray, core: Region) -> tuple[np.ndarray, int]:
+    """Renumber a block's labels so the ``n`` objects present in ``core`` are ``1..n`` (in the
+    order of their old ids) and the objects seen only in the halo follow; returns (uint32, n)."""
+    labels = np.asarray(labels)
+    if labels.dtype.kind not in "iu":
+        raise TypeError(f"a labels kernel must return integer labels, got {labels.dtype}")
+    top = int(labels.max(initial=0))
+    if top <= 4 * labels.size:
+        present = np.bincount(labels.ravel(), minlength=top + 1) > 0
+        in_core = np.bincount(labels[core].ravel(), minlength=top + 1) > 0
+        ids = np.flatnonzero(present)
+        ids_core = np.flatnonzero(in_core)
+    else:  # sparse ids: sort instead of counting
+        ids = np.unique(labels)
+        ids_core = np.unique(labels[core])
+    ids, ids_core = ids[ids > 0], ids_core[ids_core > 0]
+    halo_only = np.setdiff1d(ids, ids_core, assume_unique=True)
+    order = np.concatenate([ids_core, halo_only])
+    new = np.empty(labels.shape, np.uint32)
+    if top <= 4 * labels.size:
+        lut = np.zeros(top + 1, np.uint32)
+        lut[order] = np.arange(1, len(order) + 1, dtype=np.uint32)
+        new[...] = lut[labels]
+    else:
+        sorter = np.argsort(order)
+        pos = np.searchsorted(order, labels, sorter=sorter)
+        pos = np.minimum(pos, len(order) - 1)
+        hit = order[sorter[pos]] == labels
+        new[...] = np.where(hit, sorter[pos] + 1, 0)
+    return new, len(ids_core)
+
+
+def intersect(a: Region, b: Region) -> Region | None:
+    out = tuple(slice(max(x.start, y.start), min(x.stop, y.stop)) for x, y in zip(a, b))
+    return out if all(sl.stop > sl.start for sl in out) else None
+
+
+def shift(region: Region, origin: Sequence[int]) -> Region:
+    return tuple(slice(sl.start - o, sl.stop - o) for sl, o in zip(region, origin))
+
+
+@dataclass(frozen=True)
+class StitchFiles:
+    """The per-tile files and the ``raw`` id array the passes share, under ``_tilewise/stitch``."""
+
+    output_url: str
+    storage_options: Mapping[str, Any]
+
+    @property
+    def folder(self) -> str:
+        return store.join(self.output_url, "_tilewise", "stitch")
+
+    @property
+    def raw_url(self) -> str:
+        return store.join(self.folder, "raw")
+
+    def _path(self, kind: str, tile_id: int, suffix: str = "npz") -> tuple[Any, str]:
+        fs, path = store._fs(self.folder, self.storage_options)
+        return fs, f"{path}/{kind}/{int(tile_id)}.{suffix}"
+
+    def begin(self) -> None:
+        fs, path = store._fs(self.folder, self.storage_options)
+        for kind in ("shell", "partial", "merged"):
+            fs.makedirs(f"{path}/{kind}", exist_ok=True)
+
+    def create_raw(self, shape: Sequence[int], tile_shape: Sequence[int], inner: Sequence[int]) -> None:
+        """uint64 ids, one shard per tile core (single writer), small inner chunks (cheap slabs)."""
+        group = store.open_group(self.folder, "a", self.storage_options, zarr_format=3)
+        from zarr.codecs import BloscCodec
+
+        group.create_array("raw", shape=tuple(shape), shards=tuple(tile_shape), chunks=tuple(inner), dtype=np.uint64,
+                           fill_value=0, compressors=BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle"),
+                           overwrite=True)
+
+    def raw(self, mode: str = "r"):
+        return store.open_array(self.raw_url, mode, self.storage_options)
+
+    def save(self, kind: str, tile_id: int, **arrays: np.ndarray) -> None:
+        fs, path = self._path(kind, tile_id)
+        buf = io.BytesIO()
+        np.savez_compressed(buf, **arrays)
+        with fs.open(path, "wb") as fh:
+            fh.write(buf.getvalue())
+
+    def load(self, kind: str, tile_id: int) -> dict[str, np.ndarray]:
+        fs, path = self._path(kind, tile_id)
+        with fs.open(path, "rb") as fh:
+            with np.load(io.BytesIO(fh.read())) as data:
+                return {k: data[k] for k in data.files}
+
+    def merged_paths(self) -> list[str]:
+        fs, path = store._fs(self.folder, self.storage_options)
+        return sorted(fs.ls(f"{path}/merged", detail=False)) if fs.exists(f"{path}/merged") else []
+
+    def remove(self) -> None:
+        fs, path = store._fs(self.folder, self.storage_options)
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+
+
+def reaches_halo_edge(local: np.ndarray, n_core: int, read: Region, shape: Sequence[int]) -> int:
+    """How many core objects touch a face of the read block that is not the volume edge: they
+    extend beyond the halo, so this tile saw them cut off."""
+    faces = []
+    for axis, (sl, n) in enumerate(zip(read, shape)):
+        if sl.start > 0:
+            faces.append(np.take(local, 0, axis=axis).ravel())
+        if sl.stop < n:
+            faces.append(np.take(local, -1, axis=axis).ravel())
+    if not faces:
+        return 0
+    ids = np.unique(np.concatenate(faces))
+    return int(np.count_nonzero((ids > 0) & (ids <= n_core)))
+
+
+@dataclass(frozen=True)
+class LabelTileTask(TileTask):
+    """Pass 1: label each tile's core + halo, write global ids, the shell and partial sums."""
+
+    files: StitchFiles | None = None
+    dims: tuple[str, ...] = ()
+    measure_intensity: bool = True
+
+    def run_batch(self, model: Any, tiles: list[Tile]) -> list[dict[str, Any]]:
+        started = time.perf_counter()
+        blocks = [self.read(tile.read, tile.pad) for tile in tiles]
+        outputs = self.apply(model, blocks)
+        seconds = (time.perf_counter() - started) / len(tiles)
+        results = []
+        for tile, block, out in zip(tiles, blocks, outputs):
+            results.append(self.finish_tile(tile, block, out[0], seconds))
+        return results
+
+    def finish_tile(self, tile: Tile, block: np.ndarray, labels: np.ndarray, seconds: float) -> dict[str, Any]:
+        assert self.files is not None
+        unpadded = tuple(slice(lo, s - hi) for (lo, hi), s in zip(tile.pad, labels.shape))
+        core_in_read = shift(tile.core, [sl.start for sl in tile.read])
+        local, n_core = renumber_core_first(labels[unpadded], core_in_read)
+        core = local[core_in_read]
+        self.files.raw("r+")[tile.core] = global_ids(tile.id, core)
+        shell = local.copy()
+        shell[core_in_read] = 0
+        self.files.save("shell", tile.id, labels=shell, start=np.array([sl.start for sl in tile.read]),
+                        n_core=np.array(n_core))
+        intensity = None
+        if self.measure_intensity:
+            intensity = block[(slice(None),) + tile.crop]
+            if self.norm is not None:
+                intensity = self.norm.invert(intensity)
+        partial = partial_stats(core, n_core, [sl.start for sl in tile.core], self.dims, intensity)
+        self.files.save("partial", tile.id, **partial)
+        meta = {"tile": tile.id, "voxels": int(np.prod(tile.core_shape)), "seconds": seconds, "objects": n_core,
+                "halo_edge_objects": reaches_halo_edge(local, n_core, tile.read, self.plan.shape)}
+        self.manifest.mark_done(tile.id, meta)
+        return meta
+
+
+def neighbours(plan: TilePlan, tile: Tile) -> Iterator[Tile]:
+    """The up to 3^d - 1 tiles around ``tile`` (faces, edges and corners)."""
+    for step in itertools.product((-1, 0, 1), repeat=len(plan.grid)):
+        index = tuple(i + s for i, s in zip(tile.index, step))
+        if any(step) and all(0 <= i < g for i, g in zip(index, plan.grid)):
+            yield plan.tile(int(np.ravel_multi_index(index, plan.grid)))
+
+
+def match_pairs(a: np.ndarray, b: np.ndarray, iou: float) -> np.ndarray:
+    """``(k, 2)`` pairs of local ids (a, b), both < 2^32, whose IoU inside this region is >= ``iou``."""
+    a = a.ravel().astype(np.uint64)
+    b = b.ravel().astype(np.uint64)
+    both = (a > 0) & (b > 0)
+    if not both.any():
+        return np.empty((0, 2), np.uint64)
+    keys, inter = np.unique(a[both] << np.uint64(LOCAL_BITS) | b[both], return_counts=True)
+    pa, pb = keys >> np.uint64(LOCAL_BITS), keys & LOCAL_MASK
+    a_ids, a_counts = np.unique(a[a > 0], return_counts=True)
+    b_ids, b_counts = np.unique(b[b > 0], return_counts=True)
+    union = a_counts[np.searchsorted(a_ids, pa)] + b_counts[np.searchsorted(b_ids, pb)] - inter
+    keep = inter >= iou * union
+    return np.stack([pa[keep], pb[keep]], axis=1)
+
+
+@dataclass(frozen=True)
+class MatchTask:
+    """Pass 2: edges between this tile's core objects and its neighbours' objects, by IoU of
+    their overlap inside this tile's halo."""
+
+    plan: TilePlan
+    files: StitchFiles
+    iou: float = 0.5
+
+    def __call__(self, tile_ids: Sequence[int]) -> list[np.ndarray]:
+        raw = self.files.raw("r")
+        out = []
+        for tile_id in tile_ids:
+            tile = self.plan.tile(int(tile_id))
+            shell = self.files.load("shell", tile.id)
+            labels, start, n_core = shell["labels"], shell["start"], int(shell["n_core"])
+            edges = [np.empty((0, 2), np.uint64)]
+            for other in neighbours(self.plan, tile):
+                region = intersect(tile.read, other.core)
+                if region is None:
+                    continue
+                mine = labels[shift(region, start)]
+                mine = np.where(mine <= n_core, mine, 0)  # halo-only objects belong to other tiles' cores
+                pairs = match_pairs(mine, local_of(raw[region]), self.iou)
+                edges.append(np.stack([global_ids(tile.id, pairs[:, 0]), global_ids(other.id, pairs[:, 1])], axis=1))
+            out.append(np.unique(np.concatenate(edges), axis=0))
+        return out
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """The union-find answer: every id on a stitched object, its final id and whether it is
+    its component's root (smallest id); plus each tile's offset in the consecutive numbering."""
+
+    ids: np.ndarray  # sorted uint64 global ids that are part of a stitched object
+    final: np.ndarray  # their final ids
+    is_root: np.ndarray
+    offsets: np.ndarray | None  # per tile (consecutive numbering), else None
+    n_objects: int
+
+    def for_tile(self, tile_id: int) -> dict[str, Any]:
+        """This tile's part only: no task ever receives the whole table."""
+        lo = np.searchsorted(self.ids, np.uint64(tile_id) << np.uint64(LOCAL_BITS))
+        hi = np.searchsorted(self.ids, np.uint64(tile_id + 1) << np.uint64(LOCAL_BITS))
+        return {"merged": local_of(self.ids[lo:hi]), "final": self.final[lo:hi],
+                "nonroot": local_of(self.ids[lo:hi][~self.is_root[lo:hi]]),
+                "offset": int(self.offsets[tile_id]) if self.offsets is not None else None}
+
+
+def resolve(edges: np.ndarray, objects_per_tile: np.ndarray, consecutive: bool = True) -> Resolution:
+    """Union-find over the match edges (connected components of a sparse graph).
+
+    Each component's root is its smallest id. With ``consecutive``, final ids are 1..N in tile
+    order: tile T's unmerged objects and roots keep their order after an offset that is the
+    prefix sum of the roots in earlier tiles. Cost O(E log E) in the number of edges.
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    n_tiles = len(objects_per_tile)
+    edges = np.asarray(edges, np.uint64).reshape(-1, 2)
+    ids, inverse = np.unique(edges, return_inverse=True)
+    inverse = inverse.reshape(-1, 2)
+    n = len(ids)
+    graph = coo_matrix((np.ones(len(edges), np.int8), (inverse[:, 0], inverse[:, 1])), shape=(n, n))
+    n_comp, comp = connected_components(graph, directed=False)
+    roots = np.full(n_comp, np.iinfo(np.uint64).max, np.uint64)
+    np.minimum.at(roots, comp, ids)
+    root = roots[comp]
+    is_root = root == ids
+    nonroot_tiles = tile_of(ids[~is_root])
+    dropped = np.bincount(nonroot_tiles, minlength=n_tiles) if n_tiles else np.zeros(0, np.int64)
+    if not consecutive:
+        return Resolution(ids, root, is_root, None, int(np.sum(objects_per_tile) - len(nonroot_tiles)))
+    kept = np.asarray(objects_per_tile, np.int64) - dropped
+    offsets = np.concatenate([[0], np.cumsum(kept)[:-1]]).astype(np.int64)
+    nonroots = ids[~is_root]  # sorted, since ids is
+    r_tile = tile_of(root)
+    # rank of each root among its tile's surviving ids: local - (non-roots of that tile below it)
+    below = np.searchsorted(nonroots, root) - np.searchsorted(nonroots, r_tile.astype(np.uint64) << np.uint64(LOCAL_BITS))
+    final = (offsets[r_tile] + local_of(root) - below).astype(np.uint64)
+    return Resolution(ids, final, is_root, offsets, int(kept.sum()))
+
+
+def tile_lut(tile_id: int, n_core: int, part: Mapping[str, Any]) -> np.ndarray:
+    """Local id -> final id for one tile (index 0 stays background)."""
+    local = np.arange(n_core + 1, dtype=np.int64)
+    if part["offset"] is None:
+        lut = global_ids(tile_id, local)
+    else:
+        lut = (part["offset"] + local - np.searchsorted(part["nonroot"], local)).astype(np.uint64)
+    lut[part["merged"]] = part["final"]
+    lut[0] = 0
+    return lut
+
+
+@dataclass(frozen=True)
+class RelabelTask:
+    """Pass 3: write a tile's final ids and finish the table rows of its unstitched objects."""
+
+    plan: TilePlan
+    files: StitchFiles
+    sink: Any  # ImageSink of the labels image
+    manifest: RunManifest
+    table_url: str | None
+    table_spec: TableSpec | None
+
+    def __call__(self, item: tuple[Sequence[int], Sequence[Mapping[str, Any]]]) -> list[dict[str, Any]]:
+        import pandas as pd
+
+        tile_ids, parts = item
+        raw = self.files.raw("r")
+        dtype = np.dtype(self.sink.levels[0].dtype)
+        results = []
+        for tile_id, part in zip(tile_ids, parts):
+            tile = self.plan.tile(int(tile_id))
+            partial = self.files.load("partial", tile.id)
+            n_core = len(partial["voxels"])
+            lut = tile_lut(tile.id, n_core, part)
+            self.sink.write(tile.core, lut[local_of(raw[tile.core])].astype(dtype))
+            if self.table_url is not None and n_core:
+                rows = pd.DataFrame({INSTANCE_KEY: lut[1:].astype(np.int64), **partial})
+                stitched = np.zeros(n_core, bool)
+                stitched[np.asarray(part["merged"], np.int64) - 1] = True
+                if (~stitched).any():
+                    write_part(self.table_url, str(tile.id), finish(rows[~stitched], self.table_spec),
+                               self.table_spec, self.files.storage_options)
+                if stitched.any():
+                    fs, path = self.files._path("merged", tile.id, "parquet")
+                    with fs.open(path, "wb") as fh:
+                        rows[stitched].to_parquet(fh, index=False)
+            meta = {"tile": tile.id, "objects": n_core, "stitched": int(len(part["merged"]))}
+            self.manifest.mark_done(tile.id, meta)
+            results.append(meta)
+        return results

@@ -1,0 +1,132 @@
+"""pipeline.stitch / pipeline.segment: tiled labels come back object-for-object identical."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kernels import KernelSpec
+from kernels.metrics import match
+from pipeline.io import create_image, default_axes, open_image
+from pipeline.segment import segment_labels
+from pipeline.stitch import global_ids, renumber_core_first, resolve, tile_lut
+
+
+def _store(tmp_path, name, data, axes, chunks):
+    url = str(tmp_path / name)
+    sink = create_image(url, shape=data.shape, dtype=data.dtype, axes=default_axes(axes), chunks=chunks, n_levels=2)
+    sink.write(tuple(slice(0, s) for s in data.shape), data)
+    return url
+
+
+def _ball(shape, centre, radii):
+    grids = np.ogrid[tuple(slice(0, s) for s in shape)]
+    return sum(((g - c) / r) ** 2 for g, c, r in zip(grids, centre, radii)) <= 1.0
+
+
+def straddling_labels(shape, tile, rng):
+    """Objects centred on tile corners (2^d tiles), edges and faces, plus touching pairs."""
+    labels = np.zeros(shape, np.uint32)
+    ndim = len(shape)
+    next_id = 1
+    centres = []
+    for index in np.ndindex(*[max(1, s // t) for s, t in zip(shape, tile)]):
+        corner = [(i + 1) * t for i, t in zip(index, tile)]
+        if all(c < s for c, s in zip(corner, shape)):
+            centres.append(corner)  # straddles 2^ndim tiles
+        face = list(corner)
+        face[0] = min(shape[0] - 3, index[0] * tile[0] + tile[0] // 2)
+        centres.append(face)  # straddles 2^(ndim-1) tiles
+        mid = [i * t + t // 2 for i, t in zip(index, tile)]
+        mid[-1] = min(shape[-1] - 1, corner[-1])
+        centres.append(mid)  # straddles 2 tiles
+    for centre in centres:
+        radii = [float(rng.uniform(2.0, 3.5)) for _ in range(ndim)]
+        ball = _ball(shape, centre, radii) & (labels == 0)
+        if ball.sum() > 3:
+            labels[ball] = next_id
+            next_id += 1
+    # two objects touching face to face across a tile border: they must stay two objects
+    sl = tuple(slice(max(0, t - 3), t) if k == ndim - 1 else slice(1, 4) for k, t in enumerate(tile))
+    labels[sl] = next_id
+    sl2 = tuple(slice(t, t + 3) if k == ndim - 1 else slice(1, 4) for k, t in enumerate(tile))
+    labels[sl2] = next_id + 1
+    return labels
+
+
+def assert_same_objects(truth, result):
+    assert ((truth > 0) == (result > 0)).all()
+    pairs = np.unique(np.stack([truth.ravel(), result.ravel()]), axis=1)
+    pairs = pairs[:, pairs[0] > 0]
+    n_truth = len(np.unique(truth)) - 1
+    assert pairs.shape[1] == n_truth == len(np.unique(result)) - 1  # a bijection of objects
+    m = match(truth, result, thresholds=[0.99])[0]
+    assert m.f1 == 1.0
+
+
+CASES = [
+    ("2d", "yx", (45, 58), (16, 16), 6),
+    ("3d", "zyx", (21, 37, 30), (8, 12, 12), 4),
+]
+
+
+@pytest.mark.parametrize("name, axes, shape, tile, halo", CASES, ids=[c[0] for c in CASES])
+def test_stitched_labels_equal_untiled(tmp_path, client, name, axes, shape, tile, halo):
+    truth = straddling_labels(shape, tile, np.random.default_rng(3))
+    url = _store(tmp_path, "labels.ome.zarr", truth, axes, tile)
+    out = str(tmp_path / "out.ome.zarr")
+    summary = segment_labels(url, out, KernelSpec.of("relabel", ndim=len(shape), halo=halo), client, name="cells",
+                             tile_shape=tile, progress=False)
+    assert summary.tiles >= 9
+    assert summary.stitched_objects > 10  # many objects really spanned tiles
+    result = open_image(summary.labels).read((slice(None),) * len(shape))
+    assert_same_objects(truth, result)
+    assert result.dtype == np.uint32 and result.max() == summary.objects == len(np.unique(truth)) - 1
+    assert sorted(np.unique(result)[1:]) == list(range(1, summary.objects + 1))  # consecutive ids
+
+
+def test_sparse_ids_and_resume(tmp_path, client):
+    shape, tile = (40, 50), (16, 16)
+    truth = straddling_labels(shape, tile, np.random.default_rng(5))
+    url = _store(tmp_path, "labels.ome.zarr", truth, "yx", tile)
+    out = str(tmp_path / "out.ome.zarr")
+    spec = KernelSpec.of("relabel", ndim=2, halo=6)
+    first = segment_labels(url, out, spec, client, tile_shape=tile, consecutive=False, progress=False)
+    result = open_image(first.labels).read((slice(None), slice(None)))
+    assert result.dtype == np.uint64 and result.max() > 2**32  # tile-packed ids, no prefix sum
+    assert_same_objects(truth, result)
+    again = segment_labels(url, out, spec, client, tile_shape=tile, consecutive=False, progress=False)
+    assert again == first  # a finished run is not redone
+
+
+def test_objects_larger_than_halo_are_reported(tmp_path, client):
+    shape, tile = (40, 64), (16, 16)
+    truth = np.zeros(shape, np.uint32)
+    truth[5:12, 3:60] = 1  # 57 px long, halo 4: no tile sees it whole
+    url = _store(tmp_path, "labels.ome.zarr", truth, "yx", tile)
+    summary = segment_labels(url, str(tmp_path / "out.ome.zarr"), KernelSpec.of("relabel", ndim=2, halo=4), client,
+                             tile_shape=tile, progress=False)
+    assert summary.halo_edge_objects >= 2
+    result = open_image(summary.labels).read((slice(None), slice(None)))
+    assert_same_objects(truth, result)  # still one object: the IoU chain links every tile
+
+
+def test_renumber_core_first():
+    block = np.array([[5, 5, 0, 9], [7, 7, 0, 9], [0, 0, 3, 3]])
+    core = (slice(0, 2), slice(0, 2))
+    new, n = renumber_core_first(block, core)
+    assert n == 2  # 5 and 7 are in the core
+    assert new[0, 0] == 1 and new[1, 0] == 2  # core objects first, in id order
+    assert set(np.unique(new[:, 2:])) == {0, 3, 4}  # halo-only objects follow
+
+
+def test_resolve_consecutive_numbering():
+    # tile 0 has 3 objects, tile 1 has 2, tile 2 has 2; (0,2)~(1,1) and (1,2)~(2,1)~(0,3)
+    g = lambda t, l: int(global_ids(t, np.array([l]))[0])  # noqa: E731
+    edges = np.array([[g(0, 2), g(1, 1)], [g(1, 2), g(2, 1)], [g(2, 1), g(0, 3)]], np.uint64)
+    res = resolve(edges, np.array([3, 2, 2]))
+    assert res.n_objects == 4  # 7 pieces, 3 of them merged away
+    luts = [tile_lut(t, n, res.for_tile(t)) for t, n in enumerate([3, 2, 2])]
+    assert list(luts[0]) == [0, 1, 2, 3]
+    assert list(luts[1]) == [0, 2, 3]  # 1 joins tile 0's object 2; 2 joins object 3
+    assert list(luts[2]) == [0, 3, 4]
