@@ -90,7 +90,7 @@ def _label_sink(output_url: str, name: str, setup: EngineSetup, n_objects: int, 
 
 
 def segment_labels(input_url: str, output_url: str, kernel: KernelSpec, client: Any, *, name: str = "nuclei",
-                   level: int = 0, tile_shape: Sequence[int] | None = None, pad_mode: str = "reflect",
+                   level: int = 0, tile_shape: Sequence[int] | None = None, pad_mode: str = "constant",
                    batch: int = 1, iou: float = 0.5, consecutive: bool = True, table: bool = True,
                    overwrite: bool = False, keep_intermediate: bool = False, progress: bool = True,
                    max_tasks: int = MAX_TASKS, storage_options: dict | None = None) -> SegmentSummary:
@@ -104,6 +104,8 @@ def segment_labels(input_url: str, output_url: str, kernel: KernelSpec, client: 
         is at least this (0.5 keeps matches one-to-one).
     consecutive : final ids 1..N (default); otherwise the sparse ``tile << 32 | local`` ids of
         each object's root are kept (no prefix sum needed, uint64).
+    pad_mode : what lies beyond the volume edge; ``constant`` (zero, the default) because a
+        mirrored edge creates mirrored objects whose watershed fronts tie exactly on the edge.
     table : write ``tables/<name>`` (one row per object).
     keep_intermediate : keep ``_tilewise/stitch`` (raw ids, shells, partial sums) after success.
     """
@@ -214,6 +216,43 @@ def _segment_pass(setup: EngineSetup, kernel: KernelSpec, client: Any, manifest:
         halo_edge += meta.get("halo_edge_objects", 0)
     seconds["segment"] = time.perf_counter() - started
     return objects, halo_edge
+
+
+def classical_spec(input_url: str, *, level: int = 0, sigma: float | None = None, min_distance: float | None = None,
+                   min_size: int = 16, halo: Sequence[int] | None = None, threshold: float | None = None,
+                   storage_options: dict | None = None) -> KernelSpec:
+    """The ``segment-classical`` kernel for an image: Otsu's threshold computed once from the
+    image's global statistics (normalised the way the engine normalises tiles), distances in
+    the image's physical units. ``sigma`` and ``min_distance`` default to 1 and 5 pixels of the
+    finest axis; ``threshold`` (input units) overrides Otsu."""
+    from pipeline.io.read import open_image
+    from pipeline.run import kernel_layout
+    from pipeline.stats import Normalisation, otsu_threshold
+
+    source = open_image(input_url, storage_options)
+    spatial, _ = kernel_layout(source)
+    scale = [source.level(level).scale[i] for i in spatial]
+    pixel = min(scale)
+    norm = Normalisation.of(source)
+    value = otsu_threshold(source) if threshold is None else float(threshold)
+    normalised = (value - norm.low[0]) / max(norm.high[0] - norm.low[0], 1e-12)
+    return KernelSpec.of("segment-classical", threshold=round(normalised, 6), scale=scale,
+                         sigma=sigma if sigma is not None else pixel,
+                         min_distance=min_distance if min_distance is not None else 5 * pixel,
+                         min_size=min_size, halo=list(halo) if halo else None, channels=source.n_channels)
+
+
+def model_spec(model_dir: str) -> KernelSpec:
+    """The ``segment-unet`` kernel for a model folder, keyed by its weights hash (resume-safe)."""
+    from kernels.modelfile import ModelFileError, read_card
+
+    try:
+        card = read_card(model_dir)
+    except ModelFileError as exc:
+        raise OptionError(str(exc)) from None
+    if card.task != "segment":
+        raise OptionError(f"'{model_dir}' is a {card.task} model; segmentation needs one from `tilewise train segment`.")
+    return KernelSpec.of("segment-unet", model=os.path.abspath(model_dir), sha256=card.weights_sha256)
 
 
 def _finish_stitched_rows(files: StitchFiles, t_url: str, spec: TableSpec, storage_options: dict | None) -> None:

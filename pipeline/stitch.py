@@ -188,19 +188,32 @@ class LabelTileTask(TileTask):
     dims: tuple[str, ...] = ()
     measure_intensity: bool = True
 
+    def edge_pad(self, tile: Tile) -> tuple[tuple[int, int], ...]:
+        """A full halo of padding wherever the read block meets the volume edge.
+
+        Instance labelling is not local: a watershed flooding an object that touches the volume
+        edge sees the padding even when the tile's core is a halo away from that edge. Padding
+        every edge-touching block by the full halo makes each tile see the edge exactly as the
+        untiled run does.
+        """
+        return tuple((h if r.start == 0 else 0, h if r.stop == n else 0)
+                     for r, h, n in zip(tile.read, self.plan.halo, self.plan.shape))
+
     def run_batch(self, model: Any, tiles: list[Tile]) -> list[dict[str, Any]]:
         started = time.perf_counter()
-        blocks = [self.read(tile.read, tile.pad) for tile in tiles]
+        pads = [self.edge_pad(tile) for tile in tiles]
+        blocks = [self.read(tile.read, pad) for tile, pad in zip(tiles, pads)]
         outputs = self.apply(model, blocks)
         seconds = (time.perf_counter() - started) / len(tiles)
         results = []
-        for tile, block, out in zip(tiles, blocks, outputs):
-            results.append(self.finish_tile(tile, block, out[0], seconds))
+        for tile, pad, block, out in zip(tiles, pads, blocks, outputs):
+            results.append(self.finish_tile(tile, pad, block, out[0], seconds))
         return results
 
-    def finish_tile(self, tile: Tile, block: np.ndarray, labels: np.ndarray, seconds: float) -> dict[str, Any]:
+    def finish_tile(self, tile: Tile, pad: tuple[tuple[int, int], ...], block: np.ndarray, labels: np.ndarray,
+                    seconds: float) -> dict[str, Any]:
         assert self.files is not None
-        unpadded = tuple(slice(lo, s - hi) for (lo, hi), s in zip(tile.pad, labels.shape))
+        unpadded = tuple(slice(lo, s - hi) for (lo, hi), s in zip(pad, labels.shape))
         core_in_read = shift(tile.core, [sl.start for sl in tile.read])
         local, n_core = renumber_core_first(labels[unpadded], core_in_read)
         core = local[core_in_read]
@@ -211,7 +224,7 @@ class LabelTileTask(TileTask):
                         n_core=np.array(n_core))
         intensity = None
         if self.measure_intensity:
-            intensity = block[(slice(None),) + tile.crop]
+            intensity = block[(slice(None),) + shift(tile.core, [r.start - lo for r, (lo, _) in zip(tile.read, pad)])]
             if self.norm is not None:
                 intensity = self.norm.invert(intensity)
         partial = partial_stats(core, n_core, [sl.start for sl in tile.core], self.dims, intensity)

@@ -130,3 +130,86 @@ def test_resolve_consecutive_numbering():
     assert list(luts[0]) == [0, 1, 2, 3]
     assert list(luts[1]) == [0, 2, 3]  # 1 joins tile 0's object 2; 2 joins object 3
     assert list(luts[2]) == [0, 3, 4]
+
+
+def blob_image(shape, n, radius, rng, scale=None):
+    """Bright ellipsoidal nuclei (some touching) on a dark, noisy background."""
+    from scipy import ndimage
+
+    scale = scale or (1.0,) * len(shape)
+    image = np.zeros(shape, np.float32)
+    for _ in range(n):
+        centre = [rng.uniform(0, s) for s in shape]
+        radii = [rng.uniform(0.7, 1.0) * radius / sc for sc in scale]
+        image[_ball(shape, centre, radii)] = rng.uniform(0.6, 1.0)
+    image = ndimage.gaussian_filter(image, [1.0 / sc for sc in scale])
+    image += rng.normal(0, 0.05, shape).astype(np.float32)
+    return np.clip(image * 3000 + 200, 0, 65535).astype(np.uint16)
+
+
+SEG_CASES = [
+    ("2d", "yx", (150, 170), (32, 32), None, 60, 7.0),
+    ("3d-anisotropic", "zyx", (22, 70, 75), (8, 32, 32), (2.0, 1.0, 1.0), 30, 6.0),
+]
+
+
+@pytest.mark.parametrize("name, axes, shape, tile, scale, n, radius", SEG_CASES, ids=[c[0] for c in SEG_CASES])
+def test_classical_tiled_equals_untiled_and_table(tmp_path, client, name, axes, shape, tile, scale, n, radius):
+    from skimage.measure import regionprops
+
+    from pipeline.segment import classical_spec
+    from pipeline.tables import read_table, to_anndata
+
+    image = blob_image(shape, n, radius, np.random.default_rng(11), scale)
+    url = str(tmp_path / "img.ome.zarr")
+    sink = create_image(url, shape=shape, dtype=np.uint16, axes=default_axes(axes), chunks=tile, n_levels=2,
+                        scale=scale)
+    sink.write(tuple(slice(0, s) for s in shape), image)
+    spec = classical_spec(url, min_distance=radius)
+    tiled = segment_labels(url, str(tmp_path / "tiled.ome.zarr"), spec, client, tile_shape=tile, progress=False)
+    whole = segment_labels(url, str(tmp_path / "whole.ome.zarr"), spec, client, tile_shape=shape, progress=False)
+    assert tiled.tiles >= 9 and whole.tiles == 1
+    lab_t = open_image(tiled.labels).read((slice(None),) * len(shape))
+    lab_w = open_image(whole.labels).read((slice(None),) * len(shape))
+    assert whole.objects >= n // 3
+    assert match(lab_w, lab_t, thresholds=[0.5])[0].f1 >= 0.99
+
+    table = read_table(str(tmp_path / "tiled.ome.zarr"), "nuclei")
+    props = regionprops(lab_t.astype(np.int64), intensity_image=image)
+    assert list(table["label"]) == [p.label for p in props]
+    assert list(table["voxels"]) == [int(p.area) for p in props]
+    dims = list(axes)
+    centroids = table[[f"centroid_{d}" for d in dims]].to_numpy()
+    assert np.allclose(centroids, [p.centroid for p in props], atol=1e-9)
+    assert np.allclose(table["intensity_mean"], [p.intensity_mean for p in props], rtol=1e-4)
+    assert np.allclose(table["intensity_max"], [p.intensity_max for p in props], rtol=1e-4)
+    bbox = table[[f"bbox_min_{d}" for d in dims] + [f"bbox_max_{d}" for d in dims]].to_numpy()
+    assert (bbox == np.array([p.bbox for p in props])).all()
+    assert (table["tiles"] > 1).sum() == tiled.stitched_objects  # stitched rows were merged
+    physical = table[f"centroid_{dims[0]}_micrometer"].to_numpy()
+    assert np.allclose(physical, centroids[:, 0] * (scale or (1.0,) * len(shape))[0])
+
+    adata = to_anndata(str(tmp_path / "tiled.ome.zarr"), "nuclei")
+    assert adata.n_obs == tiled.objects
+    assert adata.uns["spatialdata_attrs"] == {"region": "labels/nuclei", "region_key": "region", "instance_key": "label"}
+    assert adata.obsm["spatial"].shape == (tiled.objects, len(shape))
+
+
+def test_labels_output_is_ngff_labels(tmp_path, client):
+    """The labels image carries image-label metadata and a mode pyramid (ids only from level 0)."""
+    import zarr
+
+    shape, tile = (40, 50), (16, 16)
+    truth = straddling_labels(shape, tile, np.random.default_rng(2))
+    url = _store(tmp_path, "labels.ome.zarr", truth, "yx", tile)
+    out = str(tmp_path / "out.ome.zarr")
+    summary = segment_labels(url, out, KernelSpec.of("relabel", ndim=2, halo=6), client, tile_shape=tile,
+                             progress=False)
+    group = zarr.open_group(out + "/labels", mode="r")
+    assert group.attrs["ome"]["labels"] == ["nuclei"]
+    meta = zarr.open_group(summary.labels, mode="r").attrs["ome"]
+    assert "image-label" in meta and meta["image-label"]["source"]["image"].endswith("labels.ome.zarr")
+    img = open_image(summary.labels)
+    assert len(img.levels) == 2
+    coarse = img.read((slice(None), slice(None)), 1)
+    assert set(np.unique(coarse)) <= set(np.unique(img.read((slice(None), slice(None)), 0)))
