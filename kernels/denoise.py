@@ -9,9 +9,7 @@ patches drawn from random chunks of an OME-Zarr image.
 
 from __future__ import annotations
 
-import copy
 import logging
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Literal
 
@@ -89,9 +87,9 @@ def train_denoiser(sample: PatchSampler, validation: np.ndarray, cfg: TrainConfi
     """Train a blind-spot denoiser on patches from ``sample``; returns the best weights by the
     masked loss on ``validation`` patches (held-out data, masked once with a fixed seed)."""
     import torch
-    from tqdm.auto import tqdm
 
     from kernels.base import default_device
+    from kernels.training import fit
     from kernels.unet import UNet
 
     device = device or default_device()
@@ -99,52 +97,19 @@ def train_denoiser(sample: PatchSampler, validation: np.ndarray, cfg: TrainConfi
     rng = np.random.default_rng(cfg.seed)
     net_cfg = architecture(cfg.method, len(cfg.patch), channels, cfg.depth, cfg.width, cfg.pool)
     net = UNet(net_cfg).to(device)
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=max(1, cfg.patience // 2))
-
-    val_rng = np.random.default_rng(cfg.seed + 1)
     val = np.asarray(validation, np.float32)
-    val_in, val_mask = mask_batch(val, cfg, val_rng)
+    val_in, val_mask = mask_batch(val, cfg, np.random.default_rng(cfg.seed + 1))
     to = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(device)  # noqa: E731
     val_t, val_in_t, val_mask_t = to(val), to(val_in), to(val_mask)
 
-    def validate() -> float:
-        net.eval()
-        with torch.inference_mode():
-            return float(masked_mse(net(val_in_t), val_t, val_mask_t))
-
-    best, best_state, stale = float("inf"), None, 0
-    history = [{"step": 0, "train_loss": None, "val_loss": validate(), "lr": cfg.lr, "seconds": 0.0}]
-    started = time.perf_counter()
-    bar = tqdm(total=cfg.steps, desc=f"train {cfg.method}", disable=not progress, dynamic_ncols=True, leave=False)
-    running = None
-    for step in range(1, cfg.steps + 1):
-        net.train()
+    def train_loss(step: int):
         batch = augment(sample(cfg.batch, rng), rng)
         masked, mask = mask_batch(batch, cfg, rng)
-        loss = masked_mse(net(to(masked)), to(batch), to(mask))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        value = loss.item()
-        running = value if running is None else 0.95 * running + 0.05 * value
-        bar.update(1)
-        bar.set_postfix_str(f"loss {running:.4f}", refresh=False)
-        if step % cfg.val_every == 0 or step == cfg.steps:
-            val_loss = validate()
-            sched.step(val_loss)
-            history.append({"step": step, "train_loss": running, "val_loss": val_loss,
-                            "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - started})
-            log.info("step %d: train %.5f, validation %.5f", step, running, val_loss)
-            if val_loss < best - 1e-6:
-                best, best_state, stale = val_loss, copy.deepcopy(net.state_dict()), 0
-            else:
-                stale += 1
-                if stale >= cfg.patience:
-                    log.info("early stop at step %d (no validation gain for %d checks)", step, stale)
-                    break
-    bar.close()
-    return TrainResult(best_state or net.state_dict(), net_cfg, best, history, time.perf_counter() - started, device)
+        return masked_mse(net(to(masked)), to(batch), to(mask))
+
+    result = fit(net, train_loss, lambda: masked_mse(net(val_in_t), val_t, val_mask_t), steps=cfg.steps, lr=cfg.lr,
+                 val_every=cfg.val_every, patience=cfg.patience, desc=f"train {cfg.method}", progress=progress)
+    return TrainResult(result.state_dict, net_cfg, result.best_val_loss, result.history, result.seconds, device)
 
 
 @register("denoise")

@@ -1,0 +1,72 @@
+"""The training loop every model here shares: Adam, learning-rate decay on plateau, early
+stopping on a validation loss, best checkpoint kept, a progress bar with the running loss.
+
+Callers supply one step's loss and the validation loss; they know their data, masks and
+losses, this knows only the schedule.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FitResult:
+    state_dict: dict
+    best_val_loss: float
+    history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def fit(net: Any, train_loss: Callable[[int], Any], val_loss: Callable[[], float], *, steps: int, lr: float,
+        val_every: int, patience: int, desc: str = "train", progress: bool = True) -> FitResult:
+    """Optimise ``net`` for at most ``steps`` steps; ``train_loss(step)`` returns a scalar tensor.
+
+    ``history[0]`` is the validation loss before training, so a card shows what training gained.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    def validate() -> float:
+        net.eval()
+        with torch.inference_mode():
+            return float(val_loss())
+
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=max(1, patience // 2))
+    best, best_state, stale = float("inf"), None, 0
+    history = [{"step": 0, "train_loss": None, "val_loss": validate(), "lr": lr, "seconds": 0.0}]
+    started = time.perf_counter()
+    bar = tqdm(total=steps, desc=desc, disable=not progress, dynamic_ncols=True, leave=False)
+    running = None
+    for step in range(1, steps + 1):
+        net.train()
+        loss = train_loss(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        value = loss.item()
+        running = value if running is None else 0.95 * running + 0.05 * value
+        bar.update(1)
+        bar.set_postfix_str(f"loss {running:.4f}", refresh=False)
+        if step % val_every == 0 or step == steps:
+            current = validate()
+            sched.step(current)
+            history.append({"step": step, "train_loss": running, "val_loss": current,
+                            "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - started})
+            log.info("step %d: train %.5f, validation %.5f", step, running, current)
+            if current < best - 1e-6:
+                best, best_state, stale = current, copy.deepcopy(net.state_dict()), 0
+            else:
+                stale += 1
+                if stale >= patience:
+                    log.info("early stop at step %d (no validation gain for %d checks)", step, stale)
+                    break
+    bar.close()
+    return FitResult(best_state or net.state_dict(), best, history, time.perf_counter() - started)
