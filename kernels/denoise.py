@@ -17,7 +17,8 @@ import numpy as np
 
 from kernels.base import register
 from kernels.masking import augment, grid_mask, n2v_mask
-from kernels.unet import UNetConfig, receptive_field
+from kernels.modelfile import UNetModelKernel
+from kernels.unet import UNetConfig
 
 log = logging.getLogger(__name__)
 
@@ -113,49 +114,17 @@ def train_denoiser(sample: PatchSampler, validation: np.ndarray, cfg: TrainConfi
 
 
 @register("denoise")
-class DenoiseKernel:
+class DenoiseKernel(UNetModelKernel):
     """A trained denoiser from a model folder (see ``kernels.modelfile``); keyed by its hash."""
 
     name = "denoise"
     normalize = True  # inputs scaled by the engine's global percentiles ...
     denormalize = True  # ... and outputs scaled back to input units
-    uses_gpu = True
-    max_batch = 16
     # a residual whose neighbours correlate this much is structure, not noise
     residual_correlation_limit = 0.2
 
-    def __init__(self, model: str, sha256: str = ""):
-        from kernels.modelfile import read_card
-
-        self.model_path = model
-        self.card = read_card(model)
-        if sha256 and sha256 != self.card.weights_sha256:
-            raise ValueError(f"model '{model}' changed since this run started (weights hash differs)")
-        self.config = UNetConfig(**{**self.card.architecture, "pool": tuple(self.card.architecture["pool"])})
-        self.ndim = self.config.ndim
-        self.in_channels = self.out_channels = self.config.in_channels
-        self.halo = receptive_field(self.config).halo
-        self.align = self.config.factor
-        self.net = None
-        self.device = "cpu"
-
-    def load(self, device: str) -> None:
-        from kernels.modelfile import load_model
-        from kernels.unet import UNet
-
-        _, state = load_model(self.model_path, device)
-        net = UNet(self.config)
-        net.load_state_dict(state)
-        self.net, self.device = net.to(device).eval(), device
-
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        import torch
-
-        if self.net is None:
-            raise RuntimeError("denoise kernel used before load()")
-        with torch.inference_mode():
-            x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device)
-            return self.net.forward_padded(x).float().cpu().numpy()
+        return self.predict(batch)
 
     def describe_tile(self, inp: np.ndarray, out: np.ndarray) -> dict[str, Any]:
         """Residual (input - output) statistics: the hallucination guard.

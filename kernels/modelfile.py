@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 WEIGHTS, CARD = "weights.pt", "card.json"
@@ -93,3 +94,45 @@ def load_model(folder: str | os.PathLike, device: str = "cpu") -> tuple[ModelCar
                              "restore the model folder.")
     state = torch.load(Path(folder) / WEIGHTS, map_location=device, weights_only=True)
     return card, state
+
+
+class UNetModelKernel:
+    """The shared half of the kernels that run a trained U-Net from a model folder: read the
+    card (cheap, on the client: halo and alignment come from the architecture), load the
+    checked weights once per worker, and run batches under ``torch.inference_mode()``."""
+
+    uses_gpu = True
+    max_batch = 16
+
+    def __init__(self, model: str, sha256: str = ""):
+        from kernels.unet import UNetConfig, receptive_field
+
+        self.model_path = model
+        self.card = read_card(model)
+        if sha256 and sha256 != self.card.weights_sha256:
+            raise ModelFileError(f"model '{model}' changed since this run started (weights hash differs)")
+        self.config = UNetConfig(**{**self.card.architecture, "pool": tuple(self.card.architecture["pool"])})
+        self.ndim = self.config.ndim
+        self.in_channels, self.out_channels = self.config.in_channels, self.config.out_channels
+        self.halo = receptive_field(self.config).halo
+        self.align = self.config.factor
+        self.net = None
+        self.device = "cpu"
+
+    def load(self, device: str) -> None:
+        from kernels.unet import UNet
+
+        _, state = load_model(self.model_path, device)
+        net = UNet(self.config)
+        net.load_state_dict(state)
+        self.net, self.device = net.to(device).eval(), device
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        """The network's raw output for a ``(N, C, *spatial)`` batch of any spatial size."""
+        import torch
+
+        if self.net is None:
+            raise RuntimeError(f"{self.card.task} kernel used before load()")
+        with torch.inference_mode():
+            x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device)
+            return self.net.forward_padded(x).float().cpu().numpy()

@@ -21,6 +21,7 @@ from typing import Sequence
 import numpy as np
 
 from kernels.base import register
+from kernels.modelfile import UNetModelKernel
 
 
 def seeded_watershed(elevation: np.ndarray, seeds: np.ndarray, mask: np.ndarray, min_size: int) -> np.ndarray:
@@ -131,3 +132,35 @@ class RelabelKernel:
             if batch[n].min() > 0:  # no background in this block: 0 is an object id, shift up
                 out[n] += 1
         return out
+
+
+@register("segment-unet")
+class UNetSegmentKernel(UNetModelKernel):
+    """A trained 3-class U-Net (``tilewise train segment``) + seeded watershed on its output.
+
+    The halo is the network's receptive field, and at least ``object_halo`` pixels so whole
+    objects are seen by every tile they touch.
+    """
+
+    name = "segment-unet"
+    normalize = True
+    labels = True
+
+    def __init__(self, model: str, sha256: str = "", min_size: int = 12, object_halo: int = 32):
+        super().__init__(model, sha256)
+        if self.card.task != "segment":
+            raise ValueError(f"'{model}' is a {self.card.task} model, not a segmentation model")
+        self.min_size = int(min_size)
+        self.halo = tuple(max(h, -(-object_halo // f) * f) for h, f in zip(self.halo, self.align))
+
+    def probabilities(self, batch: np.ndarray) -> np.ndarray:
+        logits = self.predict(batch)
+        logits -= logits.max(axis=1, keepdims=True)
+        e = np.exp(logits)
+        return e / e.sum(axis=1, keepdims=True)
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        from kernels.segment_train import instances_from_probabilities
+
+        prob = self.probabilities(batch)
+        return np.stack([instances_from_probabilities(p, self.min_size)[None] for p in prob])

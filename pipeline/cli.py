@@ -141,6 +141,44 @@ def cmd_denoise(args) -> None:
           f"(normalised), {len(report.flagged)} tiles flagged")
 
 
+def cmd_train_segment(args) -> None:
+    from pipeline.train import train_segment
+
+    card = train_segment(args.image, args.labels, args.model, patch=args.patch, steps=args.steps, batch=args.batch,
+                         level=args.level, depth=args.depth, width=args.width, seed=args.seed,
+                         overwrite=args.overwrite, progress=not args.quiet)
+    print(f"wrote {args.model}: 3-class U-Net, validation loss {card.validation_loss:.4f}, "
+          f"{card.training['seconds']:.0f} s, weights {card.weights_sha256[:12]}")
+
+
+def cmd_segment(args) -> None:
+    from pipeline.io import open_image, store
+    from pipeline.segment import classical_spec, model_spec, segment_labels
+
+    source = open_image(args.input)  # validate the input (and the model) before starting a cluster
+    ndim = len(source.spatial_dims)
+    if args.model:
+        spec = model_spec(args.model)
+    else:
+        halo = None
+        if args.halo:
+            halo = args.halo * ndim if len(args.halo) == 1 else args.halo
+            if len(halo) != ndim:
+                raise OptionError(f"--halo needs one size or {ndim} sizes (one per spatial axis), got {args.halo}.")
+        spec = classical_spec(args.input, level=args.level, sigma=args.sigma, min_distance=args.min_distance,
+                              min_size=args.min_size, halo=halo, threshold=args.threshold)
+    with _client(args) as client:
+        summary = segment_labels(args.input, args.output, spec, client, name=args.name, level=args.level,
+                                 tile_shape=args.tile, batch=args.batch, iou=args.iou,
+                                 consecutive=not args.sparse_ids, table=not args.no_table, overwrite=args.overwrite,
+                                 progress=not args.quiet)
+    print(f"wrote {summary.labels}: {summary.objects} objects ({summary.stitched_objects} stitched across "
+          f"{summary.tiles} tiles)" + (f", table {summary.table}" if summary.table else ""))
+    if summary.halo_edge_objects:
+        print(f"note: {summary.halo_edge_objects} objects reached the edge of a tile's halo; raise --halo if objects "
+              "are that large", file=sys.stderr)
+
+
 def _add_engine_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("tiling")
     g.add_argument("--level", type=int, default=0, help="input pyramid level (default 0)")
@@ -223,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cluster_options(p)
     p.set_defaults(func=cmd_run_kernel)
 
-    p = sub.add_parser("train", help="train a model on an image (denoise)",
+    p = sub.add_parser("train", help="train a model on an image (denoise, segment)",
                        description="Train a model from the data itself and write a model folder "
                                    "(weights.pt + card.json).")
     train = p.add_subparsers(dest="task", required=True, metavar="TASK")
@@ -242,6 +280,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing model folder")
     p.set_defaults(func=cmd_train_denoise)
+
+    p = train.add_parser("segment", help="3-class U-Net (background/interior/boundary) from annotated labels",
+                         description="Train a 3-class segmentation U-Net on an image and its labels group "
+                                     "(IMAGE/labels/NAME), with a held-out validation split and early stopping.")
+    p.add_argument("image", help="OME-Zarr image with a labels group")
+    p.add_argument("model", help="model folder to write")
+    p.add_argument("--labels", required=True, metavar="NAME", help="labels image under IMAGE/labels/")
+    p.add_argument("--patch", type=_ints, help="patch shape (default 128,128 or 32,64,64; 16,64,64 if z is coarse)")
+    p.add_argument("--steps", type=int, default=2000, help="training steps at most (early stopping may end sooner)")
+    p.add_argument("--batch", type=int, default=8, help="patches per step")
+    p.add_argument("--level", type=int, default=0, help="pyramid level to train on")
+    p.add_argument("--depth", type=int, default=3, help="U-Net down-sampling steps")
+    p.add_argument("--width", type=int, default=32, help="U-Net channels at the top level")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing model folder")
+    p.set_defaults(func=cmd_train_segment)
+
+    p = sub.add_parser("segment", help="instance segmentation with globally stitched labels and an object table",
+                       description="Segment an image tile by tile (a trained U-Net, or the classical "
+                                   "threshold + watershed kernel), stitch objects across tiles into one labels "
+                                   "image OUTPUT/labels/NAME (with a pyramid) and write OUTPUT/tables/NAME. "
+                                   "Resumable: re-run the same command after an interruption.")
+    p.add_argument("input", help="OME-Zarr image")
+    p.add_argument("output", help="output store")
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--model", help="model folder from `tilewise train segment`")
+    how.add_argument("--classical", action="store_true", help="smoothing + Otsu threshold + distance watershed")
+    p.add_argument("--name", default="nuclei", help="labels and table name (default nuclei)")
+    p.add_argument("--iou", type=float, default=0.5, help="IoU inside the tile overlap that makes two pieces one object")
+    p.add_argument("--sparse-ids", action="store_true", help="keep tile-packed uint64 ids instead of 1..N")
+    p.add_argument("--no-table", action="store_true", help="skip the object table")
+    g = p.add_argument_group("classical kernel (physical units)")
+    g.add_argument("--sigma", type=float, help="smoothing (default 1 pixel)")
+    g.add_argument("--min-distance", type=float, help="closest two object centres (default 5 pixels)")
+    g.add_argument("--min-size", type=int, default=16, help="smallest object in voxels (default 16)")
+    g.add_argument("--threshold", type=float, help="foreground threshold in input units (default: Otsu)")
+    g.add_argument("--halo", type=_ints, help="halo in pixels, one or per axis (default 32): > largest object")
+    g = p.add_argument_group("tiling")
+    g.add_argument("--level", type=int, default=0, help="input pyramid level (default 0)")
+    g.add_argument("--tile", type=_ints, help="tile core shape over the spatial axes (rounded to chunks)")
+    g.add_argument("--batch", type=int, default=1, help="tiles per model call")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing output instead of resuming")
+    _add_cluster_options(p)
+    p.set_defaults(func=cmd_segment)
 
     p = sub.add_parser("denoise", help="denoise an image with a trained model, tile by tile",
                        description="Run a denoising model through the tiled engine into OUTPUT/denoised, with a "

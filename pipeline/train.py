@@ -31,9 +31,13 @@ class PatchPool:
     """Random training patches ``(n, C, *patch)`` from an image, a few blocks in memory at a time."""
 
     def __init__(self, source: ImageSource, patch: Sequence[int], norm: Normalisation, *, level: int = 0,
-                 pool_blocks: int = 16, refresh_every: int = 4, validation_share: float = 0.1, seed: int = 0):
+                 pool_blocks: int = 16, refresh_every: int = 4, validation_share: float = 0.1, seed: int = 0,
+                 labels: ImageSource | None = None):
         spatial, self.has_c = kernel_layout(source)
-        self.source, self.level, self.norm = source, level, norm
+        self.source, self.level, self.norm, self.labels = source, level, norm, labels
+        if labels is not None and labels.level(level).shape != tuple(source.level(level).shape[i] for i in spatial):
+            raise InputError(f"labels '{labels.url}' level {level} has shape {labels.level(level).shape}; the image's "
+                             f"spatial shape is {tuple(source.level(level).shape[i] for i in spatial)}.")
         shape = [source.level(level).shape[i] for i in spatial]
         if len(patch) != len(shape):
             raise OptionError(f"--patch needs {len(shape)} sizes (one per spatial axis {source.spatial_dims}), got {tuple(patch)}.")
@@ -61,9 +65,17 @@ class PatchPool:
                      for sl, n, p in zip(region, self.shape, self.patch))
 
     def _read(self, block_id: int) -> np.ndarray:
+        """``(C, *block)`` normalised image; with labels, their 3-class map follows as one more channel."""
         lead = (slice(None),) if self.has_c else ()
-        data = self.source.read(lead + self._region(block_id), self.level)
-        return self.norm.apply(data if self.has_c else data[None])
+        region = self._region(block_id)
+        data = self.source.read(lead + region, self.level)
+        image = self.norm.apply(data if self.has_c else data[None])
+        if self.labels is None:
+            return image
+        from kernels.segment_train import three_class
+
+        classes = three_class(self.labels.read(region, self.level))
+        return np.concatenate([image, classes[None].astype(np.float32)])
 
     @staticmethod
     def _crop(blocks: list[np.ndarray], patch: Sequence[int], n: int, rng: np.random.Generator) -> np.ndarray:
@@ -85,6 +97,19 @@ class PatchPool:
         """Patches from the held-out blocks only (read once, then dropped)."""
         blocks = [self._read(int(i)) for i in self.validation_ids[:8]]
         return self._crop(blocks, self.patch, n, rng)
+
+
+def _pool_axes(patch: Sequence[int], scale: Sequence[float], depth: int) -> tuple[int, ...]:
+    """Pool an axis only when the patch is deep enough on it and its pixels are not much
+    coarser than the finest axis (an anisotropic z is kept at full resolution)."""
+    finest = min(scale)
+    return tuple(2 if p >= 2 * 2**depth and s < 2 * finest else 1 for p, s in zip(patch, scale))
+
+
+def _check_patch(patch: Sequence[int], pool: Sequence[int], depth: int) -> None:
+    if any(p % (f**depth) for p, f in zip(patch, pool)):
+        raise OptionError(f"--patch {tuple(patch)} must be a multiple of {2**depth} on each pooled axis for a "
+                          f"depth-{depth} U-Net.")
 
 
 def data_fingerprint(source: ImageSource, level: int, norm: Normalisation) -> dict:
@@ -126,10 +151,8 @@ def train_denoise(input_url: str, model_dir: str, *, method: str = "n2v2", patch
         patch = (64, 64) if len(spatial) == 2 else (16, 64, 64)
     norm = Normalisation.of(source)
     pool = PatchPool(source, patch, norm, level=level, seed=seed)
-    factor = 2**depth
-    pool_axes = tuple(2 if p >= 2 * factor else 1 for p in pool.patch)  # thin axes (anisotropic z) not pooled
-    if any(p % (f**depth) for p, f in zip(pool.patch, pool_axes)):
-        raise OptionError(f"--patch {pool.patch} must be a multiple of {factor} on each pooled axis for a depth-{depth} U-Net.")
+    pool_axes = _pool_axes(pool.patch, [1.0] * len(pool.patch), depth)  # thin axes (anisotropic z) not pooled
+    _check_patch(pool.patch, pool_axes, depth)
     cfg = TrainConfig(method=method, patch=pool.patch, batch=batch, steps=steps, seed=seed, depth=depth, width=width,
                       pool=pool_axes)
     validation = pool.validation(cfg.val_patches, np.random.default_rng(seed + 1))
@@ -141,4 +164,44 @@ def train_denoise(input_url: str, model_dir: str, *, method: str = "n2v2", patch
     card = save_model(model_dir, result.state_dict, card)
     log.info("trained %s in %.0f s (validation loss %.5f) -> %s [%s]", method, result.seconds, result.best_val_loss,
              model_dir, card.weights_sha256[:12])
+    return card
+
+
+def train_segment(image_url: str, labels_name: str, model_dir: str, *, patch: Sequence[int] | None = None,
+                  steps: int = 2000, batch: int = 8, level: int = 0, depth: int = 3, width: int = 32, seed: int = 0,
+                  overwrite: bool = False, progress: bool = True, device: str | None = None,
+                  storage_options: dict | None = None):
+    """Train the 3-class segmentation U-Net on an image and its ``labels/<labels_name>``.
+
+    Patches (image + classes) come from random blocks, 10 % of them held out for validation and
+    early stopping. Returns the model card as written.
+    """
+    from kernels.modelfile import ModelCard, save_model
+    from kernels.segment_train import SegmentTrainConfig, train_segmenter
+
+    prepare_model_folder(model_dir, overwrite)
+    source = open_image(image_url, storage_options)
+    spatial, _ = kernel_layout(source)
+    if len(spatial) not in (2, 3):
+        raise InputError(f"'{image_url}' has {len(spatial)} spatial axes; segmentation needs 2D or 3D images.")
+    labels = source.label(labels_name)
+    scale = [source.level(level).scale[i] for i in spatial]
+    if patch is None:
+        patch = (128, 128) if len(spatial) == 2 else ((16, 64, 64) if scale[0] >= 2 * min(scale) else (32, 64, 64))
+    norm = Normalisation.of(source)
+    pool = PatchPool(source, patch, norm, level=level, seed=seed, labels=labels)
+    pool_axes = _pool_axes(pool.patch, scale, depth)
+    _check_patch(pool.patch, pool_axes, depth)
+    cfg = SegmentTrainConfig(patch=pool.patch, batch=batch, steps=steps, seed=seed, depth=depth, width=width,
+                             pool=pool_axes)
+    validation = pool.validation(cfg.val_patches, np.random.default_rng(seed + 1))
+    result = train_segmenter(pool.sample, validation, cfg, channels=source.n_channels, device=device, progress=progress)
+    card = ModelCard(task="segment", method="unet3class", architecture=result.config.to_dict(),
+                     normalisation=norm.to_dict(), training={**cfg.to_dict(), "labels": labels_name,
+                                                             "seconds": result.seconds, "device": result.device,
+                                                             "history": result.history},
+                     data=data_fingerprint(source, level, norm), validation_loss=result.best_val_loss)
+    card = save_model(model_dir, result.state_dict, card)
+    log.info("trained 3-class U-Net in %.0f s (validation loss %.4f) -> %s", result.seconds, result.best_val_loss,
+             model_dir)
     return card

@@ -1,0 +1,150 @@
+"""kernels.segment / kernels.segment_train / kernels.metrics / pipeline.segment and the CLI."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kernels.metrics import iou_table, match
+from kernels.segment_train import BOUNDARY, INTERIOR, instances_from_probabilities, three_class
+from pipeline.io import create_image, create_labels, default_axes, open_image
+
+
+# --- metrics on hand-made cases -------------------------------------------------------------
+
+def test_metrics_perfect_and_empty():
+    truth = np.zeros((10, 10), int)
+    truth[1:4, 1:4], truth[6:9, 6:9] = 1, 2
+    m = match(truth, truth * 5)[0]  # ids differ, objects identical
+    assert (m.tp, m.fp, m.fn) == (2, 0, 0) and m.accuracy == m.f1 == m.panoptic_quality == 1.0
+    empty = match(truth, np.zeros_like(truth))[0]
+    assert (empty.tp, empty.fp, empty.fn, empty.f1) == (0, 0, 2, 0.0)
+
+
+def test_metrics_threshold_split_and_false_positive():
+    truth = np.zeros((10, 20), int)
+    truth[0:10, 0:10] = 1  # 100 px
+    pred = np.zeros_like(truth)
+    pred[0:10, 0:6] = 7  # IoU 0.6 with object 1
+    pred[0:10, 6:10] = 8  # IoU 0.4: the rest of the split
+    pred[0:2, 15:20] = 9  # nothing there: a false positive
+    t, p, iou = iou_table(truth, pred)
+    assert dict(zip(p.tolist(), iou.round(3).tolist())) == {7: 0.6, 8: 0.4}
+    at5, at7 = match(truth, pred, thresholds=[0.5, 0.7])
+    assert (at5.tp, at5.fp, at5.fn) == (1, 2, 0)
+    assert at5.accuracy == pytest.approx(1 / 3) and at5.precision == pytest.approx(1 / 3) and at5.recall == 1.0
+    assert at5.f1 == pytest.approx(0.5) and at5.panoptic_quality == pytest.approx(0.6 * 1 / (1 + 1.0))
+    assert (at7.tp, at7.fp, at7.fn) == (0, 3, 1)
+
+
+def test_metrics_hungarian_is_one_to_one():
+    truth = np.zeros((4, 12), int)
+    truth[:, 0:6], truth[:, 6:12] = 1, 2
+    pred = np.zeros_like(truth)
+    pred[:, 0:5], pred[:, 5:12] = 3, 4  # object 4 overlaps both; each truth gets one prediction
+    m = match(truth, pred, thresholds=[0.5])[0]
+    assert (m.tp, m.fp, m.fn) == (2, 0, 0)
+
+
+# --- targets and post-processing ------------------------------------------------------------
+
+def test_three_class_and_instances_round_trip():
+    labels = np.zeros((20, 30), np.int32)
+    labels[3:12, 3:14] = 1
+    labels[3:12, 14:25] = 2  # touching object 1
+    classes = three_class(labels)
+    assert (classes[labels == 0] == 0).all()
+    assert classes[3, 5] == BOUNDARY and classes[7, 13] == BOUNDARY and classes[7, 14] == BOUNDARY
+    assert classes[7, 8] == INTERIOR
+    prob = np.stack([(classes == k).astype(np.float32) for k in range(3)])
+    inst = instances_from_probabilities(prob, min_size=4)
+    assert match(labels, inst, thresholds=[0.9])[0].f1 == 1.0  # touching objects separated again
+
+
+# --- the trained U-Net path -----------------------------------------------------------------
+
+def blobs_with_labels(shape, n, radius, seed):
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    labels = np.zeros(shape, np.uint32)
+    grids = np.ogrid[tuple(slice(0, s) for s in shape)]
+    for i in range(1, n + 1):
+        centre = [rng.uniform(radius, s - radius) for s in shape]
+        r = rng.uniform(0.7, 1.0) * radius
+        labels[(sum((g - c) ** 2 for g, c in zip(grids, centre)) <= r * r) & (labels == 0)] = i
+    image = ndimage.gaussian_filter((labels > 0).astype(np.float32), 1.0)
+    image += rng.normal(0, 0.05, shape).astype(np.float32)
+    return np.clip(image * 3000 + 300, 0, 65535).astype(np.uint16), labels
+
+
+@pytest.fixture(scope="module")
+def annotated(tmp_path_factory, client):
+    from pipeline.pyramid import finalize_image
+
+    path = str(tmp_path_factory.mktemp("seg") / "img.ome.zarr")
+    image, labels = blobs_with_labels((96, 112), 30, 7.0, seed=4)
+    sink = create_image(path, shape=image.shape, dtype=np.uint16, axes=default_axes("yx"), chunks=(16, 16), n_levels=2)
+    sink.write((slice(None), slice(None)), image)
+    lab = create_labels(sink, "truth", n_labels=30)
+    lab.write((slice(None), slice(None)), labels)
+    finalize_image(lab, client, labels=True, progress=False)
+    return path, image, labels
+
+
+@pytest.fixture(scope="module")
+def unet_model(annotated, tmp_path_factory):
+    from pipeline.train import train_segment
+
+    path, _, _ = annotated
+    model = str(tmp_path_factory.mktemp("model") / "seg")
+    card = train_segment(path, "truth", model, patch=(32, 32), steps=60, batch=4, depth=2, width=8, progress=False)
+    return model, card
+
+
+def test_training_lowers_validation_loss(unet_model):
+    _, card = unet_model
+    history = card.training["history"]
+    assert card.task == "segment" and card.architecture["out_channels"] == 3
+    assert card.validation_loss < 0.8 * history[0]["val_loss"]
+
+
+def test_unet_tiled_equals_untiled(annotated, unet_model, client, tmp_path):
+    from pipeline.segment import model_spec, segment_labels
+
+    path, image, _ = annotated
+    spec = model_spec(unet_model[0])
+    tiled = segment_labels(path, str(tmp_path / "t.ome.zarr"), spec, client, tile_shape=(32, 32), progress=False)
+    whole = segment_labels(path, str(tmp_path / "w.ome.zarr"), spec, client, tile_shape=image.shape, progress=False)
+    assert tiled.tiles >= 9 and whole.tiles == 1
+    a = open_image(whole.labels).read((slice(None), slice(None)))
+    b = open_image(tiled.labels).read((slice(None), slice(None)))
+    assert whole.objects > 0
+    assert match(a, b, thresholds=[0.5])[0].f1 >= 0.99
+
+
+def test_cli_train_and_segment(annotated, tmp_path):
+    from pipeline.cli import main
+    from pipeline.tables import read_table
+
+    path, _, labels = annotated
+    model = str(tmp_path / "m")
+    assert main(["-q", "train", "segment", path, model, "--labels", "truth", "--patch", "32,32", "--steps", "20",
+                 "--batch", "2", "--depth", "2", "--width", "8"]) == 0
+    out = str(tmp_path / "o.ome.zarr")
+    assert main(["-q", "segment", path, out, "--model", model, "--tile", "32,32", "--workers", "1"]) == 0
+    assert main(["-q", "segment", path, out, "--model", model, "--tile", "32,32", "--workers", "1"]) == 0  # resume: done
+    out2 = str(tmp_path / "c.ome.zarr")
+    assert main(["-q", "segment", path, out2, "--classical", "--min-distance", "6", "--workers", "1"]) == 0
+    table = read_table(out2, "nuclei")
+    assert len(table) >= 15 and table["voxels"].sum() > 0.5 * (labels > 0).sum()
+
+
+def test_cli_refuses_wrong_model_and_missing_labels(annotated, tmp_path, capsys):
+    from pipeline.cli import main
+
+    path, _, _ = annotated
+    assert main(["-q", "train", "segment", path, str(tmp_path / "m"), "--labels", "nope", "--steps", "1"]) == 2
+    assert "has no labels 'nope'" in capsys.readouterr().err
+    assert main(["-q", "segment", path, str(tmp_path / "o"), "--model", str(tmp_path)]) == 2
+    assert "not a tilewise model folder" in capsys.readouterr().err
