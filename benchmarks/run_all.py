@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHMARKS = ["benchmarks.bench_io", "benchmarks.bench_engine", "benchmarks.bench_denoise"]
+BENCHMARKS = ["benchmarks.bench_io", "benchmarks.bench_engine", "benchmarks.bench_denoise", "benchmarks.bench_segment"]
 
 
 def main() -> int:

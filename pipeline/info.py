@@ -38,6 +38,18 @@ def _table_rows(url: str, name: str, storage_options) -> int | None:
         return None
 
 
+def _standalone_labels(url: str, storage_options) -> list[str]:
+    """Names in a root-level ``labels`` group (written by ``tilewise segment``)."""
+    import zarr
+
+    try:
+        group = zarr.open_group(store=store.join(url, "labels"), mode="r", **store._kwargs(storage_options))
+    except Exception:  # no labels group at the root
+        return []
+    attrs = group.attrs.asdict()
+    return list(attrs.get("ome", attrs).get("labels", []))
+
+
 def describe(url: str, storage_options: Mapping[str, Any] | None = None) -> str:
     """The text ``tilewise info`` prints."""
     lines = [f"{url}"]
@@ -45,7 +57,12 @@ def describe(url: str, storage_options: Mapping[str, Any] | None = None) -> str:
     for path, _ in images:
         src = open_image(store.join(url, path) if path else url, storage_options)
         lines += _describe_image(src, path or "(root image)", "  ")
-    if not images:
+    root_is_image = any(path == "" for path, _ in images)
+    standalone = [] if root_is_image else _standalone_labels(url, storage_options)
+    for name in standalone:  # a segmentation output: labels of an image that lives elsewhere
+        lab = open_image(store.join(url, "labels", name), storage_options)
+        lines.append(f"  labels/{name}: {lab.dtype}, {len(lab.levels)} levels, shape {_fmt(lab.levels[0].shape)}")
+    if not images and not standalone:
         lines.append("  (no images)")
     for name in list_tables(url, storage_options):
         rows = _table_rows(url, name, storage_options)
