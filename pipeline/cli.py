@@ -179,6 +179,17 @@ def cmd_segment(args) -> None:
               "are that large", file=sys.stderr)
 
 
+def _add_training_options(p: argparse.ArgumentParser, default_patch: str, *, batch: int, depth: int) -> None:
+    p.add_argument("--patch", type=_ints, help=f"patch shape over the spatial axes (default {default_patch})")
+    p.add_argument("--steps", type=int, default=2000, help="training steps at most (early stopping may end sooner)")
+    p.add_argument("--batch", type=int, default=batch, help=f"patches per step (default {batch})")
+    p.add_argument("--level", type=int, default=0, help="pyramid level to train on")
+    p.add_argument("--depth", type=int, default=depth, help=f"U-Net down-sampling steps (default {depth})")
+    p.add_argument("--width", type=int, default=32, help="U-Net channels at the top level")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing model folder")
+
+
 def _add_engine_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("tiling")
     g.add_argument("--level", type=int, default=0, help="input pyramid level (default 0)")
@@ -271,14 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", help="OME-Zarr image")
     p.add_argument("model", help="model folder to write")
     p.add_argument("--method", choices=("n2v2", "n2s"), default="n2v2", help="N2V2 (default) or Noise2Self")
-    p.add_argument("--patch", type=_ints, help="patch shape over the spatial axes (default 64,64 or 16,64,64)")
-    p.add_argument("--steps", type=int, default=2000, help="training steps at most (early stopping may end sooner)")
-    p.add_argument("--batch", type=int, default=16, help="patches per step")
-    p.add_argument("--level", type=int, default=0, help="pyramid level to train on")
-    p.add_argument("--depth", type=int, default=2, help="U-Net down-sampling steps")
-    p.add_argument("--width", type=int, default=32, help="U-Net channels at the top level")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--overwrite", action="store_true", help="replace an existing model folder")
+    _add_training_options(p, "64,64 or 16,64,64", batch=16, depth=2)
     p.set_defaults(func=cmd_train_denoise)
 
     p = train.add_parser("segment", help="3-class U-Net (background/interior/boundary) from annotated labels",
@@ -287,14 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image", help="OME-Zarr image with a labels group")
     p.add_argument("model", help="model folder to write")
     p.add_argument("--labels", required=True, metavar="NAME", help="labels image under IMAGE/labels/")
-    p.add_argument("--patch", type=_ints, help="patch shape (default 128,128 or 32,64,64; 16,64,64 if z is coarse)")
-    p.add_argument("--steps", type=int, default=2000, help="training steps at most (early stopping may end sooner)")
-    p.add_argument("--batch", type=int, default=8, help="patches per step")
-    p.add_argument("--level", type=int, default=0, help="pyramid level to train on")
-    p.add_argument("--depth", type=int, default=3, help="U-Net down-sampling steps")
-    p.add_argument("--width", type=int, default=32, help="U-Net channels at the top level")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--overwrite", action="store_true", help="replace an existing model folder")
+    _add_training_options(p, "128,128 or 32,64,64; 16,64,64 if z is coarse", batch=8, depth=3)
     p.set_defaults(func=cmd_train_segment)
 
     p = sub.add_parser("segment", help="instance segmentation with globally stitched labels and an object table",

@@ -164,6 +164,8 @@ def read_table(output_url: str, name: str, storage_options: Mapping[str, Any] | 
 def to_anndata(output_url: str, name: str, storage_options: Mapping[str, Any] | None = None):
     """The table as AnnData: numeric measurements in ``X``, ids and region in ``obs``, physical
     centroids in ``obsm["spatial"]``, the labels link in ``uns["spatialdata_attrs"]``."""
+    import pandas as pd
+
     try:
         import anndata
     except ImportError:  # pragma: no cover - optional
@@ -178,7 +180,7 @@ def to_anndata(output_url: str, name: str, storage_options: Mapping[str, Any] | 
     obs = frame[obs_cols].copy()
     obs.index = obs[INSTANCE_KEY].astype(str)
     adata = anndata.AnnData(X=frame[features].to_numpy(np.float64), obs=obs,
-                            var=__import__("pandas").DataFrame(index=features))
+                            var=pd.DataFrame(index=features))
     adata.obsm["spatial"] = frame[spatial_cols].to_numpy(np.float64)
     adata.uns["spatialdata_attrs"] = {"region": attrs["region"], "region_key": REGION_KEY,
                                       "instance_key": INSTANCE_KEY}
