@@ -148,3 +148,30 @@ def test_cli_refuses_wrong_model_and_missing_labels(annotated, tmp_path, capsys)
     assert "has no labels 'nope'" in capsys.readouterr().err
     assert main(["-q", "segment", path, str(tmp_path / "o"), "--model", str(tmp_path)]) == 2
     assert "not a tilewise model folder" in capsys.readouterr().err
+
+
+def test_unet_3d_anisotropic_tiled_equals_untiled(tmp_path, client):
+    """3D: z pixels 2x coarser, so the U-Net keeps z at full resolution (pool 1 on z)."""
+    from pipeline.pyramid import finalize_image
+    from pipeline.segment import model_spec, segment_labels
+    from pipeline.train import train_segment
+
+    image, labels = blobs_with_labels((20, 48, 40), 12, 6.0, seed=9)
+    path = str(tmp_path / "vol.ome.zarr")
+    sink = create_image(path, shape=image.shape, dtype=np.uint16, axes=default_axes("zyx"), chunks=(8, 16, 16),
+                        scale=(2.0, 1.0, 1.0), n_levels=1)
+    sink.write((slice(None),) * 3, image)
+    lab = create_labels(sink, "truth")
+    lab.write((slice(None),) * 3, labels)
+    finalize_image(lab, client, labels=True, progress=False)
+    model = str(tmp_path / "m3")
+    card = train_segment(path, "truth", model, patch=(8, 16, 16), steps=80, batch=4, depth=2, width=8, progress=False)
+    assert card.architecture["pool"] == [1, 2, 2]
+    spec = model_spec(model)
+    tiled = segment_labels(path, str(tmp_path / "t.ome.zarr"), spec, client, tile_shape=(8, 16, 16), progress=False)
+    whole = segment_labels(path, str(tmp_path / "w.ome.zarr"), spec, client, tile_shape=image.shape, progress=False)
+    assert tiled.tiles >= 8 and whole.tiles == 1
+    a = open_image(whole.labels).read((slice(None),) * 3)
+    b = open_image(tiled.labels).read((slice(None),) * 3)
+    assert whole.objects > 0
+    assert match(a, b, thresholds=[0.5])[0].f1 >= 0.99
