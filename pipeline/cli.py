@@ -152,7 +152,7 @@ def cmd_train_segment(args) -> None:
 
 
 def cmd_segment(args) -> None:
-    from pipeline.io import open_image, store
+    from pipeline.io import open_image
     from pipeline.segment import classical_spec, model_spec, segment_labels
 
     source = open_image(args.input)  # validate the input (and the model) before starting a cluster
