@@ -136,3 +136,14 @@ class UNetModelKernel:
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device)
             return self.net.forward_padded(x).float().cpu().numpy()
+
+
+def model_kernel_spec(folder: str | os.PathLike, task: str, kernel: str, needs: str):
+    """The spec of ``kernel`` for a model folder of ``task``, keyed by its weights hash, so a
+    resumed run can prove it uses the same weights; ``needs`` ends the wrong-task message."""
+    from kernels.base import KernelSpec
+
+    card = read_card(folder)
+    if card.task != task:
+        raise ModelFileError(f"'{folder}' is a {card.task} model; {needs}.")
+    return KernelSpec.of(kernel, model=os.path.abspath(folder), sha256=card.weights_sha256)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,14 +27,9 @@ class ResidualReport:
 
 def model_spec(model_dir: str) -> KernelSpec:
     """The denoise kernel spec for a model folder, keyed by its weights hash (resume-safe)."""
-    from kernels.modelfile import read_card
+    from kernels.modelfile import model_kernel_spec
 
-    card = read_card(model_dir)
-    if card.task != "denoise":
-        from pipeline.errors import OptionError
-
-        raise OptionError(f"'{model_dir}' is a {card.task} model; `tilewise denoise` needs a denoising model.")
-    return KernelSpec.of("denoise", model=os.path.abspath(model_dir), sha256=card.weights_sha256)
+    return model_kernel_spec(model_dir, "denoise", "denoise", "`tilewise denoise` needs a denoising model")
 
 
 def denoise(input_url: str, output_url: str, model_dir: str, client: Any, **engine: Any) -> tuple[RunSummary, ResidualReport]:

@@ -244,15 +244,13 @@ def classical_spec(input_url: str, *, level: int = 0, sigma: float | None = None
 
 def model_spec(model_dir: str) -> KernelSpec:
     """The ``segment-unet`` kernel for a model folder, keyed by its weights hash (resume-safe)."""
-    from kernels.modelfile import ModelFileError, read_card
+    from kernels.modelfile import ModelFileError, model_kernel_spec
 
     try:
-        card = read_card(model_dir)
+        return model_kernel_spec(model_dir, "segment", "segment-unet",
+                                 "segmentation needs one from `tilewise train segment`")
     except ModelFileError as exc:
         raise OptionError(str(exc)) from None
-    if card.task != "segment":
-        raise OptionError(f"'{model_dir}' is a {card.task} model; segmentation needs one from `tilewise train segment`.")
-    return KernelSpec.of("segment-unet", model=os.path.abspath(model_dir), sha256=card.weights_sha256)
 
 
 def _finish_stitched_rows(files: StitchFiles, t_url: str, spec: TableSpec, storage_options: dict | None) -> None:

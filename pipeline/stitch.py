@@ -72,19 +72,20 @@ def renumber_core_first(labels: np.ndarray, core: Region) -> tuple[np.ndarray, i
     if labels.dtype.kind not in "iu":
         raise TypeError(f"a labels kernel must return integer labels, got {labels.dtype}")
     top = int(labels.max(initial=0))
-    if top <= 4 * labels.size:
+    dense = top <= 4 * labels.size  # small ids: count them; sparse ids: sort them
+    if dense:
         present = np.bincount(labels.ravel(), minlength=top + 1) > 0
         in_core = np.bincount(labels[core].ravel(), minlength=top + 1) > 0
         ids = np.flatnonzero(present)
         ids_core = np.flatnonzero(in_core)
-    else:  # sparse ids: sort instead of counting
+    else:
         ids = np.unique(labels)
         ids_core = np.unique(labels[core])
     ids, ids_core = ids[ids > 0], ids_core[ids_core > 0]
     halo_only = np.setdiff1d(ids, ids_core, assume_unique=True)
     order = np.concatenate([ids_core, halo_only])
     new = np.empty(labels.shape, np.uint32)
-    if top <= 4 * labels.size:
+    if dense:
         lut = np.zeros(top + 1, np.uint32)
         lut[order] = np.arange(1, len(order) + 1, dtype=np.uint32)
         new[...] = lut[labels]
