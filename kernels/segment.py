@@ -74,6 +74,7 @@ class ClassicalSegmentKernel:
     normalize = True
     labels = True
     max_batch = 8
+    pad_mode = "constant"  # mirrored objects at the edge would tie with their originals
 
     def __init__(self, threshold: float, scale: Sequence[float], sigma: float = 1.0, min_distance: float = 4.0,
                  min_size: int = 16, halo: Sequence[int] | None = None, channels: int = 1):
@@ -115,6 +116,7 @@ class RelabelKernel:
     labels = True
     measures = False  # intensity of a labels image means nothing
     max_batch = 64
+    pad_mode = "constant"  # background past the edge
 
     def __init__(self, ndim: int, halo: Sequence[int] | int = 8):
         self.ndim = int(ndim)
@@ -145,6 +147,10 @@ class UNetSegmentKernel(UNetModelKernel):
     name = "segment-unet"
     normalize = True
     labels = True
+    # the network saw only image content in training: a flat (zero) margin past the volume edge
+    # reads as foreground to it, so it sees a mirrored edge, and labels only the valid region
+    pad_mode = "reflect"
+    takes_valid = True
 
     def __init__(self, model: str, sha256: str = "", min_size: int = 12, object_halo: int = 32):
         super().__init__(model, sha256)
@@ -159,8 +165,16 @@ class UNetSegmentKernel(UNetModelKernel):
         e = np.exp(logits)
         return e / e.sum(axis=1, keepdims=True)
 
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
-        from kernels.segment_train import instances_from_probabilities
+    def __call__(self, batch: np.ndarray, valid: Sequence[tuple[slice, ...]] | None = None) -> np.ndarray:
+        """Instance labels of each block; with ``valid`` (the in-volume region of each block),
+        the padding is background, so no object grows into (or is mirrored from) it."""
+        from kernels.segment_train import BACKGROUND, instances_from_probabilities
 
         prob = self.probabilities(batch)
+        if valid is not None:
+            for p, region in zip(prob, valid):
+                outside = np.ones(p.shape[1:], bool)
+                outside[tuple(region)] = False
+                p[:, outside] = 0.0
+                p[BACKGROUND, outside] = 1.0
         return np.stack([instances_from_probabilities(p, self.min_size)[None] for p in prob])

@@ -89,8 +89,13 @@ class TileTask:
         block = pad_block(block, pad, self.plan.pad_mode)
         return self.norm.apply(block) if self.norm is not None else block
 
-    def apply(self, model: Any, blocks: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """The kernel on each block, blocks of one shape stacked up to ``batch`` per call."""
+    def apply(self, model: Any, blocks: Sequence[np.ndarray], valid: Sequence[Region] | None = None
+              ) -> list[np.ndarray]:
+        """The kernel on each block, blocks of one shape stacked up to ``batch`` per call.
+
+        ``valid`` (one region per block: the part inside the volume, padding excluded) is handed
+        on to kernels that take it.
+        """
         outputs: list[np.ndarray | None] = [None] * len(blocks)
         by_shape: dict[tuple[int, ...], list[int]] = {}
         for i, block in enumerate(blocks):
@@ -98,7 +103,8 @@ class TileTask:
         for idx in by_shape.values():
             for k in range(0, len(idx), self.batch):
                 group = idx[k:k + self.batch]
-                result = model(np.stack([blocks[i] for i in group]))
+                stacked = np.stack([blocks[i] for i in group])
+                result = model(stacked) if valid is None else model(stacked, valid=[valid[i] for i in group])
                 for i, out in zip(group, result):
                     outputs[i] = out
         return outputs  # type: ignore[return-value]
@@ -226,13 +232,18 @@ class EngineSetup:
 
 
 def prepare_engine(input_url: str, kernel: KernelSpec, *, level: int = 0, tile_shape: Sequence[int] | None = None,
-                   pad_mode: str = "reflect", blend: Blend | None = None, storage_options: dict | None = None
+                   pad_mode: str | None = None, blend: Blend | None = None, storage_options: dict | None = None
                    ) -> EngineSetup:
-    """Open the input, check the kernel fits it, plan the tiles and compute global statistics."""
+    """Open the input, check the kernel fits it, plan the tiles and compute global statistics.
+
+    ``pad_mode=None`` takes the kernel's own ``pad_mode`` (what it was trained to see past an
+    edge), else reflect.
+    """
     source = open_image(input_url, storage_options)
     spatial, has_c = kernel_layout(source)
     lv = source.level(level)
     k = build_kernel(kernel)
+    pad_mode = pad_mode or getattr(k, "pad_mode", "reflect")
     if k.ndim != len(spatial):
         raise OptionError(f"Kernel '{kernel.name}' is {k.ndim}D but '{input_url}' has {len(spatial)} spatial axes.")
     if k.in_channels != source.n_channels:

@@ -90,7 +90,7 @@ def _label_sink(output_url: str, name: str, setup: EngineSetup, n_objects: int, 
 
 
 def segment_labels(input_url: str, output_url: str, kernel: KernelSpec, client: Any, *, name: str = "nuclei",
-                   level: int = 0, tile_shape: Sequence[int] | None = None, pad_mode: str = "constant",
+                   level: int = 0, tile_shape: Sequence[int] | None = None, pad_mode: str | None = None,
                    batch: int = 1, iou: float = 0.5, consecutive: bool = True, table: bool = True,
                    overwrite: bool = False, keep_intermediate: bool = False, progress: bool = True,
                    max_tasks: int = MAX_TASKS, storage_options: dict | None = None) -> SegmentSummary:
@@ -104,13 +104,15 @@ def segment_labels(input_url: str, output_url: str, kernel: KernelSpec, client: 
         is at least this (0.5 keeps matches one-to-one).
     consecutive : final ids 1..N (default); otherwise the sparse ``tile << 32 | local`` ids of
         each object's root are kept (no prefix sum needed, uint64).
-    pad_mode : what lies beyond the volume edge; ``constant`` (zero, the default) because a
-        mirrored edge creates mirrored objects whose watershed fronts tie exactly on the edge.
+    pad_mode : what lies beyond the volume edge; by default the kernel's choice: ``constant``
+        (zero) for the classical watershed, because a mirrored edge creates mirrored objects whose
+        fronts tie exactly on the edge; ``reflect`` for the U-Net, which never saw a flat edge in
+        training and labels only inside the volume (it takes the ``valid`` region).
     table : write ``tables/<name>`` (one row per object).
     keep_intermediate : keep ``_tilewise/stitch`` (raw ids, shells, partial sums) after success.
     """
     setup = prepare_engine(input_url, kernel, level=level, tile_shape=tile_shape, pad_mode=pad_mode,
-                           storage_options=storage_options)
+                           storage_options=storage_options)  # None: the kernel's pad_mode
     k, plan = setup.kernel, setup.plan
     if not getattr(k, "labels", False):
         raise OptionError(f"Kernel '{kernel.name}' does not produce instance labels; use segment-classical, "

@@ -204,7 +204,11 @@ class LabelTileTask(TileTask):
         started = time.perf_counter()
         pads = [self.edge_pad(tile) for tile in tiles]
         blocks = [self.read(tile.read, pad) for tile, pad in zip(tiles, pads)]
-        outputs = self.apply(model, blocks)
+        valid = None
+        if getattr(model, "takes_valid", False):  # e.g. a network that sees mirrored edges but labels none
+            valid = [tuple(slice(lo, lo + (r.stop - r.start)) for (lo, _), r in zip(pad, tile.read))
+                     for tile, pad in zip(tiles, pads)]
+        outputs = self.apply(model, blocks, valid)
         seconds = (time.perf_counter() - started) / len(tiles)
         results = []
         for tile, pad, block, out in zip(tiles, pads, blocks, outputs):
