@@ -158,7 +158,7 @@ def cmd_segment(args) -> None:
     source = open_image(args.input)  # validate the input (and the model) before starting a cluster
     ndim = len(source.spatial_dims)
     if args.model:
-        spec = model_spec(args.model)
+        spec = model_spec(args.model, min_size=args.min_size)
     else:
         halo = None
         if args.halo:
@@ -166,7 +166,8 @@ def cmd_segment(args) -> None:
             if len(halo) != ndim:
                 raise OptionError(f"--halo needs one size or {ndim} sizes (one per spatial axis), got {args.halo}.")
         spec = classical_spec(args.input, level=args.level, sigma=args.sigma, min_distance=args.min_distance,
-                              min_size=args.min_size, halo=halo, threshold=args.threshold)
+                              min_size=16 if args.min_size is None else args.min_size, halo=halo,
+                              threshold=args.threshold)
     with _client(args) as client:
         summary = segment_labels(args.input, args.output, spec, client, name=args.name, level=args.level,
                                  tile_shape=args.tile, batch=args.batch, iou=args.iou,
@@ -311,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("classical kernel (physical units)")
     g.add_argument("--sigma", type=float, help="smoothing (default 1 pixel)")
     g.add_argument("--min-distance", type=float, help="closest two object centres (default 5 pixels)")
-    g.add_argument("--min-size", type=int, default=16, help="smallest object in voxels (default 16)")
+    g.add_argument("--min-size", type=int, help="smallest object in voxels (default 16; U-Net: 12); also for --model")
     g.add_argument("--threshold", type=float, help="foreground threshold in input units (default: Otsu)")
     g.add_argument("--halo", type=_ints, help="halo in pixels, one or per axis (default 32): > largest object")
     g = p.add_argument_group("tiling")

@@ -244,15 +244,21 @@ def classical_spec(input_url: str, *, level: int = 0, sigma: float | None = None
                          min_size=min_size, halo=list(halo) if halo else None, channels=source.n_channels)
 
 
-def model_spec(model_dir: str) -> KernelSpec:
-    """The ``segment-unet`` kernel for a model folder, keyed by its weights hash (resume-safe)."""
+def model_spec(model_dir: str, min_size: int | None = None) -> KernelSpec:
+    """The ``segment-unet`` kernel for a model folder, keyed by its weights hash (resume-safe);
+    ``min_size`` (voxels) drops smaller objects (default: the kernel's, 12)."""
     from kernels.modelfile import ModelFileError, model_kernel_spec
 
     try:
-        return model_kernel_spec(model_dir, "segment", "segment-unet",
+        spec = model_kernel_spec(model_dir, "segment", "segment-unet",
                                  "segmentation needs one from `tilewise train segment`")
     except ModelFileError as exc:
         raise OptionError(str(exc)) from None
+    if min_size is not None:
+        if min_size < 0:
+            raise OptionError(f"--min-size must be >= 0 voxels, got {min_size}.")
+        spec = KernelSpec.of(spec.name, **spec.params, min_size=int(min_size))
+    return spec
 
 
 def _finish_stitched_rows(files: StitchFiles, t_url: str, spec: TableSpec, storage_options: dict | None) -> None:

@@ -123,6 +123,30 @@ def test_unet_tiled_equals_untiled(annotated, unet_model, client, tmp_path):
     assert match(a, b, thresholds=[0.5])[0].f1 >= 0.99
 
 
+def test_unet_sees_mirrored_edges_and_labels_only_the_volume(annotated, unet_model):
+    """A zero margin past the edge reads as foreground to a network trained on image content;
+    the U-Net kernel asks for a mirrored edge and labels nothing outside the valid region."""
+    from kernels import build_kernel
+    from pipeline.run import prepare_engine
+    from pipeline.segment import model_spec
+
+    path, _, _ = annotated
+    setup = prepare_engine(path, model_spec(unet_model[0]))
+    assert setup.plan.pad_mode == "reflect" and setup.params["pad_mode"] == "reflect"
+    kernel = build_kernel(model_spec(unet_model[0], min_size=0))
+    kernel.load("cpu")
+    block = setup.norm.apply(open_image(path).read((slice(None), slice(None)))[None])
+    padded = np.pad(block, ((0, 0), (8, 8), (8, 8)), mode="reflect")[None]
+    valid = (slice(8, 8 + block.shape[1]), slice(8, 8 + block.shape[2]))
+    free = kernel(padded)[0, 0]
+    masked = kernel(padded, valid=[valid])[0, 0]
+    outside = np.ones(masked.shape, bool)
+    outside[valid] = False
+    assert (free[outside] > 0).any()  # without the valid region, mirrored objects are labelled
+    assert not (masked[outside] > 0).any()
+    assert (masked[valid] > 0).any()
+
+
 def test_cli_train_and_segment(annotated, tmp_path):
     from pipeline.cli import main
     from pipeline.tables import read_table
