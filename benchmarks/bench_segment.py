@@ -36,7 +36,8 @@ def _store(url: str, image: np.ndarray, axes: str, chunks, labels: np.ndarray | 
     from pipeline.io import create_image, create_labels, default_axes
     from pipeline.pyramid import finalize_image
 
-    sink = create_image(url, shape=image.shape, dtype=image.dtype, axes=default_axes(axes), chunks=chunks)
+    sink = create_image(url, shape=image.shape, dtype=image.dtype, axes=default_axes(axes), chunks=chunks,
+                        overwrite=True)
     sink.write(tuple(slice(0, s) for s in image.shape), image)
     finalize_image(sink, client, progress=False)
     if labels is not None:

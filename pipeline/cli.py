@@ -122,8 +122,9 @@ def cmd_train_denoise(args) -> None:
     from pipeline.train import train_denoise
 
     card = train_denoise(args.input, args.model, method=args.method, patch=args.patch, steps=args.steps,
-                         batch=args.batch, level=args.level, depth=args.depth, width=args.width, seed=args.seed,
-                         overwrite=args.overwrite, progress=not args.quiet)
+                         batch=args.batch, level=args.level, depth=args.depth, width=args.width,
+                         mask_fraction=args.mask_fraction, seed=args.seed, overwrite=args.overwrite,
+                         progress=not args.quiet)
     print(f"wrote {args.model}: {card.method}, validation loss {card.validation_loss:.5f}, "
           f"{card.training['seconds']:.0f} s, weights {card.weights_sha256[:12]}")
 
@@ -284,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="model folder to write")
     p.add_argument("--method", choices=("n2v2", "n2s"), default="n2v2", help="N2V2 (default) or Noise2Self")
     _add_training_options(p, "64,64 or 16,64,64", batch=16, depth=2)
+    p.add_argument("--mask-fraction", type=float, help="n2v2: share of pixels masked per patch (default 0.02)")
     p.set_defaults(func=cmd_train_denoise)
 
     p = train.add_parser("segment", help="3-class U-Net (background/interior/boundary) from annotated labels",

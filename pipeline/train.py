@@ -131,10 +131,11 @@ def prepare_model_folder(model_dir: str, overwrite: bool) -> None:
 
 def train_denoise(input_url: str, model_dir: str, *, method: str = "n2v2", patch: Sequence[int] | None = None,
                   steps: int = 2000, batch: int = 16, level: int = 0, depth: int = 2, width: int = 32,
-                  seed: int = 0, overwrite: bool = False, progress: bool = True, device: str | None = None,
-                  storage_options: dict | None = None):
+                  mask_fraction: float | None = None, seed: int = 0, overwrite: bool = False, progress: bool = True,
+                  device: str | None = None, storage_options: dict | None = None):
     """Train a self-supervised denoiser on the image itself and write a model folder.
 
+    ``mask_fraction``: N2V pixels masked per patch (default ``TrainConfig.mask_fraction``).
     Returns the model card as written.
     """
     from kernels.denoise import TrainConfig, train_denoiser
@@ -142,6 +143,8 @@ def train_denoise(input_url: str, model_dir: str, *, method: str = "n2v2", patch
 
     if method not in ("n2v2", "n2s"):
         raise OptionError(f"Unknown denoising method '{method}'; choose n2v2 or n2s.")
+    if mask_fraction is not None and not 0 < mask_fraction <= 0.25:
+        raise OptionError(f"--mask-fraction must be in (0, 0.25], got {mask_fraction} (N2V uses 0.002-0.02).")
     prepare_model_folder(model_dir, overwrite)
     source = open_image(input_url, storage_options)
     spatial, _ = kernel_layout(source)
@@ -153,8 +156,9 @@ def train_denoise(input_url: str, model_dir: str, *, method: str = "n2v2", patch
     pool = PatchPool(source, patch, norm, level=level, seed=seed)
     pool_axes = _pool_axes(pool.patch, [1.0] * len(pool.patch), depth)  # thin axes (anisotropic z) not pooled
     _check_patch(pool.patch, pool_axes, depth)
+    extra = {} if mask_fraction is None else {"mask_fraction": float(mask_fraction)}
     cfg = TrainConfig(method=method, patch=pool.patch, batch=batch, steps=steps, seed=seed, depth=depth, width=width,
-                      pool=pool_axes)
+                      pool=pool_axes, **extra)
     validation = pool.validation(cfg.val_patches, np.random.default_rng(seed + 1))
     result = train_denoiser(pool.sample, validation, cfg, channels=source.n_channels, device=device, progress=progress)
     card = ModelCard(task="denoise", method=method, architecture=result.config.to_dict(),
