@@ -1,6 +1,6 @@
 """Denoising quality (PSNR, dB) and speed, every row measured in one run on the same images.
 
-    python -m benchmarks.bench_denoise [--steps-2d 600] [--steps-3d 400] [--lightsheet 32,192,192]
+    python -m benchmarks.bench_denoise [--steps-2d 2500] [--steps-3d 1000] [--lightsheet 32,192,192]
 
 Images: the real DSB-2018 nuclei image (fetched from the stardist wheel) scaled to 5 and 20
 expected photons at the brightest pixel, with Poisson noise and Gaussian read noise of sigma 2 %
@@ -98,8 +98,8 @@ def rows_for(name, noisy, clean, rng_, work, client, steps, patch, width, batch)
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps-2d", type=int, default=600)
-    parser.add_argument("--steps-3d", type=int, default=400)
+    parser.add_argument("--steps-2d", type=int, default=2500)
+    parser.add_argument("--steps-3d", type=int, default=1000)
     parser.add_argument("--lightsheet", default="32,192,192", help="synthetic light-sheet shape")
     parser.add_argument("--photons", default="5,20")
     parser.add_argument("--workdir")

@@ -285,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="model folder to write")
     p.add_argument("--method", choices=("n2v2", "n2s"), default="n2v2", help="N2V2 (default) or Noise2Self")
     _add_training_options(p, "64,64 or 16,64,64", batch=16, depth=2)
-    p.add_argument("--mask-fraction", type=float, help="n2v2: share of pixels masked per patch (default 0.02)")
+    p.add_argument("--mask-fraction", type=float, help="n2v2: share of pixels masked per patch (default 0.1)")
     p.set_defaults(func=cmd_train_denoise)
 
     p = train.add_parser("segment", help="3-class U-Net (background/interior/boundary) from annotated labels",
