@@ -30,10 +30,9 @@ def architecture(method: Method, ndim: int, channels: int = 1, depth: int = 2, w
                  pool: tuple[int, ...] = ()) -> UNetConfig:
     """N2V2: max-blur-pool, no top skip, no residual. Noise2Self: a plain U-Net.
 
-    No normalisation layers: BatchNorm's
-    batch statistics of small batches of masked patches (train) against running ones (inference)
-    cost 1.6 dB on DSB-2018 at 5 photons after 600 steps (27.1 vs 28.7 dB); without them the
-    network is also exactly tile-invariant in either mode.
+    No normalisation layers: BatchNorm's batch statistics of small batches of masked patches
+    (training) against its running ones (inference) cost 1.6 dB on DSB-2018 at 5 photons after
+    600 steps (27.1 vs 28.7 dB); without them the network is also tile-invariant in either mode.
     """
     if method == "n2v2":
         return UNetConfig(ndim=ndim, in_channels=channels, out_channels=channels, depth=depth, width=width,
