@@ -181,6 +181,11 @@ def reaches_halo_edge(local: np.ndarray, n_core: int, read: Region, shape: Seque
     return int(np.count_nonzero((ids > 0) & (ids <= n_core)))
 
 
+def inside_padding(tile: Tile, pad: Sequence[tuple[int, int]]) -> Region:
+    """The part of a padded read block that lies inside the volume (the tile's read region)."""
+    return tuple(slice(lo, lo + (r.stop - r.start)) for (lo, _), r in zip(pad, tile.read))
+
+
 @dataclass(frozen=True)
 class LabelTileTask(TileTask):
     """Pass 1: label each tile's core + halo, write global ids, the shell and partial sums."""
@@ -206,8 +211,7 @@ class LabelTileTask(TileTask):
         blocks = [self.read(tile.read, pad) for tile, pad in zip(tiles, pads)]
         valid = None
         if getattr(model, "takes_valid", False):  # e.g. a network that sees mirrored edges but labels none
-            valid = [tuple(slice(lo, lo + (r.stop - r.start)) for (lo, _), r in zip(pad, tile.read))
-                     for tile, pad in zip(tiles, pads)]
+            valid = [inside_padding(tile, pad) for tile, pad in zip(tiles, pads)]
         outputs = self.apply(model, blocks, valid)
         seconds = (time.perf_counter() - started) / len(tiles)
         results = []
@@ -218,7 +222,7 @@ class LabelTileTask(TileTask):
     def finish_tile(self, tile: Tile, pad: tuple[tuple[int, int], ...], block: np.ndarray, labels: np.ndarray,
                     seconds: float) -> dict[str, Any]:
         assert self.files is not None
-        unpadded = tuple(slice(lo, s - hi) for (lo, hi), s in zip(pad, labels.shape))
+        unpadded = inside_padding(tile, pad)
         core_in_read = shift(tile.core, [sl.start for sl in tile.read])
         local, n_core = renumber_core_first(labels[unpadded], core_in_read)
         core = local[core_in_read]
