@@ -32,6 +32,8 @@ def _add_cluster_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--scheduler", metavar="ADDRESS", help="address of a running Dask scheduler (tcp://host:8786)")
     g.add_argument("--scheduler-file", metavar="FILE", help="scheduler file written by `dask scheduler` / dask-jobqueue")
     g.add_argument("--workers", type=int, metavar="N", help="worker processes of the local cluster")
+    g.add_argument("--gpu-tiles", type=int, metavar="N", default=None,
+                   help="tiles in flight per GPU on the local cluster (default 4; fewer on small GPUs)")
 
 
 def _add_output_options(p: argparse.ArgumentParser) -> None:
@@ -44,7 +46,12 @@ def _client(args) -> Iterator[Any]:
     """Connect as the options say and print the dashboard link, where progress can be watched."""
     from pipeline.cluster import connect
 
-    with connect(scheduler=args.scheduler, scheduler_file=args.scheduler_file, n_workers=args.workers) as client:
+    from pipeline.cluster import GPU_TILES_IN_FLIGHT
+
+    if args.gpu_tiles is not None and args.gpu_tiles < 1:
+        raise OptionError(f"--gpu-tiles must be at least 1, got {args.gpu_tiles}.")
+    with connect(scheduler=args.scheduler, scheduler_file=args.scheduler_file, n_workers=args.workers,
+                 gpu_tiles=args.gpu_tiles or GPU_TILES_IN_FLIGHT) as client:
         if not args.quiet:
             workers = len(client.scheduler_info(n_workers=-1).get("workers", {}))
             print(f"dask: {workers} workers, dashboard {client.dashboard_link}", file=sys.stderr)

@@ -154,7 +154,8 @@ def train_denoise(input_url: str, model_dir: str, *, method: str = "n2v2", patch
         patch = (64, 64) if len(spatial) == 2 else (16, 64, 64)
     norm = Normalisation.of(source)
     pool = PatchPool(source, patch, norm, level=level, seed=seed)
-    pool_axes = _pool_axes(pool.patch, [1.0] * len(pool.patch), depth)  # thin axes (anisotropic z) not pooled
+    scale = [source.level(level).scale[i] for i in spatial]
+    pool_axes = _pool_axes(pool.patch, scale, depth)  # coarse (anisotropic z) or thin axes are not pooled
     _check_patch(pool.patch, pool_axes, depth)
     extra = {} if mask_fraction is None else {"mask_fraction": float(mask_fraction)}
     cfg = TrainConfig(method=method, patch=pool.patch, batch=batch, steps=steps, seed=seed, depth=depth, width=width,

@@ -143,14 +143,17 @@ def test_blended_tiled_equals_blended_untiled(tmp_path, client, axes, shape, chu
 
 def test_gpu_kernels_run_only_on_workers_with_a_gpu_resource(tmp_path):
     """Routing by ``resources={"GPU": 1}``: on a cluster where one of two workers advertises a
-    GPU, every tile of a GPU kernel lands on that worker (CPU-only here, so the label is all)."""
+    GPU, every tile of a GPU kernel lands on that worker (CPU-only here, so the label is all).
+    The GPU worker is the default cluster's spec: two tiles in flight, one process per device."""
     from distributed import Client, Nanny, Scheduler, SpecCluster
+
+    from pipeline.cluster import gpu_worker_specs
 
     data = np.random.default_rng(5).integers(0, 100, size=(16, 32, 32)).astype(np.uint16)
     url = _image(tmp_path, "in.ome.zarr", data, "zyx", (8, 16, 16))
     spec = KernelSpec.of("convnet", ndim=3, depth=2, width=4, seed=7)
     workers = {
-        "gpu": {"cls": Nanny, "options": {"nthreads": 1, "resources": {"GPU": 1}}},
+        "gpu": gpu_worker_specs(n_gpus=1, cores=2, tiles_in_flight=2)["gpu-0"],
         "cpu": {"cls": Nanny, "options": {"nthreads": 1}},
     }
     scheduler = {"cls": Scheduler, "options": {"dashboard_address": ":0"}}
@@ -158,6 +161,7 @@ def test_gpu_kernels_run_only_on_workers_with_a_gpu_resource(tmp_path):
         c.wait_for_workers(2)
         run_kernel(url, str(tmp_path / "o.ome.zarr"), spec, c, progress=False, tile_shape=(8, 16, 16))
         info = c.scheduler_info(n_workers=-1)["workers"]
+        assert sorted(w["resources"].get("GPU", 0) for w in info.values()) == [0, 2]
         loads = {info[addr]["name"]: counts.get(spec.key, 0) for addr, counts in c.run(load_counts).items()}
     assert loads == {"gpu": 1, "cpu": 0}
 
