@@ -1,16 +1,19 @@
 """GPU figures (run on a CUDA machine; CI has none, so ``make bench`` skips this without CUDA).
 
-    python -m benchmarks.bench_gpu [--shape 128,1024,1024] [--train-steps 300]
+    python -m benchmarks.bench_gpu [--shape 128,1024,1024] [--train-steps 300] [--tiles-in-flight 1,2,4]
+                                   [--parts agreement,throughput]
 
-Uses the default cluster, as a user's ``tilewise run-kernel`` would: one worker process per GPU
-advertising ``resources={"GPU": 1}``, so it exercises the CUDA path end to end.
+Uses the default cluster's GPU workers, as a user's ``tilewise run-kernel`` would: one worker
+process per GPU, model tasks asking for ``resources={"GPU": 1}``, so it exercises the CUDA path
+end to end.
 
 - agreement: the conv-net tiled through the engine on the GPU against the same kernel on the whole
   padded volume on the GPU and on the CPU (max abs difference, float32).
 - training: N2V2 3D steps per second on the GPU (default patch and batch of ``tilewise train``).
 - throughput: voxels/s through the engine (read + kernel + crop + write) against the same kernel
   on in-memory padded tiles of the same shapes, as tasks on the same GPU worker, for the conv-net
-  and the trained denoiser; best of two interleaved rounds.
+  and the trained denoiser; best of two interleaved rounds; for each number of tiles in flight
+  per GPU worker (``pipeline.cluster.gpu_worker_specs``).
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHMARKS = ["benchmarks.bench_io", "benchmarks.bench_engine", "benchmarks.bench_denoise", "benchmarks.bench_segment"]
+BENCHMARKS = ["benchmarks.bench_io", "benchmarks.bench_engine", "benchmarks.bench_denoise", "benchmarks.bench_segment",
+              "benchmarks.bench_gpu"]  # bench_gpu skips itself without CUDA
 
 
 def main() -> int:
