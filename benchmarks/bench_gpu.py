@@ -57,7 +57,7 @@ def _whole(spec_params: dict, volume: np.ndarray, device: str) -> np.ndarray:
 
 
 def part_agreement(work: Path, client) -> dict:
-    from kernels import KernelSpec
+    from kernels import KernelSpec, build_kernel
     from pipeline.io import open_image
     from pipeline.run import run_kernel
     from pipeline.stats import Normalisation
@@ -72,7 +72,7 @@ def part_agreement(work: Path, client) -> dict:
     source = open_image(url)
     raw = source.read((slice(None),) * 3).astype(np.float32)
     norm = Normalisation.of(source)
-    x = norm.apply(raw[None])[0] if build_spec_kernel(spec).normalize else raw
+    x = norm.apply(raw[None])[0] if build_kernel(spec).normalize else raw
     gpu = client.submit(_whole, CONVNET, x, "cuda", resources={"GPU": 1}, pure=False).result()
     cpu = _whole(CONVNET, x, "cpu")
     return {"shape": list(shape), "tile": [32, 128, 128],
@@ -80,12 +80,6 @@ def part_agreement(work: Path, client) -> dict:
             "max_abs_tiled_gpu_vs_whole_cpu": float(np.abs(tiled - cpu).max()),
             "max_abs_whole_gpu_vs_whole_cpu": float(np.abs(gpu - cpu).max()),
             "output_range": [float(cpu.min()), float(cpu.max())]}
-
-
-def build_spec_kernel(spec):
-    from kernels import build_kernel
-
-    return build_kernel(spec)
 
 
 def _train(url: str, model: str, steps: int) -> dict:
@@ -111,7 +105,7 @@ def prepare_throughput(work: Path, client, shape, train_steps: int) -> tuple[str
 
 
 def part_throughput(work: Path, client, url: str, model: str, shape) -> dict:
-    from kernels import KernelSpec
+    from kernels import KernelSpec, build_kernel
     from pipeline.denoise import denoise, model_spec
     from pipeline.plan import make_plan
     from pipeline.run import run_kernel
@@ -120,7 +114,7 @@ def part_throughput(work: Path, client, url: str, model: str, shape) -> dict:
     kernels = {"convnet": KernelSpec.of("convnet", **CONVNET), "denoise_n2v2": model_spec(model)}
     voxels = int(np.prod(shape))
     for name, spec in kernels.items():
-        halo = build_spec_kernel(spec).halo
+        halo = build_kernel(spec).halo
         plan = make_plan(shape, "zyx", TILE, dict(zip("zyx", halo)), tile_shape=TILE)
         cores = [tuple(sl.stop - sl.start for sl in t.core) for t in plan]
         client.submit(_direct_tiles, spec, cores[:1], resources={"GPU": 1}, pure=False).result()  # load + warm
