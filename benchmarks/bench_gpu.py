@@ -140,15 +140,11 @@ def part_throughput(work: Path, client, url: str, model: str, shape) -> dict:
 
 def _gpu_cluster(tiles_in_flight: int):
     """The default GPU cluster (``pipeline.cluster``) with a given number of tiles in flight."""
-    import logging
+    from distributed import Client
 
-    from distributed import Client, Scheduler, SpecCluster
+    from pipeline.cluster import _local_cluster
 
-    from pipeline.cluster import cuda_devices, default_workers, gpu_worker_specs
-
-    cluster = SpecCluster(workers=gpu_worker_specs(cuda_devices(), default_workers(), tiles_in_flight=tiles_in_flight),
-                          scheduler={"cls": Scheduler, "options": {"dashboard_address": ":0"}},
-                          silence_logs=logging.WARNING)
+    cluster = _local_cluster(None, 1, "auto", gpu_tiles=tiles_in_flight)
     return cluster, Client(cluster)
 
 

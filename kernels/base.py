@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
@@ -90,18 +91,27 @@ def default_device() -> str:
 
 
 _RESIDENT: dict[str, Kernel] = {}
+_LOADING = threading.Lock()
 LOADS: dict[str, int] = {}  # loads per spec key in this process (tests prove "once per worker")
 
 
 def resident(spec: KernelSpec, device: str | None = None) -> Kernel:
-    """The loaded kernel for ``spec`` in this process, loading it on first use only."""
+    """The loaded kernel for ``spec`` in this process, loading it on first use only.
+
+    A worker runs several tile tasks at once in its threads (GPU workers keep tiles in flight,
+    ``pipeline.cluster.gpu_worker_specs``): the lock makes the first of them load the model and
+    the others wait for it, instead of each loading its own copy onto the device.
+    """
     kernel = _RESIDENT.get(spec.key)
     if kernel is None:
-        kernel = build_kernel(spec)
-        kernel.load(device or default_device())
-        _RESIDENT[spec.key] = kernel
-        LOADS[spec.key] = LOADS.get(spec.key, 0) + 1
-        log.info("loaded kernel %s (%s) in process %d", spec.name, spec.key, os.getpid())
+        with _LOADING:
+            kernel = _RESIDENT.get(spec.key)
+            if kernel is None:
+                kernel = build_kernel(spec)
+                kernel.load(device or default_device())
+                _RESIDENT[spec.key] = kernel
+                LOADS[spec.key] = LOADS.get(spec.key, 0) + 1
+                log.info("loaded kernel %s (%s) in process %d", spec.name, spec.key, os.getpid())
     return kernel
 
 

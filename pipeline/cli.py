@@ -44,9 +44,7 @@ def _add_output_options(p: argparse.ArgumentParser) -> None:
 @contextmanager
 def _client(args) -> Iterator[Any]:
     """Connect as the options say and print the dashboard link, where progress can be watched."""
-    from pipeline.cluster import connect
-
-    from pipeline.cluster import GPU_TILES_IN_FLIGHT
+    from pipeline.cluster import GPU_TILES_IN_FLIGHT, connect
 
     if args.gpu_tiles is not None and args.gpu_tiles < 1:
         raise OptionError(f"--gpu-tiles must be at least 1, got {args.gpu_tiles}.")

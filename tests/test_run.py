@@ -177,3 +177,22 @@ def test_tile_metadata_is_kept_in_the_manifest(tmp_path, client):
     meta = RunManifest(str(tmp_path / "o.ome.zarr")).tile_metadata()
     assert sorted(meta) == list(range(s.tiles)) and sum(m["voxels"] for m in meta.values()) == data.size
     assert open_image(str(tmp_path / "o.ome.zarr" / "identity")).levels[0].dtype == "uint16"
+
+
+def test_tasks_running_at_once_in_one_worker_load_the_model_once():
+    """GPU workers keep several tiles in flight: their first tasks race to load the model."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kernels.base import resident
+
+    spec = KernelSpec.of("convnet", ndim=3, depth=2, width=4, seed=123)
+    start = threading.Barrier(4)
+
+    def first_use(_):
+        start.wait()
+        return id(resident(spec, "cpu"))
+
+    with ThreadPoolExecutor(4) as pool:
+        kernels = set(pool.map(first_use, range(4)))
+    assert len(kernels) == 1 and load_counts()[spec.key] == 1
