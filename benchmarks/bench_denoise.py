@@ -17,7 +17,6 @@ About 55 minutes on 2 CPU cores (training dominates); minutes on a GPU.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import tempfile
 import time
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.measure import RESULTS, save
+from benchmarks.measure import previous, save
 
 
 def psnr(x: np.ndarray, ref: np.ndarray, data_range: float) -> float:
@@ -82,8 +81,8 @@ def learned(noisy: np.ndarray, clean: np.ndarray, rng_: float, method: str, step
     return psnr(result, clean, rng_), {
         "train_seconds": train_s, "steps_run": card.training["history"][-1]["step"],
         "validation_loss": card.validation_loss, "inference_voxels_per_s": summary.voxels_per_s,
-        "inference_seconds": summary.seconds, "tiles_flagged": len(report.flagged), "patch": list(patch), "pool": card.training["pool"],
-        "width": width, "batch": batch}
+        "inference_seconds": summary.seconds, "tiles_flagged": len(report.flagged), "patch": list(patch),
+        "pool": card.training["pool"], "width": width, "batch": batch}
 
 
 def rows_for(name, noisy, clean, rng_, work, client, steps, patch, width, batch, scale=None) -> dict:
@@ -122,10 +121,7 @@ def main(argv=None) -> dict:
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="tilewise-bench-denoise-"))
     work.mkdir(parents=True, exist_ok=True)
-    previous = RESULTS / "denoise.json"
-    results: dict = json.loads(previous.read_text()) if previous.exists() and images != {"dsb", "lightsheet"} else {}
-    for key in ("benchmark", "machine", "date"):
-        results.pop(key, None)
+    results: dict = previous("denoise") if images != {"dsb", "lightsheet"} else {}
     results["note"] = __doc__.split("\n\n")[3]  # the images and rows
     with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0", silence_logs=40) as cluster, \
             Client(cluster) as client:

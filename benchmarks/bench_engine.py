@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.measure import RESULTS, run_measured, save
+from benchmarks.measure import previous, run_measured, save
 
 CONVNET = dict(ndim=3, depth=4, width=16, seed=0)
 TILE = (64, 256, 256)
@@ -279,9 +279,7 @@ def main(argv=None) -> dict:
         Path(args.json).write_text(json.dumps(result))
         return result
     # parts can be run separately (--parts); each run updates its parts in the saved results
-    saved = RESULTS / "engine.json"
-    results: dict = {k: v for k, v in json.loads(saved.read_text()).items() if k in (*PARTS, "memory")} \
-        if saved.exists() else {}
+    results: dict = {k: v for k, v in previous("engine").items() if k in (*PARTS, "memory")}
     try:
         for name in args.parts.split(","):
             print(f"-- {name}", flush=True)

@@ -19,7 +19,6 @@ end to end.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.bench_engine import CONVNET, _random_volume
-from benchmarks.measure import RESULTS, save
+from benchmarks.measure import previous, save
 
 TILE = (64, 256, 256)
 
@@ -138,40 +137,28 @@ def part_throughput(work: Path, client, url: str, model: str, shape) -> dict:
     return rows
 
 
-def _gpu_cluster(tiles_in_flight: int):
-    """The default GPU cluster (``pipeline.cluster``) with a given number of tiles in flight."""
-    from distributed import Client
-
-    from pipeline.cluster import _local_cluster
-
-    cluster = _local_cluster(None, 1, "auto", gpu_tiles=tiles_in_flight)
-    return cluster, Client(cluster)
-
-
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shape", default="128,1024,1024")
     parser.add_argument("--train-steps", type=int, default=300)
-    parser.add_argument("--tiles-in-flight", default="1,2", help="GPU tiles in flight per worker to compare")
+    parser.add_argument("--tiles-in-flight", default="1,2,4", help="GPU tiles in flight per worker to compare")
     parser.add_argument("--parts", default="agreement,throughput")
     args = parser.parse_args(argv)
     import torch
+
+    from pipeline.cluster import connect
 
     if not torch.cuda.is_available():
         print("bench_gpu: no CUDA device; skipped")
         return {}
     parts = set(args.parts.split(","))
     shape = tuple(int(v) for v in args.shape.split(","))
-    previous = RESULTS / "gpu.json"
-    results: dict = json.loads(previous.read_text()) if previous.exists() and parts != {"agreement", "throughput"} else {}
-    for key in ("benchmark", "machine", "date"):
-        results.pop(key, None)
+    results: dict = previous("gpu") if parts != {"agreement", "throughput"} else {}
     results.update({"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
                     "tf32_conv": torch.backends.cudnn.allow_tf32})
     with tempfile.TemporaryDirectory(prefix="tilewise-bench-gpu-") as tmp:
         work = Path(tmp)
-        cluster, client = _gpu_cluster(1)
-        with cluster, client:
+        with connect(gpu_tiles=1) as client:  # the default cluster: its GPU workers
             if "agreement" in parts:
                 results["agreement"] = part_agreement(work, client)
                 print("agreement", results["agreement"], flush=True)
@@ -184,8 +171,7 @@ def main(argv=None) -> dict:
                                              "tiles of the same shapes on the same GPU worker; best of 2 rounds.",
                                      "by_tiles_in_flight": {}}
             for k in (int(v) for v in args.tiles_in_flight.split(",")):
-                cluster, client = _gpu_cluster(k)
-                with cluster, client:
+                with connect(gpu_tiles=k) as client:
                     print("tiles in flight", k, flush=True)
                     results["throughput"]["by_tiles_in_flight"][str(k)] = part_throughput(work, client, url, model,
                                                                                           shape)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.measure import RESULTS, run_measured, save
+from benchmarks.measure import previous, run_measured, save
 
 CELL = 5
 
@@ -231,8 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     work = Path(args.workdir or tempfile.mkdtemp(prefix="tw-bench-seg-"))
     work.mkdir(parents=True, exist_ok=True)
-    previous = RESULTS / "segment.json"
-    result = json.loads(previous.read_text()) if previous.exists() else {}
+    result = previous("segment")
     try:
         parts = args.parts.split(",")
         if "dsb" in parts:

@@ -61,6 +61,14 @@ def machine() -> dict[str, Any]:
             "platform": platform.platform(), "python": platform.python_version()}
 
 
+def previous(name: str) -> dict[str, Any]:
+    """The last saved results of a benchmark without their header (benchmark, machine, date), so
+    a run of some parts can keep the others and still be stamped with its own header."""
+    path = RESULTS / f"{name}.json"
+    saved = json.loads(path.read_text()) if path.exists() else {}
+    return {k: v for k, v in saved.items() if k not in ("benchmark", "machine", "date")}
+
+
 def save(name: str, payload: dict[str, Any]) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"

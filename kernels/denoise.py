@@ -52,7 +52,7 @@ class TrainConfig:
     lr: float = 1e-3
     # N2V: share of pixels masked per patch. The papers' 0.2 % suits 10^5 GPU steps; 10 % gives
     # each step 50x the loss signal for the same compute. At 600 steps: light-sheet 3D 36.4 dB
-    # at 2 %, 38.9 at 5 %, 39.2 at 10 %; DSB 2D flat from 5 to 10 % (29.6, 29.5). The median
+    # at 2 %, 38.9 at 5 %, 39.2 at 10 % (measured with z still pooled, see ``pipeline.train``); DSB 2D flat from 5 to 10 % (29.6, 29.5). The median
     # replacement draws on 24 (2D) or 124 (3D) neighbours, so another masked pixel among them
     # leaks next to nothing of its value.
     mask_fraction: float = 0.1

@@ -144,7 +144,8 @@ def train_denoise(input_url: str, model_dir: str, *, method: str = "n2v2", patch
     if method not in ("n2v2", "n2s"):
         raise OptionError(f"Unknown denoising method '{method}'; choose n2v2 or n2s.")
     if mask_fraction is not None and not 0 < mask_fraction <= 0.25:
-        raise OptionError(f"--mask-fraction must be in (0, 0.25], got {mask_fraction} (the N2V papers use 0.002; tilewise defaults to 0.1).")
+        raise OptionError(f"--mask-fraction must be in (0, 0.25], got {mask_fraction} "
+                          "(the N2V papers use 0.002; tilewise defaults to 0.1).")
     prepare_model_folder(model_dir, overwrite)
     source = open_image(input_url, storage_options)
     spatial, _ = kernel_layout(source)
