@@ -59,9 +59,9 @@ def best_nlm(noisy, clean, rng_):
 
 def learned(noisy: np.ndarray, clean: np.ndarray, rng_: float, method: str, steps: int, work: Path, client,
             patch, width: int, batch: int, scale=None) -> tuple[float, dict]:
-    from pipeline.denoise import denoise
+    from pipeline.steps.denoise import denoise
     from pipeline.io import create_image, default_axes, open_image
-    from pipeline.train import train_denoise
+    from pipeline.steps.train import train_denoise
 
     axes = default_axes("zyx"[-noisy.ndim:])
     url = str(work / f"noisy-{noisy.ndim}d.ome.zarr")

@@ -46,9 +46,9 @@ def _cluster(workers: int = 2):
 
 def _random_volume(url: str, shape, client, chunks=TILE, seed: int = 0) -> None:
     """A uint16 volume of smooth-ish random data, written chunk by chunk (no pyramid)."""
-    from pipeline.grid import iter_regions, n_regions
+    from pipeline.core.regions import iter_regions, n_regions
     from pipeline.io import create_image, default_axes
-    from pipeline.tasks import run_tasks
+    from pipeline.engine.submit import run_tasks
 
     sink = create_image(url, shape=shape, dtype=np.uint16, axes=default_axes("zyx"), chunks=chunks, n_levels=1,
                         overwrite=True)
@@ -67,7 +67,7 @@ def _engine_setup(work: Path, shape):
     """The conv-net spec, a 2-worker cluster, the input volume, and both workers warmed up
     (torch imported, model resident) as the direct baseline is."""
     from kernels import KernelSpec
-    from pipeline.run import run_kernel
+    from pipeline.steps.apply import run_kernel
 
     spec = KernelSpec.of("convnet", **CONVNET)
     cluster, client = _cluster()
@@ -85,8 +85,8 @@ def part_efficiency(work: Path, shape, rounds: int = 2) -> dict:
     """Engine and direct runs interleaved ``rounds`` times on the same warmed-up worker processes;
     each side's best round is compared (this shared machine's speed drifts by ~10 % over minutes,
     which one engine run followed by one direct run would report as engine overhead)."""
-    from pipeline.plan import make_plan
-    from pipeline.run import run_kernel
+    from pipeline.engine.plan import make_plan
+    from pipeline.steps.apply import run_kernel
 
     spec, cluster, client, url = _engine_setup(work, shape)
     plan = make_plan(shape, "zyx", TILE, {"z": 4, "y": 4, "x": 4}, tile_shape=TILE)
@@ -123,9 +123,9 @@ def _direct_tile(core_shape) -> float:
     from kernels import KernelSpec, resident
 
     kernel = resident(KernelSpec.of("convnet", **CONVNET))
-    h = kernel.halo
+    h = kernel.traits.halo
     block = np.random.default_rng(0).random((1, 1, *(c + 2 * x for c, x in zip(core_shape, h))), dtype=np.float32)
-    out = kernel(block)
+    out = kernel.run(block)
     return float(out[0, 0, 0, 0, 0])
 
 
@@ -133,7 +133,7 @@ def part_map_overlap(work: Path, shape) -> dict:
     import dask.array as da
     import zarr
 
-    from pipeline.run import run_kernel
+    from pipeline.steps.apply import run_kernel
 
     spec, cluster, client, url = _engine_setup(work, shape)
     base = _client_peak()
@@ -171,16 +171,16 @@ def _convnet_block(block: np.ndarray, lo: float, hi: float) -> np.ndarray:
 
     kernel = resident(KernelSpec.of("convnet", **CONVNET))
     x = (block.astype(np.float32) - lo) / max(hi - lo, 1e-12)
-    return kernel(x[None, None])[0, 0]
+    return kernel.run(x[None, None])[0, 0]
 
 
 def part_plan_1tb(work: Path, shape) -> dict:
     from kernels import KernelSpec
     from pipeline.io import create_image, default_axes, open_image
-    from pipeline.manifest import RunManifest
-    from pipeline.plan import make_plan
-    from pipeline.run import TileTask, tiles_per_task
-    from pipeline.tasks import run_tasks
+    from pipeline.engine.manifest import RunManifest
+    from pipeline.engine.plan import make_plan
+    from pipeline.engine.runner import ImageTileJob, TileReader, tiles_per_task
+    from pipeline.engine.submit import run_tasks
 
     big = (2048, 16384, 16384)
     cluster, client = _cluster()
@@ -196,7 +196,8 @@ def part_plan_1tb(work: Path, shape) -> dict:
     source = open_image(src.url)
     manifest = RunManifest(str(work / "tb-out.ome.zarr"))
     todo = [t for t in range(len(plan)) if t not in manifest.done()]
-    task = TileTask(source, 0, False, KernelSpec.of("identity"), plan, out, manifest, None)
+    reader = TileReader(source, 0, False, plan.pad_mode, "raw", None)
+    task = ImageTileJob(KernelSpec.of("identity"), reader, plan, out, manifest)
     per_task = tiles_per_task(len(todo), 1)
     plan_s = time.perf_counter() - t0
     groups = (tuple(todo[i:i + per_task]) for i in range(0, len(todo), per_task))
@@ -210,7 +211,7 @@ def part_plan_1tb(work: Path, shape) -> dict:
     return {"shape": list(big), "bytes": int(np.prod(big)) * 2, "tile": list(plan.tile_shape), "halo": list(plan.halo),
             "tiles": len(plan), "tiles_per_task": per_task, "tasks": n, "plan_s": plan_s, "plan_and_submit_s": total_s, "tasks_per_s": n / total_s,
             "client_peak_rss_bytes": peak, "client_rss_before_bytes": base,
-            "note": "every task ships the real TileTask payload and rebuilds its Tiles from their ids; no I/O"}
+            "note": "every task ships the real ImageTileJob payload and rebuilds its Tiles from their ids; no I/O"}
 
 
 def _noop_tile(args) -> int:
@@ -233,7 +234,7 @@ def part_memory(work: Path, size_gb: float) -> dict:
 
 def run_memory_engine(url: str, out: str) -> None:
     from kernels import KernelSpec
-    from pipeline.run import run_kernel
+    from pipeline.steps.apply import run_kernel
 
     cluster, client = _cluster()
     run_kernel(url, out, KernelSpec.of("gaussian", sigma=[1.0, 1.0, 1.0]), client, tile_shape=TILE, progress=False,

@@ -13,7 +13,7 @@ end to end.
 - throughput: voxels/s through the engine (read + kernel + crop + write) against the same kernel
   on in-memory padded tiles of the same shapes, as tasks on the same GPU worker, for the conv-net
   and the trained denoiser; best of two interleaved rounds; for each number of tiles in flight
-  per GPU worker (``pipeline.cluster.gpu_worker_specs``).
+  per GPU worker (``pipeline.engine.cluster.gpu_worker_specs``).
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ def _direct_tiles(spec, cores) -> float:
     rng = np.random.default_rng(0)
     t0 = time.perf_counter()
     for core in cores:
-        block = rng.random((1, 1, *(c + 2 * h for c, h in zip(core, kernel.halo))), dtype=np.float32)
-        kernel(block)
+        block = rng.random((1, 1, *(c + 2 * h for c, h in zip(core, kernel.traits.halo))), dtype=np.float32)
+        kernel.run(block)
     return time.perf_counter() - t0
 
 
@@ -49,17 +49,18 @@ def _whole(spec_params: dict, volume: np.ndarray, device: str) -> np.ndarray:
 
     kernel = build_kernel(KernelSpec.of("convnet", **spec_params))
     kernel.load(device)
-    pad = [(0, 0), (0, 0)] + [(h, h) for h in kernel.halo]
-    out = kernel(np.pad(volume[None, None], pad, mode="reflect"))
-    crop = (0, 0) + tuple(slice(h, h + s) for h, s in zip(kernel.halo, volume.shape))
+    halo = kernel.traits.halo
+    pad = [(0, 0), (0, 0)] + [(h, h) for h in halo]
+    out = kernel.run(np.pad(volume[None, None], pad, mode="reflect"))
+    crop = (0, 0) + tuple(slice(h, h + s) for h, s in zip(halo, volume.shape))
     return out[crop]
 
 
 def part_agreement(work: Path, client) -> dict:
     from kernels import KernelSpec, build_kernel
     from pipeline.io import open_image
-    from pipeline.run import run_kernel
-    from pipeline.stats import Normalisation
+    from pipeline.steps.apply import run_kernel
+    from pipeline.engine.stats import Normalisation
 
     shape = (45, 300, 333)  # not multiples of the tile
     url = str(work / "agree.ome.zarr")
@@ -71,7 +72,7 @@ def part_agreement(work: Path, client) -> dict:
     source = open_image(url)
     raw = source.read((slice(None),) * 3).astype(np.float32)
     norm = Normalisation.of(source)
-    x = norm.apply(raw[None])[0] if build_kernel(spec).normalize else raw
+    x = norm.apply(raw[None])[0] if build_kernel(spec).traits.input == "normalised" else raw
     gpu = client.submit(_whole, CONVNET, x, "cuda", resources={"GPU": 1}, pure=False).result()
     cpu = _whole(CONVNET, x, "cpu")
     return {"shape": list(shape), "tile": [32, 128, 128],
@@ -82,7 +83,7 @@ def part_agreement(work: Path, client) -> dict:
 
 
 def _train(url: str, model: str, steps: int) -> dict:
-    from pipeline.train import train_denoise
+    from pipeline.steps.train import train_denoise
 
     t0 = time.perf_counter()
     card = train_denoise(url, model, method="n2v2", steps=steps, overwrite=True, progress=False, device="cuda")
@@ -105,15 +106,15 @@ def prepare_throughput(work: Path, client, shape, train_steps: int) -> tuple[str
 
 def part_throughput(work: Path, client, url: str, model: str, shape) -> dict:
     from kernels import KernelSpec, build_kernel
-    from pipeline.denoise import denoise, model_spec
-    from pipeline.plan import make_plan
-    from pipeline.run import run_kernel
+    from pipeline.steps.denoise import denoise, model_spec
+    from pipeline.engine.plan import make_plan
+    from pipeline.steps.apply import run_kernel
 
     rows = {}
     kernels = {"convnet": KernelSpec.of("convnet", **CONVNET), "denoise_n2v2": model_spec(model)}
     voxels = int(np.prod(shape))
     for name, spec in kernels.items():
-        halo = build_kernel(spec).halo
+        halo = build_kernel(spec).traits.halo
         plan = make_plan(shape, "zyx", TILE, dict(zip("zyx", halo)), tile_shape=TILE)
         cores = [tuple(sl.stop - sl.start for sl in t.core) for t in plan]
         client.submit(_direct_tiles, spec, cores[:1], resources={"GPU": 1}, pure=False).result()  # load + warm
@@ -146,7 +147,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     import torch
 
-    from pipeline.cluster import connect
+    from pipeline.engine.cluster import connect
 
     if not torch.cuda.is_available():
         print("bench_gpu: no CUDA device; skipped")

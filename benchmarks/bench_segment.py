@@ -34,7 +34,7 @@ CELL = 5
 
 def _store(url: str, image: np.ndarray, axes: str, chunks, labels: np.ndarray | None = None, client=None) -> str:
     from pipeline.io import create_image, create_labels, default_axes
-    from pipeline.pyramid import finalize_image
+    from pipeline.engine.pyramid import finalize_image
 
     sink = create_image(url, shape=image.shape, dtype=image.dtype, axes=default_axes(axes), chunks=chunks,
                         overwrite=True)
@@ -61,8 +61,8 @@ def part_dsb(work: Path, steps: int) -> dict:
 
     from kernels.metrics import match
     from pipeline.data.fetch import load_sample_arrays
-    from pipeline.segment import classical_spec, model_spec, segment_labels
-    from pipeline.train import train_segment
+    from pipeline.steps.segment import classical_spec, model_spec, segment_labels
+    from pipeline.steps.train import train_segment
 
     image, labels, _ = load_sample_arrays("dsb2018")
     half = image.shape[1] // 2
@@ -92,7 +92,7 @@ def part_dsb(work: Path, steps: int) -> dict:
                             "scores": _scores(right_truth, res.labels)}
         print(f"classical (min distance {best_d}): {out['classical']['scores']['0.50']}", flush=True)
         model = str(work / "unet")
-        card = train_segment(left, "nuclei", model, patch=(64, 64), steps=steps, batch=16, depth=3, width=16,
+        card = train_segment(left, model, labels="nuclei", patch=(64, 64), steps=steps, batch=16, depth=3, width=16,
                              progress=False, overwrite=True)
         # its one free post-processing parameter (smallest object), picked on the training half
         size_choice = {}
@@ -169,7 +169,7 @@ def stitch_run(work: str) -> None:
     from distributed import Client, LocalCluster
 
     from kernels import KernelSpec
-    from pipeline.segment import segment_labels
+    from pipeline.steps.segment import segment_labels
 
     with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0", silence_logs=40,
                       memory_limit="8GiB") as cluster, Client(cluster) as client:
@@ -182,9 +182,9 @@ def stitch_run(work: str) -> None:
 def part_stitch(work: Path, cells: tuple[int, ...]) -> dict:
     from distributed import Client, LocalCluster
 
-    from pipeline.grid import iter_regions
+    from pipeline.core.regions import iter_regions
     from pipeline.io import create_image, default_axes, store
-    from pipeline.tasks import run_tasks
+    from pipeline.engine.submit import run_tasks
 
     shape = tuple(c * CELL for c in cells)
     url = str(work / "lattice.ome.zarr")
@@ -205,7 +205,7 @@ def part_stitch(work: Path, cells: tuple[int, ...]) -> dict:
             progress=False))))
     truth_ids, got_ids = pairs >> np.uint64(32), pairs & np.uint64(2**32 - 1)
     bijection = len(pairs) == len(np.unique(truth_ids)) == len(np.unique(got_ids)) == n_objects
-    from pipeline.tables import read_table
+    from pipeline.io.tables import read_table
 
     table = read_table(str(work / "stitched.ome.zarr"), "nuclei", columns=["label", "voxels", "tiles"])
     return {"shape": list(shape), "voxels": int(np.prod(shape)), "objects": n_objects, "tiles": summary["tiles"],

@@ -3,21 +3,22 @@
 Training sees only noisy data: a blind-spot mask (``kernels.masking``) hides pixels from the
 network and the loss is the squared error on those pixels only, which in expectation is the
 error against the clean signal plus the noise variance (Batson & Royer 2019). Patches come from
-a caller-supplied sampler, so this module knows nothing of stores: ``pipeline.train`` feeds it
+a caller-supplied sampler, so this module knows nothing of stores: ``pipeline.steps.train`` feeds it
 patches drawn from random chunks of an OME-Zarr image.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Literal
 
 import numpy as np
 
-from kernels.base import register
+from kernels.contract import BatchContext, Scaling
 from kernels.masking import augment, grid_mask, n2v_mask
 from kernels.modelfile import UNetModelKernel
+from kernels.training import TrainResult
 from kernels.unet import UNetConfig
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ class TrainConfig:
     lr: float = 1e-3
     # N2V: share of pixels masked per patch. The papers' 0.2 % suits 10^5 GPU steps; 10 % gives
     # each step 50x the loss signal for the same compute. At 600 steps: light-sheet 3D 36.4 dB
-    # at 2 %, 38.9 at 5 %, 39.2 at 10 % (measured with z still pooled, see ``pipeline.train``); DSB 2D flat from 5 to 10 % (29.6, 29.5). The median
+    # at 2 %, 38.9 at 5 %, 39.2 at 10 % (measured with z still pooled, see ``pipeline.steps.train``); DSB 2D flat from 5 to 10 % (29.6, 29.5). The median
     # replacement draws on 24 (2D) or 124 (3D) neighbours, so another masked pixel among them
     # leaks next to nothing of its value.
     mask_fraction: float = 0.1
@@ -69,16 +70,6 @@ class TrainConfig:
         d = asdict(self)
         d["patch"], d["pool"] = list(self.patch), list(self.pool)
         return d
-
-
-@dataclass
-class TrainResult:
-    state_dict: dict
-    config: UNetConfig
-    best_val_loss: float
-    history: list[dict] = field(default_factory=list)
-    seconds: float = 0.0
-    device: str = "cpu"
 
 
 def mask_batch(batch: np.ndarray, cfg: TrainConfig, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -99,7 +90,7 @@ def train_denoiser(sample: PatchSampler, validation: np.ndarray, cfg: TrainConfi
     masked loss on ``validation`` patches (held-out data, masked once with a fixed seed)."""
     import torch
 
-    from kernels.base import default_device
+    from kernels.resident import default_device
     from kernels.training import fit
     from kernels.unet import UNet
 
@@ -123,27 +114,35 @@ def train_denoiser(sample: PatchSampler, validation: np.ndarray, cfg: TrainConfi
     return TrainResult(result.state_dict, net_cfg, result.best_val_loss, result.history, result.seconds, device)
 
 
-@register("denoise")
 class DenoiseKernel(UNetModelKernel):
-    """A trained denoiser from a model folder (see ``kernels.modelfile``); keyed by its hash."""
+    """A trained denoiser from a model folder (see ``kernels.modelfile``); keyed by its hash.
+
+    It sees normalised input (the input's global percentiles at the card's levels) and maps its
+    output back to input units itself, with the scaling in its context.
+    """
 
     name = "denoise"
-    normalize = True  # inputs scaled by the engine's global percentiles ...
-    denormalize = True  # ... and outputs scaled back to input units
+    task = "denoise"
     # a residual whose neighbours correlate this much is structure, not noise
     residual_correlation_limit = 0.2
 
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
-        return self.predict(batch)
+    def __call__(self, batch: np.ndarray, context: BatchContext) -> np.ndarray:
+        out = self.predict(batch)
+        if context.scaling is None:
+            return out
+        return np.stack([context.scaling.invert(block) for block in out])
 
-    def describe_tile(self, inp: np.ndarray, out: np.ndarray) -> dict[str, Any]:
-        """Residual (input - output) statistics: the hallucination guard.
+    def describe_tile(self, inputs: np.ndarray, outputs: np.ndarray, scaling: Scaling | None) -> dict[str, Any]:
+        """Residual (input - output) statistics in normalised units: the hallucination guard.
 
         Removed noise is independent from pixel to pixel; a residual whose neighbouring pixels
-        correlate holds image structure the model took away (or invented), which is flagged.
+        correlate holds image structure the model took away (or invented): ``flagged``.
         """
-        r = (inp - out).astype(np.float64)
-        r = r - r.mean()
+        if scaling is not None:
+            outputs = scaling.apply(outputs)
+        r = (inputs - outputs).astype(np.float64)
+        mean = float(r.mean())
+        r = r - mean
         var = float((r**2).mean())
         corr = []
         for axis in range(1, r.ndim):
@@ -152,9 +151,5 @@ class DenoiseKernel(UNetModelKernel):
                 b = np.take(r, range(1, r.shape[axis]), axis=axis)
                 corr.append(float((a * b).mean() / var))
         lag1 = max(corr) if corr else 0.0
-        meta: dict[str, Any] = {"residual_mean": float((inp - out).mean()), "residual_std": var**0.5,
-                                "residual_lag1_correlation": lag1}
-        if lag1 > self.residual_correlation_limit:
-            meta["warning"] = (f"residual is not noise-like (neighbour correlation {lag1:.2f} > "
-                               f"{self.residual_correlation_limit}): the denoiser removed structure here")
-        return meta
+        return {"residual_mean": mean, "residual_std": var**0.5, "residual_lag1_correlation": lag1,
+                "flagged": lag1 > self.residual_correlation_limit}

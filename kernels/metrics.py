@@ -52,23 +52,46 @@ class Matching:
                 "accuracy": self.accuracy, "panoptic_quality": self.panoptic_quality}
 
 
-def iou_table(truth: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """IoU of every overlapping (truth id, predicted id) pair, background (0) excluded.
+def overlap_iou(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """IoU of every overlapping pair of objects of two label images, background (0) excluded.
 
-    Returns ``(truth_ids, pred_ids, iou)`` as three aligned 1-D arrays; pairs that do not
-    overlap are absent (their IoU is 0).
+    Returns ``(a_ids, b_ids, iou)`` as three aligned 1-D arrays (uint64 ids, sorted by pair);
+    pairs that do not overlap are absent. Each pair is packed into one uint64 key, so counting
+    is one ``np.unique`` over the overlap; ids of 2^32 and above are ranked first. Used by the
+    accuracy metrics and by tile stitching (``pipeline.steps.stitch``), so both count overlaps
+    the same way.
     """
-    if truth.shape != pred.shape:
-        raise ValueError(f"label images differ in shape: {truth.shape} vs {pred.shape}")
-    t = truth.ravel().astype(np.int64)
-    p = pred.ravel().astype(np.int64)
-    t_ids, t_counts = np.unique(t, return_counts=True)
-    p_ids, p_counts = np.unique(p, return_counts=True)
-    both = (t > 0) & (p > 0)
-    pairs, inter = np.unique(np.stack([t[both], p[both]]), axis=1, return_counts=True)
-    ta = t_counts[np.searchsorted(t_ids, pairs[0])]
-    pa = p_counts[np.searchsorted(p_ids, pairs[1])]
-    return pairs[0], pairs[1], inter / (ta + pa - inter)
+    if a.shape != b.shape:
+        raise ValueError(f"label images differ in shape: {a.shape} vs {b.shape}")
+    a = a.ravel().astype(np.uint64)
+    b = b.ravel().astype(np.uint64)
+    if a.size and max(int(a.max()), int(b.max())) >= 1 << 32:
+        (a, a_names), (b, b_names) = _ranked(a), _ranked(b)
+        pa, pb, iou = overlap_iou(a, b)
+        return a_names[pa.astype(np.int64)], b_names[pb.astype(np.int64)], iou
+    both = (a > 0) & (b > 0)
+    if not both.any():
+        empty = np.empty(0, np.uint64)
+        return empty, empty, np.empty(0, np.float64)
+    keys, inter = np.unique(a[both] << np.uint64(32) | b[both], return_counts=True)
+    pa, pb = keys >> np.uint64(32), keys & np.uint64(0xFFFFFFFF)
+    a_ids, a_counts = np.unique(a[a > 0], return_counts=True)
+    b_ids, b_counts = np.unique(b[b > 0], return_counts=True)
+    union = a_counts[np.searchsorted(a_ids, pa)] + b_counts[np.searchsorted(b_ids, pb)] - inter
+    return pa, pb, inter / union
+
+
+def _ranked(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Ids renumbered 1..n in sorted order (0 stays background), and the table back."""
+    names = np.unique(ids[ids > 0])
+    ranked = np.where(ids > 0, np.searchsorted(names, ids) + 1, 0).astype(np.uint64)
+    return ranked, np.concatenate([[np.uint64(0)], names])
+
+
+def iou_table(truth: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """IoU of every overlapping (truth id, predicted id) pair as int64 ids (see :func:`overlap_iou`)."""
+    t_ids, p_ids, iou = overlap_iou(truth, pred)
+    return t_ids.astype(np.int64), p_ids.astype(np.int64), iou
 
 
 def match(truth: np.ndarray, pred: np.ndarray, thresholds: Sequence[float] = THRESHOLDS) -> list[Matching]:

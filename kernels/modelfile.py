@@ -18,11 +18,15 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from kernels.contract import Kernel, KernelParams, KernelTraits
+from kernels.errors import ModelFileError
+from kernels.registry import KernelSpec
+
 WEIGHTS, CARD = "weights.pt", "card.json"
-
-
-class ModelFileError(ValueError):
-    """A model folder is missing, incomplete or does not match its card."""
+DEFAULT_PERCENTILES = (1.0, 99.9)
+# What the card's ``normalisation`` means at inference, written into every card.
+INFERENCE_NORMALISATION = ("inputs are scaled by their own global percentiles at these levels (computed once per "
+                           "input image); low/high here are the training image's, for reference")
 
 
 class ModelCard(BaseModel):
@@ -33,7 +37,7 @@ class ModelCard(BaseModel):
     task: str  # "denoise", "segment", ...
     method: str  # "n2v2", "n2s", "unet3class", ...
     architecture: dict[str, Any]
-    normalisation: dict[str, Any]  # how inputs were scaled in training
+    normalisation: dict[str, Any]  # percentiles, the training image's low/high, and ``at_inference``
     training: dict[str, Any] = Field(default_factory=dict)
     data: dict[str, Any] = Field(default_factory=dict)  # fingerprint of the training data
     validation_loss: float | None = None
@@ -96,33 +100,48 @@ def load_model(folder: str | os.PathLike, device: str = "cpu") -> tuple[ModelCar
     return card, state
 
 
-class UNetModelKernel:
+def card_percentiles(card: ModelCard) -> tuple[float, float]:
+    """The percentile levels a model's inputs are normalised at (cards before these were
+    recorded used the engine's default)."""
+    lo, hi = card.normalisation.get("percentiles", DEFAULT_PERCENTILES)
+    return float(lo), float(hi)
+
+
+class UNetModelKernel(Kernel):
     """The shared half of the kernels that run a trained U-Net from a model folder: read the
     card (cheap, on the client: halo and alignment come from the architecture), load the
-    checked weights once per worker, and run batches under ``torch.inference_mode()``."""
+    checked weights once per worker, and run batches under ``torch.inference_mode()``.
 
-    uses_gpu = True
-    max_batch = 16
+    Subclasses name the card ``task`` they take and may widen the traits.
+    """
 
-    def __init__(self, model: str, sha256: str = ""):
+    task: str = ""
+
+    class Params(KernelParams):
+        model: str
+        sha256: str = ""
+
+    def __init__(self, params: Params):
         from kernels.unet import UNetConfig, receptive_field
 
-        self.model_path = model
-        self.card = read_card(model)
-        if sha256 and sha256 != self.card.weights_sha256:
-            raise ModelFileError(f"model '{model}' changed since this run started (weights hash differs)")
+        super().__init__(params)
+        self.card = read_card(params.model)
+        if self.task and self.card.task != self.task:
+            raise ModelFileError(f"'{params.model}' is a {self.card.task} model, not a {self.task} model.")
+        if params.sha256 and params.sha256 != self.card.weights_sha256:
+            raise ModelFileError(f"model '{params.model}' changed since this run started (weights hash differs)")
         self.config = UNetConfig(**{**self.card.architecture, "pool": tuple(self.card.architecture["pool"])})
-        self.ndim = self.config.ndim
-        self.in_channels, self.out_channels = self.config.in_channels, self.config.out_channels
-        self.halo = receptive_field(self.config).halo
-        self.align = self.config.factor
+        self.traits = KernelTraits(ndim=self.config.ndim, in_channels=self.config.in_channels,
+                                   out_channels=self.config.out_channels, halo=receptive_field(self.config).halo,
+                                   align=self.config.factor, percentiles=card_percentiles(self.card),
+                                   max_batch=16, device="gpu")
         self.net = None
         self.device = "cpu"
 
     def load(self, device: str) -> None:
         from kernels.unet import UNet
 
-        _, state = load_model(self.model_path, device)
+        _, state = load_model(self.params.model, device)
         net = UNet(self.config)
         net.load_state_dict(state)
         self.net, self.device = net.to(device).eval(), device
@@ -138,11 +157,9 @@ class UNetModelKernel:
             return self.net.forward_padded(x).float().cpu().numpy()
 
 
-def model_kernel_spec(folder: str | os.PathLike, task: str, kernel: str, needs: str):
+def model_kernel_spec(folder: str | os.PathLike, task: str, kernel: str, needs: str) -> KernelSpec:
     """The spec of ``kernel`` for a model folder of ``task``, keyed by its weights hash, so a
     resumed run can prove it uses the same weights; ``needs`` ends the wrong-task message."""
-    from kernels.base import KernelSpec
-
     card = read_card(folder)
     if card.task != task:
         raise ModelFileError(f"'{folder}' is a {card.task} model; {needs}.")

@@ -5,7 +5,8 @@ objects' inner rim). Touching nuclei are then separated by a boundary band the n
 to see; interior blobs seed a watershed that grows them back over the boundary band. The loss
 is class-weighted cross-entropy (boundaries are rare) plus soft Dice on interior and boundary,
 robust to the imbalance either way. Patches come from a caller's sampler: this module knows
-nothing of stores (``pipeline.train`` feeds it).
+nothing of stores (``pipeline.steps.train`` feeds it). The classes and the watershed that undoes
+them live in ``kernels.instances``.
 """
 
 from __future__ import annotations
@@ -16,39 +17,14 @@ from typing import Callable
 
 import numpy as np
 
+from kernels.instances import BACKGROUND, BOUNDARY, INTERIOR, instances_from_probabilities, three_class  # noqa: F401 (re-exported)
 from kernels.masking import augment
+from kernels.training import TrainResult
 from kernels.unet import UNetConfig
 
 log = logging.getLogger(__name__)
 
-BACKGROUND, INTERIOR, BOUNDARY = 0, 1, 2
 PairSampler = Callable[[int, np.random.Generator], np.ndarray]  # (n, rng) -> (n, C + 1, *patch): image, classes
-
-
-def three_class(labels: np.ndarray) -> np.ndarray:
-    """Instance labels -> uint8 classes: 0 background, 1 interior, 2 boundary (inner rim)."""
-    from skimage.segmentation import find_boundaries
-
-    classes = (labels > 0).astype(np.uint8)
-    classes[find_boundaries(labels, mode="inner") & (labels > 0)] = BOUNDARY
-    return classes
-
-
-def instances_from_probabilities(prob: np.ndarray, min_size: int = 12, threshold: float = 0.5) -> np.ndarray:
-    """``(3, *spatial)`` class probabilities -> int32 instance labels.
-
-    Seeds are the connected interior regions (touching objects are split by the boundary
-    class); a watershed on the interior probability grows them over the foreground.
-    """
-    from scipy import ndimage
-
-    from kernels.segment import seeded_watershed
-
-    foreground = prob[BACKGROUND] < threshold
-    seeds, _ = ndimage.label(prob[INTERIOR] > threshold)
-    if seeds.max() == 0:
-        return np.zeros(prob.shape[1:], np.int32)
-    return seeded_watershed(1.0 - prob[INTERIOR], seeds, foreground | (seeds > 0), min_size)
 
 
 @dataclass(frozen=True)
@@ -108,13 +84,12 @@ def augment_intensity(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def train_segmenter(sample: PairSampler, validation: np.ndarray, cfg: SegmentTrainConfig, *, channels: int = 1,
-                    device: str | None = None, progress: bool = True):
-    """Train on ``(n, C + 1, *patch)`` pairs (image channels, then the class map); returns a
-    ``kernels.denoise.TrainResult``-like record with the best weights by validation loss."""
+                    device: str | None = None, progress: bool = True) -> TrainResult:
+    """Train on ``(n, C + 1, *patch)`` pairs (image channels, then the class map); returns the
+    best weights by validation loss."""
     import torch
 
-    from kernels.base import default_device
-    from kernels.denoise import TrainResult
+    from kernels.resident import default_device
     from kernels.training import fit
     from kernels.unet import UNet
 

@@ -24,6 +24,19 @@ class FitResult:
     seconds: float = 0.0
 
 
+@dataclass
+class TrainResult:
+    """What every trainer returns: the best weights, the architecture (a ``UNetConfig``) they
+    fit, and how training went; ``pipeline.steps.train`` turns it into a model folder."""
+
+    state_dict: dict
+    config: Any
+    best_val_loss: float
+    history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    device: str = "cpu"
+
+
 def fit(net: Any, train_loss: Callable[[int], Any], val_loss: Callable[[], float], *, steps: int, lr: float,
         val_every: int, patience: int, desc: str = "train", progress: bool = True) -> FitResult:
     """Optimise ``net`` for at most ``steps`` steps; ``train_loss(step)`` returns a scalar tensor.

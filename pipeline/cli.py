@@ -8,7 +8,7 @@ import sys
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence
 
-from pipeline.errors import OptionError, TilewiseError
+from pipeline.core.errors import OptionError, TilewiseError
 
 log = logging.getLogger("tilewise")
 
@@ -44,7 +44,7 @@ def _add_output_options(p: argparse.ArgumentParser) -> None:
 @contextmanager
 def _client(args) -> Iterator[Any]:
     """Connect as the options say and print the dashboard link, where progress can be watched."""
-    from pipeline.cluster import GPU_TILES_IN_FLIGHT, connect
+    from pipeline.engine.cluster import GPU_TILES_IN_FLIGHT, connect
 
     if args.gpu_tiles is not None and args.gpu_tiles < 1:
         raise OptionError(f"--gpu-tiles must be at least 1, got {args.gpu_tiles}.")
@@ -90,7 +90,7 @@ def cmd_sample(args) -> None:
 
 def cmd_convert(args) -> None:
     from pipeline.io import store
-    from pipeline.io.convert import convert
+    from pipeline.steps.convert import convert
 
     if not args.overwrite:  # refuse an existing output before starting a cluster
         store.prepare_output(args.output, False)
@@ -103,7 +103,7 @@ def cmd_convert(args) -> None:
 def cmd_run_kernel(args) -> None:
     from kernels import KernelSpec
     from pipeline.io import open_image, store
-    from pipeline.run import run_kernel
+    from pipeline.steps.apply import run_kernel
 
     source = open_image(args.input)  # validate the input before starting a cluster
     ndim = len(source.spatial_dims)
@@ -118,13 +118,13 @@ def cmd_run_kernel(args) -> None:
         spec = KernelSpec.of("convnet", ndim=ndim, in_channels=source.n_channels, out_channels=args.out_channels,
                              width=args.width, depth=args.depth, seed=args.seed)
     with _client(args) as client:
-        summary = run_kernel(args.input, args.output, spec, client, **_engine_options(args, ndim))
+        summary = run_kernel(args.input, args.output, spec, client, _engine_options(args, ndim), out_dtype=args.dtype)
     print(f"wrote {store.join(args.output, spec.name)}: {summary.computed} tiles computed, {summary.skipped} already "
           f"done, {summary.voxels_per_s / 1e6:.2f} Mvox/s")
 
 
 def cmd_train_denoise(args) -> None:
-    from pipeline.train import train_denoise
+    from pipeline.steps.train import train_denoise
 
     card = train_denoise(args.input, args.model, method=args.method, patch=args.patch, steps=args.steps,
                          batch=args.batch, level=args.level, depth=args.depth, width=args.width,
@@ -135,22 +135,22 @@ def cmd_train_denoise(args) -> None:
 
 
 def cmd_denoise(args) -> None:
-    from pipeline.denoise import denoise
+    from pipeline.steps.denoise import denoise
     from pipeline.io import open_image, store
 
     source = open_image(args.input)
     with _client(args) as client:
         summary, report = denoise(args.input, args.output, args.model, client,
-                                  **_engine_options(args, len(source.spatial_dims)))
+                                  _engine_options(args, len(source.spatial_dims)), out_dtype=args.dtype)
     print(f"wrote {store.join(args.output, 'denoised')}: {summary.computed} tiles computed, {summary.skipped} already "
           f"done, {summary.voxels_per_s / 1e6:.2f} Mvox/s; residual std {report.residual_std_median:.4f} "
           f"(normalised), {len(report.flagged)} tiles flagged")
 
 
 def cmd_train_segment(args) -> None:
-    from pipeline.train import train_segment
+    from pipeline.steps.train import train_segment
 
-    card = train_segment(args.image, args.labels, args.model, patch=args.patch, steps=args.steps, batch=args.batch,
+    card = train_segment(args.image, args.model, labels=args.labels, patch=args.patch, steps=args.steps, batch=args.batch,
                          level=args.level, depth=args.depth, width=args.width, seed=args.seed,
                          overwrite=args.overwrite, progress=not args.quiet)
     print(f"wrote {args.model}: 3-class U-Net, validation loss {card.validation_loss:.4f}, "
@@ -159,7 +159,7 @@ def cmd_train_segment(args) -> None:
 
 def cmd_segment(args) -> None:
     from pipeline.io import open_image
-    from pipeline.segment import classical_spec, model_spec, segment_labels
+    from pipeline.steps.segment import classical_spec, model_spec, segment_labels
 
     source = open_image(args.input)  # validate the input (and the model) before starting a cluster
     ndim = len(source.spatial_dims)
@@ -175,9 +175,9 @@ def cmd_segment(args) -> None:
                               min_size=16 if args.min_size is None else args.min_size, halo=halo,
                               threshold=args.threshold)
     with _client(args) as client:
-        summary = segment_labels(args.input, args.output, spec, client, name=args.name, level=args.level,
-                                 tile_shape=args.tile, batch=args.batch, iou=args.iou,
-                                 consecutive=not args.sparse_ids, table=not args.no_table, overwrite=args.overwrite,
+        summary = segment_labels(args.input, args.output, spec, client, name=args.name, iou=args.iou,
+                                 consecutive=not args.sparse_ids, table=not args.no_table, level=args.level,
+                                 tile_shape=args.tile, batch=args.batch, overwrite=args.overwrite,
                                  progress=not args.quiet)
     print(f"wrote {summary.labels}: {summary.objects} objects ({summary.stitched_objects} stitched across "
           f"{summary.tiles} tiles)" + (f", table {summary.table}" if summary.table else ""))
@@ -202,8 +202,8 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--level", type=int, default=0, help="input pyramid level (default 0)")
     g.add_argument("--tile", type=_ints, help="tile core shape over the spatial axes (rounded to chunks)")
     g.add_argument("--batch", type=int, default=1, help="tiles per task, stacked into one model call (GPU: 2-8)")
-    g.add_argument("--pad-mode", default="reflect", choices=("reflect", "symmetric", "edge", "constant"),
-                   help="how the halo is filled past the volume edge (default reflect)")
+    g.add_argument("--pad-mode", choices=("reflect", "symmetric", "edge", "constant"),
+                   help="how the halo is filled past the volume edge (default: the kernel's own, e.g. reflect)")
     g.add_argument("--blend", type=_ints, metavar="WINDOW",
                    help="weight-blend model windows of this size (per spatial axis) instead of crop-stitching halos")
     g.add_argument("--blend-overlap", type=float, default=0.25, help="overlap of blend windows (default 0.25)")
@@ -211,8 +211,8 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--overwrite", action="store_true", help="replace an existing output instead of resuming")
 
 
-def _engine_options(args, ndim: int) -> dict[str, Any]:
-    from pipeline.run import Blend
+def _engine_options(args, ndim: int):
+    from pipeline.engine.runner import Blend, EngineOptions
 
     blend = None
     if args.blend:
@@ -220,8 +220,8 @@ def _engine_options(args, ndim: int) -> dict[str, Any]:
         if len(window) != ndim:
             raise OptionError(f"--blend needs one size or {ndim} sizes (one per spatial axis), got {args.blend}.")
         blend = Blend(tuple(window), args.blend_overlap)
-    return dict(level=args.level, tile_shape=args.tile, batch=args.batch, pad_mode=args.pad_mode, blend=blend,
-                out_dtype=args.dtype, overwrite=args.overwrite, progress=not args.quiet)
+    return EngineOptions.of(level=args.level, tile_shape=args.tile, batch=args.batch, pad_mode=args.pad_mode,
+                            blend=blend, overwrite=args.overwrite, progress=not args.quiet)
 
 
 def build_parser() -> argparse.ArgumentParser:

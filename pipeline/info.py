@@ -6,6 +6,7 @@ from typing import Any, Mapping
 
 from pipeline.io import store
 from pipeline.io.read import ImageSource, list_tables, open_image, walk_images
+from pipeline.io.tables import count_rows
 
 
 def _fmt(values) -> str:
@@ -30,10 +31,7 @@ def _describe_image(src: ImageSource, title: str, indent: str) -> list[str]:
 
 def _table_rows(url: str, name: str, storage_options) -> int | None:
     try:
-        import pyarrow.dataset as ds
-
-        fs, path = store._fs(store.join(url, "tables", name), storage_options)
-        return ds.dataset(path, filesystem=fs, format="parquet").count_rows()
+        return count_rows(url, name, storage_options)
     except Exception:  # an unreadable table is reported without a row count
         return None
 
@@ -43,7 +41,7 @@ def _standalone_labels(url: str, storage_options) -> list[str]:
     import zarr
 
     try:
-        group = zarr.open_group(store=store.join(url, "labels"), mode="r", **store._kwargs(storage_options))
+        group = store.open_group(store.join(url, "labels"), "r", storage_options)
     except Exception:  # no labels group at the root
         return []
     attrs = group.attrs.asdict()

@@ -44,7 +44,7 @@ def ome_image(tmp_path, client):
 
 def make_image(path, client, version="0.5", shape=(21, 70, 83), chunks=(8, 32, 32)):
     from pipeline.io import create_image, create_labels, default_axes
-    from pipeline.pyramid import finalize_image
+    from pipeline.engine.pyramid import finalize_image
 
     rng = np.random.default_rng(0)
     data = rng.integers(0, 4000, size=shape, dtype=np.uint16)

@@ -1,4 +1,4 @@
-"""pipeline.io.convert: TIFF and plain zarr arrays become NGFF images, streamed, input untouched."""
+"""pipeline.steps.convert: TIFF and plain zarr arrays become NGFF images, streamed, input untouched."""
 
 from __future__ import annotations
 

@@ -89,7 +89,7 @@ def test_fetch_sample_reads_from_the_wheel(tmp_path, client):
 def test_fetch_sample_downloads_the_real_wheel(tmp_path, client, monkeypatch):
     """The real path users take: pip download of stardist 0.9.2 (needs PyPI)."""
     monkeypatch.setenv("TILEWISE_CACHE", str(tmp_path / "cache"))
-    from pipeline.errors import InputError
+    from pipeline.core.errors import InputError
 
     try:
         download_archive()

@@ -107,7 +107,7 @@ def test_model_round_trip_and_tampered_weights_are_refused(tiny_models, tmp_path
 
     card, state = load_model(tiny_models[2])
     assert card.method == "n2v2" and card.architecture["blurpool"] and len(card.weights_sha256) == 64
-    kernel = DenoiseKernel(tiny_models[2], card.weights_sha256)
+    kernel = DenoiseKernel(DenoiseKernel.Params(model=str(tiny_models[2]), sha256=card.weights_sha256))
     kernel.load("cpu")
     for k, v in kernel.net.state_dict().items():
         if k in state:
@@ -125,7 +125,7 @@ def test_model_round_trip_and_tampered_weights_are_refused(tiny_models, tmp_path
 
 @pytest.mark.parametrize("ndim, shape, chunks", [(2, (75, 61), (10, 12)), (3, (11, 45, 38), (4, 16, 16))])
 def test_tiled_denoising_equals_whole_image_denoising(tmp_path, client, tiny_models, ndim, shape, chunks):
-    from pipeline.denoise import denoise
+    from pipeline.steps.denoise import denoise
 
     data = np.random.default_rng(4).integers(0, 3000, size=shape).astype(np.uint16)
     url = str(tmp_path / "in.ome.zarr")
@@ -144,13 +144,13 @@ def test_tiled_denoising_equals_whole_image_denoising(tmp_path, client, tiny_mod
 
 
 def test_residual_guard_flags_structure_but_not_noise(tiny_models):
-    kernel = DenoiseKernel(tiny_models[2])
+    kernel = DenoiseKernel(DenoiseKernel.Params(model=str(tiny_models[2])))
     clean, noisy = _noisy_blobs((1, 96, 96))
-    assert "warning" not in kernel.describe_tile(noisy, clean)  # removed noise only
+    assert not kernel.describe_tile(noisy, clean, None)["flagged"]  # removed noise only
     yy, xx = np.mgrid[:96, :96]
     stripes = (np.sin(xx / 3.0) > 0).astype(np.float32)[None]
-    meta = kernel.describe_tile(noisy + stripes, clean)  # the "denoiser" also removed stripes
-    assert meta["residual_lag1_correlation"] > 0.2 and "not noise-like" in meta["warning"]
+    meta = kernel.describe_tile(noisy + stripes, clean, None)  # the "denoiser" also removed stripes
+    assert meta["residual_lag1_correlation"] > 0.2 and meta["flagged"]
 
 
 def test_cli_train_and_denoise(tmp_path, client, capsys):
@@ -174,7 +174,7 @@ def test_cli_train_and_denoise(tmp_path, client, capsys):
 def test_training_keeps_a_coarse_z_at_full_resolution(tmp_path, scale, pool):
     """The U-Net pools an axis only where the voxel size allows (read from the NGFF scale): on the
     light-sheet sample (z twice as coarse) pooling z held N2V2 at 38.2 dB; without, 42.8 dB."""
-    from pipeline.train import train_denoise
+    from pipeline.steps.train import train_denoise
 
     data = np.random.default_rng(2).poisson(50, size=(16, 32, 32)).astype(np.uint16)
     url = str(tmp_path / "in.ome.zarr")

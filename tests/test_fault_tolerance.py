@@ -17,8 +17,8 @@ import pytest
 
 from kernels import KernelSpec
 from pipeline.io import create_image, default_axes, open_image
-from pipeline.manifest import RunManifest
-from pipeline.run import run_kernel
+from pipeline.engine.manifest import RunManifest
+from pipeline.steps.apply import run_kernel
 
 
 def _spawn(args: list[str], log_path) -> subprocess.Popen:

@@ -10,9 +10,9 @@ import pytest
 import zarr
 
 from conftest import make_image, tree_digest
-from pipeline.errors import InputError, OutputExistsError
+from pipeline.core.errors import InputError, OutputExistsError
 from pipeline.io import create_image, default_axes, open_image
-from pipeline.io.convert import convert
+from pipeline.steps.convert import convert
 
 
 def _validate(url: str, version: str) -> None:

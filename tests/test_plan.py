@@ -1,4 +1,4 @@
-"""pipeline.plan: tiles cover the volume exactly once, aligned to chunks, with correct halos."""
+"""pipeline.engine.plan: tiles cover the volume exactly once, aligned to chunks, with correct halos."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from pipeline.errors import OptionError
-from pipeline.grid import is_aligned
-from pipeline.plan import make_plan
+from pipeline.core.errors import OptionError
+from pipeline.core.regions import is_aligned
+from pipeline.engine.plan import make_plan
 
 
 @pytest.mark.parametrize("shape, unit, halo", [

@@ -1,4 +1,4 @@
-"""pipeline.run: tiled equals untiled, models load once per worker, resume, refusal."""
+"""pipeline.engine.runner: tiled equals untiled, models load once per worker, resume, refusal."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from kernels import KernelSpec, build_kernel, resident
-from kernels.base import load_counts
-from pipeline.errors import OutputExistsError
+from kernels import load_counts
+from pipeline.core.errors import OutputExistsError
 from pipeline.io import create_image, default_axes, open_image
-from pipeline.run import run_kernel
+from pipeline.steps.apply import run_kernel
 
 
 def _image(tmp_path, name, data, axes, chunks):
@@ -23,14 +23,15 @@ def _untiled(spec, data, has_c, norm=None):
     """The reference: the kernel on the whole image, padded once by the halo, then cropped."""
     kernel = resident(spec)
     x = data.astype(np.float32)[None] if not has_c else data.astype(np.float32)
-    pads = [(0, 0)] + [(h, h) for h in kernel.halo]
+    halo = kernel.traits.halo
+    pads = [(0, 0)] + [(h, h) for h in halo]
     x = np.pad(x, pads, mode="reflect")
     if norm is not None:
         lo = np.asarray([a for a, _ in norm], np.float32).reshape((-1,) + (1,) * (x.ndim - 1))
         hi = np.asarray([b for _, b in norm], np.float32).reshape(lo.shape)
         x = (x - lo) / np.maximum(hi - lo, 1e-12)
-    y = kernel(x[None])[0]
-    return y[(slice(None),) + tuple(slice(h, h + n) for h, n in zip(kernel.halo, data.shape[-len(kernel.halo):]))]
+    y = kernel.run(x[None])[0]
+    return y[(slice(None),) + tuple(slice(h, h + n) for h, n in zip(halo, data.shape[-len(halo):]))]
 
 
 CASES = [
@@ -51,7 +52,7 @@ def test_tiled_equals_untiled(tmp_path, client, name, axes, shape, chunks, spec)
     out = open_image(str(tmp_path / "out.ome.zarr" / spec.name))
     tiled = out.read((slice(None),) * len(out.dims))
     norm = None
-    if build_kernel(spec).normalize:
+    if build_kernel(spec).traits.input == "normalised":
         import json
 
         norm = json.load(open(tmp_path / "out.ome.zarr" / "_tilewise" / "run.json"))["normalisation"]
@@ -119,7 +120,7 @@ def test_batched_tiles_equal_one_tile_per_call(tmp_path, client):
     ("cyx", (2, 70, 53), (1, 16, 16), (24, 24), "cosine"),
 ])
 def test_blended_tiled_equals_blended_untiled(tmp_path, client, axes, shape, chunks, window, weights):
-    from pipeline.run import Blend
+    from pipeline.engine.runner import Blend
 
     data = np.random.default_rng(4).integers(0, 1000, size=shape).astype(np.uint16)
     url = _image(tmp_path, "in.ome.zarr", data, axes, chunks)
@@ -147,7 +148,7 @@ def test_gpu_kernels_run_only_on_workers_with_a_gpu_resource(tmp_path):
     The GPU worker is the default cluster's spec: two tiles in flight, one process per device."""
     from distributed import Client, Nanny, Scheduler, SpecCluster
 
-    from pipeline.cluster import gpu_worker_specs
+    from pipeline.engine.cluster import gpu_worker_specs
 
     data = np.random.default_rng(5).integers(0, 100, size=(16, 32, 32)).astype(np.uint16)
     url = _image(tmp_path, "in.ome.zarr", data, "zyx", (8, 16, 16))
@@ -168,7 +169,7 @@ def test_gpu_kernels_run_only_on_workers_with_a_gpu_resource(tmp_path):
 
 
 def test_tile_metadata_is_kept_in_the_manifest(tmp_path, client):
-    from pipeline.manifest import RunManifest
+    from pipeline.engine.manifest import RunManifest
 
     data = np.zeros((10, 20, 20), np.uint16)
     url = _image(tmp_path, "in.ome.zarr", data, "zyx", (8, 16, 16))
@@ -184,7 +185,7 @@ def test_tasks_running_at_once_in_one_worker_load_the_model_once():
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
-    from kernels.base import resident
+    from kernels import resident
 
     spec = KernelSpec.of("convnet", ndim=3, depth=2, width=4, seed=123)
     start = threading.Barrier(4)

@@ -1,4 +1,4 @@
-"""kernels.segment / kernels.segment_train / kernels.metrics / pipeline.segment and the CLI."""
+"""kernels.segment / kernels.segment_train / kernels.metrics / pipeline.steps.segment and the CLI."""
 
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ def blobs_with_labels(shape, n, radius, seed):
 
 @pytest.fixture(scope="module")
 def annotated(tmp_path_factory, client):
-    from pipeline.pyramid import finalize_image
+    from pipeline.engine.pyramid import finalize_image
 
     path = str(tmp_path_factory.mktemp("seg") / "img.ome.zarr")
     image, labels = blobs_with_labels((96, 112), 30, 7.0, seed=4)
@@ -94,11 +94,11 @@ def annotated(tmp_path_factory, client):
 
 @pytest.fixture(scope="module")
 def unet_model(annotated, tmp_path_factory):
-    from pipeline.train import train_segment
+    from pipeline.steps.train import train_segment
 
     path, _, _ = annotated
     model = str(tmp_path_factory.mktemp("model") / "seg")
-    card = train_segment(path, "truth", model, patch=(32, 32), steps=60, batch=4, depth=2, width=8, progress=False)
+    card = train_segment(path, model, labels="truth", patch=(32, 32), steps=60, batch=4, depth=2, width=8, progress=False)
     return model, card
 
 
@@ -110,7 +110,7 @@ def test_training_lowers_validation_loss(unet_model):
 
 
 def test_unet_tiled_equals_untiled(annotated, unet_model, client, tmp_path):
-    from pipeline.segment import model_spec, segment_labels
+    from pipeline.steps.segment import model_spec, segment_labels
 
     path, image, _ = annotated
     spec = model_spec(unet_model[0])
@@ -126,20 +126,20 @@ def test_unet_tiled_equals_untiled(annotated, unet_model, client, tmp_path):
 def test_unet_sees_mirrored_edges_and_labels_only_the_volume(annotated, unet_model):
     """A zero margin past the edge reads as foreground to a network trained on image content;
     the U-Net kernel asks for a mirrored edge and labels nothing outside the valid region."""
-    from kernels import build_kernel
-    from pipeline.run import prepare_engine
-    from pipeline.segment import model_spec
+    from kernels import BatchContext, build_kernel
+    from pipeline.engine.runner import EngineOptions, prepare_engine
+    from pipeline.steps.segment import model_spec
 
     path, _, _ = annotated
-    setup = prepare_engine(path, model_spec(unet_model[0]))
+    setup = prepare_engine(path, model_spec(unet_model[0]), EngineOptions())
     assert setup.plan.pad_mode == "reflect" and setup.params["pad_mode"] == "reflect"
     kernel = build_kernel(model_spec(unet_model[0], min_size=0))
     kernel.load("cpu")
-    block = setup.norm.apply(open_image(path).read((slice(None), slice(None)))[None])
+    block = setup.scaling.apply(open_image(path).read((slice(None), slice(None)))[None])
     padded = np.pad(block, ((0, 0), (8, 8), (8, 8)), mode="reflect")[None]
     valid = (slice(8, 8 + block.shape[1]), slice(8, 8 + block.shape[2]))
-    free = kernel(padded)[0, 0]
-    masked = kernel(padded, valid=[valid])[0, 0]
+    free = kernel.run(padded)[0, 0]  # every pixel declared valid
+    masked = kernel(padded, BatchContext((valid,), ((-8, -8),)))[0, 0]
     outside = np.ones(masked.shape, bool)
     outside[valid] = False
     assert (free[outside] > 0).any()  # without the valid region, mirrored objects are labelled
@@ -149,7 +149,7 @@ def test_unet_sees_mirrored_edges_and_labels_only_the_volume(annotated, unet_mod
 
 def test_cli_train_and_segment(annotated, tmp_path):
     from pipeline.cli import main
-    from pipeline.tables import read_table
+    from pipeline.io.tables import read_table
 
     path, _, labels = annotated
     model = str(tmp_path / "m")
@@ -176,9 +176,9 @@ def test_cli_refuses_wrong_model_and_missing_labels(annotated, tmp_path, capsys)
 
 def test_unet_3d_anisotropic_tiled_equals_untiled(tmp_path, client):
     """3D: z pixels 2x coarser, so the U-Net keeps z at full resolution (pool 1 on z)."""
-    from pipeline.pyramid import finalize_image
-    from pipeline.segment import model_spec, segment_labels
-    from pipeline.train import train_segment
+    from pipeline.engine.pyramid import finalize_image
+    from pipeline.steps.segment import model_spec, segment_labels
+    from pipeline.steps.train import train_segment
 
     image, labels = blobs_with_labels((20, 48, 40), 12, 6.0, seed=9)
     path = str(tmp_path / "vol.ome.zarr")
@@ -189,7 +189,7 @@ def test_unet_3d_anisotropic_tiled_equals_untiled(tmp_path, client):
     lab.write((slice(None),) * 3, labels)
     finalize_image(lab, client, labels=True, progress=False)
     model = str(tmp_path / "m3")
-    card = train_segment(path, "truth", model, patch=(8, 16, 16), steps=80, batch=4, depth=2, width=8, progress=False)
+    card = train_segment(path, model, labels="truth", patch=(8, 16, 16), steps=80, batch=4, depth=2, width=8, progress=False)
     assert card.architecture["pool"] == [1, 2, 2]
     spec = model_spec(model)
     tiled = segment_labels(path, str(tmp_path / "t.ome.zarr"), spec, client, tile_shape=(8, 16, 16), progress=False)

@@ -1,4 +1,4 @@
-"""pipeline.stitch / pipeline.segment: tiled labels come back object-for-object identical."""
+"""pipeline.steps.stitch / pipeline.steps.segment: tiled labels come back object-for-object identical."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 from kernels import KernelSpec
 from kernels.metrics import match
 from pipeline.io import create_image, default_axes, open_image
-from pipeline.segment import segment_labels
-from pipeline.stitch import global_ids, renumber_core_first, resolve, tile_lut
+from pipeline.steps.segment import segment_labels
+from pipeline.steps.stitch import global_ids, renumber_core_first, resolve, tile_lut
 
 
 def _store(tmp_path, name, data, axes, chunks):
@@ -157,8 +157,8 @@ SEG_CASES = [
 def test_classical_tiled_equals_untiled_and_table(tmp_path, client, name, axes, shape, tile, scale, n, radius):
     from skimage.measure import regionprops
 
-    from pipeline.segment import classical_spec
-    from pipeline.tables import read_table, to_anndata
+    from pipeline.steps.segment import classical_spec
+    from pipeline.io.tables import read_table, to_anndata
 
     image = blob_image(shape, n, radius, np.random.default_rng(11), scale)
     url = str(tmp_path / "img.ome.zarr")

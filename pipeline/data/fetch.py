@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import InputError, OptionError
+from pipeline.core.errors import InputError, OptionError
 
 log = logging.getLogger(__name__)
 WHEEL = "stardist==0.9.2"
@@ -120,7 +120,7 @@ def fetch_sample(name: str, url: str, client: Any, *, overwrite: bool = False, v
     """Write real sample ``name`` as OME-Zarr at ``url`` (image, and ``labels/nuclei`` if any)."""
     from pipeline.io.ngff import default_axes
     from pipeline.io.write import create_image, create_labels
-    from pipeline.pyramid import finalize_image
+    from pipeline.engine.pyramid import finalize_image
 
     image, labels, spec = load_sample_arrays(name, archive)
     channel_names = ("R", "G", "B") if spec.axes == "cyx" else None

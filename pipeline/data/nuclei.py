@@ -15,7 +15,7 @@ from typing import Iterator, Sequence
 import numpy as np
 from scipy import ndimage
 
-from pipeline.grid import Region
+from pipeline.core.regions import Region
 
 
 @dataclass(frozen=True)

@@ -23,13 +23,13 @@ import numpy as np
 from scipy import ndimage
 
 from pipeline.data.nuclei import CLASSES, NucleiField, value_noise
-from pipeline.errors import OptionError
-from pipeline.grid import Region, grow_block, iter_regions, n_regions
+from pipeline.core.errors import OptionError
+from pipeline.core.regions import Region, grow_block, iter_regions, n_regions
 from pipeline.io import store
 from pipeline.io.ngff import default_axes
 from pipeline.io.write import ImageSink, create_collection, create_image, create_labels
-from pipeline.pyramid import finalize_image
-from pipeline.tasks import run_tasks
+from pipeline.engine.pyramid import finalize_image
+from pipeline.engine.submit import run_tasks
 
 log = logging.getLogger(__name__)
 BLOCK_BYTES = 16 * 2**20
@@ -90,9 +90,10 @@ def _write_table_part(url: str, name: str, part: str, rows: dict[str, list], sto
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    fs, path = store._fs(store.join(url, "tables", name), storage_options)
-    fs.makedirs(path, exist_ok=True)
-    pq.write_table(pa.table(rows), f"{path}/part-{part}.parquet", filesystem=fs)
+    folder = store.Folder(store.join(url, "tables", name), storage_options or {})
+    folder.makedirs()
+    with folder.open(f"part-{part}.parquet", "wb") as fh:
+        pq.write_table(pa.table(rows), fh)
 
 
 def _part_name(region: Region, block: Sequence[int]) -> str:

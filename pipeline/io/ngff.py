@@ -12,7 +12,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from pipeline.errors import InputError
+from pipeline.core.errors import InputError
 
 SUPPORTED_VERSIONS = ("0.4", "0.5")
 SPACE, CHANNEL, TIME = "space", "channel", "time"

@@ -14,7 +14,7 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 import zarr
 
-from pipeline.errors import InputError
+from pipeline.core.errors import InputError
 from pipeline.io import store
 from pipeline.io.ngff import (
     CHANNEL,
@@ -220,7 +220,4 @@ def _walk(group: zarr.Group, prefix: str) -> Iterator[tuple[str, zarr.Group]]:
 
 def list_tables(url: str, storage_options: Mapping[str, Any] | None = None) -> list[str]:
     """Names of the tables under ``tables/`` of a store (Parquet datasets tilewise wrote)."""
-    fs, path = store._fs(store.join(url, "tables"), storage_options)
-    if not fs.exists(path):
-        return []
-    return sorted(p.rstrip("/").split("/")[-1] for p in fs.ls(path, detail=False) if fs.isdir(p))
+    return store.Folder(store.join(url, "tables"), storage_options or {}).names(folders=True)

@@ -1,18 +1,23 @@
-"""Where a store lives: local paths and fsspec URLs, treated the same way.
+"""The one storage layer: local paths and fsspec URLs, treated the same way.
 
 A store location is a plain string (``/data/x.ome.zarr`` or ``s3://bucket/x.ome.zarr``) plus
 optional fsspec ``storage_options``. Keeping it a string keeps everything we send to tasks small
-and picklable; tasks open the zarr array themselves.
+and picklable; tasks open the zarr array themselves. Every file operation of the package goes
+through this module: zarr nodes through the ``open_*`` functions, small files (manifests, tile
+markers, per-tile intermediates, Parquet parts) through :class:`Folder`.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import io
+import json
+from dataclasses import dataclass, field
+from typing import IO, Any, Iterator, Mapping
 
 import fsspec
 import zarr
 
-from pipeline.errors import InputError, OutputExistsError
+from pipeline.core.errors import InputError, OutputExistsError
 
 
 def join(url: str, *parts: str) -> str:
@@ -85,3 +90,86 @@ def prepare_output(url: str, overwrite: bool, storage_options: Mapping[str, Any]
                 "or choose another path."
             )
         remove(url, storage_options)
+
+
+@dataclass(frozen=True)
+class Folder:
+    """A folder in a store, for small files addressed by relative name (``"done/12"``).
+
+    Picklable (a URL and options), so tasks carry it; each call opens what it needs. JSON and
+    ``.npz`` helpers cover what the engine stores beside zarr arrays.
+    """
+
+    url: str
+    storage_options: Mapping[str, Any] = field(default_factory=dict)
+
+    def child(self, *parts: str) -> "Folder":
+        return Folder(join(self.url, *parts), self.storage_options)
+
+    def filesystem(self) -> tuple[Any, str]:
+        """The fsspec filesystem and this folder's path on it (for pyarrow datasets)."""
+        return _fs(self.url, self.storage_options)
+
+    def _path(self, name: str) -> tuple[Any, str]:
+        fs, path = self.filesystem()
+        return fs, f"{path}/{name}" if name else path
+
+    def exists(self, name: str = "") -> bool:
+        fs, path = self._path(name)
+        return bool(fs.exists(path))
+
+    def makedirs(self, name: str = "") -> None:
+        fs, path = self._path(name)
+        fs.makedirs(path, exist_ok=True)
+
+    def open(self, name: str, mode: str = "rb") -> IO:
+        fs, path = self._path(name)
+        return fs.open(path, mode)
+
+    def names(self, name: str = "", *, folders: bool = False) -> list[str]:
+        """Sorted entry names of a sub-folder (files, or with ``folders`` sub-folders only)."""
+        fs, path = self._path(name)
+        if not fs.exists(path):
+            return []
+        entries = fs.ls(path, detail=True)
+        return sorted(e["name"].rstrip("/").split("/")[-1] for e in entries
+                      if (e["type"] == "directory") == folders)
+
+    def remove(self, name: str = "") -> None:
+        fs, path = self._path(name)
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+
+    def write_json(self, name: str, value: Any, *, indent: int | None = 2, sort_keys: bool = False) -> None:
+        with self.open(name, "w") as fh:
+            json.dump(value, fh, indent=indent, sort_keys=sort_keys)
+
+    def read_json(self, name: str, default: Any = None) -> Any:
+        """The parsed file, ``default`` when it does not exist, ``{}`` when it is empty."""
+        try:
+            with self.open(name, "r") as fh:
+                text = fh.read()
+        except FileNotFoundError:
+            return default
+        return json.loads(text) if text.strip() else {}
+
+    def write_arrays(self, name: str, **arrays: Any) -> None:
+        """Compressed ``.npz`` (numpy's own format), written in one request."""
+        import numpy as np
+
+        buf = io.BytesIO()
+        np.savez_compressed(buf, **arrays)
+        with self.open(name, "wb") as fh:
+            fh.write(buf.getvalue())
+
+    def read_arrays(self, name: str) -> dict[str, Any]:
+        import numpy as np
+
+        with self.open(name, "rb") as fh:
+            with np.load(io.BytesIO(fh.read())) as data:
+                return {k: data[k] for k in data.files}
+
+    def iter_files(self, name: str = "") -> Iterator[str]:
+        """Relative names (``name/<entry>``) of the files in a sub-folder."""
+        for entry in self.names(name):
+            yield f"{name}/{entry}" if name else entry

@@ -16,8 +16,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import zarr
 
-from pipeline.errors import OptionError
-from pipeline.grid import Region, is_aligned
+from pipeline.core.errors import OptionError
+from pipeline.core.regions import Region, is_aligned
 from pipeline.io import store
 from pipeline.io.ngff import (
     SPACE,

@@ -1,6 +1,6 @@
 """Connect to Dask: a LocalCluster by default, or the user's own scheduler or Client.
 
-Never creates a cluster when one is given (DESIGN: users bring SLURM/Kubernetes/cloud clusters).
+Never creates a cluster when one is given (users bring SLURM, Kubernetes or cloud clusters).
 """
 
 from __future__ import annotations

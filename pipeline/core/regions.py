@@ -1,7 +1,7 @@
 """Regular block grids over an array: the regions that tasks own.
 
 Every block is a whole number of write units (chunks or shards), so two tasks never write the
-same chunk (DESIGN invariant 2).
+same chunk (``docs/architecture.md``, invariant 2).
 """
 
 from __future__ import annotations

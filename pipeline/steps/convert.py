@@ -15,13 +15,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from pipeline.errors import InputError, OptionError
-from pipeline.grid import Region, grow_block, iter_regions, n_regions
+from pipeline.core.errors import InputError, OptionError
+from pipeline.core.regions import Region, grow_block, iter_regions, n_regions
 from pipeline.io import store
 from pipeline.io.ngff import default_axes
 from pipeline.io.read import ImageSource, open_image
 from pipeline.io.write import ImageSink, create_image, create_labels, write_omero
-from pipeline.tasks import run_tasks
+from pipeline.engine.submit import run_tasks
 
 log = logging.getLogger(__name__)
 BLOCK_BYTES = 32 * 2**20
@@ -143,7 +143,7 @@ def convert(src: str, dst: str, client: Any, *, axes: str | None = None, scale: 
                         chunks=chunks, shards=shards, version=version, overwrite=overwrite,
                         name=Path(src.rstrip("/")).name, storage_options=storage_options)
     copy_array(ref, sink, 0, client, source_chunks, progress)
-    from pipeline.pyramid import finalize_image
+    from pipeline.engine.pyramid import finalize_image
 
     finalize_image(sink, client, progress=progress)
     return sink.url

@@ -2,14 +2,14 @@
 halos, union-find on the sparse match edges, and a chunk-aligned relabel pass.
 
 Three passes over the tiles, each a set of independent tasks that talk only through storage
-(DESIGN invariants 1, 2 and 8):
+(``docs/architecture.md``, invariants 1, 2 and 8):
 
-1. **Segment** (:class:`LabelTileTask`). A tile's kernel labels its whole core + halo. Objects
+1. **Segment** (:class:`LabelTileJob`). A tile's kernel labels its whole core + halo. Objects
    present in the core are numbered ``1..n`` first, so a tile's ids are consecutive; the global
    id is ``tile_id << 32 | local``: unique with no coordination. The core is written to an
    internal ``raw`` array (uint64, sharded by tile with small inner chunks so that neighbours
    can read thin slabs of it cheaply), the halo shell (labels outside the core) to a small
-   per-tile file, and per-object partial sums for the table (``pipeline.tables``).
+   per-tile file, and per-object partial sums for the table (``pipeline.steps.measure``).
 2. **Match** (:class:`MatchTask`). For each neighbour B of tile A, inside the region where A's
    halo overlaps B's core, A's labels are compared with what B wrote: object pairs with IoU >=
    ``iou`` (0.5 makes matches one-to-one) become edges. Objects are matched by overlap *inside
@@ -27,7 +27,6 @@ are larger than the halo, and their shape can differ between tiles (raise the ha
 
 from __future__ import annotations
 
-import io
 import itertools
 import logging
 import time
@@ -36,12 +35,16 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from pipeline.grid import Region
+from kernels import Kernel, KernelSpec, resident
+from kernels.metrics import overlap_iou
+from pipeline.core.regions import Region
+from pipeline.engine.manifest import RunManifest
+from pipeline.engine.plan import Tile, TilePlan
+from pipeline.engine.runner import TileReader, apply_kernel, block_origin, tile_batches, valid_region
 from pipeline.io import store
-from pipeline.manifest import RunManifest
-from pipeline.plan import Tile, TilePlan
-from pipeline.run import TileTask
-from pipeline.tables import INSTANCE_KEY, TableSpec, finish, partial_stats, write_part
+from pipeline.io.store import Folder
+from pipeline.io.tables import INSTANCE_KEY, TableSpec, read_parquet_files, write_parquet_file, write_part
+from pipeline.steps.measure import finish, partial_stats
 
 log = logging.getLogger(__name__)
 
@@ -115,25 +118,20 @@ class StitchFiles:
     storage_options: Mapping[str, Any]
 
     @property
-    def folder(self) -> str:
-        return store.join(self.output_url, "_tilewise", "stitch")
+    def folder(self) -> Folder:
+        return Folder(store.join(self.output_url, "_tilewise", "stitch"), self.storage_options)
 
     @property
     def raw_url(self) -> str:
-        return store.join(self.folder, "raw")
-
-    def _path(self, kind: str, tile_id: int, suffix: str = "npz") -> tuple[Any, str]:
-        fs, path = store._fs(self.folder, self.storage_options)
-        return fs, f"{path}/{kind}/{int(tile_id)}.{suffix}"
+        return store.join(self.folder.url, "raw")
 
     def begin(self) -> None:
-        fs, path = store._fs(self.folder, self.storage_options)
         for kind in ("shell", "partial", "merged"):
-            fs.makedirs(f"{path}/{kind}", exist_ok=True)
+            self.folder.makedirs(kind)
 
     def create_raw(self, shape: Sequence[int], tile_shape: Sequence[int], inner: Sequence[int]) -> None:
         """uint64 ids, one shard per tile core (single writer), small inner chunks (cheap slabs)."""
-        group = store.open_group(self.folder, "a", self.storage_options, zarr_format=3)
+        group = store.open_group(self.folder.url, "a", self.storage_options, zarr_format=3)
         from zarr.codecs import BloscCodec
 
         group.create_array("raw", shape=tuple(shape), shards=tuple(tile_shape), chunks=tuple(inner), dtype=np.uint64,
@@ -144,26 +142,21 @@ class StitchFiles:
         return store.open_array(self.raw_url, mode, self.storage_options)
 
     def save(self, kind: str, tile_id: int, **arrays: np.ndarray) -> None:
-        fs, path = self._path(kind, tile_id)
-        buf = io.BytesIO()
-        np.savez_compressed(buf, **arrays)
-        with fs.open(path, "wb") as fh:
-            fh.write(buf.getvalue())
+        self.folder.write_arrays(f"{kind}/{int(tile_id)}.npz", **arrays)
 
     def load(self, kind: str, tile_id: int) -> dict[str, np.ndarray]:
-        fs, path = self._path(kind, tile_id)
-        with fs.open(path, "rb") as fh:
-            with np.load(io.BytesIO(fh.read())) as data:
-                return {k: data[k] for k in data.files}
+        return self.folder.read_arrays(f"{kind}/{int(tile_id)}.npz")
 
-    def merged_paths(self) -> list[str]:
-        fs, path = store._fs(self.folder, self.storage_options)
-        return sorted(fs.ls(f"{path}/merged", detail=False)) if fs.exists(f"{path}/merged") else []
+    def save_merged_rows(self, tile_id: int, rows) -> None:
+        """Partial table rows of a tile's stitched objects, for the client to sum."""
+        write_parquet_file(self.folder, f"merged/{int(tile_id)}.parquet", rows)
+
+    def merged_rows(self):
+        """Every tile's partial rows of stitched objects, as one DataFrame (None if none)."""
+        return read_parquet_files(self.folder, list(self.folder.iter_files("merged")))
 
     def remove(self) -> None:
-        fs, path = store._fs(self.folder, self.storage_options)
-        if fs.exists(path):
-            fs.rm(path, recursive=True)
+        self.folder.remove()
 
 
 def reaches_halo_edge(local: np.ndarray, n_core: int, read: Region, shape: Sequence[int]) -> int:
@@ -181,18 +174,25 @@ def reaches_halo_edge(local: np.ndarray, n_core: int, read: Region, shape: Seque
     return int(np.count_nonzero((ids > 0) & (ids <= n_core)))
 
 
-def inside_padding(tile: Tile, pad: Sequence[tuple[int, int]]) -> Region:
-    """The part of a padded read block that lies inside the volume (the tile's read region)."""
-    return tuple(slice(lo, lo + (r.stop - r.start)) for (lo, _), r in zip(pad, tile.read))
-
-
 @dataclass(frozen=True)
-class LabelTileTask(TileTask):
+class LabelTileJob:
     """Pass 1: label each tile's core + halo, write global ids, the shell and partial sums."""
 
-    files: StitchFiles | None = None
-    dims: tuple[str, ...] = ()
+    kernel: KernelSpec
+    reader: TileReader
+    plan: TilePlan
+    manifest: RunManifest
+    files: StitchFiles
+    dims: tuple[str, ...]
+    batch: int = 1
     measure_intensity: bool = True
+
+    def __call__(self, tile_ids: Sequence[int]) -> list[dict[str, Any]]:
+        model = resident(self.kernel)
+        results: list[dict[str, Any]] = []
+        for tiles in tile_batches(self.plan, tile_ids, self.batch):
+            results += self.run_batch(model, tiles)
+        return results
 
     def edge_pad(self, tile: Tile) -> tuple[tuple[int, int], ...]:
         """A full halo of padding wherever the read block meets the volume edge.
@@ -205,24 +205,20 @@ class LabelTileTask(TileTask):
         return tuple((h if r.start == 0 else 0, h if r.stop == n else 0)
                      for r, h, n in zip(tile.read, self.plan.halo, self.plan.shape))
 
-    def run_batch(self, model: Any, tiles: list[Tile]) -> list[dict[str, Any]]:
+    def run_batch(self, model: Kernel, tiles: list[Tile]) -> list[dict[str, Any]]:
         started = time.perf_counter()
         pads = [self.edge_pad(tile) for tile in tiles]
-        blocks = [self.read(tile.read, pad) for tile, pad in zip(tiles, pads)]
-        valid = None
-        if getattr(model, "takes_valid", False):  # e.g. a network that sees mirrored edges but labels none
-            valid = [inside_padding(tile, pad) for tile, pad in zip(tiles, pads)]
-        outputs = self.apply(model, blocks, valid)
+        blocks = [self.reader.read(tile.read, pad) for tile, pad in zip(tiles, pads)]
+        outputs = apply_kernel(model, blocks, valid=[valid_region(t.read, p) for t, p in zip(tiles, pads)],
+                               origins=[block_origin(t.read, p) for t, p in zip(tiles, pads)],
+                               scaling=self.reader.scaling, batch=self.batch)
         seconds = (time.perf_counter() - started) / len(tiles)
-        results = []
-        for tile, pad, block, out in zip(tiles, pads, blocks, outputs):
-            results.append(self.finish_tile(tile, pad, block, out[0], seconds))
-        return results
+        return [self.finish_tile(tile, pad, block, out[0], seconds)
+                for tile, pad, block, out in zip(tiles, pads, blocks, outputs)]
 
     def finish_tile(self, tile: Tile, pad: tuple[tuple[int, int], ...], block: np.ndarray, labels: np.ndarray,
                     seconds: float) -> dict[str, Any]:
-        assert self.files is not None
-        unpadded = inside_padding(tile, pad)
+        unpadded = valid_region(tile.read, pad)
         core_in_read = shift(tile.core, [sl.start for sl in tile.read])
         local, n_core = renumber_core_first(labels[unpadded], core_in_read)
         core = local[core_in_read]
@@ -233,9 +229,9 @@ class LabelTileTask(TileTask):
                         n_core=np.array(n_core))
         intensity = None
         if self.measure_intensity:
-            intensity = block[(slice(None),) + shift(tile.core, [r.start - lo for r, (lo, _) in zip(tile.read, pad)])]
-            if self.norm is not None:
-                intensity = self.norm.invert(intensity)
+            intensity = block[(slice(None),) + shift(tile.core, block_origin(tile.read, pad))]
+            if self.reader.input == "normalised" and self.reader.scaling is not None:
+                intensity = self.reader.scaling.invert(intensity)
         partial = partial_stats(core, n_core, [sl.start for sl in tile.core], self.dims, intensity)
         self.files.save("partial", tile.id, **partial)
         meta = {"tile": tile.id, "voxels": int(np.prod(tile.core_shape)), "seconds": seconds, "objects": n_core,
@@ -254,17 +250,8 @@ def neighbours(plan: TilePlan, tile: Tile) -> Iterator[Tile]:
 
 def match_pairs(a: np.ndarray, b: np.ndarray, iou: float) -> np.ndarray:
     """``(k, 2)`` pairs of local ids (a, b), both < 2^32, whose IoU inside this region is >= ``iou``."""
-    a = a.ravel().astype(np.uint64)
-    b = b.ravel().astype(np.uint64)
-    both = (a > 0) & (b > 0)
-    if not both.any():
-        return np.empty((0, 2), np.uint64)
-    keys, inter = np.unique(a[both] << np.uint64(LOCAL_BITS) | b[both], return_counts=True)
-    pa, pb = keys >> np.uint64(LOCAL_BITS), keys & LOCAL_MASK
-    a_ids, a_counts = np.unique(a[a > 0], return_counts=True)
-    b_ids, b_counts = np.unique(b[b > 0], return_counts=True)
-    union = a_counts[np.searchsorted(a_ids, pa)] + b_counts[np.searchsorted(b_ids, pb)] - inter
-    keep = inter >= iou * union
+    pa, pb, pair_iou = overlap_iou(a, b)
+    keep = pair_iou >= iou
     return np.stack([pa[keep], pb[keep]], axis=1)
 
 
@@ -396,9 +383,7 @@ class RelabelTask:
                     write_part(self.table_url, str(tile.id), finish(rows[~stitched], self.table_spec),
                                self.table_spec, self.files.storage_options)
                 if stitched.any():
-                    fs, path = self.files._path("merged", tile.id, "parquet")
-                    with fs.open(path, "wb") as fh:
-                        rows[stitched].to_parquet(fh, index=False)
+                    self.files.save_merged_rows(tile.id, rows[stitched])
             meta = {"tile": tile.id, "objects": n_core, "stitched": int(len(part["merged"]))}
             self.manifest.mark_done(tile.id, meta)
             results.append(meta)

@@ -1,4 +1,4 @@
-"""Global intensity statistics, computed once per input (DESIGN invariant 4).
+"""Global intensity statistics, computed once per input (``docs/architecture.md``, invariant 4).
 
 Read from the finest pyramid level that fits a voxel budget, or from randomly sampled chunks
 of the coarsest level when no level is that small; never from the whole of level 0.
@@ -10,10 +10,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.grid import grid_shape, region_of
+from kernels import Scaling
+from pipeline.core.regions import grid_shape, region_of
 from pipeline.io.read import ImageSource
 
 PERCENTILES = (0.1, 1.0, 50.0, 99.0, 99.9)
+DEFAULT_PERCENTILES = (1.0, 99.9)  # what kernels see as 0..1 unless they declare other levels
 
 
 @dataclass(frozen=True)
@@ -96,35 +98,24 @@ def otsu_threshold(source: ImageSource, channel: int = 0, *, max_voxels: int = 2
 
 
 @dataclass(frozen=True)
-class Normalisation:
-    """Per-channel (low, high) percentiles mapped to (0, 1); the engine uses the same."""
+class Normalisation(Scaling):
+    """Per-channel (low, high) global percentiles mapped to (0, 1): the :class:`kernels.Scaling`
+    the engine hands normalised kernels, and what training records in a model card."""
 
-    low: tuple[float, ...]
-    high: tuple[float, ...]
-    percentiles: tuple[float, float] = (1.0, 99.9)
+    percentiles: tuple[float, float] = DEFAULT_PERCENTILES
 
     @classmethod
-    def of(cls, source: ImageSource) -> "Normalisation":
-        """From the global statistics of an ``ImageSource`` (computed once, see ``compute_stats``)."""
-        stats = compute_stats(source)
-        low, high = cls.percentiles
-        return cls(tuple(c.percentile(low) for c in stats.channels), tuple(c.percentile(high) for c in stats.channels))
-
-    def _bounds(self, ndim: int) -> tuple[np.ndarray, np.ndarray]:
-        """(low, high) shaped to broadcast over ``(C, *spatial)``; high > low."""
-        shape = (-1,) + (1,) * (ndim - 1)
-        lo = np.asarray(self.low, np.float32).reshape(shape)
-        return lo, np.maximum(np.asarray(self.high, np.float32).reshape(shape), lo + 1e-6)
-
-    def apply(self, block: np.ndarray) -> np.ndarray:
-        """``(C, *spatial)`` in input units -> normalised float32."""
-        lo, hi = self._bounds(block.ndim)
-        return (block.astype(np.float32) - lo) / (hi - lo)
-
-    def invert(self, block: np.ndarray) -> np.ndarray:
-        """Normalised ``(C, *spatial)`` -> input units (for kernels whose output is an image)."""
-        lo, hi = self._bounds(block.ndim)
-        return block * (hi - lo) + lo
+    def of(cls, source: ImageSource, percentiles: tuple[float, float] = DEFAULT_PERCENTILES) -> "Normalisation":
+        """From the global statistics of an ``ImageSource`` (one bounded sample, see
+        :func:`sample_values`), at the given percentile levels."""
+        lo, hi = (float(p) for p in percentiles)
+        if lo in PERCENTILES and hi in PERCENTILES:
+            stats = compute_stats(source)
+            return cls(tuple(c.percentile(lo) for c in stats.channels), tuple(c.percentile(hi) for c in stats.channels),
+                       (lo, hi))
+        data, _ = sample_values(source)
+        values = np.percentile(data.astype(np.float64), [lo, hi], axis=1)
+        return cls(tuple(float(v) for v in values[0]), tuple(float(v) for v in values[1]), (lo, hi))
 
     def pairs(self) -> list[list[float]]:
         """``[[low, high], ...]`` per channel, as recorded in run manifests."""

@@ -13,16 +13,20 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from pipeline.errors import InputError, OptionError, OutputExistsError
-from pipeline.grid import Region, grid_shape, region_of
+from kernels.instances import three_class
+from kernels.modelfile import INFERENCE_NORMALISATION, ModelCard, save_model
+from kernels.training import TrainResult
+from pipeline.core.errors import InputError, OptionError, OutputExistsError
+from pipeline.core.regions import Region, grid_shape, region_of
 from pipeline.io.read import ImageSource, open_image
-from pipeline.run import kernel_layout
-from pipeline.stats import Normalisation
+from pipeline.engine.runner import kernel_layout
+from pipeline.engine.stats import Normalisation
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +76,6 @@ class PatchPool:
         image = self.norm.apply(data if self.has_c else data[None])
         if self.labels is None:
             return image
-        from kernels.segment_train import three_class
-
         classes = three_class(self.labels.read(region, self.level))
         return np.concatenate([image, classes[None].astype(np.float32)])
 
@@ -129,85 +131,105 @@ def prepare_model_folder(model_dir: str, overwrite: bool) -> None:
         raise OutputExistsError(f"'{model_dir}' is a file; a model is a folder. Choose another path.")
 
 
-def train_denoise(input_url: str, model_dir: str, *, method: str = "n2v2", patch: Sequence[int] | None = None,
-                  steps: int = 2000, batch: int = 16, level: int = 0, depth: int = 2, width: int = 32,
-                  mask_fraction: float | None = None, seed: int = 0, overwrite: bool = False, progress: bool = True,
-                  device: str | None = None, storage_options: dict | None = None):
+@dataclass(frozen=True)
+class TrainingData:
+    """What both trainers set up the same way: the image, its global normalisation, the patch
+    pool (and held-out validation patches), and which axes the U-Net pools."""
+
+    source: ImageSource
+    level: int
+    norm: Normalisation
+    pool: PatchPool
+    pool_axes: tuple[int, ...]
+    validation: np.ndarray
+
+    @classmethod
+    def prepare(cls, image_url: str, model_dir: str, *, task: str, patch: Sequence[int] | None, level: int,
+                depth: int, seed: int, overwrite: bool, storage_options: dict | None, labels: str | None = None,
+                val_patches: int) -> "TrainingData":
+        prepare_model_folder(model_dir, overwrite)
+        source = open_image(image_url, storage_options)
+        spatial, _ = kernel_layout(source)
+        if len(spatial) not in (2, 3):
+            raise InputError(f"'{image_url}' has {len(spatial)} spatial axes; {task} needs 2D or 3D images.")
+        scale = [source.level(level).scale[i] for i in spatial]
+        if patch is None:
+            patch = DEFAULT_PATCH[task](scale)
+        norm = Normalisation.of(source)
+        pool = PatchPool(source, patch, norm, level=level, seed=seed,
+                         labels=source.label(labels) if labels is not None else None)
+        pool_axes = _pool_axes(pool.patch, scale, depth)  # coarse (anisotropic z) or thin axes are not pooled
+        _check_patch(pool.patch, pool_axes, depth)
+        validation = pool.validation(val_patches, np.random.default_rng(seed + 1))
+        return cls(source, level, norm, pool, pool_axes, validation)
+
+    def save(self, model_dir: str, result: TrainResult, *, task: str, method: str, training: dict) -> ModelCard:
+        """The model folder: weights and a card saying how inputs are normalised at inference."""
+        card = ModelCard(task=task, method=method, architecture=result.config.to_dict(),
+                         normalisation={**self.norm.to_dict(), "at_inference": INFERENCE_NORMALISATION},
+                         training={**training, "seconds": result.seconds, "device": result.device,
+                                   "history": result.history},
+                         data=data_fingerprint(self.source, self.level, self.norm),
+                         validation_loss=result.best_val_loss)
+        card = save_model(model_dir, result.state_dict, card)
+        log.info("trained %s in %.0f s (validation loss %.5f) -> %s [%s]", method, result.seconds,
+                 result.best_val_loss, model_dir, card.weights_sha256[:12])
+        return card
+
+
+# Default patch per task, from the physical pixel size per spatial axis: 2D, isotropic 3D, or
+# anisotropic 3D (z at least twice as coarse, so fewer z planes).
+DEFAULT_PATCH = {
+    "denoising": lambda scale: (64, 64) if len(scale) == 2 else (16, 64, 64),
+    "segmentation": lambda scale: (128, 128) if len(scale) == 2 else
+    ((16, 64, 64) if scale[0] >= 2 * min(scale) else (32, 64, 64)),
+}
+
+
+def train_denoise(image_url: str, model_dir: str, *, method: str = "n2v2", mask_fraction: float | None = None,
+                  patch: Sequence[int] | None = None, steps: int = 2000, batch: int = 16, level: int = 0,
+                  depth: int = 2, width: int = 32, seed: int = 0, overwrite: bool = False, progress: bool = True,
+                  device: str | None = None, storage_options: dict | None = None) -> ModelCard:
     """Train a self-supervised denoiser on the image itself and write a model folder.
 
-    ``mask_fraction``: N2V pixels masked per patch (default ``TrainConfig.mask_fraction``).
-    Returns the model card as written.
+    ``method``: ``n2v2`` or ``n2s``; ``mask_fraction``: N2V pixels masked per patch (default
+    ``TrainConfig.mask_fraction``). Returns the model card as written.
     """
     from kernels.denoise import TrainConfig, train_denoiser
-    from kernels.modelfile import ModelCard, save_model
 
     if method not in ("n2v2", "n2s"):
         raise OptionError(f"Unknown denoising method '{method}'; choose n2v2 or n2s.")
     if mask_fraction is not None and not 0 < mask_fraction <= 0.25:
         raise OptionError(f"--mask-fraction must be in (0, 0.25], got {mask_fraction} "
                           "(the N2V papers use 0.002; tilewise defaults to 0.1).")
-    prepare_model_folder(model_dir, overwrite)
-    source = open_image(input_url, storage_options)
-    spatial, _ = kernel_layout(source)
-    if len(spatial) not in (2, 3):
-        raise InputError(f"'{input_url}' has {len(spatial)} spatial axes; denoising needs 2D or 3D images.")
-    if patch is None:
-        patch = (64, 64) if len(spatial) == 2 else (16, 64, 64)
-    norm = Normalisation.of(source)
-    pool = PatchPool(source, patch, norm, level=level, seed=seed)
-    scale = [source.level(level).scale[i] for i in spatial]
-    pool_axes = _pool_axes(pool.patch, scale, depth)  # coarse (anisotropic z) or thin axes are not pooled
-    _check_patch(pool.patch, pool_axes, depth)
+    data = TrainingData.prepare(image_url, model_dir, task="denoising", patch=patch, level=level, depth=depth,
+                                seed=seed, overwrite=overwrite, storage_options=storage_options,
+                                val_patches=TrainConfig.val_patches)
     extra = {} if mask_fraction is None else {"mask_fraction": float(mask_fraction)}
-    cfg = TrainConfig(method=method, patch=pool.patch, batch=batch, steps=steps, seed=seed, depth=depth, width=width,
-                      pool=pool_axes, **extra)
-    validation = pool.validation(cfg.val_patches, np.random.default_rng(seed + 1))
-    result = train_denoiser(pool.sample, validation, cfg, channels=source.n_channels, device=device, progress=progress)
-    card = ModelCard(task="denoise", method=method, architecture=result.config.to_dict(),
-                     normalisation=norm.to_dict(), training={**cfg.to_dict(), "seconds": result.seconds,
-                                                             "device": result.device, "history": result.history},
-                     data=data_fingerprint(source, level, norm), validation_loss=result.best_val_loss)
-    card = save_model(model_dir, result.state_dict, card)
-    log.info("trained %s in %.0f s (validation loss %.5f) -> %s [%s]", method, result.seconds, result.best_val_loss,
-             model_dir, card.weights_sha256[:12])
-    return card
+    cfg = TrainConfig(method=method, patch=data.pool.patch, batch=batch, steps=steps, seed=seed, depth=depth,
+                      width=width, pool=data.pool_axes, **extra)
+    result = train_denoiser(data.pool.sample, data.validation, cfg, channels=data.source.n_channels, device=device,
+                            progress=progress)
+    return data.save(model_dir, result, task="denoise", method=method, training=cfg.to_dict())
 
 
-def train_segment(image_url: str, labels_name: str, model_dir: str, *, patch: Sequence[int] | None = None,
+def train_segment(image_url: str, model_dir: str, *, labels: str = "nuclei", patch: Sequence[int] | None = None,
                   steps: int = 2000, batch: int = 8, level: int = 0, depth: int = 3, width: int = 32, seed: int = 0,
                   overwrite: bool = False, progress: bool = True, device: str | None = None,
-                  storage_options: dict | None = None):
-    """Train the 3-class segmentation U-Net on an image and its ``labels/<labels_name>``.
+                  storage_options: dict | None = None) -> ModelCard:
+    """Train the 3-class segmentation U-Net on an image and its ``labels/<labels>``.
 
     Patches (image + classes) come from random blocks, 10 % of them held out for validation and
     early stopping. Returns the model card as written.
     """
-    from kernels.modelfile import ModelCard, save_model
     from kernels.segment_train import SegmentTrainConfig, train_segmenter
 
-    prepare_model_folder(model_dir, overwrite)
-    source = open_image(image_url, storage_options)
-    spatial, _ = kernel_layout(source)
-    if len(spatial) not in (2, 3):
-        raise InputError(f"'{image_url}' has {len(spatial)} spatial axes; segmentation needs 2D or 3D images.")
-    labels = source.label(labels_name)
-    scale = [source.level(level).scale[i] for i in spatial]
-    if patch is None:
-        patch = (128, 128) if len(spatial) == 2 else ((16, 64, 64) if scale[0] >= 2 * min(scale) else (32, 64, 64))
-    norm = Normalisation.of(source)
-    pool = PatchPool(source, patch, norm, level=level, seed=seed, labels=labels)
-    pool_axes = _pool_axes(pool.patch, scale, depth)
-    _check_patch(pool.patch, pool_axes, depth)
-    cfg = SegmentTrainConfig(patch=pool.patch, batch=batch, steps=steps, seed=seed, depth=depth, width=width,
-                             pool=pool_axes)
-    validation = pool.validation(cfg.val_patches, np.random.default_rng(seed + 1))
-    result = train_segmenter(pool.sample, validation, cfg, channels=source.n_channels, device=device, progress=progress)
-    card = ModelCard(task="segment", method="unet3class", architecture=result.config.to_dict(),
-                     normalisation=norm.to_dict(), training={**cfg.to_dict(), "labels": labels_name,
-                                                             "seconds": result.seconds, "device": result.device,
-                                                             "history": result.history},
-                     data=data_fingerprint(source, level, norm), validation_loss=result.best_val_loss)
-    card = save_model(model_dir, result.state_dict, card)
-    log.info("trained 3-class U-Net in %.0f s (validation loss %.4f) -> %s", result.seconds, result.best_val_loss,
-             model_dir)
-    return card
+    data = TrainingData.prepare(image_url, model_dir, task="segmentation", patch=patch, level=level, depth=depth,
+                                seed=seed, overwrite=overwrite, storage_options=storage_options, labels=labels,
+                                val_patches=SegmentTrainConfig.val_patches)
+    cfg = SegmentTrainConfig(patch=data.pool.patch, batch=batch, steps=steps, seed=seed, depth=depth, width=width,
+                             pool=data.pool_axes)
+    result = train_segmenter(data.pool.sample, data.validation, cfg, channels=data.source.n_channels,
+                             device=device, progress=progress)
+    return data.save(model_dir, result, task="segment", method="unet3class",
+                     training={**cfg.to_dict(), "labels": labels})

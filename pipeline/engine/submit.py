@@ -1,7 +1,7 @@
 """Bounded-window submission of independent tasks, with retries and a progress bar.
 
 The client keeps at most ``window`` futures alive, so client memory and the scheduler's task
-count stay constant however many regions the volume has (DESIGN invariant 1).
+count stay constant however many regions the volume has (``docs/architecture.md``, invariant 1).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The run manifest in the output store: parameters of the run and which tiles are done.
 
-Everything a run needs to resume lives in the output (DESIGN invariant 7): ``_tilewise/run.json``
+Everything a run needs to resume lives in the output (``docs/architecture.md``, invariant 7): ``_tilewise/run.json``
 holds the parameters (input, kernel spec, tiling, statistics); ``_tilewise/done/<tile id>`` is
 written by a task after its output chunks, so a marker always means "written completely". A
 marker holds the tile's small JSON metadata (timings, and whatever the kernel reports, e.g. the
@@ -13,8 +13,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from pipeline.errors import OutputExistsError
+from pipeline.core.errors import OutputExistsError
 from pipeline.io import store
+from pipeline.io.store import Folder
 
 
 @dataclass(frozen=True)
@@ -32,65 +33,36 @@ class RunManifest:
         return "done" if not self.stage else f"done-{self.stage}"
 
     @property
-    def folder(self) -> str:
-        return store.join(self.url, "_tilewise")
-
-    def _fs(self):
-        return store._fs(self.folder, self.storage_options)
+    def folder(self) -> Folder:
+        return Folder(store.join(self.url, "_tilewise"), self.storage_options)
 
     def read_params(self) -> dict[str, Any] | None:
-        fs, path = self._fs()
-        try:
-            with fs.open(f"{path}/run.json", "r") as fh:
-                return json.load(fh)
-        except FileNotFoundError:
-            return None
+        return self.folder.read_json("run.json")
 
     def write_params(self, params: Mapping[str, Any]) -> None:
-        fs, path = self._fs()
-        fs.makedirs(f"{path}/{self.done_folder}", exist_ok=True)
-        with fs.open(f"{path}/run.json", "w") as fh:
-            json.dump(params, fh, indent=2, sort_keys=True)
+        self.folder.makedirs(self.done_folder)
+        self.folder.write_json("run.json", params, sort_keys=True)
 
     def write_json(self, name: str, value: Any) -> None:
         """A small JSON document beside the run parameters (e.g. a finished run's summary)."""
-        fs, path = self._fs()
-        with fs.open(f"{path}/{name}.json", "w") as fh:
-            json.dump(value, fh, indent=2)
+        self.folder.write_json(f"{name}.json", value)
 
     def read_json(self, name: str) -> Any:
-        fs, path = self._fs()
-        try:
-            with fs.open(f"{path}/{name}.json", "r") as fh:
-                return json.load(fh)
-        except FileNotFoundError:
-            return None
+        return self.folder.read_json(f"{name}.json")
 
     def begin(self) -> None:
         """Create this pass's done folder (the client calls it once, before any task runs)."""
-        fs, path = self._fs()
-        fs.makedirs(f"{path}/{self.done_folder}", exist_ok=True)
+        self.folder.makedirs(self.done_folder)
 
     def mark_done(self, tile_id: int, metadata: Mapping[str, Any] | None = None) -> None:
-        fs, path = self._fs()
-        with fs.open(f"{path}/{self.done_folder}/{int(tile_id)}", "w") as fh:
-            json.dump(dict(metadata or {}), fh)
+        self.folder.write_json(f"{self.done_folder}/{int(tile_id)}", dict(metadata or {}), indent=None)
 
     def tile_metadata(self) -> dict[int, dict[str, Any]]:
         """The metadata every finished tile left in its marker (one small file per tile)."""
-        fs, path = self._fs()
-        out = {}
-        for tile_id in sorted(self.done()):
-            with fs.open(f"{path}/{self.done_folder}/{tile_id}", "r") as fh:
-                text = fh.read()
-            out[tile_id] = json.loads(text) if text.strip() else {}
-        return out
+        return {t: self.folder.read_json(f"{self.done_folder}/{t}", {}) for t in sorted(self.done())}
 
     def done(self) -> set[int]:
-        fs, path = self._fs()
-        if not fs.exists(f"{path}/{self.done_folder}"):
-            return set()
-        return {int(p.rstrip("/").split("/")[-1]) for p in fs.ls(f"{path}/{self.done_folder}", detail=False)}
+        return {int(name) for name in self.folder.names(self.done_folder)}
 
 
 def check_compatible(url: str, old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> None:

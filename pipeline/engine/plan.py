@@ -1,22 +1,21 @@
 """TilePlan: output-chunk-aligned tile cores, each read with a halo covering the receptive field.
 
 Tiles are computed on demand from their id (C-order index in the tile grid), so a plan for a
-10^5-tile volume is a few numbers, not a list (DESIGN: planning must take constant memory).
+10^5-tile volume is a few numbers, not a list (planning takes constant memory: ``docs/architecture.md``, invariant 3).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterator, Literal, Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
-from pipeline.errors import OptionError
-from pipeline.grid import Region, grid_shape, grow_block, region_of
+from kernels.contract import PAD_MODES, PadMode
+from pipeline.core.errors import OptionError
+from pipeline.core.regions import Region, grid_shape, grow_block, region_of
 
-PadMode = Literal["reflect", "symmetric", "edge", "constant"]
-PAD_MODES = ("reflect", "symmetric", "edge", "constant")
 
 
 def pad_block(block: np.ndarray, pad: Sequence[tuple[int, int]], mode: PadMode) -> np.ndarray:

@@ -13,9 +13,9 @@ from typing import Any, Literal, Sequence
 
 import numpy as np
 
-from pipeline.grid import Region, grow_block, iter_regions, n_regions, scale_region
+from pipeline.core.regions import Region, grow_block, iter_regions, n_regions, scale_region
 from pipeline.io.write import ImageSink
-from pipeline.tasks import run_tasks
+from pipeline.engine.submit import run_tasks
 
 log = logging.getLogger(__name__)
 Method = Literal["mean", "mode"]
@@ -92,11 +92,11 @@ def finalize_image(sink: ImageSink, client: Any, *, labels: bool = False, progre
                    colors: Sequence[str] | None = None) -> None:
     """Build the pyramid and, for intensity images, write ``omero`` contrast from global stats.
 
-    Statistics come from a coarse level (see :mod:`pipeline.stats`), so this stays cheap.
+    Statistics come from a coarse level (see :mod:`pipeline.engine.stats`), so this stays cheap.
     """
     build_pyramid(sink, client, "mode" if labels else "mean", progress=progress)
     if not labels:
         from pipeline.io.write import write_omero
-        from pipeline.stats import compute_stats
+        from pipeline.engine.stats import compute_stats
 
         write_omero(sink, compute_stats(sink.source()).omero_windows(), colors)

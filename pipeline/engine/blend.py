@@ -1,4 +1,4 @@
-"""Weight-blended stitching on a global window lattice (DESIGN invariant 3, the blend option).
+"""Weight-blended stitching on a global window lattice (``docs/architecture.md``, invariant 3).
 
 For models whose receptive field exceeds any affordable halo, the model runs on fixed-size
 windows laid on one lattice over the whole volume (stride = window - overlap, the last window
@@ -19,8 +19,8 @@ from typing import Iterator, Literal, Sequence
 
 import numpy as np
 
-from pipeline.errors import OptionError
-from pipeline.grid import Region
+from pipeline.core.errors import OptionError
+from pipeline.core.regions import Region
 
 BlendWeights = Literal["gaussian", "cosine"]
 

@@ -1,0 +1,70 @@
+"""From maps to instances: the watershed steps the segmentation kernels and the segmentation
+training share (the 3-class targets are made here, and undone here at inference).
+
+Kept apart from ``kernels.segment`` (the kernels) and ``kernels.segment_train`` (the training
+loop) so that neither imports the other.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+BACKGROUND, INTERIOR, BOUNDARY = 0, 1, 2
+
+
+def seeded_watershed(elevation: np.ndarray, seeds: np.ndarray, mask: np.ndarray, min_size: int) -> np.ndarray:
+    """Watershed of ``elevation`` from labelled ``seeds`` inside ``mask``; objects smaller than
+    ``min_size`` voxels are dropped. Returns int32 labels."""
+    from skimage.segmentation import watershed
+
+    labels = watershed(elevation, seeds, mask=mask)
+    if min_size > 1 and labels.max() > 0:
+        counts = np.bincount(labels.ravel())
+        small = counts < min_size
+        small[0] = False
+        labels[small[labels]] = 0
+    return labels.astype(np.int32)
+
+
+def distance_seeds(mask: np.ndarray, sampling: Sequence[float], min_distance: float, smooth: float
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """(distance transform, labelled seeds at its local maxima at least ``min_distance`` apart
+    in physical units). Smoothing the distance merges the plateaus of elongated objects."""
+    from scipy import ndimage
+    from skimage.feature import peak_local_max
+
+    dist = ndimage.distance_transform_edt(mask, sampling=sampling)
+    if smooth > 0:
+        dist = ndimage.gaussian_filter(dist, [smooth / s for s in sampling])
+    footprint_radius = [max(1, int(round(min_distance / s))) for s in sampling]
+    footprint = np.ones([2 * r + 1 for r in footprint_radius], bool)
+    peaks = peak_local_max(dist, footprint=footprint, labels=mask.astype(np.int32), exclude_border=False)
+    seeds = np.zeros(mask.shape, np.int32)
+    seeds[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
+    return dist, seeds
+
+
+def three_class(labels: np.ndarray) -> np.ndarray:
+    """Instance labels -> uint8 classes: 0 background, 1 interior, 2 boundary (inner rim)."""
+    from skimage.segmentation import find_boundaries
+
+    classes = (labels > 0).astype(np.uint8)
+    classes[find_boundaries(labels, mode="inner") & (labels > 0)] = BOUNDARY
+    return classes
+
+
+def instances_from_probabilities(prob: np.ndarray, min_size: int = 12, threshold: float = 0.5) -> np.ndarray:
+    """``(3, *spatial)`` class probabilities -> int32 instance labels.
+
+    Seeds are the connected interior regions (touching objects are split by the boundary
+    class); a watershed on the interior probability grows them over the foreground.
+    """
+    from scipy import ndimage
+
+    foreground = prob[BACKGROUND] < threshold
+    seeds, _ = ndimage.label(prob[INTERIOR] > threshold)
+    if seeds.max() == 0:
+        return np.zeros(prob.shape[1:], np.int32)
+    return seeded_watershed(1.0 - prob[INTERIOR], seeds, foreground | (seeds > 0), min_size)

@@ -1,0 +1,370 @@
+"""The engine's tile runner: plan a pass over an input, read each tile's core + halo straight
+from the store, run the resident kernel, and hand each tile's result to an output.
+
+What a step does with a tile's result differs (a dense image is cropped and written, instance
+labels go through the stitching passes), so the engine provides the parts every pass shares:
+:func:`prepare_engine` (layout, kernel traits, plan, global statistics, manifest parameters),
+:class:`TileReader` (padded, normalised blocks), :func:`apply_kernel` (batched kernel calls
+with their :class:`~kernels.BatchContext`), :class:`ImageTileJob` (the dense output) and
+:func:`submit_tiles` (tasks over the tiles not yet done). It reads only a kernel's declared
+:class:`~kernels.KernelTraits`; what the kernel's output means is the kernel's business.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from kernels import BatchContext, Kernel, KernelError, KernelSpec, KernelTraits, Scaling, build_kernel, resident
+from pipeline.core.errors import InputError, OptionError
+from pipeline.core.regions import Region
+from pipeline.engine.blend import BlendLattice, BlendWeights, window_weights
+from pipeline.engine.manifest import RunManifest
+from pipeline.engine.plan import Tile, TilePlan, make_plan, pad_block
+from pipeline.engine.stats import Normalisation
+from pipeline.engine.submit import run_tasks
+from pipeline.io.ngff import SPACE
+from pipeline.io.read import ImageSource, open_image
+from pipeline.io.write import ImageSink
+
+log = logging.getLogger(__name__)
+
+MAX_TASKS = 2048
+
+
+@dataclass(frozen=True)
+class Blend:
+    """Weight-blended stitching: the kernel runs on ``window``-sized windows on a global lattice
+    overlapping by ``overlap`` and outputs are averaged with ``weights`` (see ``engine.blend``)."""
+
+    window: tuple[int, ...]
+    overlap: float = 0.25
+    weights: BlendWeights = "gaussian"
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How the engine runs a pass over an image; every step takes the same settings.
+
+    level : pyramid level of the input to process.
+    tile_shape : tile core per spatial axis (rounded to the output chunks); default ~32 MB.
+    pad_mode : what a kernel sees past the volume edge; ``None`` takes the kernel's own.
+    batch : tiles per kernel call where their shapes agree (GPU kernels gain from 2-8),
+        capped by the kernel's ``max_batch``.
+    blend : weight-blend lattice windows instead of crop-stitching halos (dense outputs only).
+    max_tasks : tiles are grouped so a pass has at most about this many tasks; the
+        scheduler's per-task cost (~1 ms) then stays seconds at 10^5 tiles.
+    window : tasks in flight at once (default: from the cluster's size).
+    resources : Dask resources per task; default ``{"GPU": 1}`` for GPU kernels when the
+        cluster's workers advertise GPUs.
+    overwrite : replace an existing output (the input is never modified).
+    """
+
+    level: int = 0
+    tile_shape: Sequence[int] | None = None
+    pad_mode: str | None = None
+    batch: int = 1
+    blend: Blend | None = None
+    max_tasks: int = MAX_TASKS
+    window: int | None = None
+    resources: dict[str, float] | None = None
+    progress: bool = True
+    overwrite: bool = False
+    storage_options: dict[str, Any] | None = None
+
+    @classmethod
+    def of(cls, options: "EngineOptions | None" = None, **settings: Any) -> "EngineOptions":
+        """``options`` with some settings replaced; unknown names are refused by name."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(settings) - known)
+        if unknown:
+            raise OptionError(f"Unknown engine option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}.")
+        options = replace(options or cls(), **settings)
+        if options.batch < 1:
+            raise OptionError(f"batch must be >= 1, got {options.batch}.")
+        if options.max_tasks < 1:
+            raise OptionError(f"max_tasks must be >= 1, got {options.max_tasks}.")
+        return options
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    output: str
+    tiles: int
+    computed: int
+    skipped: int
+    seconds: float
+    voxels_per_s: float
+
+
+def kernel_layout(source: ImageSource) -> tuple[list[int], bool]:
+    """Indices of the spatial axes and whether there is a channel axis; refuses layouts other
+    than ``(c,) + spatial``, the one kernels take."""
+    dims = source.dims
+    if "t" in dims:
+        raise InputError(f"'{source.url}' has a time axis; tilewise processes one time point: convert one first.")
+    spatial = [i for i, a in enumerate(source.axes) if a.type == SPACE or (a.type is None and a.name in "zyx")]
+    has_c = "c" in dims
+    if [*([dims.index("c")] if has_c else []), *spatial] != list(range(len(dims))):
+        raise InputError(f"'{source.url}' axes {dims} are not (c,) + spatial; convert it to NGFF order first.")
+    return spatial, has_c
+
+
+def tiles_per_task(n_tiles: int, batch: int, max_tasks: int = MAX_TASKS) -> int:
+    """Tiles per task: a whole number of batches, and enough that the run has <= ``max_tasks``
+    tasks. Small runs get one batch per task (best balance); 10^5-tile runs get a few dozen
+    tiles per task, so scheduling overhead stays small while memory stays one batch."""
+    per_task = max(batch, -(-n_tiles // max(max_tasks, 1)))
+    return -(-per_task // batch) * batch
+
+
+def gpu_resources(client: Any, traits: KernelTraits) -> dict[str, float]:
+    """``{"GPU": 1}`` for a GPU kernel on a cluster whose workers advertise GPUs.
+
+    Tasks then run only on GPU workers, one per GPU at a time (``docs/architecture.md``,
+    invariant 5); CPU-only clusters and CPU kernels get no restriction.
+    """
+    if traits.device != "gpu" or client is None:
+        return {}
+    workers = client.scheduler_info(n_workers=-1).get("workers", {})
+    has_gpu = any(w.get("resources", {}).get("GPU", 0) >= 1 for w in workers.values())
+    return {"GPU": 1} if has_gpu else {}
+
+
+def build_checked(spec: KernelSpec) -> Kernel:
+    """The kernel built on the client, its errors turned into the pipeline's (exit code 2)."""
+    try:
+        return build_kernel(spec)
+    except KernelError as exc:
+        raise OptionError(str(exc)) from None
+
+
+@dataclass(frozen=True)
+class TileReader:
+    """Reads ``(C, *spatial)`` blocks of one input level: padded past the volume edge, then
+    float32 (``raw``), normalised with the global scaling (``normalised``) or as stored
+    (``native``), as the kernel declared. Small and picklable: tasks carry it."""
+
+    source: ImageSource
+    level: int
+    has_channels: bool
+    pad_mode: str
+    input: str  # KernelTraits.input
+    scaling: Scaling | None
+
+    def read(self, region: Region, pad: Sequence[tuple[int, int]]) -> np.ndarray:
+        lead = (slice(None),) if self.has_channels else ()
+        block = self.source.read(lead + tuple(region), self.level)
+        if self.input != "native":
+            block = block.astype(np.float32, copy=False)
+        if not self.has_channels:
+            block = block[None]
+        block = pad_block(block, pad, self.pad_mode)
+        return self.scaling.apply(block) if self.input == "normalised" and self.scaling is not None else block
+
+
+@dataclass(frozen=True)
+class EngineSetup:
+    """What every tiled pass over an input works out first, on the client: the input's layout,
+    the built (not loaded) kernel, the tile plan, global statistics and the run parameters that
+    go into the manifest."""
+
+    source: ImageSource
+    level: int
+    spatial: list[int]  # indices of the spatial axes in the input
+    has_channels: bool
+    kernel: Kernel  # built, not loaded: the client reads its traits only
+    plan: TilePlan
+    scaling: Normalisation | None
+    params: dict[str, Any]
+
+    @property
+    def traits(self) -> KernelTraits:
+        return self.kernel.traits
+
+    @property
+    def spatial_dims(self) -> list[str]:
+        return [self.source.dims[i] for i in self.spatial]
+
+    @property
+    def spatial_levels(self) -> tuple[list[float], list[float], list[int]]:
+        """(scale, translation, chunks) of the input level over the spatial axes."""
+        lv = self.source.level(self.level)
+        return ([lv.scale[i] for i in self.spatial], [lv.translation[i] for i in self.spatial],
+                [lv.chunks[i] for i in self.spatial])
+
+    def reader(self) -> TileReader:
+        return TileReader(self.source, self.level, self.has_channels, self.plan.pad_mode, self.traits.input,
+                          self.scaling)
+
+    def batch(self, wanted: int) -> int:
+        return max(1, min(int(wanted), self.traits.max_batch))
+
+
+def prepare_engine(input_url: str, kernel: KernelSpec, options: EngineOptions) -> EngineSetup:
+    """Open the input, check the kernel fits it, plan the tiles and compute global statistics.
+
+    Normalised kernels see each channel's global percentiles (at the levels the kernel
+    declares: a model's card) mapped to 0..1, computed once per input from a coarse level.
+    """
+    source = open_image(input_url, options.storage_options)
+    spatial, has_c = kernel_layout(source)
+    lv = source.level(options.level)
+    k = build_checked(kernel)
+    traits = k.traits
+    pad_mode = options.pad_mode or traits.pad_mode
+    if traits.ndim != len(spatial):
+        raise OptionError(f"Kernel '{kernel.name}' is {traits.ndim}D but '{input_url}' has {len(spatial)} spatial axes.")
+    if traits.in_channels != source.n_channels:
+        raise OptionError(f"Kernel '{kernel.name}' takes {traits.in_channels} channel(s); the image has "
+                          f"{source.n_channels}.")
+    spatial_dims = [source.dims[i] for i in spatial]
+    halo = dict(zip(spatial_dims, (0,) * len(spatial) if options.blend else traits.halo))
+    plan = make_plan([lv.shape[i] for i in spatial], spatial_dims, [lv.chunks[i] for i in spatial], halo,
+                     tile_shape=options.tile_shape, itemsize=4 * max(traits.in_channels, traits.out_channels),
+                     pad_mode=pad_mode, align=traits.align)
+    scaling = Normalisation.of(source, traits.percentiles) if traits.input == "normalised" else None
+    params = {
+        "input": input_url, "level": options.level, "kernel": kernel.name, "kernel_params": kernel.params,
+        "tile_shape": list(plan.tile_shape), "halo": list(plan.halo), "pad_mode": pad_mode,
+        "normalisation": scaling.pairs() if scaling else None,
+    }
+    return EngineSetup(source, options.level, spatial, has_c, k, plan, scaling, params)
+
+
+def valid_region(read: Region, pad: Sequence[tuple[int, int]]) -> Region:
+    """The part of a padded block that lies inside the volume (block coordinates)."""
+    return tuple(slice(lo, lo + (r.stop - r.start)) for (lo, _), r in zip(pad, read))
+
+
+def block_origin(read: Region, pad: Sequence[tuple[int, int]]) -> tuple[int, ...]:
+    """Global position of a padded block's first pixel (negative where padded)."""
+    return tuple(r.start - lo for r, (lo, _) in zip(read, pad))
+
+
+def apply_kernel(model: Kernel, blocks: Sequence[np.ndarray], *, valid: Sequence[Region],
+                 origins: Sequence[tuple[int, ...]], scaling: Scaling | None, batch: int) -> list[np.ndarray]:
+    """The kernel on each block, blocks of one shape stacked up to ``batch`` per call, each call
+    with its blocks' context (valid regions, origins, global scaling)."""
+    outputs: list[np.ndarray | None] = [None] * len(blocks)
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, block in enumerate(blocks):
+        by_shape.setdefault(block.shape, []).append(i)
+    for idx in by_shape.values():
+        for k in range(0, len(idx), batch):
+            group = idx[k:k + batch]
+            context = BatchContext(tuple(valid[i] for i in group), tuple(origins[i] for i in group), scaling)
+            for i, out in zip(group, model(np.stack([blocks[i] for i in group]), context)):
+                outputs[i] = out
+    return outputs  # type: ignore[return-value]
+
+
+def tile_batches(plan: TilePlan, tile_ids: Sequence[int], batch: int) -> Iterator[list[Tile]]:
+    """A task's tiles, ``batch`` at a time (memory: one batch of blocks)."""
+    for k in range(0, len(tile_ids), batch):
+        yield [plan.tile(int(t)) for t in tile_ids[k:k + batch]]
+
+
+@dataclass(frozen=True)
+class ImageTileJob:
+    """A dense output: each tile's kernel output over its core (crop-stitched, or blended from
+    lattice windows) is written as whole output chunks, then the tile is marked done with the
+    kernel's per-tile description. Small and picklable; called with a group of tile ids."""
+
+    kernel: KernelSpec
+    reader: TileReader
+    plan: TilePlan
+    sink: ImageSink
+    manifest: RunManifest
+    batch: int = 1
+    blend: BlendLattice | None = None  # None: crop-stitching
+    out_dtype: str = "float32"
+
+    def __call__(self, tile_ids: Sequence[int]) -> list[dict[str, Any]]:
+        model = resident(self.kernel)
+        results: list[dict[str, Any]] = []
+        for tiles in tile_batches(self.plan, tile_ids, self.batch):
+            results += self.run_batch(model, tiles)
+        return results
+
+    def run_batch(self, model: Kernel, tiles: list[Tile]) -> list[dict[str, Any]]:
+        started = time.perf_counter()
+        if self.blend is None:
+            blocks = [self.reader.read(tile.read, tile.pad) for tile in tiles]
+            outs = apply_kernel(model, blocks, valid=[valid_region(t.read, t.pad) for t in tiles],
+                                origins=[block_origin(t.read, t.pad) for t in tiles], scaling=self.reader.scaling,
+                                batch=self.batch)
+            pairs = [(block[(slice(None),) + t.crop], out[(slice(None),) + t.crop])
+                     for t, block, out in zip(tiles, blocks, outs)]
+        else:
+            pairs = [self.blended(model, tile) for tile in tiles]
+        seconds = (time.perf_counter() - started) / len(tiles)
+        results = []
+        for tile, (inputs, outputs) in zip(tiles, pairs):
+            meta = {"tile": tile.id, "voxels": int(np.prod(tile.core_shape)), "seconds": seconds,
+                    **model.describe_tile(inputs, outputs, self.reader.scaling)}
+            self.write(tile, outputs)
+            self.manifest.mark_done(tile.id, meta)
+            results.append(meta)
+        return results
+
+    def blended(self, model: Kernel, tile: Tile) -> tuple[np.ndarray, np.ndarray]:
+        """Input core and the weight-blended output over ``tile.core`` from every lattice
+        window touching it (see ``engine.blend``)."""
+        lattice = self.blend
+        assert lattice is not None
+        region, pad = lattice.read_span(tile.core)
+        block = self.reader.read(region, pad)
+        origin = block_origin(region, pad)
+        inside = valid_region(region, pad)
+        weights = window_weights(lattice.window, lattice.weights)
+        starts = list(lattice.iter_windows(tile.core))
+        local = [tuple(slice(s - o, s - o + w) for s, o, w in zip(st, origin, lattice.window)) for st in starts]
+        windows = [block[(slice(None),) + sel] for sel in local]
+        valid = [tuple(slice(min(max(v.start - s.start, 0), w), min(max(v.stop - s.start, 0), w))
+                       for v, s, w in zip(inside, sel, lattice.window)) for sel in local]
+        outs = apply_kernel(model, windows, valid=valid, origins=[tuple(st) for st in starts],
+                            scaling=self.reader.scaling, batch=self.batch)
+        acc = wsum = None
+        for start, out in zip(starts, outs):
+            win_sel, core_sel = [], []
+            for s, w, sl in zip(start, lattice.window, tile.core):
+                lo, hi = max(s, sl.start), min(s + w, sl.stop)
+                win_sel.append(slice(lo - s, hi - s))
+                core_sel.append(slice(lo - sl.start, hi - sl.start))
+            if acc is None:
+                acc = np.zeros((out.shape[0],) + tile.core_shape, np.float32)
+                wsum = np.zeros(tile.core_shape, np.float32)
+            w = weights[tuple(win_sel)]
+            acc[(slice(None),) + tuple(core_sel)] += out[(slice(None),) + tuple(win_sel)] * w
+            wsum[tuple(core_sel)] += w
+        core_in = block[(slice(None),) + tuple(slice(sl.start - o, sl.stop - o) for sl, o in zip(tile.core, origin))]
+        return core_in, acc / wsum
+
+    def write(self, tile: Tile, out: np.ndarray) -> None:
+        dtype = np.dtype(self.out_dtype)
+        if dtype.kind in "iu" and out.dtype.kind == "f":
+            info = np.iinfo(dtype)
+            out = np.clip(np.rint(out), info.min, info.max)
+        out = out.astype(dtype, copy=False)
+        out_lead = (slice(None),) if len(self.sink.dims) > len(tile.core) else ()
+        self.sink.write(out_lead + tile.core, out if out_lead else out[0])
+
+
+def submit_tiles(client: Any, job: Any, todo: Sequence[int], *, setup: EngineSetup, options: EngineOptions,
+                 batch: int, desc: str) -> Iterator[list[dict[str, Any]]]:
+    """Run ``job`` over the ``todo`` tiles as tasks of a whole number of batches, with GPU
+    resources for GPU kernels; yields each task's per-tile metadata as it finishes."""
+    plan = setup.plan
+    per_task = tiles_per_task(len(todo), batch, options.max_tasks)
+    groups = (tuple(todo[i:i + per_task]) for i in range(0, len(todo), per_task))
+    resources = options.resources if options.resources is not None else gpu_resources(client, setup.traits)
+    log.info("%s: %d tiles, %d to run (halo %s, %d per task, %d per call%s)", desc, len(plan), len(todo), plan.halo,
+             per_task, batch, f", resources {resources}" if resources else "")
+    yield from run_tasks(client, job, groups, total=-(-len(todo) // per_task), desc=desc, progress=options.progress,
+                         window=options.window, unit_size=per_task * int(np.prod(plan.tile_shape)),
+                         resources=resources or None)

@@ -1,0 +1,133 @@
+"""Per-object tables in storage: how they are laid out, written part by part, and read back.
+
+What goes into the rows (mergeable partial sums per tile) is ``pipeline.steps.measure``.
+
+Layout (one Parquet dataset per table, readable by pandas, pyarrow, DuckDB, Spark):
+``tables/<name>/part-*.parquet`` plus ``tables/<name>/_attributes.json`` with the link to the
+labels image (``region``), the instance and region key columns, units and the pixel size; the
+same attributes are in each Parquet file's schema metadata. :func:`to_anndata` reads it as
+AnnData with the spatialdata conventions (``uns["spatialdata_attrs"]``, ``obsm["spatial"]``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from pipeline.io import store
+from pipeline.io.store import Folder
+
+INSTANCE_KEY = "label"
+REGION_KEY = "region"
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """How raw partial sums become rows: axis names, pixel size and offset of the labels level."""
+
+    dims: tuple[str, ...]
+    scale: tuple[float, ...]
+    translation: tuple[float, ...]
+    units: tuple[str | None, ...]
+    channels: int = 1
+    region: str = "labels/nuclei"
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def attributes(self) -> dict[str, Any]:
+        return {"region": self.region, "region_key": REGION_KEY, "instance_key": INSTANCE_KEY,
+                "axes": list(self.dims), "scale": list(self.scale), "translation": list(self.translation),
+                "units": list(self.units), "format": "tilewise-table/0.1", **dict(self.extra)}
+
+
+def table_url(output_url: str, name: str) -> str:
+    return store.join(output_url, "tables", name)
+
+
+def begin_table(output_url: str, name: str, spec: TableSpec, storage_options: Mapping[str, Any] | None = None) -> str:
+    """Create (empty) ``tables/<name>`` with its attributes; returns its URL."""
+    url = table_url(output_url, name)
+    folder = Folder(url, storage_options or {})
+    folder.remove()
+    folder.makedirs()
+    folder.write_json("_attributes.json", spec.attributes())
+    return url
+
+
+def write_part(url: str, part: str, rows, spec: TableSpec, storage_options: Mapping[str, Any] | None = None) -> None:
+    """Write one Parquet part (``part-<part>.parquet``); the attributes ride in its schema."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pandas(rows, preserve_index=False)
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}),
+                                           b"tilewise": json.dumps(spec.attributes()).encode()})
+    with Folder(url, storage_options or {}).open(f"part-{part}.parquet", "wb") as fh:
+        pq.write_table(table, fh)
+
+
+def read_attributes(output_url: str, name: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    return Folder(table_url(output_url, name), storage_options or {}).read_json("_attributes.json")
+
+
+def count_rows(output_url: str, name: str, storage_options: Mapping[str, Any] | None = None) -> int:
+    """Rows of a table, from the Parquet footers only."""
+    import pyarrow.dataset as ds
+
+    fs, path = Folder(table_url(output_url, name), storage_options or {}).filesystem()
+    return ds.dataset(path, filesystem=fs, format="parquet").count_rows()
+
+
+def read_parquet_files(folder: Folder, names: Sequence[str]):
+    """Parquet files of a folder as one pandas DataFrame (None when there are none)."""
+    import pandas as pd
+
+    frames = []
+    for name in names:
+        with folder.open(name, "rb") as fh:
+            frames.append(pd.read_parquet(fh))
+    return pd.concat(frames, ignore_index=True) if frames else None
+
+
+def write_parquet_file(folder: Folder, name: str, rows) -> None:
+    with folder.open(name, "wb") as fh:
+        rows.to_parquet(fh, index=False)
+
+
+def read_table(output_url: str, name: str, storage_options: Mapping[str, Any] | None = None, columns=None):
+    """The whole table as a pandas DataFrame sorted by label (for tables that fit in memory;
+    use ``pyarrow.dataset`` on ``tables/<name>`` to stream larger ones)."""
+    import pyarrow.dataset as ds
+
+    fs, path = Folder(table_url(output_url, name), storage_options or {}).filesystem()
+    frame = ds.dataset(path, filesystem=fs, format="parquet").to_table(columns=columns).to_pandas()
+    return frame.sort_values(INSTANCE_KEY, kind="stable").reset_index(drop=True)
+
+
+def to_anndata(output_url: str, name: str, storage_options: Mapping[str, Any] | None = None):
+    """The table as AnnData: numeric measurements in ``X``, ids and region in ``obs``, physical
+    centroids in ``obsm["spatial"]``, the labels link in ``uns["spatialdata_attrs"]``."""
+    import pandas as pd
+
+    try:
+        import anndata
+    except ImportError:  # pragma: no cover - optional
+        from pipeline.core.errors import OptionError
+
+        raise OptionError("Reading a table as AnnData needs the 'anndata' package: pip install anndata.") from None
+    frame = read_table(output_url, name, storage_options)
+    attrs = read_attributes(output_url, name, storage_options)
+    obs_cols = [INSTANCE_KEY, REGION_KEY]
+    spatial_cols = [f"centroid_{d}_{u or 'physical'}" for d, u in zip(attrs["axes"], attrs["units"])]
+    features = [c for c in frame.columns if c not in obs_cols]
+    obs = frame[obs_cols].copy()
+    obs.index = obs[INSTANCE_KEY].astype(str)
+    adata = anndata.AnnData(X=frame[features].to_numpy(np.float64), obs=obs,
+                            var=pd.DataFrame(index=features))
+    adata.obsm["spatial"] = frame[spatial_cols].to_numpy(np.float64)
+    adata.uns["spatialdata_attrs"] = {"region": attrs["region"], "region_key": REGION_KEY,
+                                      "instance_key": INSTANCE_KEY}
+    adata.uns["tilewise"] = attrs
+    return adata

@@ -1,0 +1,114 @@
+"""Apply a kernel with a dense output (an image, probabilities, embeddings) over an image,
+tile by tile, into an OME-Zarr collection: the step behind ``tilewise run-kernel`` and
+``tilewise denoise``.
+
+Output layout: ``OUT/<name>`` (multiscale image, channel axis first when the kernel has more
+than one output channel or the input has channels) and ``OUT/_tilewise`` (the run manifest).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import replace
+from typing import Any, Sequence
+
+import numpy as np
+
+from kernels import KernelSpec
+from pipeline.core.errors import OptionError
+from pipeline.engine.blend import BlendLattice
+from pipeline.engine.manifest import RunManifest, check_compatible
+from pipeline.engine.pyramid import finalize_image
+from pipeline.engine.runner import (
+    EngineOptions,
+    EngineSetup,
+    ImageTileJob,
+    RunSummary,
+    prepare_engine,
+    submit_tiles,
+)
+from pipeline.io import store
+from pipeline.io.ngff import Axis
+from pipeline.io.write import ImageSink, create_collection, create_image
+
+log = logging.getLogger(__name__)
+
+
+def _output_image(setup: EngineSetup, name: str, dtype: str, options: EngineOptions) -> dict[str, Any]:
+    """The keyword arguments of ``create_image`` for this kernel's output over this input."""
+    traits, lv = setup.traits, setup.source.level(setup.level)
+    channel_axis = setup.has_channels or traits.out_channels > 1
+    lead = [1.0] if channel_axis else []
+    return dict(
+        shape=([traits.out_channels] if channel_axis else []) + list(setup.plan.shape), dtype=dtype,
+        axes=([Axis("c", "channel")] if channel_axis else []) + [setup.source.axes[i] for i in setup.spatial],
+        scale=lead + setup.spatial_levels[0], translation=[0.0] * len(lead) + setup.spatial_levels[1],
+        chunks=[1] * len(lead) + setup.spatial_levels[2], name=name, channel_names=_channel_names(setup),
+        storage_options=options.storage_options)
+
+
+def _channel_names(setup: EngineSetup) -> list[str] | None:
+    """The input's channel names, when the output has the same channels (a denoiser's, a filter's)."""
+    names = setup.source.channel_names
+    if names and setup.traits.out_channels == setup.traits.in_channels == len(names):
+        return list(names)
+    return None
+
+
+def run_kernel(input_url: str, output_url: str, kernel: KernelSpec, client: Any, options: EngineOptions | None = None,
+               *, name: str | None = None, out_dtype: str = "float32", tile_ids: Sequence[int] | None = None,
+               **settings: Any) -> RunSummary:
+    """Run ``kernel`` over an image, tile by tile, into ``<output_url>/<name>`` (default: the
+    kernel's name).
+
+    Re-running the same call resumes (finished tiles are skipped); other parameters on an
+    existing output are refused unless ``overwrite``. ``tile_ids`` restricts the run to some
+    tiles (the pyramid is built once all are done).
+
+    Parameters
+    ----------
+    options, settings : engine settings (:class:`~pipeline.engine.runner.EngineOptions`), as an
+        object or as keywords (``tile_shape=..., batch=4``), the keywords winning.
+    out_dtype : ``"float32"``, any numpy dtype name, or ``"input"``; integer outputs are
+        rounded and clipped.
+    """
+    options = EngineOptions.of(options, **settings)
+    setup = prepare_engine(input_url, kernel, options)
+    plan = setup.plan
+    name = name or kernel.name
+    dtype = np.dtype(setup.source.levels[setup.level].dtype if out_dtype == "input" else out_dtype).name
+    blend = options.blend
+    lattice = BlendLattice.make(list(plan.shape), blend.window, blend.overlap, blend.weights) if blend else None
+    params = {
+        **setup.params, "name": name, "dtype": dtype,
+        "blend": {"window": list(lattice.window), "stride": list(lattice.stride), "weights": lattice.weights}
+        if lattice else None,
+    }
+    manifest = RunManifest(output_url, options.storage_options or {})
+    image_url = store.join(output_url, name)
+    if store.exists(output_url, options.storage_options) and not options.overwrite:
+        check_compatible(output_url, manifest.read_params(), params)
+        # omero (and with it the channel names) is written at the end: carry the names on resume
+        sink = replace(ImageSink.open(image_url, options.storage_options),
+                       channel_names=tuple(_channel_names(setup) or ()) or None)
+    else:
+        create_collection(output_url, overwrite=options.overwrite, storage_options=options.storage_options,
+                          attributes={"tilewise": {"run": params}})
+        manifest.write_params(params)
+        sink = create_image(image_url, **_output_image(setup, name, dtype, options))
+    done = manifest.done()
+    wanted = range(len(plan)) if tile_ids is None else [int(t) for t in tile_ids]
+    if tile_ids is not None and any(not 0 <= t < len(plan) for t in wanted):
+        raise OptionError(f"Tile ids must be in 0..{len(plan) - 1} for this plan (grid {plan.grid}).")
+    todo = [t for t in wanted if t not in done]
+    batch = setup.batch(options.batch)
+    job = ImageTileJob(kernel, setup.reader(), plan, sink, manifest, batch, lattice, dtype)
+    started = time.perf_counter()
+    voxels = 0
+    for results in submit_tiles(client, job, todo, setup=setup, options=options, batch=batch, desc=kernel.name):
+        voxels += sum(meta["voxels"] for meta in results)
+    seconds = time.perf_counter() - started
+    if tile_ids is None or len(manifest.done()) == len(plan):
+        finalize_image(sink, client, progress=options.progress)
+    return RunSummary(output_url, len(plan), len(todo), len(wanted) - len(todo), seconds, voxels / max(seconds, 1e-9))

@@ -1,0 +1,290 @@
+"""Segment an image into globally stitched instance labels and an object table.
+
+Runs the three passes of :mod:`pipeline.steps.stitch` through the engine, then writes the labels
+pyramid (mode downsampling, ``image-label`` metadata) and finishes the table. Output layout::
+
+    OUT/labels/<name>/     labels multiscale (uint32 ids 1..N; uint64 past 2^32 objects)
+    OUT/tables/<name>/     Parquet parts + _attributes.json (region: labels/<name>)
+    OUT/_tilewise/         run manifest: parameters, done tiles per pass, summary
+
+The labels' ``image-label.source.image`` points at the input image, so a viewer can pair them
+(``napari IN OUT/labels/<name>``). Every pass resumes: re-running the same call skips finished
+tiles, and a finished run returns its stored summary.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from kernels import KernelSpec
+from pipeline.core.errors import OptionError
+from pipeline.engine.manifest import RunManifest, check_compatible
+from pipeline.engine.pyramid import finalize_image
+from pipeline.engine.runner import EngineOptions, EngineSetup, kernel_layout, prepare_engine, submit_tiles, tiles_per_task
+from pipeline.engine.stats import Normalisation, otsu_threshold
+from pipeline.engine.submit import run_tasks
+from pipeline.io import store
+from pipeline.io.read import open_image
+from pipeline.io.tables import TableSpec, begin_table, table_url, write_part
+from pipeline.io.write import ImageSink, create_collection, create_label_image
+from pipeline.steps.measure import combine, finish
+from pipeline.steps.models import model_spec as _model_spec
+from pipeline.steps.stitch import MAX_TILES, LabelTileJob, MatchTask, RelabelTask, Resolution, StitchFiles, resolve
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SegmentSummary:
+    output: str
+    labels: str
+    table: str | None
+    tiles: int
+    objects: int
+    stitched_objects: int  # objects that span more than one tile
+    edges: int
+    halo_edge_objects: int  # objects that reached the outer edge of a tile's halo
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def inner_chunks(tile_shape: Sequence[int], halo: Sequence[int]) -> tuple[int, ...]:
+    """Inner chunks of the raw-id shards: about the halo's depth (>= 16), dividing the tile, so a
+    neighbour reading a halo-deep slab decompresses little more than the slab."""
+    out = []
+    for t, h in zip(tile_shape, halo):
+        want = max(16, h)
+        out.append(max(d for d in range(1, t + 1) if t % d == 0 and d <= max(want, 1)))
+    return tuple(out)
+
+
+def _groups(ids: Sequence[int], per_task: int) -> list[tuple[int, ...]]:
+    return [tuple(ids[i:i + per_task]) for i in range(0, len(ids), per_task)]
+
+
+@dataclass(frozen=True)
+class SegmentRun:
+    """One segmentation run's fixed parts, shared by its three passes."""
+
+    input_url: str
+    output_url: str
+    name: str
+    kernel: KernelSpec
+    setup: EngineSetup
+    options: EngineOptions
+    manifest: RunManifest
+    files: StitchFiles
+
+    @property
+    def storage_options(self) -> dict:
+        return self.options.storage_options or {}
+
+
+def segment_labels(input_url: str, output_url: str, kernel: KernelSpec, client: Any,
+                   options: EngineOptions | None = None, *, name: str = "nuclei", iou: float = 0.5,
+                   consecutive: bool = True, table: bool = True, keep_intermediate: bool = False,
+                   **settings: Any) -> SegmentSummary:
+    """Run a labels kernel tile by tile and stitch its objects into one global labels image.
+
+    Parameters
+    ----------
+    kernel : a kernel whose output is instance labels (``traits.output == "labels"``), e.g.
+        ``segment-classical``, ``segment-unet`` or ``relabel``.
+    options, settings : engine settings (:class:`~pipeline.engine.runner.EngineOptions`). By
+        default ``pad_mode`` is the kernel's: ``constant`` (zero) for the classical watershed,
+        because a mirrored edge creates mirrored objects whose fronts tie exactly on the edge;
+        ``reflect`` for the U-Net, which never saw a flat edge in training and labels only
+        inside the volume.
+    iou : objects of neighbouring tiles are the same object when their IoU inside the overlap
+        is at least this (0.5 keeps matches one-to-one).
+    consecutive : final ids 1..N (default); otherwise the sparse ``tile << 32 | local`` ids of
+        each object's root are kept (no prefix sum needed, uint64).
+    table : write ``tables/<name>`` (one row per object).
+    keep_intermediate : keep ``_tilewise/stitch`` (raw ids, shells, partial sums) after success.
+    """
+    options = EngineOptions.of(options, **settings)
+    setup = prepare_engine(input_url, kernel, options)
+    plan = setup.plan
+    if not setup.traits.is_labels:
+        raise OptionError(f"Kernel '{kernel.name}' does not produce instance labels; use segment-classical, "
+                          "segment-unet or relabel.")
+    if len(plan) > MAX_TILES:
+        raise OptionError(f"{len(plan)} tiles exceed the {MAX_TILES} that global ids can number; use a larger --tile.")
+    if not 0 < iou <= 1:
+        raise OptionError(f"iou must be in (0, 1], got {iou}.")
+    params = {**setup.params, "name": name, "stitch": {"iou": iou, "consecutive": consecutive}, "table": table}
+    run = SegmentRun(input_url, output_url, name, kernel, setup, options,
+                     RunManifest(output_url, options.storage_options or {}),
+                     StitchFiles(output_url, options.storage_options or {}))
+    if store.exists(output_url, options.storage_options) and not options.overwrite:
+        check_compatible(output_url, run.manifest.read_params(), params)
+        finished = run.manifest.read_json("summary")
+        if finished is not None:
+            log.info("%s is complete; nothing to do", output_url)
+            return SegmentSummary(**finished)
+    else:
+        _begin_output(run, params)
+    seconds: dict[str, float] = {}
+    started = time.perf_counter()
+    objects_per_tile, halo_edge = label_tiles(run, client, measure=table)
+    seconds["segment"] = time.perf_counter() - started
+    started = time.perf_counter()
+    resolution, n_edges = match_tiles(run, client, iou=iou, objects_per_tile=objects_per_tile,
+                                      consecutive=consecutive)
+    seconds["match"] = time.perf_counter() - started
+    started = time.perf_counter()
+    sink = _label_sink(run, resolution.n_objects, consecutive)
+    table_spec = _begin_table(run) if table else None
+    relabel_tiles(run, client, resolution=resolution, sink=sink, table_spec=table_spec)
+    seconds["relabel"] = time.perf_counter() - started
+    started = time.perf_counter()
+    if table_spec is not None:
+        _finish_stitched_rows(run, table_spec)
+    finalize_image(sink, client, labels=True, progress=options.progress)
+    seconds["pyramid_and_table"] = time.perf_counter() - started
+    stitched = int(np.count_nonzero(resolution.is_root))
+    summary = SegmentSummary(output_url, sink.url, table_url(output_url, name) if table else None, len(plan),
+                             resolution.n_objects, stitched, n_edges, halo_edge, seconds)
+    run.manifest.write_json("summary", summary.to_dict())
+    if not keep_intermediate:
+        run.files.remove()
+    if halo_edge:
+        log.warning("%d objects reached the outer edge of a tile's halo (halo %s): they are larger than the halo, "
+                    "and tiles may have cut them differently; raise the halo to be sure", halo_edge, plan.halo)
+    log.info("%s: %d objects (%d stitched across tiles) from %d tiles", sink.url, resolution.n_objects, stitched,
+             len(plan))
+    return summary
+
+
+def _begin_output(run: SegmentRun, params: dict[str, Any]) -> None:
+    """A fresh output: the collection, the manifest, the stitch folder and the raw id array."""
+    plan = run.setup.plan
+    create_collection(run.output_url, overwrite=run.options.overwrite, storage_options=run.options.storage_options,
+                      attributes={"tilewise": {"run": params}})
+    run.manifest.write_params(params)
+    run.files.begin()
+    run.files.create_raw(plan.shape, plan.tile_shape, inner_chunks(plan.tile_shape, plan.halo))
+    run.manifest.at("relabel").begin()
+
+
+def label_tiles(run: SegmentRun, client: Any, *, measure: bool) -> tuple[np.ndarray, int]:
+    """Pass 1 over the tiles not yet done: local labels, global ids, shells and partial sums.
+    Returns objects per tile and how many objects reached a tile's halo edge."""
+    setup, plan = run.setup, run.setup.plan
+    done = run.manifest.done()
+    todo = [t for t in range(len(plan)) if t not in done]
+    batch = setup.batch(run.options.batch)
+    job = LabelTileJob(run.kernel, setup.reader(), plan, run.manifest, run.files, tuple(setup.spatial_dims), batch,
+                       measure_intensity=measure and setup.traits.measures)
+    metas = []
+    for results in submit_tiles(client, job, todo, setup=setup, options=run.options, batch=batch,
+                                desc=run.kernel.name):
+        metas += results
+    if done:  # tiles finished by an earlier, interrupted run: their counts are in their markers
+        metas += [m for t, m in run.manifest.tile_metadata().items() if t in done]
+    objects = np.zeros(len(plan), np.int64)
+    for meta in metas:
+        objects[meta["tile"]] = meta["objects"]
+    return objects, sum(meta.get("halo_edge_objects", 0) for meta in metas)
+
+
+def match_tiles(run: SegmentRun, client: Any, *, iou: float, objects_per_tile: np.ndarray, consecutive: bool
+                ) -> tuple[Resolution, int]:
+    """Pass 2: match objects across tile borders, then union-find on the client. Returns the
+    resolution and the number of match edges. Cheap, so it runs again on resume."""
+    plan = run.setup.plan
+    per_task = tiles_per_task(len(plan), 1, run.options.max_tasks)
+    edges = [np.empty((0, 2), np.uint64)]
+    for result in run_tasks(client, MatchTask(plan, run.files, iou), _groups(range(len(plan)), per_task),
+                            total=-(-len(plan) // per_task), desc=f"{run.name}: match", progress=run.options.progress):
+        edges += result
+    all_edges = np.concatenate(edges)
+    return resolve(all_edges, objects_per_tile, consecutive), int(len(all_edges))
+
+
+def relabel_tiles(run: SegmentRun, client: Any, *, resolution: Resolution, sink: ImageSink,
+                  table_spec: TableSpec | None) -> None:
+    """Pass 3 over the tiles not yet relabelled: final ids into the labels image, and the
+    table rows of each tile's unstitched objects. Each task gets only its tiles' part of the
+    resolution."""
+    plan = run.setup.plan
+    relabel = run.manifest.at("relabel")
+    todo = sorted(set(range(len(plan))) - relabel.done())
+    per_task = tiles_per_task(len(todo), 1, run.options.max_tasks)
+    items = ((group, [resolution.for_tile(t) for t in group]) for group in _groups(todo, per_task))
+    t_url = table_url(run.output_url, run.name) if table_spec is not None else None
+    task = RelabelTask(plan, run.files, sink, relabel, t_url, table_spec)
+    for _ in run_tasks(client, task, items, total=-(-len(todo) // per_task), desc=f"{run.name}: relabel",
+                       progress=run.options.progress):
+        pass
+
+
+def _begin_table(run: SegmentRun) -> TableSpec:
+    setup = run.setup
+    scale, translation, _ = setup.spatial_levels
+    spec = TableSpec(tuple(setup.spatial_dims), tuple(scale), tuple(translation),
+                     tuple(setup.source.axes[i].unit for i in setup.spatial),
+                     channels=setup.source.n_channels, region=f"labels/{run.name}")
+    if not store.exists(table_url(run.output_url, run.name), run.storage_options):
+        begin_table(run.output_url, run.name, spec, run.storage_options)
+    return spec
+
+
+def _label_sink(run: SegmentRun, n_objects: int, consecutive: bool) -> ImageSink:
+    url = store.join(run.output_url, "labels", run.name)
+    if store.exists(url, run.storage_options):
+        return ImageSink.open(url, run.storage_options)
+    setup = run.setup
+    scale, translation, chunks = setup.spatial_levels
+    axes = [setup.source.axes[i] for i in setup.spatial]
+    n_levels = len(setup.source.levels) - setup.level
+    dtype = np.uint32 if consecutive and n_objects < 2**32 - 1 else np.uint64
+    source = run.input_url if "://" in run.input_url else os.path.abspath(run.input_url)
+    return create_label_image(store.join(run.output_url, "labels"), run.name, shape=setup.plan.shape, axes=axes,
+                              scale=scale, translation=translation, chunks=chunks, n_levels=n_levels, dtype=dtype,
+                              n_labels=min(max(n_objects, 1), 256), source_image=source,
+                              storage_options=run.storage_options)
+
+
+def classical_spec(input_url: str, *, level: int = 0, sigma: float | None = None, min_distance: float | None = None,
+                   min_size: int = 16, halo: Sequence[int] | None = None, threshold: float | None = None,
+                   storage_options: dict | None = None) -> KernelSpec:
+    """The ``segment-classical`` kernel for an image: Otsu's threshold computed once from the
+    image's global statistics (normalised the way the engine normalises tiles), distances in
+    the image's physical units. ``sigma`` and ``min_distance`` default to 1 and 5 pixels of the
+    finest axis; ``threshold`` (input units) overrides Otsu."""
+    source = open_image(input_url, storage_options)
+    spatial, _ = kernel_layout(source)
+    scale = [source.level(level).scale[i] for i in spatial]
+    pixel = min(scale)
+    norm = Normalisation.of(source)
+    value = otsu_threshold(source) if threshold is None else float(threshold)
+    normalised = (value - norm.low[0]) / max(norm.high[0] - norm.low[0], 1e-12)
+    return KernelSpec.of("segment-classical", threshold=round(normalised, 6), scale=scale,
+                         sigma=sigma if sigma is not None else pixel,
+                         min_distance=min_distance if min_distance is not None else 5 * pixel,
+                         min_size=min_size, halo=list(halo) if halo else None, channels=source.n_channels)
+
+
+def model_spec(model_dir: str, min_size: int | None = None) -> KernelSpec:
+    """The ``segment-unet`` kernel for a model folder, keyed by its weights hash (resume-safe);
+    ``min_size`` (voxels) drops smaller objects (default: the kernel's, 12)."""
+    if min_size is not None and min_size < 0:
+        raise OptionError(f"--min-size must be >= 0 voxels, got {min_size}.")
+    return _model_spec(model_dir, "segment", **({} if min_size is None else {"min_size": int(min_size)}))
+
+
+def _finish_stitched_rows(run: SegmentRun, spec: TableSpec) -> None:
+    """Sum the partial rows of objects that span tiles (few: they lie on tile borders)."""
+    rows = run.files.merged_rows()
+    if rows is not None:
+        write_part(table_url(run.output_url, run.name), "stitched", finish(combine(rows), spec), spec,
+                   run.storage_options)
