@@ -17,7 +17,6 @@ from typing import Callable
 
 import numpy as np
 
-from kernels.instances import BACKGROUND, BOUNDARY, INTERIOR, instances_from_probabilities, three_class  # noqa: F401 (re-exported)
 from kernels.masking import augment
 from kernels.training import TrainResult
 from kernels.unet import UNetConfig

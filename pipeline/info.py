@@ -38,7 +38,6 @@ def _table_rows(url: str, name: str, storage_options) -> int | None:
 
 def _standalone_labels(url: str, storage_options) -> list[str]:
     """Names in a root-level ``labels`` group (written by ``tilewise segment``)."""
-    import zarr
 
     try:
         group = store.open_group(store.join(url, "labels"), "r", storage_options)

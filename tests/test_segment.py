@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from kernels.metrics import iou_table, match
-from kernels.segment_train import BOUNDARY, INTERIOR, instances_from_probabilities, three_class
+from kernels.instances import BOUNDARY, INTERIOR, instances_from_probabilities, three_class
 from pipeline.io import create_image, create_labels, default_axes, open_image
 
 

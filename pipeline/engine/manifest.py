@@ -9,7 +9,6 @@ residual statistics of a denoiser), so run reports survive interruptions too.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field, fields, replace
-from typing import Any, Iterator, Sequence
+from dataclasses import dataclass, fields, replace
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -218,7 +218,8 @@ def prepare_engine(input_url: str, kernel: KernelSpec, options: EngineOptions) -
     traits = k.traits
     pad_mode = options.pad_mode or traits.pad_mode
     if traits.ndim != len(spatial):
-        raise OptionError(f"Kernel '{kernel.name}' is {traits.ndim}D but '{input_url}' has {len(spatial)} spatial axes.")
+        raise OptionError(f"Kernel '{kernel.name}' is {traits.ndim}D but '{input_url}' has {len(spatial)} "
+                          "spatial axes.")
     if traits.in_channels != source.n_channels:
         raise OptionError(f"Kernel '{kernel.name}' takes {traits.in_channels} channel(s); the image has "
                           f"{source.n_channels}.")
@@ -263,10 +264,15 @@ def apply_kernel(model: Kernel, blocks: Sequence[np.ndarray], *, valid: Sequence
     return outputs  # type: ignore[return-value]
 
 
-def tile_batches(plan: TilePlan, tile_ids: Sequence[int], batch: int) -> Iterator[list[Tile]]:
-    """A task's tiles, ``batch`` at a time (memory: one batch of blocks)."""
+def run_batches(kernel: KernelSpec, plan: TilePlan, tile_ids: Sequence[int], batch: int,
+                run_batch: Callable[[Kernel, list[Tile]], list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """A task's body: the resident kernel, then ``run_batch`` on the task's tiles ``batch`` at a
+    time (memory: one batch of blocks); returns every tile's metadata."""
+    model = resident(kernel)
+    results: list[dict[str, Any]] = []
     for k in range(0, len(tile_ids), batch):
-        yield [plan.tile(int(t)) for t in tile_ids[k:k + batch]]
+        results += run_batch(model, [plan.tile(int(t)) for t in tile_ids[k:k + batch]])
+    return results
 
 
 @dataclass(frozen=True)
@@ -285,11 +291,7 @@ class ImageTileJob:
     out_dtype: str = "float32"
 
     def __call__(self, tile_ids: Sequence[int]) -> list[dict[str, Any]]:
-        model = resident(self.kernel)
-        results: list[dict[str, Any]] = []
-        for tiles in tile_batches(self.plan, tile_ids, self.batch):
-            results += self.run_batch(model, tiles)
-        return results
+        return run_batches(self.kernel, self.plan, tile_ids, self.batch, self.run_batch)
 
     def run_batch(self, model: Kernel, tiles: list[Tile]) -> list[dict[str, Any]]:
         started = time.perf_counter()

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 def _output_image(setup: EngineSetup, name: str, dtype: str, options: EngineOptions) -> dict[str, Any]:
     """The keyword arguments of ``create_image`` for this kernel's output over this input."""
-    traits, lv = setup.traits, setup.source.level(setup.level)
+    traits = setup.traits
     channel_axis = setup.has_channels or traits.out_channels > 1
     lead = [1.0] if channel_axis else []
     return dict(

@@ -26,7 +26,14 @@ from kernels import KernelSpec
 from pipeline.core.errors import OptionError
 from pipeline.engine.manifest import RunManifest, check_compatible
 from pipeline.engine.pyramid import finalize_image
-from pipeline.engine.runner import EngineOptions, EngineSetup, kernel_layout, prepare_engine, submit_tiles, tiles_per_task
+from pipeline.engine.runner import (
+    EngineOptions,
+    EngineSetup,
+    kernel_layout,
+    prepare_engine,
+    submit_tiles,
+    tiles_per_task,
+)
 from pipeline.engine.stats import Normalisation, otsu_threshold
 from pipeline.engine.submit import run_tasks
 from pipeline.io import store

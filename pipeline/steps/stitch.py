@@ -35,12 +35,12 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from kernels import Kernel, KernelSpec, resident
+from kernels import Kernel, KernelSpec
 from kernels.metrics import overlap_iou
 from pipeline.core.regions import Region
 from pipeline.engine.manifest import RunManifest
 from pipeline.engine.plan import Tile, TilePlan
-from pipeline.engine.runner import TileReader, apply_kernel, block_origin, tile_batches, valid_region
+from pipeline.engine.runner import TileReader, apply_kernel, block_origin, run_batches, valid_region
 from pipeline.io import store
 from pipeline.io.store import Folder
 from pipeline.io.tables import INSTANCE_KEY, TableSpec, read_parquet_files, write_parquet_file, write_part
@@ -188,11 +188,7 @@ class LabelTileJob:
     measure_intensity: bool = True
 
     def __call__(self, tile_ids: Sequence[int]) -> list[dict[str, Any]]:
-        model = resident(self.kernel)
-        results: list[dict[str, Any]] = []
-        for tiles in tile_batches(self.plan, tile_ids, self.batch):
-            results += self.run_batch(model, tiles)
-        return results
+        return run_batches(self.kernel, self.plan, tile_ids, self.batch, self.run_batch)
 
     def edge_pad(self, tile: Tile) -> tuple[tuple[int, int], ...]:
         """A full halo of padding wherever the read block meets the volume edge.
