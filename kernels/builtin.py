@@ -15,6 +15,8 @@ import math
 import time
 
 import numpy as np
+from typing import Annotated
+
 from pydantic import Field
 
 from kernels.contract import BatchContext, Kernel, KernelParams, KernelTraits
@@ -26,7 +28,8 @@ class GaussianKernel(Kernel):
     name = "gaussian"
 
     class Params(KernelParams):
-        sigma: list[float] = Field(min_length=2, max_length=3, description="per spatial axis, pixels")
+        # per spatial axis, pixels; the halo is 4 sigma, so 1000 px is already a very large read
+        sigma: list[Annotated[float, Field(gt=0, le=1000)]] = Field(min_length=2, max_length=3)
         channels: int = Field(1, ge=1)
         truncate: float = Field(4.0, gt=0)
 

@@ -135,7 +135,7 @@ class BatchContext:
 class KernelParams(BaseModel):
     """Base of every kernel's parameters: unknown keys are errors, never silently ignored."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class Kernel(ABC):

@@ -96,8 +96,28 @@ def load_model(folder: str | os.PathLike, device: str = "cpu") -> tuple[ModelCar
         raise ModelFileError(f"The weights in '{folder}' do not match their card (sha256 {actual[:12]}… vs "
                              f"{card.weights_sha256[:12]}…): the file was changed or is incomplete. Re-train or "
                              "restore the model folder.")
-    state = torch.load(Path(folder) / WEIGHTS, map_location=device, weights_only=True)
+    try:
+        state = torch.load(Path(folder) / WEIGHTS, map_location=device, weights_only=True)
+    except Exception as exc:  # weights_only refuses anything but tensors (a pickled payload, say)
+        raise ModelFileError(f"'{Path(folder) / WEIGHTS}' is not a plain state_dict of tensors and was not loaded "
+                             f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]}).") from None
     return card, state
+
+
+def verify_model(folder: str | os.PathLike) -> ModelCard:
+    """Everything a worker will check, checked once on the client before any work starts: the
+    card parses, the weights match its hash, load as plain tensors, and fit its architecture."""
+    from kernels.unet import UNet, UNetConfig
+
+    card, state = load_model(folder, "cpu")
+    try:
+        net = UNet(UNetConfig(**{**card.architecture, "pool": tuple(card.architecture["pool"])}))
+        net.load_state_dict(state)
+    except Exception as exc:
+        raise ModelFileError(f"The weights in '{folder}' do not fit the architecture in its card "
+                             f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); re-train or restore "
+                             "the model folder.") from None
+    return card
 
 
 def card_percentiles(card: ModelCard) -> tuple[float, float]:
@@ -163,4 +183,5 @@ def model_kernel_spec(folder: str | os.PathLike, task: str, kernel: str, needs: 
     card = read_card(folder)
     if card.task != task:
         raise ModelFileError(f"'{folder}' is a {card.task} model; {needs}.")
+    card = verify_model(folder)
     return KernelSpec.of(kernel, model=os.path.abspath(folder), sha256=card.weights_sha256)

@@ -103,6 +103,7 @@ def cmd_convert(args) -> None:
 def cmd_run_kernel(args) -> None:
     from kernels import KernelSpec
     from pipeline.io import open_image, store
+    from pipeline.engine.runner import build_checked
     from pipeline.steps.apply import run_kernel
 
     source = open_image(args.input)  # validate the input before starting a cluster
@@ -117,6 +118,7 @@ def cmd_run_kernel(args) -> None:
     else:
         spec = KernelSpec.of("convnet", ndim=ndim, in_channels=source.n_channels, out_channels=args.out_channels,
                              width=args.width, depth=args.depth, seed=args.seed)
+    build_checked(spec)  # a bad parameter is an error before a cluster starts
     with _client(args) as client:
         summary = run_kernel(args.input, args.output, spec, client, _engine_options(args, ndim), out_dtype=args.dtype)
     print(f"wrote {store.join(args.output, spec.name)}: {summary.computed} tiles computed, {summary.skipped} already "

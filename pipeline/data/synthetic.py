@@ -157,7 +157,7 @@ def make_lightsheet(
     if "clean" in parts:
         sinks["clean"] = create_image(store.join(url, "clean"), dtype=np.float32, name="clean", **common)
     if "labels" in parts:
-        sinks["labels"] = create_labels(sinks["raw"], "nuclei", dtype=np.uint32, n_labels=min(field.max_id, 256))
+        sinks["labels"] = create_labels(sinks["raw"], "nuclei", dtype=np.uint32, n_labels=field.max_id)
     if "raw" not in parts:
         sinks.pop("raw")  # created only as the labels' parent image
     lv0 = next(iter(sinks.values())).levels[0]
@@ -228,7 +228,7 @@ def make_wholeslide(
                          scale=(1.0, scale_um, scale_um), chunks=(1, *(chunks or (1024, 1024))),
                          version=version, name="wholeslide", channel_names=("R", "G", "B"),
                          overwrite=overwrite, storage_options=storage_options)
-    labels = create_labels(image, "nuclei", dtype=np.uint32, n_labels=min(field.max_id, 256))
+    labels = create_labels(image, "nuclei", dtype=np.uint32, n_labels=field.max_id)
     sinks = {"image": image, "labels": labels}
     block = (3, *grow_block(labels.levels[0].write_unit, shape, 3, BLOCK_BYTES))
     fn = partial(_wholeslide_block, field, sinks, block)

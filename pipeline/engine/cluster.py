@@ -10,6 +10,8 @@ import os
 from contextlib import contextmanager
 from typing import Any, Iterator
 
+from pipeline.core.errors import OptionError
+
 log = logging.getLogger(__name__)
 
 
@@ -31,6 +33,7 @@ def cuda_devices() -> int:
 
 
 GPU_TILES_IN_FLIGHT = 4
+CONNECT_TIMEOUT_S = 10  # a scheduler that does not answer in this long is reported, not waited for
 
 
 def gpu_worker_specs(n_gpus: int, cores: int, memory_limit: str | int = "auto",
@@ -107,7 +110,14 @@ def connect(
         return
     if scheduler or scheduler_file:
         kw = {"security": security} if security is not None else {}
-        with Client(address=scheduler, scheduler_file=scheduler_file, **kw) as own:
+        try:
+            own = Client(address=scheduler, scheduler_file=scheduler_file, timeout=CONNECT_TIMEOUT_S, **kw)
+        except (OSError, TimeoutError, ValueError) as exc:
+            where = scheduler or f"the scheduler in {scheduler_file}"
+            raise OptionError(f"Cannot reach {where} within {CONNECT_TIMEOUT_S} s ({type(exc).__name__}: "
+                              f"{str(exc)[:160]}); check the address (tcp://host:8786) and that the scheduler "
+                              "is running.") from None
+        with own:
             log.info("connected to scheduler %s (dashboard %s)", own.scheduler.address, own.dashboard_link)
             yield own
         return

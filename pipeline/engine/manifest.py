@@ -9,12 +9,21 @@ residual statistics of a denoiser), so run reports survive interruptions too.
 
 from __future__ import annotations
 
+import logging
+import os
+import socket
+import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from pipeline.core.errors import OutputExistsError
 from pipeline.io import store
 from pipeline.io.store import Folder
+
+log = logging.getLogger(__name__)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -62,6 +71,82 @@ class RunManifest:
 
     def done(self) -> set[int]:
         return {int(name) for name in self.folder.names(self.done_folder)}
+
+
+LOCK = "lock.json"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+@dataclass
+class RunLock:
+    """Marks an output as being written, so a second run (or an ``--overwrite``) refuses to
+    touch it while the first is running.
+
+    The lock is ``_tilewise/lock.json`` (host, pid, start time, a token). Stores have no atomic
+    create-if-absent across local disks and object stores, so the token is read back after
+    writing: of two runs starting in the same instant, the one whose token survived goes on.
+    A lock left by a run on this host whose process is gone is stale and taken over (logged);
+    one from another host is explained, with how to remove it.
+    """
+
+    url: str  # the output store
+    storage_options: Mapping[str, Any] = field(default_factory=dict)
+    token: str = ""
+
+    @property
+    def folder(self) -> Folder:
+        return Folder(store.join(self.url, "_tilewise"), self.storage_options)
+
+    def holder(self) -> dict[str, Any] | None:
+        """The live lock on this output that is not ours, or None."""
+        held = self.folder.read_json(LOCK)
+        if not held or held.get("token") == self.token:
+            return None
+        if held.get("host") == socket.gethostname() and not _alive(int(held.get("pid", -1))):
+            log.warning("taking over a stale lock on %s (process %s on this host is gone)", self.url, held.get("pid"))
+            return None
+        return held
+
+    def check(self) -> None:
+        """Refuse (one line) if another run holds the output."""
+        held = self.holder()
+        if held is not None:
+            raise OutputExistsError(
+                f"Output '{self.url}' is being written by another run (process {held.get('pid')} on "
+                f"{held.get('host')}, since {held.get('started')}); wait for it to finish, or, if no run is "
+                f"writing it, remove {store.join(self.url, '_tilewise', LOCK)}.")
+
+    def acquire(self) -> "RunLock":
+        self.check()
+        self.token = uuid.uuid4().hex
+        self.folder.makedirs()
+        self.folder.write_json(LOCK, {"host": socket.gethostname(), "pid": os.getpid(), "token": self.token,
+                                      "started": time.strftime("%Y-%m-%d %H:%M:%S")})
+        time.sleep(0.05)  # let a racing writer's lock land before reading ours back
+        if (self.folder.read_json(LOCK) or {}).get("token") != self.token:
+            self.token = ""
+            self.check()
+        return self
+
+    def release(self) -> None:
+        if self.token and (self.folder.read_json(LOCK) or {}).get("token") == self.token:
+            self.folder.remove(LOCK)
+        self.token = ""
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
 
 
 def check_compatible(url: str, old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> None:

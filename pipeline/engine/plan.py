@@ -133,6 +133,9 @@ def make_plan(shape: Sequence[int], dims: Sequence[str], write_unit: Sequence[in
     if tile_shape is None:
         core = grow_block(write_unit, shape, itemsize, target_bytes)
     else:
+        if len(tile_shape) != len(shape) or any(int(t) < 1 for t in tile_shape):
+            raise OptionError(f"--tile needs {len(shape)} positive sizes (one per spatial axis {', '.join(dims)}), "
+                              f"got {tuple(tile_shape)}.")
         core = tuple(min(u * max(1, math.ceil(t / u)), u * math.ceil(n / u))
                      for t, u, n in zip(tile_shape, write_unit, shape))
     return TilePlan(tuple(int(s) for s in shape), tuple(int(c) for c in core), halo_t, pad_mode)

@@ -25,7 +25,7 @@ from pipeline.core.regions import Region
 from pipeline.engine.blend import BlendLattice, BlendWeights, window_weights
 from pipeline.engine.manifest import RunManifest
 from pipeline.engine.plan import Tile, TilePlan, make_plan, pad_block
-from pipeline.engine.stats import Normalisation
+from pipeline.engine.stats import Normalisation, nonfinite_message
 from pipeline.engine.submit import run_tasks
 from pipeline.io.ngff import SPACE
 from pipeline.io.read import ImageSource, open_image
@@ -159,6 +159,8 @@ class TileReader:
     def read(self, region: Region, pad: Sequence[tuple[int, int]]) -> np.ndarray:
         lead = (slice(None),) if self.has_channels else ()
         block = self.source.read(lead + tuple(region), self.level)
+        if block.dtype.kind == "f" and not np.isfinite(block).all():
+            raise InputError(nonfinite_message(self.source.url, f"in {tuple((s.start, s.stop) for s in region)}"))
         if self.input != "native":
             block = block.astype(np.float32, copy=False)
         if not self.has_channels:
@@ -220,6 +222,9 @@ def prepare_engine(input_url: str, kernel: KernelSpec, options: EngineOptions) -
     if traits.ndim != len(spatial):
         raise OptionError(f"Kernel '{kernel.name}' is {traits.ndim}D but '{input_url}' has {len(spatial)} "
                           "spatial axes.")
+    if np.dtype(source.dtype).kind not in "biuf":
+        raise InputError(f"'{input_url}' holds {np.dtype(source.dtype).name} values; kernels take real numbers "
+                         "(convert complex data to magnitude or phase first).")
     if traits.in_channels != source.n_channels:
         raise OptionError(f"Kernel '{kernel.name}' takes {traits.in_channels} channel(s); the image has "
                           f"{source.n_channels}.")

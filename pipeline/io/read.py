@@ -70,8 +70,17 @@ class ImageSource(ImageMeta):
         return store.open_array(store.join(self.url, self.level(level).path), "r", self.storage_options)
 
     def read(self, region: tuple[slice, ...], level: int = 0) -> np.ndarray:
-        """Read one region (a tuple of slices in this image's axis order) into memory."""
-        return np.asarray(self.array(level)[region])
+        """Read one region (a tuple of slices in this image's axis order) into memory.
+
+        A chunk that cannot be decoded (truncated, overwritten, wrong codec) is an
+        :class:`InputError` naming the array and region; I/O errors pass through (retried).
+        """
+        try:
+            return np.asarray(self.array(level)[region])
+        except (RuntimeError, ValueError, TypeError) as exc:
+            where = ", ".join(f"{s.start}:{s.stop}" for s in region)
+            raise InputError(f"'{self.url}' level {self.level(level).path}: a chunk in [{where}] cannot be decoded "
+                             f"(corrupt or truncated? {type(exc).__name__}: {str(exc)[:200]}).") from None
 
     def dask(self, level: int = 0):
         """A lazy dask array of a level, one dask chunk per zarr chunk."""
@@ -110,7 +119,8 @@ def _list_labels(group: zarr.Group) -> tuple[str, ...]:
         return ()
     attrs = dict(labels_group.attrs)
     names = attrs.get("ome", attrs).get("labels", [])
-    return tuple(str(n) for n in names)
+    # a name is one path component: a listed '../../x' would be read from outside the store
+    return tuple(store.check_name(str(n), f"'{group.store_path}' lists a labels") for n in names)
 
 
 def _level_layout(arr: zarr.Array) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
@@ -136,6 +146,14 @@ def open_image(url: str, storage_options: Mapping[str, Any] | None = None) -> Im
                 f"'{url}' holds several images ({', '.join(children)}); name one, e.g. "
                 f"'{store.join(url, children[0])}'."
             )
+    try:
+        return _parse_image(url, group, attrs, storage_options)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        # metadata that the checks above did not foresee: one line naming it, not a traceback
+        raise InputError(f"'{url}': invalid NGFF metadata ({type(exc).__name__}: {str(exc)[:200]}).") from None
+
+
+def _parse_image(url: str, group: zarr.Group, attrs: dict, storage_options: dict) -> ImageSource:
     version, multiscale, omero = parse_multiscales(attrs, url)
     datasets = multiscale.get("datasets") or []
     if not datasets:

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from dataclasses import dataclass, field
 from typing import IO, Any, Iterator, Mapping
 
 import fsspec
 import zarr
 
-from pipeline.core.errors import InputError, OutputExistsError
+from pipeline.core.errors import InputError, OptionError, OutputExistsError
 
 
 def join(url: str, *parts: str) -> str:
@@ -30,8 +31,34 @@ def join(url: str, *parts: str) -> str:
     return out
 
 
+# fsspec protocol -> the package that serves it and the tilewise extra that installs it
+BACKENDS = {"s3": ("s3fs", "s3"), "s3a": ("s3fs", "s3"), "gs": ("gcsfs", "gcs"), "gcs": ("gcsfs", "gcs"),
+            "az": ("adlfs", "azure"), "abfs": ("adlfs", "azure"), "abfss": ("adlfs", "azure")}
+
+
+def check_name(name: str, what: str) -> str:
+    """A name that becomes one path component in a store (an image, labels or table name): no
+    separators, no ``.``/``..``, no control characters, so it can never climb out of the store."""
+    if (not isinstance(name, str) or not name or name in (".", "..") or len(name) > 255
+            or any(c in name for c in "/\\") or any(ord(c) < 32 for c in name)):
+        raise InputError(f"{what} name {name!r} is not a plain name (one path component: no '/', '\\' or '..').")
+    return name
+
+
 def _fs(url: str, storage_options: Mapping[str, Any] | None):
-    return fsspec.core.url_to_fs(url, **dict(storage_options or {}))
+    """The fsspec filesystem and path of ``url``; a missing backend is a one-line error."""
+    try:
+        return fsspec.core.url_to_fs(url, **dict(storage_options or {}))
+    except ImportError:
+        protocol = url.split("://", 1)[0]
+        package, extra = BACKENDS.get(protocol, (f"the fsspec backend for '{protocol}://'", None))
+        how = f"pip install 'tilewise[{extra}]'" if extra else "see fsspec's list of implementations"
+        raise InputError(f"'{url}' needs {package}, which is not installed: {how}.") from None
+    except ValueError as exc:
+        if "Protocol not known" not in str(exc):
+            raise
+        raise InputError(f"'{url}': unknown storage protocol '{url.split('://', 1)[0]}://'; use a local path or an "
+                         "fsspec URL such as s3://bucket/image.ome.zarr.") from None
 
 
 def exists(url: str, storage_options: Mapping[str, Any] | None = None) -> bool:
@@ -79,6 +106,41 @@ def open_group(url: str, mode: str = "a", storage_options: Mapping[str, Any] | N
     if zarr_format is not None:
         kw["zarr_format"] = zarr_format
     return zarr.open_group(store=url, mode=mode, **kw)
+
+
+def _location(url: str, storage_options: Mapping[str, Any] | None) -> tuple[str, str, Any]:
+    """(protocol, canonical path, filesystem): local paths resolved through links and ``..``."""
+    fs, path = _fs(url, storage_options)
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    if protocol in ("file", "local"):
+        path = os.path.realpath(path)
+    return protocol, path.rstrip("/"), fs
+
+
+def _zarr_root(fs: Any, path: str) -> str:
+    """The outermost zarr group holding ``path``: an image inside a store belongs to the store."""
+    while "/" in path.strip("/"):
+        parent = path.rsplit("/", 1)[0]
+        if not parent or not (fs.exists(f"{parent}/zarr.json") or fs.exists(f"{parent}/.zgroup")):
+            break
+        path = parent
+    return path
+
+
+def check_output_location(output_url: str, input_url: str, storage_options: Mapping[str, Any] | None = None) -> None:
+    """Refuse an output that is the input, lies inside the input's store, or contains it, before
+    anything is created or deleted: an input is never written to, even with ``--overwrite``."""
+    out_protocol, out_path, _ = _location(output_url, storage_options)
+    in_protocol, in_path, fs = _location(input_url, storage_options)
+    root = _zarr_root(fs, in_path)
+    if out_protocol != in_protocol:
+        return
+    for what, inside in (("is the input", out_path in (in_path, root)),
+                         ("lies inside the input store", out_path.startswith(root + "/")),
+                         ("contains the input", root.startswith(out_path + "/") or in_path.startswith(out_path + "/"))):
+        if inside:
+            raise OptionError(f"Output '{output_url}' {what} ('{input_url}'); tilewise never writes into or deletes "
+                              "an input. Choose an output path outside the input store.")
 
 
 def prepare_output(url: str, overwrite: bool, storage_options: Mapping[str, Any] | None = None) -> None:

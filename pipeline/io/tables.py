@@ -123,7 +123,7 @@ def to_anndata(output_url: str, name: str, storage_options: Mapping[str, Any] | 
     spatial_cols = [f"centroid_{d}_{u or 'physical'}" for d, u in zip(attrs["axes"], attrs["units"])]
     features = [c for c in frame.columns if c not in obs_cols]
     obs = frame[obs_cols].copy()
-    obs.index = obs[INSTANCE_KEY].astype(str)
+    obs.index = pd.Index(obs[INSTANCE_KEY].astype(str).to_numpy(), name=None)  # a named index clashes on save
     adata = anndata.AnnData(X=frame[features].to_numpy(np.float64), obs=obs,
                             var=pd.DataFrame(index=features))
     adata.obsm["spatial"] = frame[spatial_cols].to_numpy(np.float64)

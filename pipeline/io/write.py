@@ -221,10 +221,19 @@ def create_image(
                      tuple(channel_names) if channel_names else None, storage_options)
 
 
-def label_colors(n_labels: int, limit: int = 256) -> list[dict[str, Any]]:
-    """A bounded palette (at most ``limit`` entries) of distinct hues for label values 1..n."""
+# Largest label id that gets a listed colour. napari-ome-zarr builds its colour map from the list
+# alone, so a listed palette must name every id (an id missing from it is drawn transparent);
+# above this, the list (about 60 bytes an id in the metadata) is left out and readers colour
+# every id themselves.
+PALETTE_LIMIT = 4096
+
+
+def label_colors(n_labels: int, limit: int = PALETTE_LIMIT) -> list[dict[str, Any]] | None:
+    """Distinct hues for every label value 1..n, or None (no palette) when n exceeds ``limit``."""
+    if n_labels > limit:
+        return None
     colors = []
-    for value in range(1, min(n_labels, limit) + 1):
+    for value in range(1, n_labels + 1):
         hue = (value * 0.618033988749895) % 1.0
         r, g, b = colorsys.hsv_to_rgb(hue, 0.75, 1.0)
         colors.append({"label-value": value, "rgba": [int(r * 255), int(g * 255), int(b * 255), 255]})
@@ -280,7 +289,9 @@ def create_label_image(labels_url: str, name: str, *, shape: Sequence[int], axes
     meta = {k: v for k, v in dict(image_label or {}).items() if k != "version"}
     meta.setdefault("source", {"image": source_image})
     if n_labels and "colors" not in meta:
-        meta["colors"] = label_colors(n_labels)
+        colors = label_colors(n_labels)
+        if colors is not None:
+            meta["colors"] = colors
     write_label_metadata(parent, name, fmt=fmt, **meta)
     return sink
 

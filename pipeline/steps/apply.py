@@ -18,7 +18,7 @@ import numpy as np
 from kernels import KernelSpec
 from pipeline.core.errors import OptionError
 from pipeline.engine.blend import BlendLattice
-from pipeline.engine.manifest import RunManifest, check_compatible
+from pipeline.engine.manifest import RunLock, RunManifest, check_compatible
 from pipeline.engine.pyramid import finalize_image
 from pipeline.engine.runner import (
     EngineOptions,
@@ -74,6 +74,8 @@ def run_kernel(input_url: str, output_url: str, kernel: KernelSpec, client: Any,
         rounded and clipped.
     """
     options = EngineOptions.of(options, **settings)
+    store.check_name(name or kernel.name, "The output image")
+    store.check_output_location(output_url, input_url, options.storage_options)
     setup = prepare_engine(input_url, kernel, options)
     plan = setup.plan
     name = name or kernel.name
@@ -86,8 +88,12 @@ def run_kernel(input_url: str, output_url: str, kernel: KernelSpec, client: Any,
         if lattice else None,
     }
     manifest = RunManifest(output_url, options.storage_options or {})
+    lock = RunLock(output_url, options.storage_options or {})
     image_url = store.join(output_url, name)
-    if store.exists(output_url, options.storage_options) and not options.overwrite:
+    exists = store.exists(output_url, options.storage_options)
+    if exists:
+        lock.check()  # before resuming into it, or deleting it with overwrite
+    if exists and not options.overwrite:
         check_compatible(output_url, manifest.read_params(), params)
         # omero (and with it the channel names) is written at the end: carry the names on resume
         sink = replace(ImageSink.open(image_url, options.storage_options),
@@ -106,9 +112,10 @@ def run_kernel(input_url: str, output_url: str, kernel: KernelSpec, client: Any,
     job = ImageTileJob(kernel, setup.reader(), plan, sink, manifest, batch, lattice, dtype)
     started = time.perf_counter()
     voxels = 0
-    for results in submit_tiles(client, job, todo, setup=setup, options=options, batch=batch, desc=kernel.name):
-        voxels += sum(meta["voxels"] for meta in results)
-    seconds = time.perf_counter() - started
-    if tile_ids is None or len(manifest.done()) == len(plan):
-        finalize_image(sink, client, progress=options.progress)
+    with lock:
+        for results in submit_tiles(client, job, todo, setup=setup, options=options, batch=batch, desc=kernel.name):
+            voxels += sum(meta["voxels"] for meta in results)
+        seconds = time.perf_counter() - started
+        if tile_ids is None or len(manifest.done()) == len(plan):
+            finalize_image(sink, client, progress=options.progress)
     return RunSummary(output_url, len(plan), len(todo), len(wanted) - len(todo), seconds, voxels / max(seconds, 1e-9))

@@ -113,10 +113,9 @@ def convert(src: str, dst: str, client: Any, *, axes: str | None = None, scale: 
     Plain sources get a fresh pyramid; OME-Zarr sources keep their levels, transforms, channel
     names and labels, copied bit for bit.
     """
-    if store.join(src) == store.join(dst):
-        raise OptionError("Input and output are the same path; choose another output (the input is never modified).")
     if not store.exists(src, storage_options):
         raise InputError(f"No file or store at '{src}': the path does not exist. Check the path or URL.")
+    store.check_output_location(dst, src, storage_options)
     if Path(src).suffix.lower() in TIFF_SUFFIXES:
         ref = ArrayRef("tiff", src)
     else:

@@ -24,7 +24,7 @@ import numpy as np
 
 from kernels import KernelSpec
 from pipeline.core.errors import OptionError
-from pipeline.engine.manifest import RunManifest, check_compatible
+from pipeline.engine.manifest import RunLock, RunManifest, check_compatible
 from pipeline.engine.pyramid import finalize_image
 from pipeline.engine.runner import (
     EngineOptions,
@@ -118,6 +118,8 @@ def segment_labels(input_url: str, output_url: str, kernel: KernelSpec, client: 
     keep_intermediate : keep ``_tilewise/stitch`` (raw ids, shells, partial sums) after success.
     """
     options = EngineOptions.of(options, **settings)
+    store.check_name(name, "The labels")
+    store.check_output_location(output_url, input_url, options.storage_options)
     setup = prepare_engine(input_url, kernel, options)
     plan = setup.plan
     if not setup.traits.is_labels:
@@ -131,7 +133,11 @@ def segment_labels(input_url: str, output_url: str, kernel: KernelSpec, client: 
     run = SegmentRun(input_url, output_url, name, kernel, setup, options,
                      RunManifest(output_url, options.storage_options or {}),
                      StitchFiles(output_url, options.storage_options or {}))
-    if store.exists(output_url, options.storage_options) and not options.overwrite:
+    lock = RunLock(output_url, options.storage_options or {})
+    exists = store.exists(output_url, options.storage_options)
+    if exists:
+        lock.check()  # before resuming into it, or deleting it with overwrite
+    if exists and not options.overwrite:
         check_compatible(output_url, run.manifest.read_params(), params)
         finished = run.manifest.read_json("summary")
         if finished is not None:
@@ -139,6 +145,23 @@ def segment_labels(input_url: str, output_url: str, kernel: KernelSpec, client: 
             return SegmentSummary(**finished)
     else:
         _begin_output(run, params)
+    with lock:
+        summary = _run_passes(run, client, iou=iou, consecutive=consecutive, table=table)
+        if not keep_intermediate:
+            run.files.remove()
+    if summary.halo_edge_objects:
+        log.warning("%d objects reached the outer edge of a tile's halo (halo %s): they are larger than the halo, "
+                    "and tiles may have cut them differently; raise the halo to be sure", summary.halo_edge_objects,
+                    plan.halo)
+    log.info("%s: %d objects (%d stitched across tiles) from %d tiles", summary.labels, summary.objects,
+             summary.stitched_objects, len(plan))
+    return summary
+
+
+def _run_passes(run: SegmentRun, client: Any, *, iou: float, consecutive: bool, table: bool) -> SegmentSummary:
+    """The three passes, the table and the pyramid; the summary is written last, so a run
+    whose summary exists is finished."""
+    plan = run.setup.plan
     seconds: dict[str, float] = {}
     started = time.perf_counter()
     objects_per_tile, halo_edge = label_tiles(run, client, measure=table)
@@ -155,19 +178,12 @@ def segment_labels(input_url: str, output_url: str, kernel: KernelSpec, client: 
     started = time.perf_counter()
     if table_spec is not None:
         _finish_stitched_rows(run, table_spec)
-    finalize_image(sink, client, labels=True, progress=options.progress)
+    finalize_image(sink, client, labels=True, progress=run.options.progress)
     seconds["pyramid_and_table"] = time.perf_counter() - started
     stitched = int(np.count_nonzero(resolution.is_root))
-    summary = SegmentSummary(output_url, sink.url, table_url(output_url, name) if table else None, len(plan),
-                             resolution.n_objects, stitched, n_edges, halo_edge, seconds)
+    summary = SegmentSummary(run.output_url, sink.url, table_url(run.output_url, run.name) if table else None,
+                             len(plan), resolution.n_objects, stitched, n_edges, halo_edge, seconds)
     run.manifest.write_json("summary", summary.to_dict())
-    if not keep_intermediate:
-        run.files.remove()
-    if halo_edge:
-        log.warning("%d objects reached the outer edge of a tile's halo (halo %s): they are larger than the halo, "
-                    "and tiles may have cut them differently; raise the halo to be sure", halo_edge, plan.halo)
-    log.info("%s: %d objects (%d stitched across tiles) from %d tiles", sink.url, resolution.n_objects, stitched,
-             len(plan))
     return summary
 
 
@@ -257,7 +273,7 @@ def _label_sink(run: SegmentRun, n_objects: int, consecutive: bool) -> ImageSink
     source = run.input_url if "://" in run.input_url else os.path.abspath(run.input_url)
     return create_label_image(store.join(run.output_url, "labels"), run.name, shape=setup.plan.shape, axes=axes,
                               scale=scale, translation=translation, chunks=chunks, n_levels=n_levels, dtype=dtype,
-                              n_labels=min(max(n_objects, 1), 256), source_image=source,
+                              n_labels=max(n_objects, 1) if consecutive else None, source_image=source,
                               storage_options=run.storage_options)
 
 

@@ -25,6 +25,7 @@ from kernels.training import TrainResult
 from pipeline.core.errors import InputError, OptionError, OutputExistsError
 from pipeline.core.regions import Region, grid_shape, region_of
 from pipeline.io.read import ImageSource, open_image
+from pipeline.io.store import check_output_location
 from pipeline.engine.runner import kernel_layout
 from pipeline.engine.stats import Normalisation
 
@@ -147,6 +148,7 @@ class TrainingData:
     def prepare(cls, image_url: str, model_dir: str, *, task: str, patch: Sequence[int] | None, level: int,
                 depth: int, seed: int, overwrite: bool, storage_options: dict | None, labels: str | None = None,
                 val_patches: int) -> "TrainingData":
+        check_output_location(model_dir, image_url, storage_options)
         prepare_model_folder(model_dir, overwrite)
         source = open_image(image_url, storage_options)
         spatial, _ = kernel_layout(source)
