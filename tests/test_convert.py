@@ -56,3 +56,24 @@ def test_convert_axes_errors(tmp_path, client, capsys, axes, message):
         assert rc == 2
         err = capsys.readouterr().err
         assert message in err and err.startswith("tilewise: error:") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("compression, dtype, lossless", [
+    ("lzw", np.uint16, True), ("deflate", np.uint16, True), ("zstd", np.uint16, True),
+    ("jpeg", np.uint8, False), ("jpeg2000", np.uint16, True),
+])
+def test_compressed_tiffs_convert(tmp_path, client, compression, dtype, lossless):
+    """What microscopes write: compressed TIFFs read out of the box (imagecodecs is declared)."""
+    rng = np.random.default_rng(7)
+    smooth = np.add.outer(np.arange(64), np.arange(48)).astype(np.float64)
+    data = np.stack([smooth * (k + 1) + rng.integers(0, 4, smooth.shape) for k in range(3)])
+    data = (data / data.max() * (250 if dtype == np.uint8 else 4000)).astype(dtype)
+    tif = tmp_path / f"{compression}.tif"
+    tifffile.imwrite(tif, data, compression=compression, photometric="minisblack")
+    out = tmp_path / f"{compression}.ome.zarr"
+    assert main(["-q", "convert", str(tif), str(out), "--axes", "zyx"]) == 0
+    back = open_image(str(out)).read((slice(None),) * 3)
+    if lossless:
+        np.testing.assert_array_equal(back, data)
+    else:
+        assert np.abs(back.astype(float) - data).mean() < 3
