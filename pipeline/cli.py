@@ -180,7 +180,7 @@ def cmd_segment(args) -> None:
         summary = segment_labels(args.input, args.output, spec, client, name=args.name, iou=args.iou,
                                  consecutive=not args.sparse_ids, table=not args.no_table, level=args.level,
                                  tile_shape=args.tile, batch=args.batch, overwrite=args.overwrite,
-                                 progress=not args.quiet)
+                                 progress=not args.quiet, ngff=args.ngff)
     print(f"wrote {summary.labels}: {summary.objects} objects ({summary.stitched_objects} stitched across "
           f"{summary.tiles} tiles)" + (f", table {summary.table}" if summary.table else ""))
     if summary.halo_edge_objects:
@@ -211,6 +211,7 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--blend-overlap", type=float, default=0.25, help="overlap of blend windows (default 0.25)")
     g.add_argument("--dtype", default="float32", help="output dtype: float32 (default), input, uint16, ...")
     g.add_argument("--overwrite", action="store_true", help="replace an existing output instead of resuming")
+    g.add_argument("--ngff", choices=("0.4", "0.5"), help="NGFF version to write (default: the input's)")
 
 
 def _engine_options(args, ndim: int):
@@ -223,7 +224,7 @@ def _engine_options(args, ndim: int):
             raise OptionError(f"--blend needs one size or {ndim} sizes (one per spatial axis), got {args.blend}.")
         blend = Blend(tuple(window), args.blend_overlap)
     return EngineOptions.of(level=args.level, tile_shape=args.tile, batch=args.batch, pad_mode=args.pad_mode,
-                            blend=blend, overwrite=args.overwrite, progress=not args.quiet)
+                            blend=blend, overwrite=args.overwrite, progress=not args.quiet, ngff=args.ngff)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -329,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tile", type=_ints, help="tile core shape over the spatial axes (rounded to chunks)")
     g.add_argument("--batch", type=int, default=1, help="tiles per model call")
     g.add_argument("--overwrite", action="store_true", help="replace an existing output instead of resuming")
+    g.add_argument("--ngff", choices=("0.4", "0.5"), help="NGFF version to write (default: the input's)")
     _add_cluster_options(p)
     p.set_defaults(func=cmd_segment)
 

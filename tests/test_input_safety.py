@@ -82,3 +82,28 @@ def test_tables_as_anndata_save_to_h5ad_and_zarr(tmp_path, client):
     assert list(back.obs["label"]) == list(adata.obs["label"])
     np.testing.assert_allclose(back.obsm["spatial"], adata.obsm["spatial"])
     assert anndata.read_zarr(tmp_path / "t.zarr").n_obs == adata.n_obs
+
+
+@pytest.mark.parametrize("source, flag, expected", [("0.4", None, "0.4"), ("0.5", None, "0.5"), ("0.4", "0.5", "0.5")])
+def test_outputs_follow_the_input_ngff_version_unless_asked(tmp_path, client, source, flag, expected):
+    """Derived stores are written in the input's NGFF version (or --ngff), never mixed."""
+    import zarr
+
+    url, _, _ = make_image(tmp_path / "img.ome.zarr", client, version=source)
+    extra = ["--ngff", flag] if flag else []
+    assert main(["-q", "run-kernel", "gaussian", url, str(tmp_path / "o.ome.zarr"), "--tile", "8,32,32",
+                 "--workers", "1"] + extra) == 0
+    assert main(["-q", "segment", url, str(tmp_path / "s.ome.zarr"), "--classical", "--tile", "8,32,32",
+                 "--workers", "1"] + extra) == 0
+    fmt = 2 if expected == "0.4" else 3
+    for path in ("o.ome.zarr", "o.ome.zarr/gaussian", "s.ome.zarr", "s.ome.zarr/labels", "s.ome.zarr/labels/nuclei"):
+        assert zarr.open_group(str(tmp_path / path), mode="r").metadata.zarr_format == fmt, path
+    from ome_zarr_models import v04, v05
+
+    model = v04 if expected == "0.4" else v05
+    model.Image.from_zarr(zarr.open_group(str(tmp_path / "o.ome.zarr" / "gaussian"), mode="r"))
+    model.Labels.from_zarr(zarr.open_group(str(tmp_path / "s.ome.zarr" / "labels"), mode="r"))
+    # a resume that asks for the other version is refused, not mixed in
+    other = "0.5" if expected == "0.4" else "0.4"
+    assert main(["-q", "run-kernel", "gaussian", url, str(tmp_path / "o.ome.zarr"), "--tile", "8,32,32",
+                 "--workers", "1", "--ngff", other]) == 2

@@ -62,6 +62,8 @@ class EngineOptions:
     resources : Dask resources per task; default ``{"GPU": 1}`` for GPU kernels when the
         cluster's workers advertise GPUs.
     overwrite : replace an existing output (the input is never modified).
+    ngff : NGFF version of the outputs, ``"0.4"`` (zarr v2) or ``"0.5"`` (zarr v3); ``None``
+        writes the input's version, so a derived store never mixes versions with its source.
     """
 
     level: int = 0
@@ -75,6 +77,7 @@ class EngineOptions:
     progress: bool = True
     overwrite: bool = False
     storage_options: dict[str, Any] | None = None
+    ngff: str | None = None
 
     @classmethod
     def of(cls, options: "EngineOptions | None" = None, **settings: Any) -> "EngineOptions":
@@ -86,6 +89,8 @@ class EngineOptions:
         options = replace(options or cls(), **settings)
         if options.batch < 1:
             raise OptionError(f"batch must be >= 1, got {options.batch}.")
+        if options.ngff not in (None, "0.4", "0.5"):
+            raise OptionError(f"ngff must be 0.4 or 0.5, got {options.ngff!r}.")
         if options.max_tasks < 1:
             raise OptionError(f"max_tasks must be >= 1, got {options.max_tasks}.")
         return options
@@ -203,6 +208,11 @@ class EngineSetup:
         return TileReader(self.source, self.level, self.has_channels, self.plan.pad_mode, self.traits.input,
                           self.scaling)
 
+    @property
+    def ngff(self) -> str:
+        """The NGFF version outputs are written in (the option, else the input's)."""
+        return str(self.params["ngff"])
+
     def batch(self, wanted: int) -> int:
         return max(1, min(int(wanted), self.traits.max_batch))
 
@@ -238,6 +248,7 @@ def prepare_engine(input_url: str, kernel: KernelSpec, options: EngineOptions) -
         "input": input_url, "level": options.level, "kernel": kernel.name, "kernel_params": kernel.params,
         "tile_shape": list(plan.tile_shape), "halo": list(plan.halo), "pad_mode": pad_mode,
         "normalisation": scaling.pairs() if scaling else None,
+        "ngff": options.ngff or ("0.4" if source.version == "0.4" else "0.5"),
     }
     return EngineSetup(source, options.level, spatial, has_c, k, plan, scaling, params)
 

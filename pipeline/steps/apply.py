@@ -45,7 +45,7 @@ def _output_image(setup: EngineSetup, name: str, dtype: str, options: EngineOpti
         axes=([Axis("c", "channel")] if channel_axis else []) + [setup.source.axes[i] for i in setup.spatial],
         scale=lead + setup.spatial_levels[0], translation=[0.0] * len(lead) + setup.spatial_levels[1],
         chunks=[1] * len(lead) + setup.spatial_levels[2], name=name, channel_names=_channel_names(setup),
-        storage_options=options.storage_options)
+        version=setup.ngff, storage_options=options.storage_options)
 
 
 def _channel_names(setup: EngineSetup) -> list[str] | None:
@@ -99,8 +99,8 @@ def run_kernel(input_url: str, output_url: str, kernel: KernelSpec, client: Any,
         sink = replace(ImageSink.open(image_url, options.storage_options),
                        channel_names=tuple(_channel_names(setup) or ()) or None)
     else:
-        create_collection(output_url, overwrite=options.overwrite, storage_options=options.storage_options,
-                          attributes={"tilewise": {"run": params}})
+        create_collection(output_url, version=setup.ngff, overwrite=options.overwrite,
+                          storage_options=options.storage_options, attributes={"tilewise": {"run": params}})
         manifest.write_params(params)
         sink = create_image(image_url, **_output_image(setup, name, dtype, options))
     done = manifest.done()

@@ -190,8 +190,8 @@ def _run_passes(run: SegmentRun, client: Any, *, iou: float, consecutive: bool, 
 def _begin_output(run: SegmentRun, params: dict[str, Any]) -> None:
     """A fresh output: the collection, the manifest, the stitch folder and the raw id array."""
     plan = run.setup.plan
-    create_collection(run.output_url, overwrite=run.options.overwrite, storage_options=run.options.storage_options,
-                      attributes={"tilewise": {"run": params}})
+    create_collection(run.output_url, version=run.setup.ngff, overwrite=run.options.overwrite,
+                      storage_options=run.options.storage_options, attributes={"tilewise": {"run": params}})
     run.manifest.write_params(params)
     run.files.begin()
     run.files.create_raw(plan.shape, plan.tile_shape, inner_chunks(plan.tile_shape, plan.halo))
@@ -273,6 +273,7 @@ def _label_sink(run: SegmentRun, n_objects: int, consecutive: bool) -> ImageSink
     source = run.input_url if "://" in run.input_url else os.path.abspath(run.input_url)
     return create_label_image(store.join(run.output_url, "labels"), run.name, shape=setup.plan.shape, axes=axes,
                               scale=scale, translation=translation, chunks=chunks, n_levels=n_levels, dtype=dtype,
+                              version=setup.ngff,
                               n_labels=max(n_objects, 1) if consecutive else None, source_image=source,
                               storage_options=run.storage_options)
 
