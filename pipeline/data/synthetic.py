@@ -27,6 +27,7 @@ from pipeline.core.errors import OptionError
 from pipeline.core.regions import Region, grow_block, iter_regions, n_regions
 from pipeline.io import store
 from pipeline.io.ngff import default_axes
+from pipeline.io.tables import INSTANCE_KEY, REGION_KEY, TableSpec, begin_table, table_url, write_part
 from pipeline.io.write import ImageSink, create_collection, create_image, create_labels
 from pipeline.engine.pyramid import finalize_image
 from pipeline.engine.submit import run_tasks
@@ -66,12 +67,19 @@ def _check_shape(shape: Sequence[int], what: str, axes: str, example: str) -> tu
     return shape
 
 
-def _ground_truth_rows(field: NucleiField, nuclei, core: Region, scale: Sequence[float], dims: str) -> dict[str, list]:
+def _ground_truth_spec(scale: Sequence[float], dims: str) -> TableSpec:
+    """The ground-truth table has the schema of every tilewise table (``pipeline.io.tables``)."""
+    return TableSpec(tuple(dims), tuple(scale), (0.0,) * len(dims), ("micrometer",) * len(dims),
+                     region="raw/labels/nuclei", extra={"ground_truth": True})
+
+
+def _ground_truth_rows(field: NucleiField, nuclei, core: Region, spec: TableSpec):
     """One row per object whose first in-image voxel lies in ``core`` (so exactly one block)."""
-    rows: dict[str, list] = {"label": [], "class": [], "class_name": [], "voxels": []}
-    for d in dims:
-        rows[f"centroid_{d}"] = []
-        rows[f"centroid_{d}_um"] = []
+    import pandas as pd
+
+    rows: dict[str, list] = {"label": [], "voxels": []}
+    rows.update({f"centroid_{d}": [] for d in spec.dims})
+    rows.update({"class": [], "class_name": []})
     for nuc in nuclei:
         seen = field.visible(nuc)
         if seen is None or not all(sl.start <= f < sl.stop for f, sl in zip(seen[0], core)):
@@ -80,20 +88,19 @@ def _ground_truth_rows(field: NucleiField, nuclei, core: Region, scale: Sequence
         rows["class"].append(nuc.cls)
         rows["class_name"].append(CLASSES[nuc.cls].name)
         rows["voxels"].append(seen[2])
-        for d, c, s in zip(dims, seen[1], scale):
+        for d, c in zip(spec.dims, seen[1]):
             rows[f"centroid_{d}"].append(c)
-            rows[f"centroid_{d}_um"].append(c * s)
-    return rows
-
-
-def _write_table_part(url: str, name: str, part: str, rows: dict[str, list], storage_options) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    folder = store.Folder(store.join(url, "tables", name), storage_options or {})
-    folder.makedirs()
-    with folder.open(f"part-{part}.parquet", "wb") as fh:
-        pq.write_table(pa.table(rows), fh)
+    count = np.asarray(rows["voxels"], np.int64)
+    out = {INSTANCE_KEY: np.asarray(rows["label"], np.uint64),
+           REGION_KEY: pd.Categorical([spec.region] * len(count)),
+           "voxels": count, "volume": count * float(np.prod(spec.scale))}
+    for d, s, t, u in zip(spec.dims, spec.scale, spec.translation, spec.units):
+        centroid = np.asarray(rows[f"centroid_{d}"], np.float64)
+        out[f"centroid_{d}"] = centroid
+        out[f"centroid_{d}_{u}"] = t + s * centroid
+    out["class"] = np.asarray(rows["class"], np.int64)
+    out["class_name"] = rows["class_name"]
+    return pd.DataFrame(out)
 
 
 def _part_name(region: Region, block: Sequence[int]) -> str:
@@ -120,9 +127,11 @@ def _lightsheet_block(model: LightsheetModel, field: NucleiField, sinks: dict[st
         sinks["raw"].write(region, np.clip(np.rint(raw), 0, 65535).astype(np.uint16))
     if "labels" in sinks:
         sinks["labels"].write(region, labels[core])
-        rows = _ground_truth_rows(field, nuclei, region, model.scale, "zyx")
-        if rows["label"]:
-            _write_table_part(root, "ground_truth", _part_name(region, block), rows, sinks["labels"].storage_options)
+        spec = _ground_truth_spec(model.scale, "zyx")
+        rows = _ground_truth_rows(field, nuclei, region, spec)
+        if len(rows):
+            write_part(table_url(root, "ground_truth"), _part_name(region, block), rows, spec,
+                       sinks["labels"].storage_options)
     return int(np.prod([sl.stop - sl.start for sl in region]))
 
 
@@ -160,6 +169,8 @@ def make_lightsheet(
         sinks["labels"] = create_labels(sinks["raw"], "nuclei", dtype=np.uint32, n_labels=field.max_id)
     if "raw" not in parts:
         sinks.pop("raw")  # created only as the labels' parent image
+    if "labels" in parts:
+        begin_table(url, "ground_truth", _ground_truth_spec(model.scale, "zyx"), storage_options)
     lv0 = next(iter(sinks.values())).levels[0]
     block = grow_block(lv0.write_unit, shape, 4, BLOCK_BYTES)
     fn = partial(_lightsheet_block, model, field, sinks, url, block)

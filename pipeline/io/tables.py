@@ -119,7 +119,9 @@ def to_anndata(output_url: str, name: str, storage_options: Mapping[str, Any] | 
         raise OptionError("Reading a table as AnnData needs the 'anndata' package: pip install anndata.") from None
     frame = read_table(output_url, name, storage_options)
     attrs = read_attributes(output_url, name, storage_options)
-    obs_cols = [INSTANCE_KEY, REGION_KEY]
+    # ids, the region and any text column (a class name, say) describe objects: obs, not X
+    obs_cols = [INSTANCE_KEY, REGION_KEY] + [c for c in frame.columns if c not in (INSTANCE_KEY, REGION_KEY)
+                                             and not pd.api.types.is_numeric_dtype(frame[c])]
     spatial_cols = [f"centroid_{d}_{u or 'physical'}" for d, u in zip(attrs["axes"], attrs["units"])]
     features = [c for c in frame.columns if c not in obs_cols]
     obs = frame[obs_cols].copy()
