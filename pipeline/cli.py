@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence
@@ -78,7 +79,7 @@ def cmd_sample(args) -> None:
             from pipeline.data import make_wholeslide
 
             make_wholeslide(args.out, client, shape=args.shape or (4096, 4096), seed=args.seed,
-                            version=args.ngff, overwrite=args.overwrite, progress=progress)
+                            chunks=args.chunks, version=args.ngff, overwrite=args.overwrite, progress=progress)
         else:
             from pipeline.data import fetch_sample
 
@@ -346,12 +347,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_dask(level: int) -> None:
+    """Dask's own INFO lines (scheduler and worker start-up, connections) only with ``-vv``.
+
+    distributed sets its loggers' levels from its config when first imported, in this process
+    and in every worker it spawns: the environment variable reaches both, the loop covers a
+    distributed that is already imported (the CLI called from Python).
+    """
+    os.environ["DASK_LOGGING__DISTRIBUTED"] = logging.getLevelName(level).lower()
+    import distributed  # noqa: F401  (configures its loggers; quieted below)
+
+    for name in list(logging.root.manager.loggerDict):
+        if name.split(".")[0] in ("distributed", "bokeh", "tornado"):
+            logging.getLogger(name).setLevel(level)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("distributed").setLevel(max(level, logging.WARNING))
+    _quiet_dask(max(level, logging.WARNING) if args.verbose < 2 else level)
     func: Callable = args.func
     try:
         func(args)

@@ -21,8 +21,9 @@ def _describe_image(src: ImageSource, title: str, indent: str) -> list[str]:
         lines.append(f"{indent}  channels: {', '.join(src.channel_names)}")
     for k, lv in enumerate(src.levels):
         shard = f"  shards {_fmt(lv.shards)}" if lv.shards else ""
+        offset = f"  translation {_fmt(lv.translation)}" if any(lv.translation) else ""
         lines.append(f"{indent}  level {k}: shape {_fmt(lv.shape)}  chunks {_fmt(lv.chunks)}{shard}  "
-                     f"scale {_fmt(lv.scale)}  ({lv.nbytes / 2**20:.1f} MiB)")
+                     f"scale {_fmt(lv.scale)}{offset}  ({lv.nbytes / 2**20:.1f} MiB)")
     for name in src.labels:
         lab = src.label(name)
         lines.append(f"{indent}  labels/{name}: {lab.dtype}, {len(lab.levels)} levels, shape {_fmt(lab.shape)}")

@@ -23,6 +23,7 @@ def test_info_shows_levels_labels_and_chunks(tmp_path, client, capsys):
     out = capsys.readouterr().out
     assert "[z,y,x]" in out and "uint16" in out and "level 0: shape 21 x 70 x 83  chunks 8 x 32 x 32" in out
     assert "labels/cells: uint32" in out and "channels: dapi" in out
+    assert "level 1: " in out and "translation 0 x 0.2 x 0.2" in out  # half-pixel offsets of coarser levels
 
 
 def test_sample_refuses_existing_output(tmp_path, capsys):
@@ -68,3 +69,15 @@ def test_run_kernel_prints_dashboard_and_takes_engine_options(tmp_path, client, 
     assert params["blend"]["window"] == [8, 24, 24] and params["halo"] == [0, 0, 0]
     assert main(args[:-6] + ["--blend", "8,24", "--workers", "1", "--overwrite"]) == 2
     assert "--blend needs one size or 3 sizes" in capsys.readouterr().err
+
+
+def test_quiet_means_quiet(tmp_path):
+    """-q: no progress bars and none of Dask's start-up INFO lines (in a fresh process, as users run it)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "-q", "sample", "lightsheet",
+                           str(tmp_path / "q.ome.zarr"), "--shape", "8,32,32", "--workers", "1"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "INFO" not in done.stderr and "distributed" not in done.stderr, done.stderr[-2000:]

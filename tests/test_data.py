@@ -110,3 +110,12 @@ def test_fetch_sample_downloads_the_real_wheel(tmp_path, client, monkeypatch):
     assert src.shape == (512, 512) and src.dtype == np.uint16
     mask = src.label("nuclei").read((slice(None),) * 2)
     assert len(np.unique(mask)) - 1 == 125  # the 125 manually annotated nuclei
+
+
+def test_sample_wholeslide_takes_chunks(tmp_path, client):
+    from pipeline.cli import main
+
+    out = str(tmp_path / "w.ome.zarr")
+    assert main(["-q", "sample", "wholeslide", out, "--shape", "600,700", "--chunks", "128,128", "--workers", "1"]) == 0
+    img = open_image(out)
+    assert img.levels[0].chunks == (1, 128, 128) and len(img.levels) > 1

@@ -91,6 +91,34 @@ def test_resume_runs_only_missing_tiles_and_matches_clean_run(tmp_path, client):
     assert third.computed == 0
 
 
+def test_resume_verifies_finished_tiles_and_repairs_damaged_ones(tmp_path, client):
+    """Finished means verified: a deleted or rewritten output chunk is found by its tile's
+    checksum on resume, that tile alone is computed again, and the pyramid is rebuilt from it."""
+    from pathlib import Path
+
+    data = np.random.default_rng(5).integers(0, 1000, size=(16, 48, 48)).astype(np.uint16)
+    url = _image(tmp_path, "in.ome.zarr", data, "zyx", (8, 16, 16))
+    spec = KernelSpec.of("gaussian", sigma=[1.0, 1.0, 1.0])
+    kw = dict(progress=False, tile_shape=(8, 16, 16))
+    out = tmp_path / "r.ome.zarr"
+    first = run_kernel(url, str(out), spec, client, **kw)
+    assert first.computed == 18
+    chunks = sorted(p for p in (out / "gaussian" / "0").rglob("*") if p.is_file() and p.name != "zarr.json")
+    chunks[0].unlink()  # deleted
+    chunks[5].write_bytes(chunks[5].read_bytes()[:10])  # truncated
+    data2 = chunks[9].read_bytes()
+    chunks[9].write_bytes(chunks[10].read_bytes())  # another chunk's bytes: decodes, wrong values
+    assert data2 != chunks[9].read_bytes()
+    again = run_kernel(url, str(out), spec, client, **kw)
+    assert again.computed == 3 and again.skipped == 15
+    clean = run_kernel(url, str(tmp_path / "clean.ome.zarr"), spec, client, **kw)
+    a = open_image(str(tmp_path / "clean.ome.zarr" / "gaussian"))
+    b = open_image(str(out / "gaussian"))
+    for k in range(len(a.levels)):
+        np.testing.assert_array_equal(a.read((slice(None),) * 3, k), b.read((slice(None),) * 3, k))
+    assert clean.computed == 18 and Path(out / "_tilewise" / "run.json").exists()
+
+
 def test_other_parameters_on_existing_output_are_refused(tmp_path, client):
     data = np.zeros((10, 20, 20), np.uint16)
     url = _image(tmp_path, "in.ome.zarr", data, "zyx", (8, 16, 16))

@@ -234,6 +234,8 @@ def make_wholeslide(
 ) -> dict[str, str]:
     """Write an RGB whole-slide-like image (axes c, y, x; uint8) with nuclei labels at ``url``."""
     shape = _check_shape(shape, "whole-slide", "y, x", "4096,4096")
+    if chunks is not None and (len(chunks) != 2 or min(chunks) < 1):
+        raise OptionError(f"The whole-slide sample's chunks are y, x (e.g. --chunks 256,256); got {tuple(chunks)}.")
     field = NucleiField(shape, (scale_um, scale_um), seed, density=0.8)
     image = create_image(url, shape=(3, *shape), dtype=np.uint8, axes=default_axes("cyx"),
                          scale=(1.0, scale_um, scale_um), chunks=(1, *(chunks or (1024, 1024))),

@@ -15,7 +15,7 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from pipeline.core.errors import OutputExistsError
 from pipeline.io import store
@@ -64,6 +64,11 @@ class RunManifest:
 
     def mark_done(self, tile_id: int, metadata: Mapping[str, Any] | None = None) -> None:
         self.folder.write_json(f"{self.done_folder}/{int(tile_id)}", dict(metadata or {}), indent=None)
+
+    def unmark(self, tile_ids: Iterable[int]) -> None:
+        """Forget tiles (their output did not verify): the next pass computes them again."""
+        for tile_id in tile_ids:
+            self.folder.remove(f"{self.done_folder}/{int(tile_id)}")
 
     def tile_metadata(self) -> dict[int, dict[str, Any]]:
         """The metadata every finished tile left in its marker (one small file per tile)."""

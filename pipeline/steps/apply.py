@@ -27,6 +27,7 @@ from pipeline.engine.runner import (
     RunSummary,
     prepare_engine,
     submit_tiles,
+    verify_done,
 )
 from pipeline.io import store
 from pipeline.io.ngff import Axis
@@ -103,7 +104,7 @@ def run_kernel(input_url: str, output_url: str, kernel: KernelSpec, client: Any,
                           storage_options=options.storage_options, attributes={"tilewise": {"run": params}})
         manifest.write_params(params)
         sink = create_image(image_url, **_output_image(setup, name, dtype, options))
-    done = manifest.done()
+    done = verify_done(client, sink, plan, manifest, progress=options.progress) if manifest.done() else set()
     wanted = range(len(plan)) if tile_ids is None else [int(t) for t in tile_ids]
     if tile_ids is not None and any(not 0 <= t < len(plan) for t in wanted):
         raise OptionError(f"Tile ids must be in 0..{len(plan) - 1} for this plan (grid {plan.grid}).")
