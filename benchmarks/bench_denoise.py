@@ -77,7 +77,7 @@ def learned(noisy: np.ndarray, clean: np.ndarray, rng_: float, method: str, step
     train_s = time.perf_counter() - t0
     out = str(work / f"out-{method}-{noisy.ndim}d.ome.zarr")
     summary, report = denoise(url, out, model, client, progress=False, overwrite=True)
-    result = open_image(out + "/denoised").read((slice(None),) * noisy.ndim)
+    result = open_image(out).read((slice(None),) * noisy.ndim)
     return psnr(result, clean, rng_), {
         "train_seconds": train_s, "steps_run": card.training["history"][-1]["step"],
         "validation_loss": card.validation_loss, "inference_voxels_per_s": summary.voxels_per_s,

@@ -68,7 +68,7 @@ def part_agreement(work: Path, client) -> dict:
     spec = KernelSpec.of("convnet", **CONVNET)
     run_kernel(url, str(work / "agree-out.ome.zarr"), spec, client, tile_shape=(32, 128, 128), progress=False,
                overwrite=True)
-    tiled = open_image(str(work / "agree-out.ome.zarr") + "/convnet").read((slice(None),) * 3)
+    tiled = open_image(str(work / "agree-out.ome.zarr")).read((slice(None),) * 3)
     source = open_image(url)
     raw = source.read((slice(None),) * 3).astype(np.float32)
     norm = Normalisation.of(source)

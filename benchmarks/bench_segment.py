@@ -175,7 +175,7 @@ def stitch_run(work: str) -> None:
                       memory_limit="8GiB") as cluster, Client(cluster) as client:
         summary = segment_labels(f"{work}/lattice.ome.zarr", f"{work}/stitched.ome.zarr",
                                  KernelSpec.of("relabel", ndim=3, halo=4), client, tile_shape=(32, 64, 64),
-                                 progress=False, table=True)
+                                 progress=False, table=True, image="link")  # stitching alone, no input copy
     Path(work, "summary.json").write_text(json.dumps(summary.to_dict()))
 
 

@@ -103,7 +103,7 @@ def cmd_convert(args) -> None:
 
 def cmd_run_kernel(args) -> None:
     from kernels import KernelSpec
-    from pipeline.io import open_image, store
+    from pipeline.io import open_image
     from pipeline.engine.runner import build_checked
     from pipeline.steps.apply import run_kernel
 
@@ -122,7 +122,7 @@ def cmd_run_kernel(args) -> None:
     build_checked(spec)  # a bad parameter is an error before a cluster starts
     with _client(args) as client:
         summary = run_kernel(args.input, args.output, spec, client, _engine_options(args, ndim), out_dtype=args.dtype)
-    print(f"wrote {store.join(args.output, spec.name)}: {summary.computed} tiles computed, {summary.skipped} already "
+    print(f"wrote {args.output}: {summary.computed} tiles computed, {summary.skipped} already "
           f"done, {summary.voxels_per_s / 1e6:.2f} Mvox/s")
 
 
@@ -139,13 +139,13 @@ def cmd_train_denoise(args) -> None:
 
 def cmd_denoise(args) -> None:
     from pipeline.steps.denoise import denoise
-    from pipeline.io import open_image, store
+    from pipeline.io import open_image
 
     source = open_image(args.input)
     with _client(args) as client:
         summary, report = denoise(args.input, args.output, args.model, client,
                                   _engine_options(args, len(source.spatial_dims)), out_dtype=args.dtype)
-    print(f"wrote {store.join(args.output, 'denoised')}: {summary.computed} tiles computed, {summary.skipped} already "
+    print(f"wrote {args.output}: {summary.computed} tiles computed, {summary.skipped} already "
           f"done, {summary.voxels_per_s / 1e6:.2f} Mvox/s; residual std {report.residual_std_median:.4f} "
           f"(normalised), {len(report.flagged)} tiles flagged")
 
@@ -178,7 +178,7 @@ def cmd_segment(args) -> None:
                               min_size=16 if args.min_size is None else args.min_size, halo=halo,
                               threshold=args.threshold)
     with _client(args) as client:
-        summary = segment_labels(args.input, args.output, spec, client, name=args.name, iou=args.iou,
+        summary = segment_labels(args.input, args.output, spec, client, name=args.name, iou=args.iou, image=args.image,
                                  consecutive=not args.sparse_ids, table=not args.no_table, level=args.level,
                                  tile_shape=args.tile, batch=args.batch, overwrite=args.overwrite,
                                  progress=not args.quiet, ngff=args.ngff)
@@ -309,7 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("segment", help="instance segmentation with globally stitched labels and an object table",
                        description="Segment an image tile by tile (a trained U-Net, or the classical "
                                    "threshold + watershed kernel), stitch objects across tiles into one labels "
-                                   "image OUTPUT/labels/NAME (with a pyramid) and write OUTPUT/tables/NAME. "
+                                   "image OUTPUT/labels/NAME (with a pyramid) inside a copy of the input image, "
+                                   "and write OUTPUT/tables/NAME. "
                                    "Resumable: re-run the same command after an interruption.")
     p.add_argument("input", help="OME-Zarr image")
     p.add_argument("output", help="output store")
@@ -320,6 +321,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iou", type=float, default=0.5, help="IoU inside the tile overlap that makes two pieces one object")
     p.add_argument("--sparse-ids", action="store_true", help="keep tile-packed uint64 ids instead of 1..N")
     p.add_argument("--no-table", action="store_true", help="skip the object table")
+    p.add_argument("--image", choices=("copy", "link"), default="copy",
+                   help="copy (default): OUTPUT holds the input image with its labels, so `napari OUTPUT` shows "
+                        "both and the store moves whole; link: labels and table only, linked to the input by a "
+                        "relative path (no second copy of a large volume)")
     g = p.add_argument_group("classical kernel (physical units)")
     g.add_argument("--sigma", type=float, help="smoothing (default 1 pixel)")
     g.add_argument("--min-distance", type=float, help="closest two object centres (default 5 pixels)")

@@ -57,7 +57,7 @@ def test_a_kernel_class_runs_through_the_engine(tmp_path, client):
     summary = run_kernel(url, str(tmp_path / "out.ome.zarr"), KernelSpec.of_class(ScaleKernel, factor=3.0), client,
                          tile_shape=(8, 8), batch=3, progress=False)
     assert summary.tiles == 12
-    out = open_image(str(tmp_path / "out.ome.zarr" / "test-scale")).read((slice(None), slice(None)))
+    out = open_image(str(tmp_path / "out.ome.zarr")).read((slice(None), slice(None)))
     np.testing.assert_array_equal(out, data * 3.0)
 
 

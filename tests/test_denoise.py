@@ -135,8 +135,8 @@ def test_tiled_denoising_equals_whole_image_denoising(tmp_path, client, tiny_mod
                             tile_shape=chunks, batch=3)
     whole, _ = denoise(url, str(tmp_path / "w.ome.zarr"), tiny_models[ndim], client, progress=False, tile_shape=shape)
     assert tiled.tiles > 4 and whole.tiles == 1 and report.tiles == tiled.tiles
-    a = open_image(str(tmp_path / "t.ome.zarr" / "denoised")).read((slice(None),) * ndim)
-    b = open_image(str(tmp_path / "w.ome.zarr" / "denoised")).read((slice(None),) * ndim)
+    a = open_image(str(tmp_path / "t.ome.zarr")).read((slice(None),) * ndim)
+    b = open_image(str(tmp_path / "w.ome.zarr")).read((slice(None),) * ndim)
     assert np.abs(a - b).max() <= 1e-5 * max(1.0, np.abs(b).max())
     assert a.dtype == np.float32 and np.isfinite(a).all()
     params = json.load(open(tmp_path / "t.ome.zarr" / "_tilewise" / "run.json"))
@@ -165,7 +165,7 @@ def test_cli_train_and_denoise(tmp_path, client, capsys):
     out = str(tmp_path / "out.ome.zarr")
     assert main(["-q", "denoise", url, out, "--model", model, "--workers", "1"]) == 0
     assert "tiles flagged" in capsys.readouterr().out
-    assert open_image(out + "/denoised").levels[0].shape == (64, 48)
+    assert open_image(out).levels[0].shape == (64, 48)
     assert main(["-q", "denoise", url, str(tmp_path / "o2"), "--model", str(tmp_path), "--workers", "1"]) == 2
     assert "not a tilewise model folder" in capsys.readouterr().err
 

@@ -291,4 +291,4 @@ def test_a_one_pixel_image_is_processed(tmp_path, client):
     assert main(RUN + [url, str(tmp_path / "o.ome.zarr")] + OPTS) == 0
     from pipeline.io import open_image
 
-    assert open_image(str(tmp_path / "o.ome.zarr" / "gaussian")).read((slice(None),) * 3).item() == pytest.approx(7)
+    assert open_image(str(tmp_path / "o.ome.zarr")).read((slice(None),) * 3).item() == pytest.approx(7)

@@ -96,12 +96,12 @@ def test_outputs_follow_the_input_ngff_version_unless_asked(tmp_path, client, so
     assert main(["-q", "segment", url, str(tmp_path / "s.ome.zarr"), "--classical", "--tile", "8,32,32",
                  "--workers", "1"] + extra) == 0
     fmt = 2 if expected == "0.4" else 3
-    for path in ("o.ome.zarr", "o.ome.zarr/gaussian", "s.ome.zarr", "s.ome.zarr/labels", "s.ome.zarr/labels/nuclei"):
+    for path in ("o.ome.zarr", "s.ome.zarr", "s.ome.zarr/labels", "s.ome.zarr/labels/nuclei"):
         assert zarr.open_group(str(tmp_path / path), mode="r").metadata.zarr_format == fmt, path
     from ome_zarr_models import v04, v05
 
     model = v04 if expected == "0.4" else v05
-    model.Image.from_zarr(zarr.open_group(str(tmp_path / "o.ome.zarr" / "gaussian"), mode="r"))
+    model.Image.from_zarr(zarr.open_group(str(tmp_path / "o.ome.zarr"), mode="r"))
     model.Labels.from_zarr(zarr.open_group(str(tmp_path / "s.ome.zarr" / "labels"), mode="r"))
     # a resume that asks for the other version is refused, not mixed in
     other = "0.5" if expected == "0.4" else "0.4"

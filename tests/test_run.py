@@ -49,7 +49,7 @@ def test_tiled_equals_untiled(tmp_path, client, name, axes, shape, chunks, spec)
     summary = run_kernel(url, str(tmp_path / "out.ome.zarr"), spec, client, progress=False,
                          tile_shape=[c for c, a in zip(chunks, axes) if a != "c"])
     assert summary.tiles > 4  # really tiled, with halos crossing tile and volume edges
-    out = open_image(str(tmp_path / "out.ome.zarr" / spec.name))
+    out = open_image(str(tmp_path / "out.ome.zarr"))
     tiled = out.read((slice(None),) * len(out.dims))
     norm = None
     if build_kernel(spec).traits.input == "normalised":
@@ -83,8 +83,8 @@ def test_resume_runs_only_missing_tiles_and_matches_clean_run(tmp_path, client):
     assert first.computed == 3 and clean.tiles == 36
     second = run_kernel(url, str(tmp_path / "r.ome.zarr"), spec, client, **kw)
     assert second.computed == clean.tiles - 3 and second.skipped == 3
-    a = open_image(str(tmp_path / "clean.ome.zarr" / "gaussian"))
-    b = open_image(str(tmp_path / "r.ome.zarr" / "gaussian"))
+    a = open_image(str(tmp_path / "clean.ome.zarr"))
+    b = open_image(str(tmp_path / "r.ome.zarr"))
     for k in range(len(a.levels)):
         np.testing.assert_array_equal(a.read((slice(None),) * 3, k), b.read((slice(None),) * 3, k))
     third = run_kernel(url, str(tmp_path / "r.ome.zarr"), spec, client, **kw)
@@ -103,7 +103,7 @@ def test_resume_verifies_finished_tiles_and_repairs_damaged_ones(tmp_path, clien
     out = tmp_path / "r.ome.zarr"
     first = run_kernel(url, str(out), spec, client, **kw)
     assert first.computed == 18
-    chunks = sorted(p for p in (out / "gaussian" / "0").rglob("*") if p.is_file() and p.name != "zarr.json")
+    chunks = sorted(p for p in (out / "0").rglob("*") if p.is_file() and p.name != "zarr.json")
     chunks[0].unlink()  # deleted
     chunks[5].write_bytes(chunks[5].read_bytes()[:10])  # truncated
     data2 = chunks[9].read_bytes()
@@ -112,8 +112,8 @@ def test_resume_verifies_finished_tiles_and_repairs_damaged_ones(tmp_path, clien
     again = run_kernel(url, str(out), spec, client, **kw)
     assert again.computed == 3 and again.skipped == 15
     clean = run_kernel(url, str(tmp_path / "clean.ome.zarr"), spec, client, **kw)
-    a = open_image(str(tmp_path / "clean.ome.zarr" / "gaussian"))
-    b = open_image(str(out / "gaussian"))
+    a = open_image(str(tmp_path / "clean.ome.zarr"))
+    b = open_image(str(out))
     for k in range(len(a.levels)):
         np.testing.assert_array_equal(a.read((slice(None),) * 3, k), b.read((slice(None),) * 3, k))
     assert clean.computed == 18 and Path(out / "_tilewise" / "run.json").exists()
@@ -138,8 +138,8 @@ def test_batched_tiles_equal_one_tile_per_call(tmp_path, client):
     one = run_kernel(url, str(tmp_path / "one.ome.zarr"), spec, client, **kw)
     many = run_kernel(url, str(tmp_path / "many.ome.zarr"), spec, client, batch=5, **kw)
     assert one.computed == many.computed == 18
-    a = open_image(str(tmp_path / "one.ome.zarr" / "convnet")).read((slice(None),) * 3)
-    b = open_image(str(tmp_path / "many.ome.zarr" / "convnet")).read((slice(None),) * 3)
+    a = open_image(str(tmp_path / "one.ome.zarr")).read((slice(None),) * 3)
+    b = open_image(str(tmp_path / "many.ome.zarr")).read((slice(None),) * 3)
     assert np.abs(a - b).max() <= 1e-5
 
 
@@ -161,12 +161,12 @@ def test_blended_tiled_equals_blended_untiled(tmp_path, client, axes, shape, chu
     whole = run_kernel(url, str(tmp_path / "w.ome.zarr"), spec, client, progress=False, blend=blend,
                        tile_shape=spatial)
     assert tiled.tiles > 4 and whole.tiles == 1
-    a = open_image(str(tmp_path / "t.ome.zarr" / "convnet")).read((slice(None),) * (ndim + ("c" in axes)))
-    b = open_image(str(tmp_path / "w.ome.zarr" / "convnet")).read((slice(None),) * (ndim + ("c" in axes)))
+    a = open_image(str(tmp_path / "t.ome.zarr")).read((slice(None),) * (ndim + ("c" in axes)))
+    b = open_image(str(tmp_path / "w.ome.zarr")).read((slice(None),) * (ndim + ("c" in axes)))
     assert np.abs(a - b).max() <= 1e-5
     # blending really differs from one window's crop: the overlap averages several windows
     run_kernel(url, str(tmp_path / "c.ome.zarr"), spec, client, progress=False)
-    c = open_image(str(tmp_path / "c.ome.zarr" / "convnet")).read((slice(None),) * (ndim + ("c" in axes)))
+    c = open_image(str(tmp_path / "c.ome.zarr")).read((slice(None),) * (ndim + ("c" in axes)))
     assert np.abs(a - c).max() > 1e-3
 
 
@@ -205,7 +205,7 @@ def test_tile_metadata_is_kept_in_the_manifest(tmp_path, client):
                    tile_shape=(8, 16, 16), batch=3, out_dtype="input")
     meta = RunManifest(str(tmp_path / "o.ome.zarr")).tile_metadata()
     assert sorted(meta) == list(range(s.tiles)) and sum(m["voxels"] for m in meta.values()) == data.size
-    assert open_image(str(tmp_path / "o.ome.zarr" / "identity")).levels[0].dtype == "uint16"
+    assert open_image(str(tmp_path / "o.ome.zarr")).levels[0].dtype == "uint16"
 
 
 def test_tasks_running_at_once_in_one_worker_load_the_model_once():

@@ -58,8 +58,8 @@ def test_info_run_kernel_segment_and_resume_on_s3(tmp_path, client, s3, capsys):
     assert main(local) == 0
     from pipeline.io import open_image
 
-    a = open_image(f"{bucket}/smooth.ome.zarr/gaussian").read((slice(None),) * 3)
-    b = open_image(str(tmp_path / "smooth.ome.zarr" / "gaussian")).read((slice(None),) * 3)
+    a = open_image(f"{bucket}/smooth.ome.zarr").read((slice(None),) * 3)
+    b = open_image(str(tmp_path / "smooth.ome.zarr")).read((slice(None),) * 3)
     np.testing.assert_array_equal(a, b)
 
     seg = ["-q", "segment", remote, f"{bucket}/seg.ome.zarr", "--classical", "--tile", "8,32,32", "--workers", "1"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -208,7 +210,12 @@ def test_labels_output_is_ngff_labels(tmp_path, client):
     group = zarr.open_group(out + "/labels", mode="r")
     assert group.attrs["ome"]["labels"] == ["nuclei"]
     meta = zarr.open_group(summary.labels, mode="r").attrs["ome"]
-    assert "image-label" in meta and meta["image-label"]["source"]["image"].endswith("labels.ome.zarr")
+    assert "image-label" in meta and meta["image-label"]["source"]["image"] == "../../"  # inside the copied image
+    np.testing.assert_array_equal(open_image(out).read((slice(None), slice(None))), truth)
+    linked = segment_labels(url, str(tmp_path / "sub" / "link.ome.zarr"), KernelSpec.of("relabel", ndim=2, halo=6),
+                            client, tile_shape=tile, progress=False, image="link")
+    source = zarr.open_group(linked.labels, mode="r").attrs["ome"]["image-label"]["source"]["image"]
+    assert not source.startswith("/") and Path(linked.labels, source).resolve() == Path(url).resolve()
     img = open_image(summary.labels)
     assert len(img.levels) == 2
     coarse = img.read((slice(None), slice(None)), 1)

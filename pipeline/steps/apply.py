@@ -1,9 +1,12 @@
 """Apply a kernel with a dense output (an image, probabilities, embeddings) over an image,
-tile by tile, into an OME-Zarr collection: the step behind ``tilewise run-kernel`` and
+tile by tile, into an OME-Zarr image: the step behind ``tilewise run-kernel`` and
 ``tilewise denoise``.
 
-Output layout: ``OUT/<name>`` (multiscale image, channel axis first when the kernel has more
-than one output channel or the input has channels) and ``OUT/_tilewise`` (the run manifest).
+Output layout: ``OUT`` is the multiscale image itself (named ``<name>`` in its metadata; channel
+axis first when the kernel has more than one output channel or the input has channels), so
+every NGFF reader opens it from the root (``napari OUT``); ``OUT/_tilewise`` holds the run
+manifest, and labels made from it later go to ``OUT/labels/<name>``. Outputs written before
+this layout (the image at ``OUT/<name>``) are still read and resumed.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from pipeline.engine.runner import (
 )
 from pipeline.io import store
 from pipeline.io.ngff import Axis
-from pipeline.io.write import ImageSink, create_collection, create_image
+from pipeline.io.write import ImageSink, create_image
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +60,21 @@ def _channel_names(setup: EngineSetup) -> list[str] | None:
     return None
 
 
+def _existing_image(output_url: str, name: str, options: EngineOptions) -> str:
+    """The image of an existing output: its root, or ``OUT/<name>`` in the earlier layout."""
+    legacy = store.join(output_url, name)
+    if not store.exists(store.join(output_url, "zarr.json"), options.storage_options) and \
+            not store.exists(store.join(output_url, ".zattrs"), options.storage_options):
+        return legacy
+    attrs = dict(store.open_group_readonly(output_url, options.storage_options).attrs)
+    return output_url if "multiscales" in attrs.get("ome", attrs) else legacy
+
+
 def run_kernel(input_url: str, output_url: str, kernel: KernelSpec, client: Any, options: EngineOptions | None = None,
                *, name: str | None = None, out_dtype: str = "float32", tile_ids: Sequence[int] | None = None,
                **settings: Any) -> RunSummary:
-    """Run ``kernel`` over an image, tile by tile, into ``<output_url>/<name>`` (default: the
-    kernel's name).
+    """Run ``kernel`` over an image, tile by tile, into the image ``output_url`` (named ``name``,
+    default: the kernel's name).
 
     Re-running the same call resumes (finished tiles are skipped); other parameters on an
     existing output are refused unless ``overwrite``. ``tile_ids`` restricts the run to some
@@ -90,20 +103,18 @@ def run_kernel(input_url: str, output_url: str, kernel: KernelSpec, client: Any,
     }
     manifest = RunManifest(output_url, options.storage_options or {})
     lock = RunLock(output_url, options.storage_options or {})
-    image_url = store.join(output_url, name)
     exists = store.exists(output_url, options.storage_options)
     if exists:
         lock.check()  # before resuming into it, or deleting it with overwrite
     if exists and not options.overwrite:
         check_compatible(output_url, manifest.read_params(), params)
         # omero (and with it the channel names) is written at the end: carry the names on resume
-        sink = replace(ImageSink.open(image_url, options.storage_options),
+        sink = replace(ImageSink.open(_existing_image(output_url, name, options), options.storage_options),
                        channel_names=tuple(_channel_names(setup) or ()) or None)
     else:
-        create_collection(output_url, version=setup.ngff, overwrite=options.overwrite,
-                          storage_options=options.storage_options, attributes={"tilewise": {"run": params}})
+        sink = create_image(output_url, overwrite=options.overwrite, **_output_image(setup, name, dtype, options))
+        store.open_group(output_url, "a", options.storage_options).attrs.update({"tilewise": {"run": params}})
         manifest.write_params(params)
-        sink = create_image(image_url, **_output_image(setup, name, dtype, options))
     done = verify_done(client, sink, plan, manifest, progress=options.progress) if manifest.done() else set()
     wanted = range(len(plan)) if tile_ids is None else [int(t) for t in tile_ids]
     if tile_ids is not None and any(not 0 <= t < len(plan) for t in wanted):

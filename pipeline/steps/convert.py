@@ -174,6 +174,33 @@ def _convert_ome(src: ImageSource, dst: str, client: Any, *, chunks, shards, ver
     return sink.url
 
 
+def image_like(src: ImageSource, dst: str, *, from_level: int = 0, version: str | None = None,
+               overwrite: bool = False, storage_options: dict | None = None) -> ImageSink:
+    """An empty image at ``dst`` laid out like ``src``'s levels ``from_level`` and coarser (chunks,
+    transforms, channel names); :func:`copy_image_data` fills it. ``segment`` copies its input
+    this way, so its output holds the image its labels describe."""
+    from dataclasses import replace
+
+    version = version or src.version
+    levels = [replace(lv, path=str(i), shards=lv.shards if version == "0.5" else None)
+              for i, lv in enumerate(src.levels[from_level:])]
+    return create_image(dst, shape=levels[0].shape, dtype=src.dtype, axes=src.axes, version=version, name=src.name,
+                        channel_names=src.channel_names, overwrite=overwrite, levels=levels,
+                        storage_options=storage_options)
+
+
+def copy_image_data(src: ImageSource, sink: ImageSink, client: Any, *, from_level: int = 0,
+                    progress: bool = True) -> None:
+    """Every level's data (task per output-aligned block; idempotent) and the contrast."""
+    for k, lv in enumerate(src.levels[from_level:]):
+        copy_array(ArrayRef("zarr", store.join(src.url, lv.path)), sink, k, client, lv.chunks, progress)
+    channels = _source_channels(src)
+    windows = [c.get("window") or {} for c in channels]
+    if channels and all({"min", "max", "start", "end"} <= set(w) for w in windows):
+        write_omero(sink, [(w["min"], w["max"], w["start"], w["end"]) for w in windows],
+                    [c.get("color", "FFFFFF") for c in channels])
+
+
 def _copy_levels(src: ImageSource, sink: ImageSink, client: Any, progress: bool) -> None:
     for k, lv in enumerate(src.levels):
         copy_array(ArrayRef("zarr", store.join(src.url, lv.path)), sink, k, client, lv.chunks, progress)

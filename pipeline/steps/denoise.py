@@ -45,7 +45,7 @@ def model_spec(model_dir: str) -> KernelSpec:
 
 def denoise(input_url: str, output_url: str, model_dir: str, client: Any, options: EngineOptions | None = None,
             *, out_dtype: str = "float32", **settings: Any) -> tuple[RunSummary, ResidualReport]:
-    """Run a denoising model tile by tile into ``<output_url>/denoised`` (float32 by default;
+    """Run a denoising model tile by tile into the image ``output_url`` (float32 by default;
     ``out_dtype="input"`` keeps the input dtype). Tiles whose residual holds structure are logged."""
     options = EngineOptions.of(options, **settings)
     summary = run_kernel(input_url, output_url, model_spec(model_dir), client, options, name="denoised",

@@ -1,15 +1,20 @@
 """Segment an image into globally stitched instance labels and an object table.
 
 Runs the three passes of :mod:`pipeline.steps.stitch` through the engine, then writes the labels
-pyramid (mode downsampling, ``image-label`` metadata) and finishes the table. Output layout::
+pyramid (mode downsampling, ``image-label`` metadata) and finishes the table. Output layout
+(NGFF's own: labels inside the image they describe, so ``napari OUT`` shows both)::
 
-    OUT/labels/<name>/     labels multiscale (uint32 ids 1..N; uint64 past 2^32 objects)
+    OUT/                   the input image, copied (the processed level and coarser ones)
+    OUT/labels/<name>/     labels multiscale (uint32 ids 1..N; uint64 past 2^32), source ../../
     OUT/tables/<name>/     Parquet parts + _attributes.json (region: labels/<name>)
     OUT/_tilewise/         run manifest: parameters, done tiles per pass, summary
 
-The labels' ``image-label.source.image`` points at the input image, so a viewer can pair them
-(``napari IN OUT/labels/<name>``). Every pass resumes: re-running the same call skips finished
-tiles, and a finished run returns its stored summary.
+With ``image="link"`` (volumes too large to copy) ``OUT`` holds only ``labels/``, ``tables/``
+and ``_tilewise/``, and the labels' ``source.image`` is the relative path to the input (which
+ome-zarr-py follows; napari-ome-zarr 0.10 does not, so open both: ``napari IN OUT/labels/<name>``)
+and survives moving both stores together.
+Every pass resumes: re-running the same call skips finished tiles, and a finished run returns
+its stored summary.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from pipeline.io import store
 from pipeline.io.read import open_image
 from pipeline.io.tables import TableSpec, begin_table, table_url, write_part
 from pipeline.io.write import ImageSink, create_collection, create_label_image
+from pipeline.steps.convert import copy_image_data, image_like
 from pipeline.steps.measure import combine, finish
 from pipeline.steps.models import model_spec as _model_spec
 from pipeline.steps.stitch import MAX_TILES, LabelTileJob, MatchTask, RelabelTask, Resolution, StitchFiles, resolve
@@ -84,6 +90,7 @@ class SegmentRun:
     input_url: str
     output_url: str
     name: str
+    image: str  # "copy" or "link"
     kernel: KernelSpec
     setup: EngineSetup
     options: EngineOptions
@@ -98,7 +105,7 @@ class SegmentRun:
 def segment_labels(input_url: str, output_url: str, kernel: KernelSpec, client: Any,
                    options: EngineOptions | None = None, *, name: str = "nuclei", iou: float = 0.5,
                    consecutive: bool = True, table: bool = True, keep_intermediate: bool = False,
-                   **settings: Any) -> SegmentSummary:
+                   image: str = "copy", **settings: Any) -> SegmentSummary:
     """Run a labels kernel tile by tile and stitch its objects into one global labels image.
 
     Parameters
@@ -116,6 +123,9 @@ def segment_labels(input_url: str, output_url: str, kernel: KernelSpec, client: 
         each object's root are kept (no prefix sum needed, uint64).
     table : write ``tables/<name>`` (one row per object).
     keep_intermediate : keep ``_tilewise/stitch`` (raw ids, shells, partial sums) after success.
+    image : ``copy`` (default) writes the input image (the processed level and coarser) at the
+        output's root, so the output is self-contained; ``link`` writes only labels and table and
+        links the labels to the input by a relative path (no second copy of a large volume).
     """
     options = EngineOptions.of(options, **settings)
     store.check_name(name, "The labels")
@@ -129,8 +139,11 @@ def segment_labels(input_url: str, output_url: str, kernel: KernelSpec, client: 
         raise OptionError(f"{len(plan)} tiles exceed the {MAX_TILES} that global ids can number; use a larger --tile.")
     if not 0 < iou <= 1:
         raise OptionError(f"iou must be in (0, 1], got {iou}.")
-    params = {**setup.params, "name": name, "stitch": {"iou": iou, "consecutive": consecutive}, "table": table}
-    run = SegmentRun(input_url, output_url, name, kernel, setup, options,
+    if image not in ("copy", "link"):
+        raise OptionError(f"image must be 'copy' or 'link', got {image!r}.")
+    params = {**setup.params, "name": name, "stitch": {"iou": iou, "consecutive": consecutive}, "table": table,
+              "image": image}
+    run = SegmentRun(input_url, output_url, name, image, kernel, setup, options,
                      RunManifest(output_url, options.storage_options or {}),
                      StitchFiles(output_url, options.storage_options or {}))
     lock = RunLock(output_url, options.storage_options or {})
@@ -146,6 +159,8 @@ def segment_labels(input_url: str, output_url: str, kernel: KernelSpec, client: 
     else:
         _begin_output(run, params)
     with lock:
+        if image == "copy" and not run.manifest.read_json("image"):
+            _copy_input_image(run, client)
         summary = _run_passes(run, client, iou=iou, consecutive=consecutive, table=table)
         if not keep_intermediate:
             run.files.remove()
@@ -188,10 +203,16 @@ def _run_passes(run: SegmentRun, client: Any, *, iou: float, consecutive: bool, 
 
 
 def _begin_output(run: SegmentRun, params: dict[str, Any]) -> None:
-    """A fresh output: the collection, the manifest, the stitch folder and the raw id array."""
+    """A fresh output: the root (the input image's layout, or a plain group when linking), the
+    manifest, the stitch folder and the raw id array."""
     plan = run.setup.plan
-    create_collection(run.output_url, version=run.setup.ngff, overwrite=run.options.overwrite,
-                      storage_options=run.options.storage_options, attributes={"tilewise": {"run": params}})
+    if run.image == "copy":
+        image_like(run.setup.source, run.output_url, from_level=run.setup.level, version=run.setup.ngff,
+                   overwrite=run.options.overwrite, storage_options=run.options.storage_options)
+        store.open_group(run.output_url, "a", run.storage_options).attrs.update({"tilewise": {"run": params}})
+    else:
+        create_collection(run.output_url, version=run.setup.ngff, overwrite=run.options.overwrite,
+                          storage_options=run.options.storage_options, attributes={"tilewise": {"run": params}})
     run.manifest.write_params(params)
     run.files.begin()
     run.files.create_raw(plan.shape, plan.tile_shape, inner_chunks(plan.tile_shape, plan.halo))
@@ -250,6 +271,26 @@ def relabel_tiles(run: SegmentRun, client: Any, *, resolution: Resolution, sink:
         pass
 
 
+def _copy_input_image(run: SegmentRun, client: Any) -> None:
+    """The input image's data into the output's root (idempotent; marked done when complete)."""
+    copy_image_data(run.setup.source, ImageSink.open(run.output_url, run.storage_options), client,
+                    from_level=run.setup.level, progress=run.options.progress)
+    run.manifest.write_json("image", {"copied_from": run.input_url, "level": run.setup.level})
+
+
+def _relative_source(labels_url: str, image_url: str) -> str:
+    """``image-label.source.image`` for labels at ``labels_url`` describing ``image_url``: a
+    relative path when both live on one filesystem (or bucket), so moving both keeps the link."""
+    import posixpath
+
+    if "://" in labels_url or "://" in image_url:
+        a, b = labels_url.split("://", 1), image_url.split("://", 1)
+        if len(a) == len(b) == 2 and a[0] == b[0] and a[1].split("/")[0] == b[1].split("/")[0]:
+            return posixpath.relpath(b[1], a[1]) + "/"
+        return image_url
+    return os.path.relpath(os.path.abspath(image_url), os.path.abspath(labels_url)).replace(os.sep, "/") + "/"
+
+
 def _begin_table(run: SegmentRun) -> TableSpec:
     setup = run.setup
     scale, translation, _ = setup.spatial_levels
@@ -266,15 +307,17 @@ def _label_sink(run: SegmentRun, n_objects: int, consecutive: bool) -> ImageSink
     if store.exists(url, run.storage_options):
         return ImageSink.open(url, run.storage_options)
     setup = run.setup
+    dtype = np.uint32 if consecutive and n_objects < 2**32 - 1 else np.uint64
+    n_labels = max(n_objects, 1) if consecutive else None
     scale, translation, chunks = setup.spatial_levels
     axes = [setup.source.axes[i] for i in setup.spatial]
     n_levels = len(setup.source.levels) - setup.level
-    dtype = np.uint32 if consecutive and n_objects < 2**32 - 1 else np.uint64
-    source = run.input_url if "://" in run.input_url else os.path.abspath(run.input_url)
+    # copy: NGFF's layout, inside the image (../../); link: the relative way to the input
+    source = "../../" if run.image == "copy" else _relative_source(url, setup.source.url)
     return create_label_image(store.join(run.output_url, "labels"), run.name, shape=setup.plan.shape, axes=axes,
                               scale=scale, translation=translation, chunks=chunks, n_levels=n_levels, dtype=dtype,
                               version=setup.ngff,
-                              n_labels=max(n_objects, 1) if consecutive else None, source_image=source,
+                              n_labels=n_labels, source_image=source,
                               storage_options=run.storage_options)
 
 
