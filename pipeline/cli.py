@@ -181,7 +181,7 @@ def cmd_segment(args) -> None:
         summary = segment_labels(args.input, args.output, spec, client, name=args.name, iou=args.iou, image=args.image,
                                  consecutive=not args.sparse_ids, table=not args.no_table, level=args.level,
                                  tile_shape=args.tile, batch=args.batch, overwrite=args.overwrite,
-                                 progress=not args.quiet, ngff=args.ngff)
+                                 progress=not args.quiet, ngff=args.ngff, missing_chunks=args.missing_chunks)
     print(f"wrote {summary.labels}: {summary.objects} objects ({summary.stitched_objects} stitched across "
           f"{summary.tiles} tiles)" + (f", table {summary.table}" if summary.table else ""))
     if summary.halo_edge_objects:
@@ -213,6 +213,13 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default="float32", help="output dtype: float32 (default), input, uint16, ...")
     g.add_argument("--overwrite", action="store_true", help="replace an existing output instead of resuming")
     g.add_argument("--ngff", choices=("0.4", "0.5"), help="NGFF version to write (default: the input's)")
+    _add_missing_option(g)
+
+
+def _add_missing_option(g) -> None:
+    g.add_argument("--missing-chunks", choices=("fill", "error"), default="fill",
+                   help="an input chunk the store lacks: read as the fill value and reported (default; zarr leaves "
+                        "out empty chunks), or refuse it (stores known to be complete)")
 
 
 def _engine_options(args, ndim: int):
@@ -225,7 +232,8 @@ def _engine_options(args, ndim: int):
             raise OptionError(f"--blend needs one size or {ndim} sizes (one per spatial axis), got {args.blend}.")
         blend = Blend(tuple(window), args.blend_overlap)
     return EngineOptions.of(level=args.level, tile_shape=args.tile, batch=args.batch, pad_mode=args.pad_mode,
-                            blend=blend, overwrite=args.overwrite, progress=not args.quiet, ngff=args.ngff)
+                            blend=blend, overwrite=args.overwrite, progress=not args.quiet, ngff=args.ngff,
+                            missing_chunks=args.missing_chunks)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -337,6 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch", type=int, default=1, help="tiles per model call")
     g.add_argument("--overwrite", action="store_true", help="replace an existing output instead of resuming")
     g.add_argument("--ngff", choices=("0.4", "0.5"), help="NGFF version to write (default: the input's)")
+    _add_missing_option(g)
     _add_cluster_options(p)
     p.set_defaults(func=cmd_segment)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from pipeline.io import store
-from pipeline.io.read import ImageSource, list_tables, open_image, walk_images
+from pipeline.io.read import ImageSource, list_tables, ngff_problems, open_image, walk_images
 from pipeline.io.tables import count_rows
 
 
@@ -15,8 +15,10 @@ def _fmt(values) -> str:
 
 def _describe_image(src: ImageSource, title: str, indent: str) -> list[str]:
     units = {a.unit for a in src.axes if a.unit}
+    problems = ngff_problems(src)
     lines = [f"{indent}{title}  [{','.join(src.dims)}]  {src.dtype}  NGFF {src.version}"
-             + (f"  ({', '.join(sorted(units))})" if units else "")]
+             + (f"  ({', '.join(sorted(units))})" if units else "")
+             + ("  valid" if problems is None else f"  NOT VALID: {problems}")]
     if src.channel_names:
         lines.append(f"{indent}  channels: {', '.join(src.channel_names)}")
     for k, lv in enumerate(src.levels):

@@ -114,10 +114,30 @@ def case_axes_missing(tmp, client, model):
     return RUN + [url, str(tmp / "o.ome.zarr")] + OPTS, Path(url)
 
 
+def case_duplicate_axes(tmp, client, model):
+    url = _img(tmp, client)
+    _edit_multiscales(Path(url), lambda m: m["axes"][1].update(name="x"))
+    return RUN + [url, str(tmp / "o.ome.zarr")] + OPTS, Path(url)
+
+
 def case_truncated_chunk(tmp, client, model):
     url = _image(tmp / "img.ome.zarr", np.arange(8 * 32 * 32, dtype=np.uint16).reshape(8, 32, 32), (8, 16, 16))
     chunk = next(p for p in (Path(url) / "0").rglob("*") if p.is_file() and p.name != "zarr.json")
     chunk.write_bytes(chunk.read_bytes()[:7])
+    return RUN + [url, str(tmp / "o.ome.zarr"), "--tile", "8,16,16"] + OPTS, Path(url)
+
+
+def case_missing_chunk_refused(tmp, client, model):
+    url = _image(tmp / "img.ome.zarr", np.arange(8 * 32 * 32, dtype=np.uint16).reshape(8, 32, 32) + 1, (8, 16, 16))
+    next(p for p in (Path(url) / "0").rglob("*") if p.is_file() and p.name != "zarr.json").unlink()
+    return RUN + [url, str(tmp / "o.ome.zarr"), "--tile", "8,16,16", "--missing-chunks", "error"] + OPTS, Path(url)
+
+
+def case_input_edited_before_resume(tmp, client, model):
+    url = _image(tmp / "img.ome.zarr", np.arange(8 * 32 * 32, dtype=np.uint16).reshape(8, 32, 32), (8, 16, 16))
+    assert main(RUN + [url, str(tmp / "o.ome.zarr"), "--tile", "8,16,16"] + OPTS) == 0
+    chunk = next(p for p in (Path(url) / "0").rglob("*") if p.is_file() and p.name != "zarr.json")
+    chunk.write_bytes(chunk.read_bytes())  # rewritten (same histogram, new version stamp)
     return RUN + [url, str(tmp / "o.ome.zarr"), "--tile", "8,16,16"] + OPTS, Path(url)
 
 
@@ -243,7 +263,10 @@ CASES = {
     "multiscales without datasets": (case_multiscales_without_datasets, "no datasets"),
     "dataset path not a string": (case_dataset_path_not_a_string, "invalid NGFF metadata"),
     "axes missing": (case_axes_missing, "axes"),
+    "duplicate axes": (case_duplicate_axes, "axis names must be unique"),
     "truncated chunk": (case_truncated_chunk, "cannot be decoded"),
+    "missing chunk, --missing-chunks error": (case_missing_chunk_refused, "is missing"),
+    "input edited before a resume": (case_input_edited_before_resume, "changed since this output was started"),
     "NaN voxels": (case_nan_voxels, "NaN or infinite"),
     "complex dtype": (case_complex_dtype, "complex"),
     "zero tile": (case_zero_tile, "positive sizes"),
@@ -292,3 +315,27 @@ def test_a_one_pixel_image_is_processed(tmp_path, client):
     from pipeline.io import open_image
 
     assert open_image(str(tmp_path / "o.ome.zarr")).read((slice(None),) * 3).item() == pytest.approx(7)
+
+
+def test_a_missing_chunk_is_read_as_fill_value_and_reported(tmp_path, client, caplog):
+    """The default policy: zarr leaves out chunks that hold only the fill value, so an absent chunk
+    is read as it, and every tile that read one is counted and reported, never silent."""
+    data = np.arange(8 * 32 * 32, dtype=np.uint16).reshape(8, 32, 32) + 1
+    url = _image(tmp_path / "img.ome.zarr", data, (8, 16, 16))
+    next(p for p in (Path(url) / "0").rglob("*") if p.is_file() and p.name != "zarr.json").unlink()
+    out = tmp_path / "o.ome.zarr"
+    assert main(["-q", "run-kernel", "identity", url, str(out), "--tile", "8,16,16"] + OPTS) == 0
+    assert "read input chunks that are not in the store" in caplog.text
+    markers = [json.loads(p.read_text()) for p in (out / "_tilewise" / "done").iterdir()]
+    assert sum(1 for m in markers if m["missing_input_chunks"]) == 1
+
+
+def test_info_says_when_metadata_is_not_valid_ngff(tmp_path, client, capsys):
+    """Readable but invalid metadata is reported (ome-zarr-models' verdict), not silently accepted."""
+    url = _img(tmp_path, client)
+    assert main(["info", url]) == 0
+    assert "valid" in capsys.readouterr().out
+    _edit_multiscales(Path(url), lambda m: m["datasets"][0]["coordinateTransformations"].extend(
+        [{"type": "translation", "translation": [0, 0, 0]}] * 2))
+    assert main(["info", url]) == 0
+    assert "NOT VALID: multiscales.0.datasets.0.coordinateTransformations" in capsys.readouterr().out

@@ -162,6 +162,10 @@ def check_compatible(url: str, old: Mapping[str, Any] | None, new: Mapping[str, 
             "or choose another path."
         )
     changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if changed == ["input_fingerprint"]:
+        raise OutputExistsError(
+            f"The input of '{url}' changed since this output was started (its chunks differ), so finished tiles "
+            "would not match the rest; pass --overwrite to start again, or restore the input.")
     if changed:
         detail = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:4])
         raise OutputExistsError(

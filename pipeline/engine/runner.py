@@ -28,8 +28,10 @@ from pipeline.engine.manifest import RunManifest
 from pipeline.engine.plan import Tile, TilePlan, make_plan, pad_block
 from pipeline.engine.stats import Normalisation, nonfinite_message
 from pipeline.engine.submit import run_tasks
+from pipeline.io import store
 from pipeline.io.ngff import SPACE
-from pipeline.io.read import ImageSource, open_image
+from pipeline.io.store import content_fingerprint
+from pipeline.io.read import ImageSource, ngff_problems, open_image
 from pipeline.io.write import ImageSink
 
 log = logging.getLogger(__name__)
@@ -63,6 +65,9 @@ class EngineOptions:
     resources : Dask resources per task; default ``{"GPU": 1}`` for GPU kernels when the
         cluster's workers advertise GPUs.
     overwrite : replace an existing output (the input is never modified).
+    missing_chunks : what an input chunk absent from the store means: ``fill`` (default) reads
+        it as the array's fill value and counts it (zarr leaves out chunks that hold only the
+        fill value), ``error`` refuses it (for stores known to be complete).
     ngff : NGFF version of the outputs, ``"0.4"`` (zarr v2) or ``"0.5"`` (zarr v3); ``None``
         writes the input's version, so a derived store never mixes versions with its source.
     """
@@ -79,6 +84,7 @@ class EngineOptions:
     overwrite: bool = False
     storage_options: dict[str, Any] | None = None
     ngff: str | None = None
+    missing_chunks: str = "fill"
 
     @classmethod
     def of(cls, options: "EngineOptions | None" = None, **settings: Any) -> "EngineOptions":
@@ -90,6 +96,8 @@ class EngineOptions:
         options = replace(options or cls(), **settings)
         if options.batch < 1:
             raise OptionError(f"batch must be >= 1, got {options.batch}.")
+        if options.missing_chunks not in ("fill", "error"):
+            raise OptionError(f"missing_chunks must be 'fill' or 'error', got {options.missing_chunks!r}.")
         if options.ngff not in (None, "0.4", "0.5"):
             raise OptionError(f"ngff must be 0.4 or 0.5, got {options.ngff!r}.")
         if options.max_tasks < 1:
@@ -161,6 +169,18 @@ class TileReader:
     pad_mode: str
     input: str  # KernelTraits.input
     scaling: Scaling | None
+    missing_policy: str = "fill"
+
+    def missing(self, region: Region) -> int:
+        """How many input chunks ``region`` touches that the store does not hold (read as the
+        fill value); with the ``error`` policy, an :class:`InputError` naming the first."""
+        lead = (slice(None),) if self.has_channels else ()
+        absent = self.source.missing_chunks(lead + tuple(region), self.level)
+        if absent and self.missing_policy == "error":
+            raise InputError(f"'{self.source.url}' level {self.source.level(self.level).path}: chunk {absent[0]} is "
+                             f"missing ({len(absent)} missing near {tuple((s.start, s.stop) for s in region)}); restore "
+                             "it, or pass --missing-chunks fill if the store leaves out empty chunks.")
+        return len(absent)
 
     def read(self, region: Region, pad: Sequence[tuple[int, int]]) -> np.ndarray:
         lead = (slice(None),) if self.has_channels else ()
@@ -207,7 +227,7 @@ class EngineSetup:
 
     def reader(self) -> TileReader:
         return TileReader(self.source, self.level, self.has_channels, self.plan.pad_mode, self.traits.input,
-                          self.scaling)
+                          self.scaling, self.params["missing_chunks"])
 
     @property
     def ngff(self) -> str:
@@ -225,6 +245,10 @@ def prepare_engine(input_url: str, kernel: KernelSpec, options: EngineOptions) -
     declares: a model's card) mapped to 0..1, computed once per input from a coarse level.
     """
     source = open_image(input_url, options.storage_options)
+    problems = ngff_problems(source)
+    if problems:
+        log.warning("'%s' is not valid NGFF %s (%s); tilewise can read it, other tools may not", input_url,
+                    source.version, problems)
     spatial, has_c = kernel_layout(source)
     lv = source.level(options.level)
     k = build_checked(kernel)
@@ -250,6 +274,9 @@ def prepare_engine(input_url: str, kernel: KernelSpec, options: EngineOptions) -
         "tile_shape": list(plan.tile_shape), "halo": list(plan.halo), "pad_mode": pad_mode,
         "normalisation": scaling.pairs() if scaling else None,
         "ngff": options.ngff or ("0.4" if source.version == "0.4" else "0.5"),
+        "missing_chunks": options.missing_chunks,
+        # what the input was when the run started: a resume onto an edited input is refused
+        "input_fingerprint": content_fingerprint(store.join(source.url, lv.path), options.storage_options),
     }
     return EngineSetup(source, options.level, spatial, has_c, k, plan, scaling, params)
 
@@ -312,6 +339,7 @@ class ImageTileJob:
 
     def run_batch(self, model: Kernel, tiles: list[Tile]) -> list[dict[str, Any]]:
         started = time.perf_counter()
+        missing = {tile.id: self.reader.missing(tile.read) for tile in tiles}  # before any work
         if self.blend is None:
             blocks = [self.reader.read(tile.read, tile.pad) for tile in tiles]
             outs = apply_kernel(model, blocks, valid=[valid_region(t.read, t.pad) for t in tiles],
@@ -325,7 +353,7 @@ class ImageTileJob:
         results = []
         for tile, (inputs, outputs) in zip(tiles, pairs):
             meta = {"tile": tile.id, "voxels": int(np.prod(tile.core_shape)), "seconds": seconds,
-                    **model.describe_tile(inputs, outputs, self.reader.scaling)}
+                    "missing_input_chunks": missing[tile.id], **model.describe_tile(inputs, outputs, self.reader.scaling)}
             meta["checksum"] = self.write(tile, outputs)
             self.manifest.mark_done(tile.id, meta)
             results.append(meta)
@@ -421,6 +449,16 @@ def verify_done(client: Any, sink: ImageSink, plan: TilePlan, manifest: RunManif
                     len(bad), sorted(bad)[:10])
         manifest.unmark(bad)
     return set(metas) - set(bad)
+
+
+def report_missing(metas: Sequence[dict[str, Any]], source: ImageSource) -> int:
+    """Log (once per run) how many tiles read absent input chunks as the fill value."""
+    tiles = [m["tile"] for m in metas if m.get("missing_input_chunks")]
+    if tiles:
+        log.warning("%d tiles of '%s' read input chunks that are not in the store, as the fill value (zarr leaves "
+                    "out chunks that hold only the fill value; if chunks were lost, restore them or re-run with "
+                    "--missing-chunks error): tiles %s", len(tiles), source.url, sorted(tiles)[:10])
+    return len(tiles)
 
 
 def submit_tiles(client: Any, job: Any, todo: Sequence[int], *, setup: EngineSetup, options: EngineOptions,

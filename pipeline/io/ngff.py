@@ -159,6 +159,9 @@ def parse_axes(multiscale: dict[str, Any], ndim: int, where: str) -> tuple[Axis,
         Axis(a, None, None) if isinstance(a, str) else Axis(a["name"], a.get("type"), a.get("unit"))
         for a in raw
     )
+    names = [a.name for a in axes]
+    if len(set(names)) != len(names):
+        raise InputError(f"'{where}': axis names must be unique, got {names}; fix the multiscales 'axes'.")
     if len(axes) != ndim:
         raise InputError(
             f"'{where}': multiscales declares {len(axes)} axes ({', '.join(a.name for a in axes)}) "

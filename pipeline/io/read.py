@@ -82,6 +82,23 @@ class ImageSource(ImageMeta):
             raise InputError(f"'{self.url}' level {self.level(level).path}: a chunk in [{where}] cannot be decoded "
                              f"(corrupt or truncated? {type(exc).__name__}: {str(exc)[:200]}).") from None
 
+    def missing_chunks(self, region: tuple[slice, ...], level: int = 0) -> list[tuple[int, ...]]:
+        """Grid positions of the stored chunks (shards) that ``region`` touches but the store does
+        not hold. zarr leaves out chunks that hold only the fill value, so a missing chunk is not
+        always a lost one; callers decide (``EngineOptions.missing_chunks``)."""
+        from itertools import product
+
+        from zarr.core.sync import sync
+
+        arr = self.array(level)
+        grid = getattr(arr, "shards", None) or arr.chunks
+        ranges = []
+        for sl, n, g in zip(region, arr.shape, grid):
+            start, stop, _ = sl.indices(n)
+            ranges.append(range(start // g, -(-stop // g)) if stop > start else range(0))
+        path, encode = arr.store_path, arr.metadata.encode_chunk_key
+        return [idx for idx in product(*ranges) if not sync((path / encode(idx)).exists())]
+
     def dask(self, level: int = 0):
         """A lazy dask array of a level, one dask chunk per zarr chunk."""
         import dask.array as da
@@ -203,6 +220,24 @@ def _parse_image(url: str, group: zarr.Group, attrs: dict, storage_options: dict
         image_label=image_label,
         storage_options=storage_options,
     )
+
+
+def ngff_problems(source: ImageSource) -> str | None:
+    """What the NGFF schema (ome-zarr-models, the maintained pydantic models of the spec) finds
+    wrong with an image's metadata, in one line, or None when it validates. tilewise's own
+    reading is more lenient; this tells users when other tools may refuse the store."""
+    from pydantic import ValidationError
+
+    try:
+        from ome_zarr_models import v04, v05
+
+        model = v04.Image if source.version == "0.4" else v05.Image
+        model.from_zarr(store.open_group_readonly(source.url, source.storage_options))
+    except ValidationError as exc:
+        return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'attributes'}: {e['msg']}" for e in exc.errors()[:3])
+    except Exception as exc:  # the validator itself could not run on this store
+        return f"could not be validated ({type(exc).__name__}: {str(exc)[:120]})"
+    return None
 
 
 def _is_image(group: zarr.Group) -> bool:

@@ -143,6 +143,21 @@ def check_output_location(output_url: str, input_url: str, storage_options: Mapp
                               "an input. Choose an output path outside the input store.")
 
 
+def content_fingerprint(url: str, storage_options: Mapping[str, Any] | None = None) -> str:
+    """A digest of every file below ``url`` by name, size and version stamp (ETag, generation or
+    modification time), from one listing: any rewritten chunk changes it, no data is read.
+    Copying a store changes the stamps too, so a copy counts as changed (the safe side)."""
+    import hashlib
+
+    fs, path = _fs(url, storage_options)
+    h = hashlib.blake2b(digest_size=16)
+    for name, info in sorted(fs.find(path, detail=True).items()):
+        stamp = next((info[k] for k in ("ETag", "etag", "generation", "md5Hash", "mtime", "LastModified", "created")
+                      if info.get(k) is not None), "")
+        h.update(f"{name[len(path):]}\0{info.get('size')}\0{stamp}\n".encode())
+    return h.hexdigest()
+
+
 def prepare_output(url: str, overwrite: bool, storage_options: Mapping[str, Any] | None = None) -> None:
     """Refuse to clobber an existing output unless ``overwrite``; with it, remove the old one."""
     if exists(url, storage_options):

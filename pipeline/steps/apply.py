@@ -29,6 +29,7 @@ from pipeline.engine.runner import (
     ImageTileJob,
     RunSummary,
     prepare_engine,
+    report_missing,
     submit_tiles,
     verify_done,
 )
@@ -124,10 +125,13 @@ def run_kernel(input_url: str, output_url: str, kernel: KernelSpec, client: Any,
     job = ImageTileJob(kernel, setup.reader(), plan, sink, manifest, batch, lattice, dtype)
     started = time.perf_counter()
     voxels = 0
+    metas: list[dict[str, Any]] = []
     with lock:
         for results in submit_tiles(client, job, todo, setup=setup, options=options, batch=batch, desc=kernel.name):
             voxels += sum(meta["voxels"] for meta in results)
+            metas += results
         seconds = time.perf_counter() - started
+        report_missing(metas, setup.source)
         if tile_ids is None or len(manifest.done()) == len(plan):
             finalize_image(sink, client, progress=options.progress)
     return RunSummary(output_url, len(plan), len(todo), len(wanted) - len(todo), seconds, voxels / max(seconds, 1e-9))

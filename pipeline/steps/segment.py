@@ -36,6 +36,7 @@ from pipeline.engine.runner import (
     EngineSetup,
     kernel_layout,
     prepare_engine,
+    report_missing,
     submit_tiles,
     tiles_per_task,
 )
@@ -234,6 +235,7 @@ def label_tiles(run: SegmentRun, client: Any, *, measure: bool) -> tuple[np.ndar
         metas += results
     if done:  # tiles finished by an earlier, interrupted run: their counts are in their markers
         metas += [m for t, m in run.manifest.tile_metadata().items() if t in done]
+    report_missing(metas, setup.source)
     objects = np.zeros(len(plan), np.int64)
     for meta in metas:
         objects[meta["tile"]] = meta["objects"]

@@ -203,17 +203,18 @@ class LabelTileJob:
 
     def run_batch(self, model: Kernel, tiles: list[Tile]) -> list[dict[str, Any]]:
         started = time.perf_counter()
+        missing = [self.reader.missing(tile.read) for tile in tiles]  # before any work
         pads = [self.edge_pad(tile) for tile in tiles]
         blocks = [self.reader.read(tile.read, pad) for tile, pad in zip(tiles, pads)]
         outputs = apply_kernel(model, blocks, valid=[valid_region(t.read, p) for t, p in zip(tiles, pads)],
                                origins=[block_origin(t.read, p) for t, p in zip(tiles, pads)],
                                scaling=self.reader.scaling, batch=self.batch)
         seconds = (time.perf_counter() - started) / len(tiles)
-        return [self.finish_tile(tile, pad, block, out[0], seconds)
-                for tile, pad, block, out in zip(tiles, pads, blocks, outputs)]
+        return [self.finish_tile(tile, pad, block, out[0], seconds, n_missing)
+                for tile, pad, block, out, n_missing in zip(tiles, pads, blocks, outputs, missing)]
 
     def finish_tile(self, tile: Tile, pad: tuple[tuple[int, int], ...], block: np.ndarray, labels: np.ndarray,
-                    seconds: float) -> dict[str, Any]:
+                    seconds: float, missing: int = 0) -> dict[str, Any]:
         unpadded = valid_region(tile.read, pad)
         core_in_read = shift(tile.core, [sl.start for sl in tile.read])
         local, n_core = renumber_core_first(labels[unpadded], core_in_read)
@@ -231,6 +232,7 @@ class LabelTileJob:
         partial = partial_stats(core, n_core, [sl.start for sl in tile.core], self.dims, intensity)
         self.files.save("partial", tile.id, **partial)
         meta = {"tile": tile.id, "voxels": int(np.prod(tile.core_shape)), "seconds": seconds, "objects": n_core,
+                "missing_input_chunks": missing,
                 "halo_edge_objects": reaches_halo_edge(local, n_core, tile.read, self.plan.shape)}
         self.manifest.mark_done(tile.id, meta)
         return meta
