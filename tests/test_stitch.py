@@ -101,6 +101,23 @@ def test_sparse_ids_and_resume(tmp_path, client):
     assert again == first  # a finished run is not redone
 
 
+def test_a_damaged_finished_segmentation_is_found_and_redone(tmp_path, client):
+    """Finished means verified: a labels chunk rewritten after the run is found by its tile's
+    checksum, and the output is segmented again (its intermediates are gone)."""
+    shape, tile = (40, 50), (16, 16)
+    truth = straddling_labels(shape, tile, np.random.default_rng(6))
+    url = _store(tmp_path, "labels.ome.zarr", truth, "yx", tile)
+    out = str(tmp_path / "out.ome.zarr")
+    spec = KernelSpec.of("relabel", ndim=2, halo=6)
+    first = segment_labels(url, out, spec, client, tile_shape=tile, progress=False)
+    expected = open_image(first.labels).read((slice(None), slice(None)))
+    chunks = sorted(p for p in Path(first.labels, "0").rglob("*") if p.is_file() and p.name != "zarr.json")
+    chunks[1].write_bytes(chunks[0].read_bytes())  # decodes, holds another tile's ids
+    again = segment_labels(url, out, spec, client, tile_shape=tile, progress=False)
+    np.testing.assert_array_equal(open_image(again.labels).read((slice(None), slice(None))), expected)
+    assert again.objects == first.objects
+
+
 def test_objects_larger_than_halo_are_reported(tmp_path, client):
     shape, tile = (40, 64), (16, 16)
     truth = np.zeros(shape, np.uint32)

@@ -38,6 +38,7 @@ from pipeline.engine.runner import (
     prepare_engine,
     report_missing,
     submit_tiles,
+    verify_done,
     tiles_per_task,
 )
 from pipeline.engine.stats import Normalisation, otsu_threshold
@@ -151,14 +152,17 @@ def segment_labels(input_url: str, output_url: str, kernel: KernelSpec, client: 
     exists = store.exists(output_url, options.storage_options)
     if exists:
         lock.check()  # before resuming into it, or deleting it with overwrite
-    if exists and not options.overwrite:
+    fresh = not exists or options.overwrite
+    if not fresh:
         check_compatible(output_url, run.manifest.read_params(), params)
         finished = run.manifest.read_json("summary")
         if finished is not None:
-            log.info("%s is complete; nothing to do", output_url)
-            return SegmentSummary(**finished)
-    else:
-        _begin_output(run, params)
+            if _finished_output_intact(run, client, SegmentSummary(**finished)):
+                log.info("%s is complete and verified; nothing to do", output_url)
+                return SegmentSummary(**finished)
+            fresh = True  # its intermediates are gone: the only repair is to segment again
+    if fresh:
+        _begin_output(run, params, overwrite=True if exists else options.overwrite)
     with lock:
         if image == "copy" and not run.manifest.read_json("image"):
             _copy_input_image(run, client)
@@ -203,16 +207,30 @@ def _run_passes(run: SegmentRun, client: Any, *, iou: float, consecutive: bool, 
     return summary
 
 
-def _begin_output(run: SegmentRun, params: dict[str, Any]) -> None:
+def _finished_output_intact(run: SegmentRun, client: Any, summary: SegmentSummary) -> bool:
+    """Whether a finished run's labels still hold what each tile wrote (checksums in the relabel
+    markers; one read of the labels, no recomputation)."""
+    relabel = run.manifest.at("relabel")
+    expected = len(relabel.done())
+    intact = verify_done(client, ImageSink.open(summary.labels, run.storage_options), run.setup.plan, relabel,
+                         progress=run.options.progress)
+    if len(intact) < expected:
+        log.warning("%s: %d of %d tiles of the finished labels changed since they were written; segmenting again",
+                    run.output_url, expected - len(intact), expected)
+        return False
+    return True
+
+
+def _begin_output(run: SegmentRun, params: dict[str, Any], *, overwrite: bool) -> None:
     """A fresh output: the root (the input image's layout, or a plain group when linking), the
     manifest, the stitch folder and the raw id array."""
     plan = run.setup.plan
     if run.image == "copy":
         image_like(run.setup.source, run.output_url, from_level=run.setup.level, version=run.setup.ngff,
-                   overwrite=run.options.overwrite, storage_options=run.options.storage_options)
+                   overwrite=overwrite, storage_options=run.options.storage_options)
         store.open_group(run.output_url, "a", run.storage_options).attrs.update({"tilewise": {"run": params}})
     else:
-        create_collection(run.output_url, version=run.setup.ngff, overwrite=run.options.overwrite,
+        create_collection(run.output_url, version=run.setup.ngff, overwrite=overwrite,
                           storage_options=run.options.storage_options, attributes={"tilewise": {"run": params}})
     run.manifest.write_params(params)
     run.files.begin()
@@ -263,6 +281,8 @@ def relabel_tiles(run: SegmentRun, client: Any, *, resolution: Resolution, sink:
     resolution."""
     plan = run.setup.plan
     relabel = run.manifest.at("relabel")
+    if relabel.done():  # an interrupted pass 3: what it wrote must still be there
+        verify_done(client, sink, plan, relabel, progress=run.options.progress)
     todo = sorted(set(range(len(plan))) - relabel.done())
     per_task = tiles_per_task(len(todo), 1, run.options.max_tasks)
     items = ((group, [resolution.for_tile(t) for t in group]) for group in _groups(todo, per_task))

@@ -40,7 +40,7 @@ from kernels.metrics import overlap_iou
 from pipeline.core.regions import Region
 from pipeline.engine.manifest import RunManifest
 from pipeline.engine.plan import Tile, TilePlan
-from pipeline.engine.runner import TileReader, apply_kernel, block_origin, run_batches, valid_region
+from pipeline.engine.runner import TileReader, apply_kernel, block_origin, checksum, run_batches, valid_region
 from pipeline.io import store
 from pipeline.io.store import Folder
 from pipeline.io.tables import INSTANCE_KEY, TableSpec, read_parquet_files, write_parquet_file, write_part
@@ -372,7 +372,8 @@ class RelabelTask:
             partial = self.files.load("partial", tile.id)
             n_core = len(partial["voxels"])
             lut = tile_lut(tile.id, n_core, part)
-            self.sink.write(tile.core, lut[local_of(raw[tile.core])].astype(dtype))
+            final = lut[local_of(raw[tile.core])].astype(dtype)
+            self.sink.write(tile.core, final)
             if self.table_url is not None and n_core:
                 rows = pd.DataFrame({INSTANCE_KEY: lut[1:].astype(np.int64), **partial})
                 stitched = np.zeros(n_core, bool)
@@ -382,7 +383,8 @@ class RelabelTask:
                                self.table_spec, self.files.storage_options)
                 if stitched.any():
                     self.files.save_merged_rows(tile.id, rows[stitched])
-            meta = {"tile": tile.id, "objects": n_core, "stitched": int(len(part["merged"]))}
+            meta = {"tile": tile.id, "objects": n_core, "stitched": int(len(part["merged"])),
+                    "checksum": checksum(final)}
             self.manifest.mark_done(tile.id, meta)
             results.append(meta)
         return results
