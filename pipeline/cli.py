@@ -281,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(re-run the same command after an interruption).")
     p.add_argument("kernel", choices=("gaussian", "convnet", "identity"))
     p.add_argument("input", help="OME-Zarr image")
-    p.add_argument("output", help="output store; the result is written to OUTPUT/KERNEL")
+    p.add_argument("output", help="output image (an OME-Zarr store; the image is its root)")
     p.add_argument("--sigma", type=_floats, help="gaussian: sigma in pixels, one value or one per spatial axis")
     p.add_argument("--depth", type=int, default=4, help="convnet: number of 3-wide conv layers (halo = depth)")
     p.add_argument("--width", type=int, default=16, help="convnet: channels of the hidden layers")
@@ -350,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_segment)
 
     p = sub.add_parser("denoise", help="denoise an image with a trained model, tile by tile",
-                       description="Run a denoising model through the tiled engine into OUTPUT/denoised, with a "
+                       description="Run a denoising model through the tiled engine into the image OUTPUT, with a "
                                    "pyramid; residual statistics per tile are kept and suspicious tiles logged.")
     p.add_argument("input", help="OME-Zarr image")
     p.add_argument("output", help="output store")
