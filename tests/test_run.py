@@ -225,3 +225,29 @@ def test_tasks_running_at_once_in_one_worker_load_the_model_once():
     with ThreadPoolExecutor(4) as pool:
         kernels = set(pool.map(first_use, range(4)))
     assert len(kernels) == 1 and load_counts()[spec.key] == 1
+
+
+def test_time_lapse_is_processed_per_time_point_in_one_run(tmp_path, client):
+    """Time (and other non-space axes) are batch axes: every time point is tiled and processed
+    independently in one resumable run, the output keeps the axis, and each time point equals
+    the untiled result of that time point alone."""
+    from pipeline.io import Axis
+
+    rng = np.random.default_rng(8)
+    data = rng.integers(0, 1000, size=(3, 2, 11, 37, 29)).astype(np.uint16)  # t, c, z, y, x
+    url = str(tmp_path / "tl.ome.zarr")
+    axes = [Axis("t", "time", "second")] + list(default_axes("czyx"))
+    create_image(url, shape=data.shape, dtype=np.uint16, axes=axes, scale=(5.0, 1.0, 2.0, 0.5, 0.5),
+                 chunks=(1, 1, 8, 16, 16), n_levels=1).write((slice(None),) * 5, data)
+    spec = KernelSpec.of("gaussian", sigma=[1.0, 1.5, 1.5], channels=2)
+    summary = run_kernel(url, str(tmp_path / "out.ome.zarr"), spec, client, tile_shape=(8, 16, 16), batch=4,
+                         progress=False)
+    assert summary.tiles == 3 * 2 * 3 * 2 and summary.computed == summary.tiles
+    out = open_image(str(tmp_path / "out.ome.zarr"))
+    assert out.dims == ("t", "c", "z", "y", "x") and out.axes[0].type == "time" and out.levels[0].scale[0] == 5.0
+    tiled = out.read((slice(None),) * 5)
+    for t in range(3):
+        np.testing.assert_allclose(tiled[t], _untiled(spec, data[t], True), atol=1e-4)
+    again = run_kernel(url, str(tmp_path / "out.ome.zarr"), spec, client, tile_shape=(8, 16, 16), batch=4,
+                       progress=False)
+    assert again.computed == 0 and again.skipped == summary.tiles

@@ -115,17 +115,53 @@ class RunSummary:
     voxels_per_s: float
 
 
-def kernel_layout(source: ImageSource) -> tuple[list[int], bool]:
-    """Indices of the spatial axes and whether there is a channel axis; refuses layouts other
-    than ``(c,) + spatial``, the one kernels take."""
+def image_layout(source: ImageSource) -> tuple[list[int], bool, list[int]]:
+    """(batch axes, has a channel axis, spatial axes) of an image laid out as NGFF orders them:
+    batch axes (time, or any custom type) first, then ``c``, then space. Kernels see
+    ``(c,) + spatial`` blocks; every index of the batch axes is processed independently."""
     dims = source.dims
-    if "t" in dims:
-        raise InputError(f"'{source.url}' has a time axis; tilewise processes one time point: convert one first.")
     spatial = [i for i, a in enumerate(source.axes) if a.type == SPACE or (a.type is None and a.name in "zyx")]
     has_c = "c" in dims
-    if [*([dims.index("c")] if has_c else []), *spatial] != list(range(len(dims))):
-        raise InputError(f"'{source.url}' axes {dims} are not (c,) + spatial; convert it to NGFF order first.")
+    batch = [i for i, d in enumerate(dims) if i not in spatial and d != "c"]
+    if [*batch, *([dims.index("c")] if has_c else []), *spatial] != list(range(len(dims))):
+        raise InputError(f"'{source.url}' axes {dims} are not in NGFF order (time or other axes, then c, then space); "
+                         "convert it to NGFF order first.")
+    return batch, has_c, spatial
+
+
+def kernel_layout(source: ImageSource) -> tuple[list[int], bool]:
+    """Indices of the spatial axes and whether there is a channel axis, for steps that take one
+    ``(c,) + spatial`` image (training, segmentation): batch axes are refused by name."""
+    batch, has_c, spatial = image_layout(source)
+    if batch:
+        names = ", ".join(source.dims[i] for i in batch)
+        raise InputError(f"'{source.url}' has {names} axes besides c and space; this step takes one "
+                         f"{'time point' if 't' in names else 'index of them'} at a time (run-kernel and denoise "
+                         "process them all): select one with `tilewise convert`, or use a level without them.")
     return spatial, has_c
+
+
+@dataclass(frozen=True)
+class TileSpace:
+    """Every tile of a pass: the spatial plan, repeated for each index of the batch axes (time
+    points, custom axes), which are processed independently; global tile id
+    ``g = batch_index * len(plan) + spatial_tile_id``."""
+
+    plan: TilePlan
+    batch_shape: tuple[int, ...] = ()
+
+    def __len__(self) -> int:
+        return int(np.prod(self.batch_shape, dtype=np.int64)) * len(self.plan)
+
+    def locate(self, g: int) -> tuple[tuple[int, ...], Tile]:
+        """(batch index, spatial tile) of global tile ``g``."""
+        b, t = divmod(int(g), len(self.plan))
+        at = tuple(int(i) for i in np.unravel_index(b, self.batch_shape)) if self.batch_shape else ()
+        return at, self.plan.tile(t)
+
+
+def batch_slices(at: Sequence[int]) -> tuple[slice, ...]:
+    return tuple(slice(i, i + 1) for i in at)
 
 
 def tiles_per_task(n_tiles: int, batch: int, max_tasks: int = MAX_TASKS) -> int:
@@ -171,20 +207,23 @@ class TileReader:
     scaling: Scaling | None
     missing_policy: str = "fill"
 
-    def missing(self, region: Region) -> int:
-        """How many input chunks ``region`` touches that the store does not hold (read as the
-        fill value); with the ``error`` policy, an :class:`InputError` naming the first."""
-        lead = (slice(None),) if self.has_channels else ()
-        absent = self.source.missing_chunks(lead + tuple(region), self.level)
+    def _index(self, region: Region, at: Sequence[int]) -> tuple[slice, ...]:
+        return batch_slices(at) + ((slice(None),) if self.has_channels else ()) + tuple(region)
+
+    def missing(self, region: Region, at: Sequence[int] = ()) -> int:
+        """How many input chunks ``region`` (at batch index ``at``) touches that the store does
+        not hold (read as the fill value); with the ``error`` policy, an :class:`InputError`."""
+        absent = self.source.missing_chunks(self._index(region, at), self.level)
         if absent and self.missing_policy == "error":
             raise InputError(f"'{self.source.url}' level {self.source.level(self.level).path}: chunk {absent[0]} is "
                              f"missing ({len(absent)} missing near {tuple((s.start, s.stop) for s in region)}); restore "
                              "it, or pass --missing-chunks fill if the store leaves out empty chunks.")
         return len(absent)
 
-    def read(self, region: Region, pad: Sequence[tuple[int, int]]) -> np.ndarray:
-        lead = (slice(None),) if self.has_channels else ()
-        block = self.source.read(lead + tuple(region), self.level)
+    def read(self, region: Region, pad: Sequence[tuple[int, int]], at: Sequence[int] = ()) -> np.ndarray:
+        """``(C, *spatial)`` of ``region`` at batch index ``at`` (time point, ...)."""
+        block = self.source.read(self._index(region, at), self.level)
+        block = block.reshape(block.shape[len(at):])  # the batch axes have one index each
         if block.dtype.kind == "f" and not np.isfinite(block).all():
             raise InputError(nonfinite_message(self.source.url, f"in {tuple((s.start, s.stop) for s in region)}"))
         if self.input != "native":
@@ -209,6 +248,15 @@ class EngineSetup:
     plan: TilePlan
     scaling: Normalisation | None
     params: dict[str, Any]
+    batch_axes: tuple[int, ...] = ()  # indices of the batch axes (time, custom), processed independently
+
+    @property
+    def batch_shape(self) -> tuple[int, ...]:
+        return tuple(self.source.level(self.level).shape[i] for i in self.batch_axes)
+
+    @property
+    def space(self) -> TileSpace:
+        return TileSpace(self.plan, self.batch_shape)
 
     @property
     def traits(self) -> KernelTraits:
@@ -249,7 +297,7 @@ def prepare_engine(input_url: str, kernel: KernelSpec, options: EngineOptions) -
     if problems:
         log.warning("'%s' is not valid NGFF %s (%s); tilewise can read it, other tools may not", input_url,
                     source.version, problems)
-    spatial, has_c = kernel_layout(source)
+    batch, has_c, spatial = image_layout(source)
     lv = source.level(options.level)
     k = build_checked(kernel)
     traits = k.traits
@@ -278,7 +326,7 @@ def prepare_engine(input_url: str, kernel: KernelSpec, options: EngineOptions) -
         # what the input was when the run started: a resume onto an edited input is refused
         "input_fingerprint": content_fingerprint(store.join(source.url, lv.path), options.storage_options),
     }
-    return EngineSetup(source, options.level, spatial, has_c, k, plan, scaling, params)
+    return EngineSetup(source, options.level, spatial, has_c, k, plan, scaling, params, tuple(batch))
 
 
 def valid_region(read: Region, pad: Sequence[tuple[int, int]]) -> Region:
@@ -308,14 +356,14 @@ def apply_kernel(model: Kernel, blocks: Sequence[np.ndarray], *, valid: Sequence
     return outputs  # type: ignore[return-value]
 
 
-def run_batches(kernel: KernelSpec, plan: TilePlan, tile_ids: Sequence[int], batch: int,
-                run_batch: Callable[[Kernel, list[Tile]], list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """A task's body: the resident kernel, then ``run_batch`` on the task's tiles ``batch`` at a
-    time (memory: one batch of blocks); returns every tile's metadata."""
+def run_batches(kernel: KernelSpec, tile_ids: Sequence[int], batch: int,
+                run_batch: Callable[[Kernel, list[int]], list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """A task's body: the resident kernel, then ``run_batch`` on the task's tile ids ``batch`` at
+    a time (memory: one batch of blocks); returns every tile's metadata."""
     model = resident(kernel)
     results: list[dict[str, Any]] = []
     for k in range(0, len(tile_ids), batch):
-        results += run_batch(model, [plan.tile(int(t)) for t in tile_ids[k:k + batch]])
+        results += run_batch(model, [int(t) for t in tile_ids[k:k + batch]])
     return results
 
 
@@ -333,39 +381,43 @@ class ImageTileJob:
     batch: int = 1
     blend: BlendLattice | None = None  # None: crop-stitching
     out_dtype: str = "float32"
+    batch_shape: tuple[int, ...] = ()  # shape of the batch axes (time, ...): see TileSpace
 
     def __call__(self, tile_ids: Sequence[int]) -> list[dict[str, Any]]:
-        return run_batches(self.kernel, self.plan, tile_ids, self.batch, self.run_batch)
+        return run_batches(self.kernel, tile_ids, self.batch, self.run_batch)
 
-    def run_batch(self, model: Kernel, tiles: list[Tile]) -> list[dict[str, Any]]:
+    def run_batch(self, model: Kernel, ids: list[int]) -> list[dict[str, Any]]:
         started = time.perf_counter()
-        missing = {tile.id: self.reader.missing(tile.read) for tile in tiles}  # before any work
+        space = TileSpace(self.plan, self.batch_shape)
+        located = [space.locate(g) for g in ids]
+        missing = [self.reader.missing(tile.read, at) for at, tile in located]  # before any work
         if self.blend is None:
-            blocks = [self.reader.read(tile.read, tile.pad) for tile in tiles]
+            blocks = [self.reader.read(tile.read, tile.pad, at) for at, tile in located]
+            tiles = [tile for _, tile in located]
             outs = apply_kernel(model, blocks, valid=[valid_region(t.read, t.pad) for t in tiles],
                                 origins=[block_origin(t.read, t.pad) for t in tiles], scaling=self.reader.scaling,
                                 batch=self.batch)
             pairs = [(block[(slice(None),) + t.crop], out[(slice(None),) + t.crop])
                      for t, block, out in zip(tiles, blocks, outs)]
         else:
-            pairs = [self.blended(model, tile) for tile in tiles]
-        seconds = (time.perf_counter() - started) / len(tiles)
+            pairs = [self.blended(model, tile, at) for at, tile in located]
+        seconds = (time.perf_counter() - started) / len(ids)
         results = []
-        for tile, (inputs, outputs) in zip(tiles, pairs):
-            meta = {"tile": tile.id, "voxels": int(np.prod(tile.core_shape)), "seconds": seconds,
-                    "missing_input_chunks": missing[tile.id], **model.describe_tile(inputs, outputs, self.reader.scaling)}
-            meta["checksum"] = self.write(tile, outputs)
-            self.manifest.mark_done(tile.id, meta)
+        for g, (at, tile), n_missing, (inputs, outputs) in zip(ids, located, missing, pairs):
+            meta = {"tile": g, "voxels": int(np.prod(tile.core_shape)), "seconds": seconds,
+                    "missing_input_chunks": n_missing, **model.describe_tile(inputs, outputs, self.reader.scaling)}
+            meta["checksum"] = self.write(tile, outputs, at)
+            self.manifest.mark_done(g, meta)
             results.append(meta)
         return results
 
-    def blended(self, model: Kernel, tile: Tile) -> tuple[np.ndarray, np.ndarray]:
+    def blended(self, model: Kernel, tile: Tile, at: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray]:
         """Input core and the weight-blended output over ``tile.core`` from every lattice
         window touching it (see ``engine.blend``)."""
         lattice = self.blend
         assert lattice is not None
         region, pad = lattice.read_span(tile.core)
-        block = self.reader.read(region, pad)
+        block = self.reader.read(region, pad, at)
         origin = block_origin(region, pad)
         inside = valid_region(region, pad)
         weights = window_weights(lattice.window, lattice.weights)
@@ -392,16 +444,17 @@ class ImageTileJob:
         core_in = block[(slice(None),) + tuple(slice(sl.start - o, sl.stop - o) for sl, o in zip(tile.core, origin))]
         return core_in, acc / wsum
 
-    def write(self, tile: Tile, out: np.ndarray) -> str:
-        """Write a tile's core; returns the checksum of what was written (kept in its marker)."""
+    def write(self, tile: Tile, out: np.ndarray, at: Sequence[int] = ()) -> str:
+        """Write a tile's core (at batch index ``at``); returns the checksum of what was written
+        (kept in its marker)."""
         dtype = np.dtype(self.out_dtype)
         if dtype.kind in "iu" and out.dtype.kind == "f":
             info = np.iinfo(dtype)
             out = np.clip(np.rint(out), info.min, info.max)
         out = out.astype(dtype, copy=False)
-        out_lead = (slice(None),) if len(self.sink.dims) > len(tile.core) else ()
+        out_lead = (slice(None),) if len(self.sink.dims) > len(tile.core) + len(at) else ()
         data = out if out_lead else out[0]
-        self.sink.write(out_lead + tile.core, data)
+        self.sink.write(batch_slices(at) + out_lead + tile.core, data.reshape((1,) * len(at) + data.shape))
         return checksum(data)
 
 
@@ -417,14 +470,17 @@ class VerifyTiles:
 
     sink: ImageSink
     plan: TilePlan
+    batch_shape: tuple[int, ...] = ()
 
     def __call__(self, items: Sequence[tuple[int, str]]) -> list[int]:
-        lead = (slice(None),) if len(self.sink.dims) > len(self.plan.shape) else ()
+        lead = (slice(None),) if len(self.sink.dims) > len(self.plan.shape) + len(self.batch_shape) else ()
+        space = TileSpace(self.plan, self.batch_shape)
         bad = []
         source = self.sink.source()
         for tile_id, expected in items:
+            at, tile = space.locate(tile_id)
             try:
-                data = source.read(lead + self.plan.tile(int(tile_id)).core)
+                data = source.read(batch_slices(at) + lead + tile.core)
             except InputError:  # undecodable: certainly not what was written
                 bad.append(int(tile_id))
                 continue
@@ -433,14 +489,15 @@ class VerifyTiles:
         return bad
 
 
-def verify_done(client: Any, sink: ImageSink, plan: TilePlan, manifest: RunManifest, *, progress: bool) -> set[int]:
+def verify_done(client: Any, sink: ImageSink, plan: TilePlan, manifest: RunManifest, *, progress: bool,
+                batch_shape: tuple[int, ...] = ()) -> set[int]:
     """The finished tiles whose output still matches its checksum; the others are unmarked
     (and so recomputed). Costs one read of the finished output, no recomputation."""
     metas = manifest.tile_metadata()
     items = [(t, m["checksum"]) for t, m in metas.items() if "checksum" in m]
     per_task = max(1, -(-len(items) // MAX_TASKS))
     bad: list[int] = []
-    for result in run_tasks(client, VerifyTiles(sink, plan), [items[i:i + per_task] for i in range(0, len(items),
+    for result in run_tasks(client, VerifyTiles(sink, plan, batch_shape), [items[i:i + per_task] for i in range(0, len(items),
                                                                                                  per_task)],
                             total=-(-len(items) // per_task), desc="verify", progress=progress):
         bad += result

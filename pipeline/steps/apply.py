@@ -42,15 +42,19 @@ log = logging.getLogger(__name__)
 
 def _output_image(setup: EngineSetup, name: str, dtype: str, options: EngineOptions) -> dict[str, Any]:
     """The keyword arguments of ``create_image`` for this kernel's output over this input."""
-    traits = setup.traits
+    traits, lv = setup.traits, setup.source.level(setup.level)
     channel_axis = setup.has_channels or traits.out_channels > 1
+    batch = list(setup.batch_axes)  # time points (and custom axes) keep their axes, one chunk each
     lead = [1.0] if channel_axis else []
     return dict(
-        shape=([traits.out_channels] if channel_axis else []) + list(setup.plan.shape), dtype=dtype,
-        axes=([Axis("c", "channel")] if channel_axis else []) + [setup.source.axes[i] for i in setup.spatial],
-        scale=lead + setup.spatial_levels[0], translation=[0.0] * len(lead) + setup.spatial_levels[1],
-        chunks=[1] * len(lead) + setup.spatial_levels[2], name=name, channel_names=_channel_names(setup),
-        version=setup.ngff, storage_options=options.storage_options)
+        shape=list(setup.batch_shape) + ([traits.out_channels] if channel_axis else []) + list(setup.plan.shape),
+        dtype=dtype,
+        axes=[setup.source.axes[i] for i in batch] + ([Axis("c", "channel")] if channel_axis else [])
+        + [setup.source.axes[i] for i in setup.spatial],
+        scale=[lv.scale[i] for i in batch] + lead + setup.spatial_levels[0],
+        translation=[lv.translation[i] for i in batch] + [0.0] * len(lead) + setup.spatial_levels[1],
+        chunks=[1] * (len(batch) + len(lead)) + setup.spatial_levels[2], name=name,
+        channel_names=_channel_names(setup), version=setup.ngff, storage_options=options.storage_options)
 
 
 def _channel_names(setup: EngineSetup) -> list[str] | None:
@@ -116,13 +120,16 @@ def run_kernel(input_url: str, output_url: str, kernel: KernelSpec, client: Any,
         sink = create_image(output_url, overwrite=options.overwrite, **_output_image(setup, name, dtype, options))
         store.open_group(output_url, "a", options.storage_options).attrs.update({"tilewise": {"run": params}})
         manifest.write_params(params)
-    done = verify_done(client, sink, plan, manifest, progress=options.progress) if manifest.done() else set()
-    wanted = range(len(plan)) if tile_ids is None else [int(t) for t in tile_ids]
-    if tile_ids is not None and any(not 0 <= t < len(plan) for t in wanted):
-        raise OptionError(f"Tile ids must be in 0..{len(plan) - 1} for this plan (grid {plan.grid}).")
+    space = setup.space  # every spatial tile at every index of the batch axes
+    done = verify_done(client, sink, plan, manifest, progress=options.progress,
+                       batch_shape=setup.batch_shape) if manifest.done() else set()
+    wanted = range(len(space)) if tile_ids is None else [int(t) for t in tile_ids]
+    if tile_ids is not None and any(not 0 <= t < len(space) for t in wanted):
+        raise OptionError(f"Tile ids must be in 0..{len(space) - 1} for this plan (grid {plan.grid}, batch axes "
+                          f"{setup.batch_shape}).")
     todo = [t for t in wanted if t not in done]
     batch = setup.batch(options.batch)
-    job = ImageTileJob(kernel, setup.reader(), plan, sink, manifest, batch, lattice, dtype)
+    job = ImageTileJob(kernel, setup.reader(), plan, sink, manifest, batch, lattice, dtype, setup.batch_shape)
     started = time.perf_counter()
     voxels = 0
     metas: list[dict[str, Any]] = []
@@ -132,6 +139,7 @@ def run_kernel(input_url: str, output_url: str, kernel: KernelSpec, client: Any,
             metas += results
         seconds = time.perf_counter() - started
         report_missing(metas, setup.source)
-        if tile_ids is None or len(manifest.done()) == len(plan):
+        if tile_ids is None or len(manifest.done()) == len(space):
             finalize_image(sink, client, progress=options.progress)
-    return RunSummary(output_url, len(plan), len(todo), len(wanted) - len(todo), seconds, voxels / max(seconds, 1e-9))
+    return RunSummary(output_url, len(space), len(todo), len(wanted) - len(todo), seconds,
+                      voxels / max(seconds, 1e-9))

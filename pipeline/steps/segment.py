@@ -134,6 +134,8 @@ def segment_labels(input_url: str, output_url: str, kernel: KernelSpec, client: 
     store.check_output_location(output_url, input_url, options.storage_options)
     setup = prepare_engine(input_url, kernel, options)
     plan = setup.plan
+    if setup.batch_axes:
+        kernel_layout(setup.source)  # a one-line error naming the axes and the fix
     if not setup.traits.is_labels:
         raise OptionError(f"Kernel '{kernel.name}' does not produce instance labels; use segment-classical, "
                           "segment-unet or relabel.")

@@ -188,7 +188,7 @@ class LabelTileJob:
     measure_intensity: bool = True
 
     def __call__(self, tile_ids: Sequence[int]) -> list[dict[str, Any]]:
-        return run_batches(self.kernel, self.plan, tile_ids, self.batch, self.run_batch)
+        return run_batches(self.kernel, tile_ids, self.batch, self.run_batch)
 
     def edge_pad(self, tile: Tile) -> tuple[tuple[int, int], ...]:
         """A full halo of padding wherever the read block meets the volume edge.
@@ -201,8 +201,9 @@ class LabelTileJob:
         return tuple((h if r.start == 0 else 0, h if r.stop == n else 0)
                      for r, h, n in zip(tile.read, self.plan.halo, self.plan.shape))
 
-    def run_batch(self, model: Kernel, tiles: list[Tile]) -> list[dict[str, Any]]:
+    def run_batch(self, model: Kernel, ids: list[int]) -> list[dict[str, Any]]:
         started = time.perf_counter()
+        tiles = [self.plan.tile(t) for t in ids]
         missing = [self.reader.missing(tile.read) for tile in tiles]  # before any work
         pads = [self.edge_pad(tile) for tile in tiles]
         blocks = [self.reader.read(tile.read, pad) for tile, pad in zip(tiles, pads)]
