@@ -140,7 +140,7 @@ def main(argv=None) -> dict:
             shape = tuple(int(v) for v in args.lightsheet.split(","))
             ls = str(work / "lightsheet.ome.zarr")
             make_lightsheet(ls, client, shape=shape, seed=0, overwrite=True, progress=False)
-            raw = open_image(ls + "/raw")
+            raw = open_image(ls)
             noisy = raw.read((slice(None),) * 3).astype(np.float32)
             clean = open_image(ls + "/clean").read((slice(None),) * 3).astype(np.float32)
             sub = work / "lightsheet"

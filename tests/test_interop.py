@@ -82,3 +82,15 @@ def test_linked_labels_point_at_their_image_by_a_relative_path(tmp_path, client)
     assert [k for _, _, k in _napari_layers(str(moved / "data" / "img.ome.zarr"))].count("image") == 1
     nodes = list(Reader(parse_url(str(labels)))())
     assert any(str(moved / "data" / "img.ome.zarr") in str(n) for n in nodes)  # the linked image was found
+
+
+def test_the_lightsheet_sample_opens_from_its_root(tmp_path, client):
+    """The noisy image is the sample's root, with its ground-truth labels inside and clean/ beside."""
+    from pipeline.data import make_lightsheet
+    from pipeline.info import describe
+
+    parts = make_lightsheet(str(tmp_path / "ls.ome.zarr"), client, shape=(8, 48, 48), progress=False)
+    assert parts["raw"] == str(tmp_path / "ls.ome.zarr")
+    assert sorted(k for _, _, k in _napari_layers(parts["raw"])) == ["image", "labels"]
+    text = describe(parts["raw"])
+    assert "(root image)" in text and "\n  clean  [z,y,x]  float32" in text and "tables/ground_truth" in text

@@ -28,7 +28,7 @@ from pipeline.core.regions import Region, grow_block, iter_regions, n_regions
 from pipeline.io import store
 from pipeline.io.ngff import default_axes
 from pipeline.io.tables import INSTANCE_KEY, REGION_KEY, TableSpec, begin_table, table_url, write_part
-from pipeline.io.write import ImageSink, create_collection, create_image, create_labels
+from pipeline.io.write import ImageSink, create_image, create_labels
 from pipeline.engine.pyramid import finalize_image
 from pipeline.engine.submit import run_tasks
 
@@ -70,7 +70,7 @@ def _check_shape(shape: Sequence[int], what: str, axes: str, example: str) -> tu
 def _ground_truth_spec(scale: Sequence[float], dims: str) -> TableSpec:
     """The ground-truth table has the schema of every tilewise table (``pipeline.io.tables``)."""
     return TableSpec(tuple(dims), tuple(scale), (0.0,) * len(dims), ("micrometer",) * len(dims),
-                     region="raw/labels/nuclei", extra={"ground_truth": True})
+                     region="labels/nuclei", extra={"ground_truth": True})
 
 
 def _ground_truth_rows(field: NucleiField, nuclei, core: Region, spec: TableSpec):
@@ -155,16 +155,20 @@ def make_lightsheet(
     if unknown or not parts:
         raise OptionError(f"Unknown parts {sorted(unknown)}; choose from {LIGHTSHEET_PARTS}.")
     field = NucleiField(shape, model.scale, seed)
-    create_collection(url, version=version, overwrite=overwrite, storage_options=storage_options,
-                      attributes={"tilewise": {"sample": "lightsheet", "seed": seed, "shape": list(shape)}})
     axes = default_axes("zyx")
     common = dict(shape=shape, axes=axes, scale=model.scale, chunks=chunks, version=version,
                   storage_options=storage_options)
+    # the noisy image is the store's root (NGFF readers open it from there, with its labels);
+    # the clean image, when asked for, sits inside it as clean/
     sinks: dict[str, ImageSink] = {}
-    if "raw" in parts or "labels" in parts:
-        sinks["raw"] = create_image(store.join(url, "raw"), dtype=np.uint16, name="raw", **common)
+    root = "raw" if ("raw" in parts or "labels" in parts) else "clean"
+    if root == "raw":
+        sinks["raw"] = create_image(url, dtype=np.uint16, name="raw", overwrite=overwrite, **common)
     if "clean" in parts:
-        sinks["clean"] = create_image(store.join(url, "clean"), dtype=np.float32, name="clean", **common)
+        sinks["clean"] = create_image(url if root == "clean" else store.join(url, "clean"), dtype=np.float32,
+                                      name="clean", overwrite=overwrite and root == "clean", **common)
+    store.open_group(url, "a", storage_options).attrs.update(
+        {"tilewise": {"sample": "lightsheet", "seed": seed, "shape": list(shape)}})
     if "labels" in parts:
         sinks["labels"] = create_labels(sinks["raw"], "nuclei", dtype=np.uint32, n_labels=field.max_id)
     if "raw" not in parts:

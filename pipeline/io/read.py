@@ -248,13 +248,13 @@ def _is_image(group: zarr.Group) -> bool:
 def walk_images(url: str, storage_options: Mapping[str, Any] | None = None) -> Iterator[tuple[str, zarr.Group]]:
     """Yield ``(relative path, group)`` for every image group in a store (not labels).
 
-    The root itself is yielded as ``""`` when it is an image.
+    The root itself is yielded as ``""`` when it is an image; images nested in an image group
+    (the light-sheet sample's ``clean/`` inside its root image) are found too.
     """
     group = store.open_group_readonly(url, storage_options)
     if _is_image(group):
         yield "", group
-    else:
-        yield from _walk(group, "")
+    yield from _walk(group, "")
 
 
 def _walk(group: zarr.Group, prefix: str) -> Iterator[tuple[str, zarr.Group]]:
@@ -267,8 +267,7 @@ def _walk(group: zarr.Group, prefix: str) -> Iterator[tuple[str, zarr.Group]]:
         path = f"{prefix}{name}"
         if _is_image(child):
             yield path, child
-        else:
-            yield from _walk(child, path + "/")
+        yield from _walk(child, path + "/")
 
 
 def list_tables(url: str, storage_options: Mapping[str, Any] | None = None) -> list[str]:
