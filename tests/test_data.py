@@ -53,7 +53,7 @@ def test_lightsheet_noise_and_ground_truth(tmp_path, client):
     from pipeline.io.tables import to_anndata  # the samples' tables share every table's schema
 
     adata = to_anndata(str(tmp_path / "l.ome.zarr"), "ground_truth")
-    assert adata.n_obs == len(ids) and adata.uns["spatialdata_attrs"]["region"] == "labels/nuclei"
+    assert adata.n_obs == len(ids) and adata.uns["spatialdata_attrs"]["region"] == "nuclei"
     np.testing.assert_allclose(adata.obsm["spatial"][:, 0], adata.obs_vector("centroid_z") * 1.0)
     assert set(adata.obs["class_name"]) <= {c.name for c in CLASSES}
     adata.write_h5ad(tmp_path / "gt.h5ad")

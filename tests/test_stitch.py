@@ -210,7 +210,7 @@ def test_classical_tiled_equals_untiled_and_table(tmp_path, client, name, axes, 
 
     adata = to_anndata(str(tmp_path / "tiled.ome.zarr"), "nuclei")
     assert adata.n_obs == tiled.objects
-    assert adata.uns["spatialdata_attrs"] == {"region": "labels/nuclei", "region_key": "region", "instance_key": "label"}
+    assert adata.uns["spatialdata_attrs"] == {"region": "nuclei", "region_key": "region", "instance_key": "label"}
     assert adata.obsm["spatial"].shape == (tiled.objects, len(shape))
 
 

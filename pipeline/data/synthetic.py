@@ -2,8 +2,8 @@
 
 ``make_lightsheet``: a 3D fluorescence volume of nuclei (several shape/texture classes),
 anisotropic Gaussian PSF, mild depth attenuation, Poisson-Gaussian noise; writes ``raw``
-(uint16), ``clean`` (float32, the noise-free expectation of ``raw``), ``raw/labels/nuclei`` and a
-ground-truth table with each object's class.
+(uint16) at the store's root, ``clean/`` (float32, the noise-free expectation of ``raw``),
+``labels/nuclei`` and a ground-truth table ``tables/ground_truth`` with each object's class.
 
 ``make_wholeslide``: a 2D RGB H&E-like slide (tissue islands, eosin stroma, haematoxylin nuclei)
 with ``labels/nuclei``.
@@ -70,7 +70,7 @@ def _check_shape(shape: Sequence[int], what: str, axes: str, example: str) -> tu
 def _ground_truth_spec(scale: Sequence[float], dims: str) -> TableSpec:
     """The ground-truth table has the schema of every tilewise table (``pipeline.io.tables``)."""
     return TableSpec(tuple(dims), tuple(scale), (0.0,) * len(dims), ("micrometer",) * len(dims),
-                     region="labels/nuclei", extra={"ground_truth": True})
+                     region="nuclei", extra={"ground_truth": True})
 
 
 def _ground_truth_rows(field: NucleiField, nuclei, core: Region, spec: TableSpec):

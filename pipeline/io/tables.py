@@ -33,13 +33,15 @@ class TableSpec:
     translation: tuple[float, ...]
     units: tuple[str | None, ...]
     channels: int = 1
-    region: str = "labels/nuclei"
+    region: str = "nuclei"  # the labels element the rows describe (SpatialData's sense): its name
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def attributes(self) -> dict[str, Any]:
+        """The table's attributes; ``labels_path`` is where the labels image lies in the store."""
         return {"region": self.region, "region_key": REGION_KEY, "instance_key": INSTANCE_KEY,
-                "axes": list(self.dims), "scale": list(self.scale), "translation": list(self.translation),
-                "units": list(self.units), "format": "tilewise-table/0.1", **dict(self.extra)}
+                "labels_path": f"labels/{self.region}", "axes": list(self.dims), "scale": list(self.scale),
+                "translation": list(self.translation), "units": list(self.units), "format": "tilewise-table/0.2",
+                **dict(self.extra)}
 
 
 def table_url(output_url: str, name: str) -> str:

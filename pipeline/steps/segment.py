@@ -6,7 +6,7 @@ pyramid (mode downsampling, ``image-label`` metadata) and finishes the table. Ou
 
     OUT/                   the input image, copied (the processed level and coarser ones)
     OUT/labels/<name>/     labels multiscale (uint32 ids 1..N; uint64 past 2^32), source ../../
-    OUT/tables/<name>/     Parquet parts + _attributes.json (region: labels/<name>)
+    OUT/tables/<name>/     Parquet parts + _attributes.json (region: <name>, the labels element)
     OUT/_tilewise/         run manifest: parameters, done tiles per pass, summary
 
 With ``image="link"`` (volumes too large to copy) ``OUT`` holds only ``labels/``, ``tables/``
@@ -320,7 +320,7 @@ def _begin_table(run: SegmentRun) -> TableSpec:
     scale, translation, _ = setup.spatial_levels
     spec = TableSpec(tuple(setup.spatial_dims), tuple(scale), tuple(translation),
                      tuple(setup.source.axes[i].unit for i in setup.spatial),
-                     channels=setup.source.n_channels, region=f"labels/{run.name}")
+                     channels=setup.source.n_channels, region=run.name)
     if not store.exists(table_url(run.output_url, run.name), run.storage_options):
         begin_table(run.output_url, run.name, spec, run.storage_options)
     return spec
