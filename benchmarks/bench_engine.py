@@ -10,6 +10,8 @@
 - plan_1tb: plan + windowed submission of every tile of a 2048 x 16384 x 16384 uint16 store that
   holds metadata only, with a no-op kernel (each task rebuilds its tile from the id and returns).
 - memory: peak worker RSS running a Gaussian (halo 4) over 1, 4 and 16 GB uint16 inputs.
+- resume_checks: what a resume pays to trust finished work: the input's content fingerprint and
+  the checksum verification of every finished tile's output.
 """
 
 from __future__ import annotations
@@ -243,7 +245,46 @@ def run_memory_engine(url: str, out: str) -> None:
     cluster.close()
 
 
-PARTS = {"efficiency": part_efficiency, "map_overlap": part_map_overlap, "plan_1tb": part_plan_1tb}
+def part_resume_checks(work: Path, shape) -> dict:
+    """What a resume pays to trust finished work (issue 13): the input's content fingerprint (one
+    listing of its chunk files, no data read) and the verification of every finished tile's
+    output against its checksum (one read of the output), on a finished run of ``shape``."""
+    from kernels import KernelSpec
+    from pipeline.engine.manifest import RunManifest
+    from pipeline.engine.runner import EngineOptions, prepare_engine, verify_done
+    from pipeline.io import open_image
+    from pipeline.io.store import content_fingerprint
+    from pipeline.io.write import ImageSink
+    from pipeline.steps.apply import run_kernel
+
+    cluster, client = _cluster()
+    url = str(work / "resume-in.ome.zarr")
+    _random_volume(url, shape, client, chunks=(16, 128, 128))
+    out = str(work / "resume-out.ome.zarr")
+    spec = KernelSpec.of("identity")
+    run_kernel(url, out, spec, client, tile_shape=TILE, progress=False, overwrite=True, out_dtype="input")
+    level = open_image(url).levels[0]
+    n_files = int(np.prod([-(-n // c) for n, c in zip(level.shape, level.chunks)]))
+    t0 = time.perf_counter()
+    content_fingerprint(f"{url}/{level.path}")
+    fingerprint_s = time.perf_counter() - t0
+    setup = prepare_engine(url, spec, EngineOptions(tile_shape=TILE))
+    manifest = RunManifest(out)
+    t0 = time.perf_counter()
+    intact = verify_done(client, ImageSink.open(out), setup.plan, manifest, progress=False)
+    verify_s = time.perf_counter() - t0
+    client.close()
+    cluster.close()
+    out_bytes = int(np.prod(shape)) * 2
+    return {"shape": list(shape), "input_chunk_files": n_files, "fingerprint_s": fingerprint_s,
+            "fingerprint_files_per_s": n_files / max(fingerprint_s, 1e-9), "tiles": len(setup.plan),
+            "tiles_verified": len(intact), "verify_s": verify_s, "verify_mb_per_s": out_bytes / 1e6 / verify_s,
+            "note": "fingerprint: one listing of the input level's chunk files (name, size, mtime); verify: "
+                    "every finished tile's output read back and hashed (BLAKE2b) on 2 workers; uint16 data"}
+
+
+PARTS = {"efficiency": part_efficiency, "map_overlap": part_map_overlap, "plan_1tb": part_plan_1tb,
+         "resume_checks": part_resume_checks}
 
 
 def _run_part(name: str, work: Path, arg: str) -> dict:
@@ -260,7 +301,7 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shape", default="64,1024,1024", help="volume for efficiency and map_overlap")
     parser.add_argument("--sizes-gb", default="1,4,16", help="input sizes for the memory part")
-    parser.add_argument("--parts", default="efficiency,map_overlap,plan_1tb,memory")
+    parser.add_argument("--parts", default="efficiency,map_overlap,plan_1tb,resume_checks,memory")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--part", help=argparse.SUPPRESS)
     parser.add_argument("--arg", help=argparse.SUPPRESS)

@@ -129,7 +129,8 @@ def run_kernel(input_url: str, output_url: str, kernel: KernelSpec, client: Any,
                           f"{setup.batch_shape}).")
     todo = [t for t in wanted if t not in done]
     batch = setup.batch(options.batch)
-    job = ImageTileJob(kernel, setup.reader(), plan, sink, manifest, batch, lattice, dtype, setup.batch_shape)
+    job = ImageTileJob(kernel=kernel, reader=setup.reader(), plan=plan, sink=sink, manifest=manifest, batch=batch,
+                       blend=lattice, out_dtype=dtype, batch_shape=setup.batch_shape)
     started = time.perf_counter()
     voxels = 0
     metas: list[dict[str, Any]] = []

@@ -247,8 +247,8 @@ def label_tiles(run: SegmentRun, client: Any, *, measure: bool) -> tuple[np.ndar
     done = run.manifest.done()
     todo = [t for t in range(len(plan)) if t not in done]
     batch = setup.batch(run.options.batch)
-    job = LabelTileJob(run.kernel, setup.reader(), plan, run.manifest, run.files, tuple(setup.spatial_dims), batch,
-                       measure_intensity=measure and setup.traits.measures)
+    job = LabelTileJob(kernel=run.kernel, reader=setup.reader(), plan=plan, manifest=run.manifest, files=run.files,
+                       dims=tuple(setup.spatial_dims), batch=batch, measure_intensity=measure and setup.traits.measures)
     metas = []
     for results in submit_tiles(client, job, todo, setup=setup, options=run.options, batch=batch,
                                 desc=run.kernel.name):
