@@ -50,7 +50,7 @@ def main(argv=None) -> dict:
         gen = run_measured([py, "-m", "pipeline.cli", "-q", "sample", "lightsheet", str(sample), "--shape", args.shape,
                             "--overwrite", "--workers", "2"])
         gen_bytes = voxels * (2 + 4 + 4)  # raw uint16 + clean float32 + labels uint32
-        raw0 = sample / "raw" / "0"
+        raw0 = sample / "0"  # level 0 of the noisy image, the sample's root
         copy = run_measured([py, "-m", "pipeline.cli", "-q", "convert", str(raw0), str(work / "copy.ome.zarr"),
                              "--axes", "zyx", "--scale", "1,0.5,0.5", "--overwrite", "--workers", "2"])
         dask_run = run_measured([py, "-c", DASK_BASELINE, str(raw0), str(work / "dask.zarr")])
