@@ -35,12 +35,14 @@ class TableSpec:
     channels: int = 1
     region: str = "nuclei"  # the labels element the rows describe (SpatialData's sense): its name
     extra: Mapping[str, Any] = field(default_factory=dict)
+    batch: tuple[str, ...] = ()  # time (or custom) axes: one column each with the object's index
 
     def attributes(self) -> dict[str, Any]:
         """The table's attributes; ``labels_path`` is where the labels image lies in the store."""
         return {"region": self.region, "region_key": REGION_KEY, "instance_key": INSTANCE_KEY,
                 "labels_path": f"labels/{self.region}", "axes": list(self.dims), "scale": list(self.scale),
                 "translation": list(self.translation), "units": list(self.units), "format": "tilewise-table/0.2",
+                "batch_axes": list(self.batch),
                 **dict(self.extra)}
 
 

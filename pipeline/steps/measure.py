@@ -11,7 +11,7 @@ stored is ``pipeline.io.tables``.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -19,7 +19,8 @@ from pipeline.io.tables import INSTANCE_KEY, REGION_KEY, TableSpec
 
 
 def partial_stats(labels: np.ndarray, n: int, origin: Sequence[int], dims: Sequence[str],
-                  intensity: np.ndarray | None = None) -> dict[str, np.ndarray]:
+                  intensity: np.ndarray | None = None, batch: Mapping[str, int] | None = None
+                  ) -> dict[str, np.ndarray]:
     """Mergeable sums for objects ``1..n`` of a block whose every id ``1..n`` is present.
 
     ``origin`` is the block's position in the labels image (pixel coordinates come out global);
@@ -38,6 +39,10 @@ def partial_stats(labels: np.ndarray, n: int, origin: Sequence[int], dims: Seque
         cols[f"sum_{d}"] = np.bincount(flat, weights=coord.ravel(), minlength=n + 1)[1:n + 1]
         cols[f"min_{d}"] = np.array([b[axis].start + o for b in boxes], np.int64)
         cols[f"max_{d}"] = np.array([b[axis].stop + o for b in boxes], np.int64)  # exclusive
+    for name, index_at in dict(batch or {}).items():  # the time point (or other batch index) of the block
+        cols[f"sum_{name}"] = cols["voxels"] * float(index_at)
+        cols[f"min_{name}"] = np.full(n, index_at, np.int64)
+        cols[f"max_{name}"] = np.full(n, index_at + 1, np.int64)
     if intensity is not None:
         index = np.arange(1, n + 1)
         for c, img in enumerate(intensity):
@@ -85,5 +90,7 @@ def finish(partials, spec: TableSpec):
         out[f"intensity_std{suffix}"] = np.sqrt(np.maximum(partials[f"isq_{c}"].to_numpy() / count - mean**2, 0))
         out[f"intensity_min{suffix}"] = partials[f"imin_{c}"].to_numpy()
         out[f"intensity_max{suffix}"] = partials[f"imax_{c}"].to_numpy()
+    for name in spec.batch:  # an object lives at one time point: its index, as a column
+        out[name] = np.rint(partials[f"sum_{name}"].to_numpy() / count).astype(np.int64)
     out["tiles"] = partials["tiles"].to_numpy(np.int64)
     return pd.DataFrame(out)

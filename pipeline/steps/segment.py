@@ -34,7 +34,7 @@ from pipeline.engine.pyramid import finalize_image
 from pipeline.engine.runner import (
     EngineOptions,
     EngineSetup,
-    kernel_layout,
+    image_layout,
     prepare_engine,
     report_missing,
     submit_tiles,
@@ -134,13 +134,11 @@ def segment_labels(input_url: str, output_url: str, kernel: KernelSpec, client: 
     store.check_output_location(output_url, input_url, options.storage_options)
     setup = prepare_engine(input_url, kernel, options)
     plan = setup.plan
-    if setup.batch_axes:
-        kernel_layout(setup.source)  # a one-line error naming the axes and the fix
     if not setup.traits.is_labels:
         raise OptionError(f"Kernel '{kernel.name}' does not produce instance labels; use segment-classical, "
                           "segment-unet or relabel.")
-    if len(plan) > MAX_TILES:
-        raise OptionError(f"{len(plan)} tiles exceed the {MAX_TILES} that global ids can number; use a larger --tile.")
+    if len(setup.space) > MAX_TILES:
+        raise OptionError(f"{len(setup.space)} tiles exceed the {MAX_TILES} that global ids can number; use a larger --tile.")
     if not 0 < iou <= 1:
         raise OptionError(f"iou must be in (0, 1], got {iou}.")
     if image not in ("copy", "link"):
@@ -215,7 +213,7 @@ def _finished_output_intact(run: SegmentRun, client: Any, summary: SegmentSummar
     relabel = run.manifest.at("relabel")
     expected = len(relabel.done())
     intact = verify_done(client, ImageSink.open(summary.labels, run.storage_options), run.setup.plan, relabel,
-                         progress=run.options.progress)
+                         progress=run.options.progress, batch_shape=run.setup.batch_shape)
     if len(intact) < expected:
         log.warning("%s: %d of %d tiles of the finished labels changed since they were written; segmenting again",
                     run.output_url, expected - len(intact), expected)
@@ -236,7 +234,9 @@ def _begin_output(run: SegmentRun, params: dict[str, Any], *, overwrite: bool) -
                           storage_options=run.options.storage_options, attributes={"tilewise": {"run": params}})
     run.manifest.write_params(params)
     run.files.begin()
-    run.files.create_raw(plan.shape, plan.tile_shape, inner_chunks(plan.tile_shape, plan.halo))
+    one = (1,) * len(run.setup.batch_shape)  # one time point per shard and chunk
+    run.files.create_raw(run.setup.batch_shape + plan.shape, one + plan.tile_shape,
+                         one + inner_chunks(plan.tile_shape, plan.halo))
     run.manifest.at("relabel").begin()
 
 
@@ -245,10 +245,11 @@ def label_tiles(run: SegmentRun, client: Any, *, measure: bool) -> tuple[np.ndar
     Returns objects per tile and how many objects reached a tile's halo edge."""
     setup, plan = run.setup, run.setup.plan
     done = run.manifest.done()
-    todo = [t for t in range(len(plan)) if t not in done]
+    todo = [t for t in range(len(setup.space)) if t not in done]
     batch = setup.batch(run.options.batch)
     job = LabelTileJob(kernel=run.kernel, reader=setup.reader(), plan=plan, manifest=run.manifest, files=run.files,
-                       dims=tuple(setup.spatial_dims), batch=batch, measure_intensity=measure and setup.traits.measures)
+                       dims=tuple(setup.spatial_dims), batch=batch, measure_intensity=measure and setup.traits.measures,
+                       batch_shape=setup.batch_shape)
     metas = []
     for results in submit_tiles(client, job, todo, setup=setup, options=run.options, batch=batch,
                                 desc=run.kernel.name):
@@ -256,7 +257,7 @@ def label_tiles(run: SegmentRun, client: Any, *, measure: bool) -> tuple[np.ndar
     if done:  # tiles finished by an earlier, interrupted run: their counts are in their markers
         metas += [m for t, m in run.manifest.tile_metadata().items() if t in done]
     report_missing(metas, setup.source)
-    objects = np.zeros(len(plan), np.int64)
+    objects = np.zeros(len(setup.space), np.int64)
     for meta in metas:
         objects[meta["tile"]] = meta["objects"]
     return objects, sum(meta.get("halo_edge_objects", 0) for meta in metas)
@@ -266,11 +267,12 @@ def match_tiles(run: SegmentRun, client: Any, *, iou: float, objects_per_tile: n
                 ) -> tuple[Resolution, int]:
     """Pass 2: match objects across tile borders, then union-find on the client. Returns the
     resolution and the number of match edges. Cheap, so it runs again on resume."""
-    plan = run.setup.plan
-    per_task = tiles_per_task(len(plan), 1, run.options.max_tasks)
+    plan, n = run.setup.plan, len(run.setup.space)
+    per_task = tiles_per_task(n, 1, run.options.max_tasks)
     edges = [np.empty((0, 2), np.uint64)]
-    for result in run_tasks(client, MatchTask(plan, run.files, iou), _groups(range(len(plan)), per_task),
-                            total=-(-len(plan) // per_task), desc=f"{run.name}: match", progress=run.options.progress):
+    task = MatchTask(plan, run.files, iou, run.setup.batch_shape)
+    for result in run_tasks(client, task, _groups(range(n), per_task), total=-(-n // per_task),
+                            desc=f"{run.name}: match", progress=run.options.progress):
         edges += result
     all_edges = np.concatenate(edges)
     return resolve(all_edges, objects_per_tile, consecutive), int(len(all_edges))
@@ -284,12 +286,12 @@ def relabel_tiles(run: SegmentRun, client: Any, *, resolution: Resolution, sink:
     plan = run.setup.plan
     relabel = run.manifest.at("relabel")
     if relabel.done():  # an interrupted pass 3: what it wrote must still be there
-        verify_done(client, sink, plan, relabel, progress=run.options.progress)
-    todo = sorted(set(range(len(plan))) - relabel.done())
+        verify_done(client, sink, plan, relabel, progress=run.options.progress, batch_shape=run.setup.batch_shape)
+    todo = sorted(set(range(len(run.setup.space))) - relabel.done())
     per_task = tiles_per_task(len(todo), 1, run.options.max_tasks)
     items = ((group, [resolution.for_tile(t) for t in group]) for group in _groups(todo, per_task))
     t_url = table_url(run.output_url, run.name) if table_spec is not None else None
-    task = RelabelTask(plan, run.files, sink, relabel, t_url, table_spec)
+    task = RelabelTask(plan, run.files, sink, relabel, t_url, table_spec, run.setup.batch_shape)
     for _ in run_tasks(client, task, items, total=-(-len(todo) // per_task), desc=f"{run.name}: relabel",
                        progress=run.options.progress):
         pass
@@ -320,7 +322,8 @@ def _begin_table(run: SegmentRun) -> TableSpec:
     scale, translation, _ = setup.spatial_levels
     spec = TableSpec(tuple(setup.spatial_dims), tuple(scale), tuple(translation),
                      tuple(setup.source.axes[i].unit for i in setup.spatial),
-                     channels=setup.source.n_channels, region=run.name)
+                     channels=setup.source.n_channels, region=run.name,
+                     batch=tuple(setup.source.dims[i] for i in setup.batch_axes))
     if not store.exists(table_url(run.output_url, run.name), run.storage_options):
         begin_table(run.output_url, run.name, spec, run.storage_options)
     return spec
@@ -334,11 +337,16 @@ def _label_sink(run: SegmentRun, n_objects: int, consecutive: bool) -> ImageSink
     dtype = np.uint32 if consecutive and n_objects < 2**32 - 1 else np.uint64
     n_labels = max(n_objects, 1) if consecutive else None
     scale, translation, chunks = setup.spatial_levels
-    axes = [setup.source.axes[i] for i in setup.spatial]
+    lv, batch = setup.source.level(setup.level), list(setup.batch_axes)  # labels keep the time axis
+    axes = [setup.source.axes[i] for i in batch + list(setup.spatial)]
+    scale = [lv.scale[i] for i in batch] + scale
+    translation = [lv.translation[i] for i in batch] + translation
+    chunks = [1] * len(batch) + chunks
     n_levels = len(setup.source.levels) - setup.level
     # copy: NGFF's layout, inside the image (../../); link: the relative way to the input
     source = "../../" if run.image == "copy" else _relative_source(url, setup.source.url)
-    return create_label_image(store.join(run.output_url, "labels"), run.name, shape=setup.plan.shape, axes=axes,
+    return create_label_image(store.join(run.output_url, "labels"), run.name,
+                              shape=setup.batch_shape + setup.plan.shape, axes=axes,
                               scale=scale, translation=translation, chunks=chunks, n_levels=n_levels, dtype=dtype,
                               version=setup.ngff,
                               n_labels=n_labels, source_image=source,
@@ -353,7 +361,7 @@ def classical_spec(input_url: str, *, level: int = 0, sigma: float | None = None
     the image's physical units. ``sigma`` and ``min_distance`` default to 1 and 5 pixels of the
     finest axis; ``threshold`` (input units) overrides Otsu."""
     source = open_image(input_url, storage_options)
-    spatial, _ = kernel_layout(source)
+    _, _, spatial = image_layout(source)
     scale = [source.level(level).scale[i] for i in spatial]
     pixel = min(scale)
     norm = Normalisation.of(source)

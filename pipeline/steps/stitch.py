@@ -40,7 +40,16 @@ from kernels.metrics import overlap_iou
 from pipeline.core.regions import Region
 from pipeline.engine.manifest import RunManifest
 from pipeline.engine.plan import Tile, TilePlan
-from pipeline.engine.runner import TileReader, apply_kernel, block_origin, checksum, run_batches, valid_region
+from pipeline.engine.runner import (
+    TileReader,
+    TileSpace,
+    apply_kernel,
+    batch_slices,
+    block_origin,
+    checksum,
+    run_batches,
+    valid_region,
+)
 from pipeline.io import store
 from pipeline.io.store import Folder
 from pipeline.io.tables import INSTANCE_KEY, TableSpec, read_parquet_files, write_parquet_file, write_part
@@ -186,6 +195,7 @@ class LabelTileJob:
     dims: tuple[str, ...]
     batch: int = 1
     measure_intensity: bool = True
+    batch_shape: tuple[int, ...] = ()  # time points (and custom axes): each labelled on its own
 
     def __call__(self, tile_ids: Sequence[int]) -> list[dict[str, Any]]:
         return run_batches(self.kernel, tile_ids, self.batch, self.run_batch)
@@ -203,40 +213,50 @@ class LabelTileJob:
 
     def run_batch(self, model: Kernel, ids: list[int]) -> list[dict[str, Any]]:
         started = time.perf_counter()
-        tiles = [self.plan.tile(t) for t in ids]
-        missing = [self.reader.missing(tile.read) for tile in tiles]  # before any work
+        space = TileSpace(self.plan, self.batch_shape)
+        located = [space.locate(g) for g in ids]
+        tiles = [tile for _, tile in located]
+        missing = [self.reader.missing(tile.read, at) for at, tile in located]  # before any work
         pads = [self.edge_pad(tile) for tile in tiles]
-        blocks = [self.reader.read(tile.read, pad) for tile, pad in zip(tiles, pads)]
+        blocks = [self.reader.read(tile.read, pad, at) for (at, tile), pad in zip(located, pads)]
         outputs = apply_kernel(model, blocks, valid=[valid_region(t.read, p) for t, p in zip(tiles, pads)],
                                origins=[block_origin(t.read, p) for t, p in zip(tiles, pads)],
                                scaling=self.reader.scaling, batch=self.batch)
         seconds = (time.perf_counter() - started) / len(tiles)
-        return [self.finish_tile(tile, pad, block, out[0], seconds, n_missing)
-                for tile, pad, block, out, n_missing in zip(tiles, pads, blocks, outputs, missing)]
+        return [self.finish_tile(g, at, tile, pad, block, out[0], seconds, n_missing)
+                for g, (at, tile), pad, block, out, n_missing in zip(ids, located, pads, blocks, outputs, missing)]
 
-    def finish_tile(self, tile: Tile, pad: tuple[tuple[int, int], ...], block: np.ndarray, labels: np.ndarray,
-                    seconds: float, missing: int = 0) -> dict[str, Any]:
+    def finish_tile(self, g: int, at: tuple[int, ...], tile: Tile, pad: tuple[tuple[int, int], ...],
+                    block: np.ndarray, labels: np.ndarray, seconds: float, missing: int = 0) -> dict[str, Any]:
+        """One tile's labels (global tile id ``g``, batch index ``at``) into the raw ids, its shell
+        and its partial table rows."""
         unpadded = valid_region(tile.read, pad)
         core_in_read = shift(tile.core, [sl.start for sl in tile.read])
         local, n_core = renumber_core_first(labels[unpadded], core_in_read)
         core = local[core_in_read]
-        self.files.raw("r+")[tile.core] = global_ids(tile.id, core)
+        ids = global_ids(g, core)
+        self.files.raw("r+")[batch_slices(at) + tile.core] = ids.reshape((1,) * len(at) + ids.shape)
         shell = local.copy()
         shell[core_in_read] = 0
-        self.files.save("shell", tile.id, labels=shell, start=np.array([sl.start for sl in tile.read]),
+        self.files.save("shell", g, labels=shell, start=np.array([sl.start for sl in tile.read]),
                         n_core=np.array(n_core))
         intensity = None
         if self.measure_intensity:
             intensity = block[(slice(None),) + shift(tile.core, block_origin(tile.read, pad))]
             if self.reader.input == "normalised" and self.reader.scaling is not None:
                 intensity = self.reader.scaling.invert(intensity)
-        partial = partial_stats(core, n_core, [sl.start for sl in tile.core], self.dims, intensity)
-        self.files.save("partial", tile.id, **partial)
-        meta = {"tile": tile.id, "voxels": int(np.prod(tile.core_shape)), "seconds": seconds, "objects": n_core,
+        partial = partial_stats(core, n_core, [sl.start for sl in tile.core], self.dims, intensity,
+                                batch=dict(zip(self.batch_names, at)))
+        self.files.save("partial", g, **partial)
+        meta = {"tile": g, "voxels": int(np.prod(tile.core_shape)), "seconds": seconds, "objects": n_core,
                 "missing_input_chunks": missing,
                 "halo_edge_objects": reaches_halo_edge(local, n_core, tile.read, self.plan.shape)}
-        self.manifest.mark_done(tile.id, meta)
+        self.manifest.mark_done(g, meta)
         return meta
+
+    @property
+    def batch_names(self) -> tuple[str, ...]:
+        return tuple(self.reader.source.dims[i] for i in range(len(self.batch_shape)))
 
 
 def neighbours(plan: TilePlan, tile: Tile) -> Iterator[Tile]:
@@ -262,13 +282,16 @@ class MatchTask:
     plan: TilePlan
     files: StitchFiles
     iou: float = 0.5
+    batch_shape: tuple[int, ...] = ()  # objects are matched within one time point, never across
 
     def __call__(self, tile_ids: Sequence[int]) -> list[np.ndarray]:
         raw = self.files.raw("r")
+        space = TileSpace(self.plan, self.batch_shape)
         out = []
-        for tile_id in tile_ids:
-            tile = self.plan.tile(int(tile_id))
-            shell = self.files.load("shell", tile.id)
+        for g in tile_ids:
+            at, tile = space.locate(g)
+            base = int(g) - tile.id  # global id of this batch index's first tile
+            shell = self.files.load("shell", g)
             labels, start, n_core = shell["labels"], shell["start"], int(shell["n_core"])
             edges = [np.empty((0, 2), np.uint64)]
             for other in neighbours(self.plan, tile):
@@ -277,8 +300,9 @@ class MatchTask:
                     continue
                 mine = labels[shift(region, start)]
                 mine = np.where(mine <= n_core, mine, 0)  # halo-only objects belong to other tiles' cores
-                pairs = match_pairs(mine, local_of(raw[region]), self.iou)
-                edges.append(np.stack([global_ids(tile.id, pairs[:, 0]), global_ids(other.id, pairs[:, 1])], axis=1))
+                theirs = raw[batch_slices(at) + region].reshape(mine.shape)
+                pairs = match_pairs(mine, local_of(theirs), self.iou)
+                edges.append(np.stack([global_ids(g, pairs[:, 0]), global_ids(base + other.id, pairs[:, 1])], axis=1))
             out.append(np.unique(np.concatenate(edges), axis=0))
         return out
 
@@ -360,6 +384,7 @@ class RelabelTask:
     manifest: RunManifest
     table_url: str | None
     table_spec: TableSpec | None
+    batch_shape: tuple[int, ...] = ()
 
     def __call__(self, item: tuple[Sequence[int], Sequence[Mapping[str, Any]]]) -> list[dict[str, Any]]:
         import pandas as pd
@@ -367,25 +392,26 @@ class RelabelTask:
         tile_ids, parts = item
         raw = self.files.raw("r")
         dtype = np.dtype(self.sink.levels[0].dtype)
+        space = TileSpace(self.plan, self.batch_shape)
         results = []
-        for tile_id, part in zip(tile_ids, parts):
-            tile = self.plan.tile(int(tile_id))
-            partial = self.files.load("partial", tile.id)
+        for g, part in zip(tile_ids, parts):
+            at, tile = space.locate(g)
+            partial = self.files.load("partial", g)
             n_core = len(partial["voxels"])
-            lut = tile_lut(tile.id, n_core, part)
-            final = lut[local_of(raw[tile.core])].astype(dtype)
-            self.sink.write(tile.core, final)
+            lut = tile_lut(int(g), n_core, part)
+            final = lut[local_of(raw[batch_slices(at) + tile.core])].astype(dtype)
+            self.sink.write(batch_slices(at) + tile.core, final)
             if self.table_url is not None and n_core:
                 rows = pd.DataFrame({INSTANCE_KEY: lut[1:].astype(np.int64), **partial})
                 stitched = np.zeros(n_core, bool)
                 stitched[np.asarray(part["merged"], np.int64) - 1] = True
                 if (~stitched).any():
-                    write_part(self.table_url, str(tile.id), finish(rows[~stitched], self.table_spec),
+                    write_part(self.table_url, str(g), finish(rows[~stitched], self.table_spec),
                                self.table_spec, self.files.storage_options)
                 if stitched.any():
-                    self.files.save_merged_rows(tile.id, rows[stitched])
-            meta = {"tile": tile.id, "objects": n_core, "stitched": int(len(part["merged"])),
+                    self.files.save_merged_rows(int(g), rows[stitched])
+            meta = {"tile": int(g), "objects": n_core, "stitched": int(len(part["merged"])),
                     "checksum": checksum(final)}
-            self.manifest.mark_done(tile.id, meta)
+            self.manifest.mark_done(int(g), meta)
             results.append(meta)
         return results
