@@ -184,3 +184,21 @@ def test_training_keeps_a_coarse_z_at_full_resolution(tmp_path, scale, pool):
     card = train_denoise(url, str(tmp_path / "model"), patch=(8, 16, 16), steps=2, batch=2, width=4, progress=False,
                          device="cpu")
     assert card.architecture["pool"] == pool and card.training["pool"] == pool
+
+
+def test_training_draws_patches_from_every_time_point(tmp_path):
+    """A time-lapse trains as it is: blocks are drawn across time points (one at a time)."""
+    from pipeline.engine.stats import Normalisation
+    from pipeline.io import Axis
+    from pipeline.steps.train import PatchPool
+
+    data = np.stack([np.full((8, 32, 32), 100 * (t + 1), np.uint16) for t in range(4)])  # t, z, y, x
+    url = str(tmp_path / "tl.ome.zarr")
+    create_image(url, shape=data.shape, dtype=np.uint16, axes=[Axis("t", "time", "second")] + list(default_axes("zyx")),
+                 chunks=(1, 8, 16, 16), n_levels=1).write((slice(None),) * 4, data)
+    source = open_image(url)
+    pool = PatchPool(source, (4, 16, 16), Normalisation((0.0,), (1.0,)), pool_blocks=64, seed=0)
+    assert pool.batch_shape == (4,)
+    seen = {float(np.unique(block)[0]) for block in pool.pool}
+    assert seen == {100.0, 200.0, 300.0, 400.0}  # every time point, each block from one only
+    assert pool.sample(3, np.random.default_rng(0)).shape == (3, 1, 4, 16, 16)

@@ -129,18 +129,6 @@ def image_layout(source: ImageSource) -> tuple[list[int], bool, list[int]]:
     return batch, has_c, spatial
 
 
-def kernel_layout(source: ImageSource) -> tuple[list[int], bool]:
-    """Indices of the spatial axes and whether there is a channel axis, for steps that take one
-    ``(c,) + spatial`` image (training, segmentation): batch axes are refused by name."""
-    batch, has_c, spatial = image_layout(source)
-    if batch:
-        names = ", ".join(source.dims[i] for i in batch)
-        raise InputError(f"'{source.url}' has {names} axes besides c and space; this step takes one "
-                         f"{'time point' if 't' in names else 'index of them'} at a time (run-kernel and denoise "
-                         "process them all): select one with `tilewise convert`, or use a level without them.")
-    return spatial, has_c
-
-
 @dataclass(frozen=True)
 class TileSpace:
     """Every tile of a pass: the spatial plan, repeated for each index of the batch axes (time

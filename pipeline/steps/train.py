@@ -26,7 +26,7 @@ from pipeline.core.errors import InputError, OptionError, OutputExistsError
 from pipeline.core.regions import Region, grid_shape, region_of
 from pipeline.io.read import ImageSource, open_image
 from pipeline.io.store import check_output_location
-from pipeline.engine.runner import kernel_layout
+from pipeline.engine.runner import image_layout
 from pipeline.engine.stats import Normalisation
 
 log = logging.getLogger(__name__)
@@ -38,11 +38,13 @@ class PatchPool:
     def __init__(self, source: ImageSource, patch: Sequence[int], norm: Normalisation, *, level: int = 0,
                  pool_blocks: int = 16, refresh_every: int = 4, validation_share: float = 0.1, seed: int = 0,
                  labels: ImageSource | None = None):
-        spatial, self.has_c = kernel_layout(source)
+        batch, self.has_c, spatial = image_layout(source)  # time points are drawn from like blocks
         self.source, self.level, self.norm, self.labels = source, level, norm, labels
-        if labels is not None and labels.level(level).shape != tuple(source.level(level).shape[i] for i in spatial):
+        self.batch_shape = tuple(source.level(level).shape[i] for i in batch)
+        expected = self.batch_shape + tuple(source.level(level).shape[i] for i in spatial)
+        if labels is not None and labels.level(level).shape != expected:
             raise InputError(f"labels '{labels.url}' level {level} has shape {labels.level(level).shape}; the image's "
-                             f"spatial shape is {tuple(source.level(level).shape[i] for i in spatial)}.")
+                             f"shape without channels is {expected}.")
         shape = [source.level(level).shape[i] for i in spatial]
         if len(patch) != len(shape):
             raise OptionError(f"--patch needs {len(shape)} sizes (one per spatial axis {source.spatial_dims}), got {tuple(patch)}.")
@@ -51,7 +53,8 @@ class PatchPool:
         self.patch = tuple(int(p) for p in patch)
         self.shape = tuple(shape)
         self.block = tuple(min(n, 2 * p) for n, p in zip(shape, self.patch))
-        n_blocks = int(np.prod(grid_shape(self.shape, self.block)))
+        # a block id names a spatial block at one index of the batch axes (a time point)
+        n_blocks = int(np.prod(grid_shape(self.shape, self.block))) * int(np.prod(self.batch_shape, dtype=np.int64))
         order = np.random.default_rng(seed).permutation(n_blocks)
         n_val = int(round(validation_share * n_blocks)) if n_blocks >= 5 else 0
         self.validation_ids, self.training_ids = order[:n_val], order[n_val:]
@@ -61,6 +64,13 @@ class PatchPool:
         self.pool = [self._read(int(i)) for i in self.rng.choice(self.training_ids, min(pool_blocks, len(self.training_ids)),
                                                                   replace=False)]
         self.refresh_every, self.calls = refresh_every, 0
+
+    def _locate(self, block_id: int) -> tuple[tuple[slice, ...], Region]:
+        """(batch-axis slices, spatial region) of a block id."""
+        n_spatial = int(np.prod(grid_shape(self.shape, self.block)))
+        b, spatial_id = divmod(int(block_id), n_spatial)
+        at = np.unravel_index(b, self.batch_shape) if self.batch_shape else ()
+        return tuple(slice(int(i), int(i) + 1) for i in at), self._region(spatial_id)
 
     def _region(self, block_id: int) -> Region:
         index = np.unravel_index(block_id, grid_shape(self.shape, self.block))
@@ -72,12 +82,14 @@ class PatchPool:
     def _read(self, block_id: int) -> np.ndarray:
         """``(C, *block)`` normalised image; with labels, their 3-class map follows as one more channel."""
         lead = (slice(None),) if self.has_c else ()
-        region = self._region(block_id)
-        data = self.source.read(lead + region, self.level)
+        at, region = self._locate(block_id)
+        data = self.source.read(at + lead + region, self.level)
+        data = data.reshape(data.shape[len(at):])  # one time point
         image = self.norm.apply(data if self.has_c else data[None])
         if self.labels is None:
             return image
-        classes = three_class(self.labels.read(region, self.level))
+        truth = self.labels.read(at + region, self.level)
+        classes = three_class(truth.reshape(truth.shape[len(at):]))
         return np.concatenate([image, classes[None].astype(np.float32)])
 
     @staticmethod
@@ -151,7 +163,7 @@ class TrainingData:
         check_output_location(model_dir, image_url, storage_options)
         prepare_model_folder(model_dir, overwrite)
         source = open_image(image_url, storage_options)
-        spatial, _ = kernel_layout(source)
+        _, _, spatial = image_layout(source)
         if len(spatial) not in (2, 3):
             raise InputError(f"'{image_url}' has {len(spatial)} spatial axes; {task} needs 2D or 3D images.")
         scale = [source.level(level).scale[i] for i in spatial]
