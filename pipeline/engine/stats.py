@@ -98,15 +98,6 @@ def otsu_threshold(source: ImageSource, channel: int = 0, *, max_voxels: int = 2
     return float(threshold_otsu(data[channel].astype(np.float64)))
 
 
-def check_finite(source: ImageSource) -> None:
-    """Refuse a float input whose statistics sample holds NaN or Inf: percentiles, and every
-    output of a network, would be NaN. (Tiles check their own blocks too, see the runner.)"""
-    if np.dtype(source.dtype).kind == "f":
-        data, level = sample_values(source)
-        if not np.isfinite(data).all():
-            raise InputError(nonfinite_message(source.url, f"level {level}"))
-
-
 def nonfinite_message(url: str, where: str) -> str:
     return (f"'{url}' has NaN or infinite voxels ({where}); tilewise does not guess values for them: replace them "
             "(e.g. with 0 or the background level) first.")
@@ -124,12 +115,10 @@ class Normalisation(Scaling):
         """From the global statistics of an ``ImageSource`` (one bounded sample, see
         :func:`sample_values`), at the given percentile levels."""
         lo, hi = (float(p) for p in percentiles)
-        check_finite(source)
-        if lo in PERCENTILES and hi in PERCENTILES:
-            stats = compute_stats(source)
-            return cls(tuple(c.percentile(lo) for c in stats.channels), tuple(c.percentile(hi) for c in stats.channels),
-                       (lo, hi))
-        data, _ = sample_values(source)
+        data, level = sample_values(source)  # one bounded sample for the check and the percentiles
+        if data.dtype.kind == "f" and not np.isfinite(data).all():
+            # NaN or Inf would make the percentiles, and every output of a network, NaN
+            raise InputError(nonfinite_message(source.url, f"level {level}"))
         values = np.percentile(data.astype(np.float64), [lo, hi], axis=1)
         return cls(tuple(float(v) for v in values[0]), tuple(float(v) for v in values[1]), (lo, hi))
 
