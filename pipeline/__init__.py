@@ -26,6 +26,7 @@ _API = {
     "train_denoise": "pipeline.steps.train", "train_segment": "pipeline.steps.train",
     "convert": "pipeline.steps.convert", "model_spec": "pipeline.steps.models",
     "open_image": "pipeline.io.read", "read_table": "pipeline.io.tables", "to_anndata": "pipeline.io.tables",
+    "to_spatialdata": "pipeline.io.spatial",
     "TilewiseError": "pipeline.core.errors",
 }
 

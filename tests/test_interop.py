@@ -64,6 +64,32 @@ def test_every_output_validates_and_reads_in_ngff_readers(segmented, tmp_path, c
     assert [k for _, _, k in _napari_layers(str(smooth))] == ["image"]
 
 
+def test_a_segment_output_is_a_spatialdata_object_whose_table_annotates_its_labels(segmented):
+    """to_spatialdata: image, labels and table, lazily; spatialdata's own queries find the rows of
+    the labels, and its global (physical) frame is the table's."""
+    import spatialdata as sd
+
+    from pipeline.io.spatial import to_spatialdata
+    from pipeline.io.tables import read_table
+
+    out, data = segmented
+    sdata = to_spatialdata(str(out))
+    rows = read_table(str(out), "nuclei").set_index("label").sort_index()
+    assert set(sdata.images) == {"image"} and set(sdata.labels) == {"nuclei"}
+    assert len(sdata["image"]) == len(sdata["nuclei"]) > 1  # every stored level, not only the finest
+    np.testing.assert_array_equal(sdata["image"]["scale0"]["image"].values[0], data)
+    table = sd.match_table_to_element(sdata, "nuclei", table_name="nuclei_table")
+    assert sorted(table.obs["label"]) == list(rows.index)
+    voxels = sd.get_values(value_key="voxels", sdata=sdata, element_name="nuclei", table_name="nuclei_table")
+    np.testing.assert_array_equal(voxels["voxels"].sort_index().to_numpy(), rows["voxels"].to_numpy())
+    # spatialdata's transformation to the global frame maps pixel centroids to the physical ones
+    affine = sd.transformations.get_transformation(sdata["nuclei"], "global").to_affine_matrix(
+        input_axes=("z", "y", "x"), output_axes=("z", "y", "x"))
+    pixels = rows[[f"centroid_{a}" for a in "zyx"]].to_numpy()
+    physical = pixels @ affine[:3, :3].T + affine[:3, 3]
+    np.testing.assert_allclose(physical, rows[[f"centroid_{a}_micrometer" for a in "zyx"]].to_numpy(), atol=1e-6)
+
+
 def test_linked_labels_point_at_their_image_by_a_relative_path(tmp_path, client):
     """--image link: no copy; napari IN OUT/labels/NAME shows both, and ome-zarr-py follows the
     relative source link from the labels to the image, also after both folders moved."""
@@ -82,6 +108,10 @@ def test_linked_labels_point_at_their_image_by_a_relative_path(tmp_path, client)
     assert [k for _, _, k in _napari_layers(str(moved / "data" / "img.ome.zarr"))].count("image") == 1
     nodes = list(Reader(parse_url(str(labels)))())
     assert any(str(moved / "data" / "img.ome.zarr") in str(n) for n in nodes)  # the linked image was found
+    from pipeline.io.spatial import to_spatialdata
+
+    sdata = to_spatialdata(str(moved / "results" / "seg.ome.zarr"))  # the image through the same link
+    assert sdata["image"]["scale0"]["image"].shape[1:] == sdata["nuclei"]["scale0"]["image"].shape
 
 
 def test_the_lightsheet_sample_opens_from_its_root(tmp_path, client):

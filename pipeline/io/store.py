@@ -31,6 +31,32 @@ def join(url: str, *parts: str) -> str:
     return out
 
 
+
+def relative(from_url: str, to_url: str) -> str:
+    """The path from ``from_url`` to ``to_url`` (ending in ``/``) when both live on one
+    filesystem or bucket, so moving both keeps the link; otherwise ``to_url`` itself."""
+    import posixpath
+
+    if "://" in from_url or "://" in to_url:
+        a, b = from_url.split("://", 1), to_url.split("://", 1)
+        if len(a) == len(b) == 2 and a[0] == b[0] and a[1].split("/")[0] == b[1].split("/")[0]:
+            return posixpath.relpath(b[1], a[1]) + "/"
+        return to_url
+    return os.path.relpath(os.path.abspath(to_url), os.path.abspath(from_url)).replace(os.sep, "/") + "/"
+
+
+def resolve(base_url: str, link: str) -> str:
+    """Where ``link`` (a URL, an absolute path, or a path relative to ``base_url`` such as
+    ``../../``, the way NGFF's ``image-label.source.image`` is written) points."""
+    import posixpath
+
+    if "://" in link or link.startswith("/"):
+        return link.rstrip("/")
+    if "://" in base_url:
+        scheme, path = base_url.split("://", 1)
+        return f"{scheme}://{posixpath.normpath(posixpath.join(path, link))}"
+    return os.path.normpath(os.path.join(base_url, link))
+
 # fsspec protocol -> the package that serves it and the tilewise extra that installs it
 BACKENDS = {"s3": ("s3fs", "s3"), "s3a": ("s3fs", "s3"), "gs": ("gcsfs", "gcs"), "gcs": ("gcsfs", "gcs"),
             "az": ("adlfs", "azure"), "abfs": ("adlfs", "azure"), "abfss": ("adlfs", "azure")}

@@ -20,7 +20,6 @@ its stored summary.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
@@ -38,8 +37,8 @@ from pipeline.engine.runner import (
     prepare_engine,
     report_missing,
     submit_tiles,
-    verify_done,
     tiles_per_task,
+    verify_done,
 )
 from pipeline.engine.stats import Normalisation, otsu_threshold
 from pipeline.engine.submit import run_tasks
@@ -50,7 +49,15 @@ from pipeline.io.write import ImageSink, create_collection, create_label_image
 from pipeline.steps.convert import copy_image_data, image_like
 from pipeline.steps.measure import combine, finish
 from pipeline.steps.models import model_spec as _model_spec
-from pipeline.steps.stitch import MAX_TILES, LabelTileJob, MatchTask, RelabelTask, Resolution, StitchFiles, resolve
+from pipeline.steps.stitch import (
+    MAX_TILES,
+    LabelTileJob,
+    MatchTask,
+    RelabelTask,
+    Resolution,
+    StitchFiles,
+    resolve,
+)
 
 log = logging.getLogger(__name__)
 
@@ -304,19 +311,6 @@ def _copy_input_image(run: SegmentRun, client: Any) -> None:
     run.manifest.write_json("image", {"copied_from": run.input_url, "level": run.setup.level})
 
 
-def _relative_source(labels_url: str, image_url: str) -> str:
-    """``image-label.source.image`` for labels at ``labels_url`` describing ``image_url``: a
-    relative path when both live on one filesystem (or bucket), so moving both keeps the link."""
-    import posixpath
-
-    if "://" in labels_url or "://" in image_url:
-        a, b = labels_url.split("://", 1), image_url.split("://", 1)
-        if len(a) == len(b) == 2 and a[0] == b[0] and a[1].split("/")[0] == b[1].split("/")[0]:
-            return posixpath.relpath(b[1], a[1]) + "/"
-        return image_url
-    return os.path.relpath(os.path.abspath(image_url), os.path.abspath(labels_url)).replace(os.sep, "/") + "/"
-
-
 def _begin_table(run: SegmentRun) -> TableSpec:
     setup = run.setup
     scale, translation, _ = setup.spatial_levels
@@ -344,7 +338,7 @@ def _label_sink(run: SegmentRun, n_objects: int, consecutive: bool) -> ImageSink
     chunks = [1] * len(batch) + chunks
     n_levels = len(setup.source.levels) - setup.level
     # copy: NGFF's layout, inside the image (../../); link: the relative way to the input
-    source = "../../" if run.image == "copy" else _relative_source(url, setup.source.url)
+    source = "../../" if run.image == "copy" else store.relative(url, setup.source.url)
     return create_label_image(store.join(run.output_url, "labels"), run.name,
                               shape=setup.batch_shape + setup.plan.shape, axes=axes,
                               scale=scale, translation=translation, chunks=chunks, n_levels=n_levels, dtype=dtype,
