@@ -27,14 +27,35 @@ from kernels.instances import BACKGROUND, distance_seeds, instances_from_probabi
 from kernels.modelfile import UNetModelKernel
 
 
+# Lengths of the classical kernel as fractions of the object diameter, chosen on synthetic
+# packed nuclei at 6-48 px (``pipeline.data.touching``), not on the benchmark's real images
+SIGMA_PER_DIAMETER = 0.1
+SEED_DISTANCE_PER_DIAMETER = 0.35
+MIN_SIZE_PER_OBJECT = 0.05  # of the volume of a ball one diameter across
+HALO_PER_DIAMETER = 2.0  # a pair of touching objects, seen whole by every tile it reaches
+
+
+def ball_voxels(diameter: float, scale: tuple[float, ...]) -> float:
+    """Voxels in a disc or ball of ``diameter`` (physical units) at pixel size ``scale``."""
+    r = diameter / 2
+    volume = math.pi * r * r if len(scale) == 2 else 4 / 3 * math.pi * r**3
+    return volume / math.prod(scale)
+
+
 class ClassicalSegmentKernel(Kernel):
     """Smooth, threshold, distance-transform watershed; no training.
+
+    Its lengths follow the objects: given ``diameter`` (physical units; estimated once per
+    image by ``pipeline.steps.segment.classical_spec``), ``sigma``, ``min_distance``,
+    ``min_size`` and ``halo`` left unset are derived from it; without a diameter they fall back to
+    1 and 4 pixels, 16 voxels and 32 pixels.
 
     Parameters (pixel sizes in physical units, so 3D anisotropy comes from the NGFF scale)
     ----------
     threshold : foreground threshold in normalised units (the input's global p1..p99.9 map to
         0..1); ``pipeline.steps.segment`` computes it once with Otsu on a coarse level.
     scale : physical pixel size per spatial axis.
+    diameter : typical object diameter, physical units.
     sigma : smoothing in physical units.
     min_distance : closest two seeds (two nuclei centres) may be, physical units.
     min_size : smallest object kept, in voxels.
@@ -46,9 +67,13 @@ class ClassicalSegmentKernel(Kernel):
     class Params(KernelParams):
         threshold: float
         scale: list[float] = Field(min_length=2, max_length=3)
-        sigma: float = Field(1.0, ge=0)
-        min_distance: float = Field(4.0, gt=0)
-        min_size: int = Field(16, ge=0)
+        diameter: float | None = Field(None, gt=0)
+        # where the diameter came from (ObjectScale.to_dict()): recorded in the run manifest
+        # and shown by ``tilewise info``; the kernel does not use it
+        object_scale: dict | None = None
+        sigma: float | None = Field(None, ge=0)
+        min_distance: float | None = Field(None, gt=0)
+        min_size: int | None = Field(None, ge=0)
         halo: list[int] | None = None
         channels: int = Field(1, ge=1)
 
@@ -56,8 +81,19 @@ class ClassicalSegmentKernel(Kernel):
         super().__init__(params)
         self.scale = tuple(params.scale)
         ndim = len(self.scale)
-        smooth_reach = [math.ceil(4 * params.sigma / s) for s in self.scale]
-        halo = per_axis(params.halo, ndim, "halo") if params.halo else tuple(max(32, 2 * r) for r in smooth_reach)
+        d, pixel = params.diameter, min(self.scale)
+        self.sigma = params.sigma if params.sigma is not None else (SIGMA_PER_DIAMETER * d if d else pixel)
+        self.min_distance = (params.min_distance if params.min_distance is not None
+                             else (SEED_DISTANCE_PER_DIAMETER * d if d else 4 * pixel))
+        self.min_size = (params.min_size if params.min_size is not None
+                         else (int(MIN_SIZE_PER_OBJECT * ball_voxels(d, self.scale)) if d else 16))
+        smooth_reach = [math.ceil(4 * self.sigma / s) for s in self.scale]
+        if params.halo:
+            halo = per_axis(params.halo, ndim, "halo")
+        elif d:
+            halo = tuple(max(16, math.ceil(HALO_PER_DIAMETER * d / s), 2 * r) for s, r in zip(self.scale, smooth_reach))
+        else:
+            halo = tuple(max(32, 2 * r) for r in smooth_reach)
         # a mirrored edge would make mirrored objects whose fronts tie with their originals
         self.traits = KernelTraits(ndim=ndim, in_channels=params.channels, out_channels=1, halo=halo,
                                    pad_mode="constant", output="labels", max_batch=8)
@@ -69,14 +105,14 @@ class ClassicalSegmentKernel(Kernel):
         out = np.zeros((batch.shape[0], 1) + batch.shape[2:], np.int32)
         for n, block in enumerate(batch):
             image = block.mean(axis=0) if block.shape[0] > 1 else block[0]
-            smooth = ndimage.gaussian_filter(image.astype(np.float32), [p.sigma / s for s in self.scale])
+            smooth = ndimage.gaussian_filter(image.astype(np.float32), [self.sigma / s for s in self.scale])
             mask = smooth > p.threshold
             if not mask.any():
                 continue
-            dist, seeds = distance_seeds(mask, self.scale, p.min_distance, smooth=p.sigma)
+            dist, seeds = distance_seeds(mask, self.scale, self.min_distance, smooth=self.sigma)
             # the watershed breaks exact ties by flooding order, which depends on the whole
             # block; a faint intensity term makes ties rare, so tiles agree with the whole image
-            out[n, 0] = seeded_watershed(-(dist + 1e-3 * smooth), seeds, mask, p.min_size)
+            out[n, 0] = seeded_watershed(-(dist + 1e-3 * smooth), seeds, mask, self.min_size)
         return out
 
 

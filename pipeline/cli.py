@@ -174,9 +174,15 @@ def cmd_segment(args) -> None:
             halo = args.halo * ndim if len(args.halo) == 1 else args.halo
             if len(halo) != ndim:
                 raise OptionError(f"--halo needs one size or {ndim} sizes (one per spatial axis), got {args.halo}.")
-        spec = classical_spec(args.input, level=args.level, sigma=args.sigma, min_distance=args.min_distance,
-                              min_size=16 if args.min_size is None else args.min_size, halo=halo,
+        spec = classical_spec(args.input, level=args.level, diameter=args.diameter, sigma=args.sigma,
+                              min_distance=args.min_distance, min_size=args.min_size, halo=halo,
                               threshold=args.threshold)
+        scale = spec.params.get("object_scale")
+        if scale and not args.quiet:
+            from kernels.objectscale import ObjectScale
+
+            found = ObjectScale(**{k: v for k, v in scale.items() if k != "unit"})
+            print(f"object diameter: {found.describe(scale.get('unit', ''))}")
     with _client(args) as client:
         summary = segment_labels(args.input, args.output, spec, client, name=args.name, iou=args.iou, image=args.image,
                                  consecutive=not args.sparse_ids, table=not args.no_table, level=args.level,
@@ -334,11 +340,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "both and the store moves whole; link: labels and table only, linked to the input by a "
                         "relative path (no second copy of a large volume)")
     g = p.add_argument_group("classical kernel (physical units)")
-    g.add_argument("--sigma", type=float, help="smoothing (default 1 pixel)")
-    g.add_argument("--min-distance", type=float, help="closest two object centres (default 5 pixels)")
-    g.add_argument("--min-size", type=int, help="smallest object in voxels (default 16; U-Net: 12); also for --model")
+    g.add_argument("--diameter", type=float,
+                   help="typical object diameter (default: estimated once from the image); the lengths below "
+                        "follow from it")
+    g.add_argument("--sigma", type=float, help="smoothing (default 0.1 diameter)")
+    g.add_argument("--min-distance", type=float, help="closest two object centres (default 0.35 diameter)")
+    g.add_argument("--min-size", type=int,
+                   help="smallest object in voxels (default 5%% of a ball one diameter across; U-Net: 12); "
+                        "also for --model")
     g.add_argument("--threshold", type=float, help="foreground threshold in input units (default: Otsu)")
-    g.add_argument("--halo", type=_ints, help="halo in pixels, one or per axis (default 32): > largest object")
+    g.add_argument("--halo", type=_ints, help="halo in pixels, one or per axis (default 2 diameters): "
+                                              "> largest object")
     g = p.add_argument_group("tiling")
     g.add_argument("--level", type=int, default=0, help="input pyramid level (default 0)")
     g.add_argument("--tile", type=_ints, help="tile core shape over the spatial axes (rounded to chunks)")

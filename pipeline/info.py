@@ -67,4 +67,24 @@ def describe(url: str, storage_options: Mapping[str, Any] | None = None) -> str:
     for name in list_tables(url, storage_options):
         rows = _table_rows(url, name, storage_options)
         lines.append(f"  tables/{name}" + (f": {rows} rows" if rows is not None else ""))
+    lines += _describe_run(url, storage_options)
     return "\n".join(lines)
+
+
+def _describe_run(url: str, storage_options) -> list[str]:
+    """The run that wrote an output (its ``_tilewise`` manifest): kernel and object scale."""
+    from kernels.objectscale import ObjectScale
+    from pipeline.engine.manifest import RunManifest
+
+    try:
+        params = RunManifest(url, storage_options or {}).read_params()
+    except Exception:  # not an output of tilewise, or an unreadable manifest: nothing to add
+        return []
+    if not params:
+        return []
+    lines = [f"  run: kernel {params.get('kernel')} on {params.get('input')}"]
+    scale = (params.get("kernel_params") or {}).get("object_scale")
+    if scale:
+        found = ObjectScale(**{k: v for k, v in scale.items() if k != "unit"})
+        lines.append(f"  object diameter: {found.describe(scale.get('unit', ''))}")
+    return lines

@@ -7,6 +7,7 @@ of the coarsest level when no level is that small; never from the whole of level
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -14,6 +15,9 @@ from kernels import Scaling
 from pipeline.core.errors import InputError
 from pipeline.core.regions import grid_shape, region_of
 from pipeline.io.read import ImageSource
+
+if TYPE_CHECKING:
+    from kernels.objectscale import ObjectScale
 
 PERCENTILES = (0.1, 1.0, 50.0, 99.0, 99.9)
 DEFAULT_PERCENTILES = (1.0, 99.9)  # what kernels see as 0..1 unless they declare other levels
@@ -128,3 +132,49 @@ class Normalisation(Scaling):
 
     def to_dict(self) -> dict:
         return {"low": list(self.low), "high": list(self.high), "percentiles": list(self.percentiles)}
+
+
+def _windows(shape: tuple[int, ...], spacing: tuple[float, ...], max_voxels: int) -> list[tuple[slice, ...]]:
+    """Up to 2^ndim..3^ndim windows spread evenly over ``shape``, together about ``max_voxels``,
+    equal in physical extent per axis (so an anisotropic z gets fewer, thicker voxels)."""
+    nd = len(shape)
+    if np.prod(shape) <= max_voxels:
+        return [tuple(slice(0, s) for s in shape)]
+    per_axis = 3 if nd == 2 else 2
+    side = (max_voxels / per_axis**nd * float(np.prod(spacing))) ** (1.0 / nd)
+    size = [min(n, max(8, int(side / s))) for n, s in zip(shape, spacing)]
+    starts = [sorted({int(round(x)) for x in np.linspace(0, n - w, per_axis)}) for n, w in zip(shape, size)]
+    return [tuple(slice(a, a + w) for a, w in zip(corner, size)) for corner in np.array(np.meshgrid(*starts, indexing="ij")).reshape(nd, -1).T]
+
+
+def estimate_object_scale(source: ImageSource, *, level: int = 0, threshold: float | None = None,
+                          max_voxels: int = 2**22) -> ObjectScale | None:
+    """The typical object diameter of an image (physical units), measured once for all tiles.
+
+    Windows of the processed level (together about ``max_voxels``; small objects need full
+    resolution, so no coarse level) are lightly smoothed (half a pixel: noise, not objects),
+    thresholded at ``threshold`` (input units; Otsu of the global sample by default) and measured
+    by :func:`kernels.objectscale.scale_of_mask`. Channels are averaged; the first index of any
+    time or other batch axis is used. ``None`` when nothing is above the threshold.
+    """
+    from scipy import ndimage
+
+    from kernels.objectscale import scale_of_mask
+
+    lv = source.level(level)
+    dims = source.dims
+    spatial = [i for i, d in enumerate(dims) if d in source.spatial_dims]
+    spacing = tuple(float(lv.scale[i]) for i in spatial)
+    value = otsu_threshold(source) if threshold is None else float(threshold)
+    masks = []
+    for window in _windows(tuple(lv.shape[i] for i in spatial), spacing, max_voxels):
+        region, it = [], iter(window)
+        for i, d in enumerate(dims):
+            region.append(next(it) if i in spatial else (slice(None) if d == "c" else slice(0, 1)))
+        block = source.read(tuple(region), level).astype(np.float32)
+        if "c" in dims:
+            block = block.mean(axis=dims.index("c"), keepdims=True)
+        block = block.reshape([block.shape[i] for i in spatial])
+        smooth = ndimage.gaussian_filter(block, [0.5 * min(spacing) / s for s in spacing])
+        masks.append(smooth > value)
+    return scale_of_mask(masks, spacing)

@@ -20,6 +20,7 @@ its stored summary.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
@@ -182,7 +183,27 @@ def segment_labels(input_url: str, output_url: str, kernel: KernelSpec, client: 
                     plan.halo)
     log.info("%s: %d objects (%d stitched across tiles) from %d tiles", summary.labels, summary.objects,
              summary.stitched_objects, len(plan))
+    for warning in size_warnings(run, summary):
+        log.warning("%s", warning)
     return summary
+
+
+def size_warnings(run: SegmentRun, summary: SegmentSummary) -> list[str]:
+    """One line each for what a user should look at before trusting the labels: no objects at
+    all, or object sizes in two groups far apart (fragments of split objects)."""
+    from kernels.objectscale import bimodal_sizes
+    from pipeline.io.tables import read_table
+
+    if summary.objects == 0:
+        return [f"{summary.labels}: 0 objects: nothing was above the threshold, or every object was smaller "
+                "than min_size; check --threshold, --diameter and --min-size"]
+    if summary.table is None:
+        return []
+    volumes = read_table(run.output_url, run.name, run.storage_options, columns=["label", "voxels"])["voxels"].to_numpy()
+    if bimodal_sizes(volumes):
+        return [f"{summary.labels}: object sizes fall into two groups far apart (likely objects split into "
+                "fragments, or debris): check the object diameter (--diameter) and --min-size"]
+    return []
 
 
 def _run_passes(run: SegmentRun, client: Any, *, iou: float, consecutive: bool, table: bool) -> SegmentSummary:
@@ -347,24 +368,40 @@ def _label_sink(run: SegmentRun, n_objects: int, consecutive: bool) -> ImageSink
                               storage_options=run.storage_options)
 
 
-def classical_spec(input_url: str, *, level: int = 0, sigma: float | None = None, min_distance: float | None = None,
-                   min_size: int = 16, halo: Sequence[int] | None = None, threshold: float | None = None,
-                   storage_options: dict | None = None) -> KernelSpec:
+def classical_spec(input_url: str, *, level: int = 0, diameter: float | None = None, sigma: float | None = None,
+                   min_distance: float | None = None, min_size: int | None = None, halo: Sequence[int] | None = None,
+                   threshold: float | None = None, storage_options: dict | None = None) -> KernelSpec:
     """The ``segment-classical`` kernel for an image: Otsu's threshold computed once from the
     image's global statistics (normalised the way the engine normalises tiles), distances in
-    the image's physical units. ``sigma`` and ``min_distance`` default to 1 and 5 pixels of the
-    finest axis; ``threshold`` (input units) overrides Otsu."""
+    the image's physical units, and its lengths (smoothing, seed distance, smallest object,
+    halo) from the typical object ``diameter`` (physical units), estimated once from the whole
+    image (:func:`~pipeline.engine.stats.estimate_object_scale`) unless given. Explicit
+    ``sigma``, ``min_distance``, ``min_size`` or ``halo`` win; ``threshold`` (input units)
+    overrides Otsu."""
+    from kernels.objectscale import ObjectScale
+    from pipeline.engine.stats import estimate_object_scale
+
+    if diameter is not None and not (math.isfinite(diameter) and diameter > 0):
+        raise OptionError(f"--diameter must be a positive length in the image's units, got {diameter}.")
     source = open_image(input_url, storage_options)
     _, _, spatial = image_layout(source)
     scale = [source.level(level).scale[i] for i in spatial]
-    pixel = min(scale)
     norm = Normalisation.of(source)
     value = otsu_threshold(source) if threshold is None else float(threshold)
     normalised = (value - norm.low[0]) / max(norm.high[0] - norm.low[0], 1e-12)
+    found = ObjectScale.given(diameter) if diameter is not None else estimate_object_scale(
+        source, level=level, threshold=value)
+    unit = next((a.unit for a in source.axes if a.name in source.spatial_dims and a.unit), "") or ""
+    if found is None:
+        log.warning("no objects above the threshold in '%s': the object size cannot be estimated; using "
+                    "pixel-sized defaults (set --diameter or --threshold)", input_url)
+    else:
+        log.info("object diameter %s", found.describe(unit))
     return KernelSpec.of("segment-classical", threshold=round(normalised, 6), scale=scale,
-                         sigma=sigma if sigma is not None else pixel,
-                         min_distance=min_distance if min_distance is not None else 5 * pixel,
-                         min_size=min_size, halo=list(halo) if halo else None, channels=source.n_channels)
+                         diameter=round(found.diameter, 6) if found else None,
+                         object_scale=({**found.to_dict(), "unit": unit} if found else None),
+                         sigma=sigma, min_distance=min_distance, min_size=min_size,
+                         halo=list(halo) if halo else None, channels=source.n_channels)
 
 
 def model_spec(model_dir: str, min_size: int | None = None) -> KernelSpec:
