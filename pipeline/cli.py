@@ -343,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--diameter", type=float,
                    help="typical object diameter (default: estimated once from the image); the lengths below "
                         "follow from it")
-    g.add_argument("--sigma", type=float, help="smoothing (default 0.1 diameter)")
+    g.add_argument("--sigma", type=float, help="smoothing (default 0.07 diameter)")
     g.add_argument("--min-distance", type=float, help="closest two object centres (default 0.35 diameter)")
     g.add_argument("--min-size", type=int,
                    help="smallest object in voxels (default 5%% of a ball one diameter across; U-Net: 12); "

@@ -157,15 +157,32 @@ def estimate_object_scale(source: ImageSource, *, level: int = 0, threshold: flo
     by :func:`kernels.objectscale.scale_of_mask`. Channels are averaged; the first index of any
     time or other batch axis is used. ``None`` when nothing is above the threshold.
     """
+    dims = source.dims
+    spatial = [i for i, d in enumerate(dims) if d in source.spatial_dims]
+    value = otsu_threshold(source) if threshold is None else float(threshold)
+    # large objects: a coarser level read whole sees them all, uncut; accepted where they are
+    # still well resolved there, else windows of the processed level (small objects)
+    coarse = next((k for k in range(level, len(source.levels))
+                   if np.prod([source.levels[k].shape[i] for i in spatial]) <= max_voxels), None)
+    if coarse is not None and coarse > level:
+        found = _scale_of_level(source, coarse, value, spatial, max_voxels)
+        if found is not None and found.diameter >= WELL_RESOLVED_PX * min(source.levels[coarse].scale[i] for i in spatial):
+            return found
+    return _scale_of_level(source, level, value, spatial, max_voxels)
+
+
+WELL_RESOLVED_PX = 12  # an object this many pixels across is measured as well as at full resolution
+
+
+def _scale_of_level(source: ImageSource, level: int, value: float, spatial: list[int], max_voxels: int
+                    ) -> ObjectScale | None:
     from scipy import ndimage
 
     from kernels.objectscale import scale_of_mask
 
     lv = source.level(level)
     dims = source.dims
-    spatial = [i for i, d in enumerate(dims) if d in source.spatial_dims]
     spacing = tuple(float(lv.scale[i]) for i in spatial)
-    value = otsu_threshold(source) if threshold is None else float(threshold)
     masks = []
     for window in _windows(tuple(lv.shape[i] for i in spatial), spacing, max_voxels):
         region, it = [], iter(window)
