@@ -162,12 +162,15 @@ def cmd_train_segment(args) -> None:
 
 def cmd_segment(args) -> None:
     from pipeline.io import open_image
-    from pipeline.steps.segment import classical_spec, model_spec, segment_labels
+    from pipeline.steps.segment import classical_spec, model_scale_warning, model_spec, segment_labels
 
     source = open_image(args.input)  # validate the input (and the model) before starting a cluster
     ndim = len(source.spatial_dims)
     if args.model:
         spec = model_spec(args.model, min_size=args.min_size)
+        warning = model_scale_warning(args.input, args.model, level=args.level)
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr)
     else:
         halo = None
         if args.halo:

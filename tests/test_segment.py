@@ -109,6 +109,26 @@ def test_training_lowers_validation_loss(unet_model):
     assert card.validation_loss < 0.8 * history[0]["val_loss"]
 
 
+def test_the_card_records_the_training_objects_and_other_scales_are_flagged(annotated, unet_model, client, tmp_path):
+    """The training objects' diameter (labels and image estimate) is in the card; an image whose
+    objects are three times larger gets one warning line, the training image none."""
+    from scipy import ndimage
+
+    from pipeline.steps.segment import model_scale_warning
+
+    path, image, labels = annotated
+    seen = unet_model[1].training["object_scale"]
+    assert 12 <= seen["labels"]["diameter"] <= 16  # blobs of radius 7 px
+    assert abs(seen["image"]["diameter"] / seen["labels"]["diameter"] - 1) < 0.25
+    assert model_scale_warning(path, unet_model[0]) is None
+    big = str(tmp_path / "big.ome.zarr")
+    zoomed = ndimage.zoom(image, 3, order=1)
+    sink = create_image(big, shape=zoomed.shape, dtype=np.uint16, axes=default_axes("yx"), chunks=(64, 64), n_levels=1)
+    sink.write((slice(None), slice(None)), zoomed)
+    warning = model_scale_warning(big, unet_model[0])
+    assert warning and "outside what the model saw in training" in warning and "\n" not in warning
+
+
 def test_unet_tiled_equals_untiled(annotated, unet_model, client, tmp_path):
     from pipeline.steps.segment import model_spec, segment_labels
 

@@ -412,6 +412,28 @@ def model_spec(model_dir: str, min_size: int | None = None) -> KernelSpec:
     return _model_spec(model_dir, "segment", **({} if min_size is None else {"min_size": int(min_size)}))
 
 
+def model_scale_warning(input_url: str, model_dir: str, *, level: int = 0,
+                        storage_options: dict | None = None) -> str | None:
+    """One line when an image's objects are outside the size range a segmentation model saw in
+    training (its card's estimate from the training image, 10-90 %, widened by a quarter),
+    measured the same way on both; ``None`` when they are inside or the card has no record."""
+    from kernels.modelfile import read_card
+    from pipeline.engine.stats import estimate_object_scale
+
+    seen = (read_card(model_dir).training.get("object_scale") or {}).get("image")
+    if not seen:
+        return None
+    found = estimate_object_scale(open_image(input_url, storage_options), level=level)
+    if found is None:
+        return f"'{input_url}': no objects found above the threshold to compare with the model's training objects"
+    low, high = 0.75 * seen["low"], 1.25 * seen["high"]
+    if low <= found.diameter <= high:
+        return None
+    return (f"'{input_url}': objects about {found.diameter:.3g} across, outside what the model saw in training "
+            f"({seen['low']:.3g}-{seen['high']:.3g}); results may be poor: rescale the image by about "
+            f"{seen['diameter'] / found.diameter:.2g} or retrain on similar data")
+
+
 def _finish_stitched_rows(run: SegmentRun, spec: TableSpec) -> None:
     """Sum the partial rows of objects that span tiles (few: they lie on tile borders)."""
     rows = run.files.merged_rows()

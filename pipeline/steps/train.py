@@ -246,4 +246,23 @@ def train_segment(image_url: str, model_dir: str, *, labels: str = "nuclei", pat
     result = train_segmenter(data.pool.sample, data.validation, cfg, channels=data.source.n_channels,
                              device=device, progress=progress)
     return data.save(model_dir, result, task="segment", method="unet3class",
-                     training={**cfg.to_dict(), "labels": labels})
+                     training={**cfg.to_dict(), "labels": labels,
+                               "object_scale": training_object_scale(data.source, labels, level)})
+
+
+def training_object_scale(source, labels: str, level: int, max_voxels: int = 2**22) -> dict:
+    """The objects a segmenter trained on: diameters measured on the training labels (the
+    finest labels level within ``max_voxels``) and estimated from the training image the way
+    inference estimates a new image, so the two can be compared like with like."""
+    from kernels.objectscale import scale_of_labels
+    from pipeline.engine.runner import image_layout
+    from pipeline.engine.stats import estimate_object_scale
+
+    lab = source.label(labels)
+    _, _, spatial = image_layout(lab)
+    k = next((i for i in range(level, len(lab.levels)) if np.prod(lab.levels[i].shape) <= max_voxels),
+             len(lab.levels) - 1)
+    measured = scale_of_labels(lab.read(tuple(slice(None) for _ in lab.dims), k),
+                               [lab.levels[k].scale[i] for i in spatial])
+    estimated = estimate_object_scale(source, level=level)
+    return {"labels": measured.to_dict() if measured else None, "image": estimated.to_dict() if estimated else None}
