@@ -9,10 +9,11 @@ parameter (seed distance) is picked on the left half; the 3-class U-Net trains o
 and its one post-processing parameter (smallest object) is picked there too.
 Both run through the tiled engine (128 x 128 tiles) like any user's image.
 
-``scale``: DSB-2018 and the 3D nuclei sample rescaled x0.5, x1, x2, x3 (linear for the image,
-nearest for the labels): accuracy@0.5 and F1 of the classical kernel with the estimated object
-scale and with the fixed pixel defaults of before, beside plain Otsu + watershed
-(``scale_rows``; ``scale_spread`` is worst/best per method). Lengths per diameter were chosen on
+``scale``: DSB-2018 (right half) and the 3D nuclei sample rescaled x0.5, x1, x2, x3 (linear for
+the image, nearest for the labels): accuracy@0.5 and F1 of the classical kernel with the
+estimated object scale and with the fixed pixel defaults of before, of a U-Net trained on the
+DSB left half at x1 with and without resampling to its training scale, beside plain Otsu +
+watershed (``scale_rows``; ``scale_spread`` is worst/best per method). Lengths per diameter were chosen on
 synthetic packed nuclei (``pipeline.data.touching``), never on these images.
 
 ``stitch``: a synthetic labels volume with ~10^6 objects, one per lattice cell of 5^3 voxels, in
@@ -148,46 +149,65 @@ def otsu_watershed(image: np.ndarray) -> np.ndarray:
     return watershed(-dist, seeds, mask=mask)
 
 
-def part_scale(work: Path, factors: tuple[float, ...]) -> list[dict]:
-    """Classical kernel with the estimated object scale, with the fixed pixel defaults of before
-    (sigma 1, seed distance 5, smallest 16 voxels, halo 32), and the plain baseline, on DSB-2018
-    and the 3D nuclei sample rescaled by each factor. Nothing here was tuned on these images."""
+def part_scale(work: Path, factors: tuple[float, ...], steps: int) -> list[dict]:
+    """Rows per (data, factor, method): the classical kernel with the estimated object scale and
+    with the fixed pixel defaults of before (sigma 1, seed distance 5, smallest 16 voxels, halo
+    32), the plain baseline, and on DSB-2018 a 3-class U-Net trained once on the left half at x1,
+    run with tiles resampled to its training scale and without. DSB-2018 rows score the right
+    half (the U-Net's training half is never scored); the 3D sample is scored whole. Nothing
+    here was tuned on these images."""
     from distributed import Client, LocalCluster
     from scipy import ndimage
+    from skimage.segmentation import relabel_sequential
 
     from kernels.metrics import summary
     from kernels.objectscale import scale_of_labels
     from pipeline.data.fetch import load_sample_arrays
     from pipeline.io import open_image
-    from pipeline.steps.segment import classical_spec, segment_labels
+    from pipeline.steps.segment import classical_spec, model_spec, model_zoom, segment_labels
+    from pipeline.steps.train import train_segment
 
     rows = []
     with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0", silence_logs=40) as cluster, \
             Client(cluster) as client:
-        for data, axes, tile in (("dsb2018", "yx", (128, 128)), ("nuclei3d", "zyx", (32, 64, 64))):
-            image, labels, _ = load_sample_arrays(data)
+        image, labels, _ = load_sample_arrays("dsb2018")
+        half = image.shape[1] // 2
+        left = _store(str(work / "scale-left.ome.zarr"), np.ascontiguousarray(image[:, :half]), "yx", (128, 128),
+                      relabel_sequential(labels[:, :half])[0].astype(np.uint32), client)
+        model = str(work / "scale-unet")
+        train_segment(left, model, labels="nuclei", patch=(64, 64), steps=steps, batch=16, depth=3, width=16,
+                      progress=False, overwrite=True)
+        data_sets = (("dsb2018", "yx", (128, 128), np.ascontiguousarray(image[:, half:]),
+                      relabel_sequential(labels[:, half:])[0], model),
+                     ("nuclei3d", "zyx", (32, 64, 64), *load_sample_arrays("nuclei3d")[:2], None))
+        for data, axes, tile, image, labels, unet in data_sets:
             for factor in factors:
                 img = ndimage.zoom(image.astype(np.float32), factor, order=1)
                 truth = ndimage.zoom(labels, factor, order=0)
                 url = _store(str(work / f"{data}-{factor}.ome.zarr"), img, axes, tile, client=client)
                 true_d = scale_of_labels(truth, (1.0,) * img.ndim).diameter
                 estimated = classical_spec(url)
-                specs = {"classical (estimated scale)": estimated,
-                         "classical (fixed pixel defaults)": estimated.with_params(
+                est_d = estimated.params["object_scale"]["diameter"]
+                specs = {"classical (estimated scale)": (estimated, est_d),
+                         "classical (fixed pixel defaults)": (estimated.with_params(
                              diameter=None, object_scale=None, sigma=1.0, min_distance=5.0, min_size=16,
-                             halo=[32] * img.ndim)}
-                for method, spec in specs.items():
+                             halo=[32] * img.ndim), None)}
+                if unet:
+                    zoom, _ = model_zoom(url, unet)
+                    specs["U-Net (at its training scale)"] = (model_spec(unet, zoom=zoom), est_d)
+                    specs["U-Net (as is)"] = (model_spec(unet), None)
+                for method, (spec, d) in specs.items():
                     res = segment_labels(url, str(work / f"{data}-{factor}-{len(rows)}.ome.zarr"), spec, client,
                                          tile_shape=tile, progress=False, table=False, image="link")
                     pred = open_image(res.labels).read((slice(None),) * img.ndim)
-                    s = summary(truth, pred)["0.50"]
-                    est = (spec.params.get("object_scale") or {}).get("diameter")
-                    rows.append({"data": data, "factor": factor, "method": method, "acc50": s["accuracy"],
-                                 "f1": s["f1"], "estimated_diameter": est, "true_diameter": true_d})
+                    sc = summary(truth, pred)["0.50"]
+                    rows.append({"data": data, "factor": factor, "method": method, "acc50": sc["accuracy"],
+                                 "f1": sc["f1"], "estimated_diameter": d, "true_diameter": true_d,
+                                 **({"zoom": spec.params.get("zoom", 1.0)} if "U-Net" in method else {})})
                     print(json.dumps(rows[-1]), flush=True)
-                s = summary(truth, otsu_watershed(img))["0.50"]
+                sc = summary(truth, otsu_watershed(img))["0.50"]
                 rows.append({"data": data, "factor": factor, "method": "Otsu + watershed (defaults)",
-                             "acc50": s["accuracy"], "f1": s["f1"], "estimated_diameter": None, "true_diameter": true_d})
+                             "acc50": sc["accuracy"], "f1": sc["f1"], "estimated_diameter": None, "true_diameter": true_d})
                 print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -300,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", default="dsb,scale,stitch")
     parser.add_argument("--factors", default="0.5,1,2,3", help="scale part: rescaling factors")
+    parser.add_argument("--scale-steps", type=int, default=800, help="scale part: U-Net training steps at most")
     parser.add_argument("--steps", type=int, default=2000, help="U-Net training steps at most")
     parser.add_argument("--cells", default="24,200,200", help="object lattice (objects per axis)")
     parser.add_argument("--workdir", help="keep intermediate stores here (default: a temporary folder)")
@@ -316,7 +337,8 @@ def main(argv: list[str] | None = None) -> int:
         if "dsb" in parts:
             result["dsb"] = part_dsb(work, args.steps)
         if "scale" in parts:
-            result["scale_rows"] = part_scale(work, tuple(float(f) for f in args.factors.split(",")))
+            result["scale_rows"] = part_scale(work, tuple(float(f) for f in args.factors.split(",")),
+                                              args.scale_steps)
             result["scale_spread"] = scale_spread(result["scale_rows"])
             result["scale_goal"] = "no rescaling factor below 0.9 x the best accuracy@0.5 of that method"
         if "stitch" in parts:

@@ -150,6 +150,12 @@ class UNetSegmentKernel(UNetModelKernel):
     objects are seen by every tile they touch. The network saw only image content in training:
     a flat (zero) margin past the volume edge reads as foreground to it, so it sees a mirrored
     edge (``reflect``) and labels only the valid region of each block (``context.valid``).
+
+    ``zoom`` runs the network at its training scale: each block is resampled by it onto one
+    global model grid (``kernels.resample``: image pixels x zoom = model pixels, e.g. 0.5 when
+    this image's objects are twice as large as the training objects), and the class
+    probabilities are mapped back to the block before the watershed, so labels are on the
+    input grid and tiles still agree. ``object_halo`` and ``min_size`` are in model pixels.
     """
 
     name = "segment-unet"
@@ -158,25 +164,51 @@ class UNetSegmentKernel(UNetModelKernel):
     class Params(UNetModelKernel.Params):
         min_size: int = Field(12, ge=0)
         object_halo: int = Field(32, ge=0)
+        zoom: float = Field(1.0, gt=0.05, lt=20)
 
     def __init__(self, params: Params):
-        super().__init__(params)
-        halo = tuple(max(h, -(-params.object_halo // f) * f) for h, f in zip(self.traits.halo, self.traits.align))
-        self.traits = replace(self.traits, out_channels=1, halo=halo, pad_mode="reflect", output="labels")
+        from kernels.resample import input_halo
 
-    def probabilities(self, batch: np.ndarray) -> np.ndarray:
-        logits = self.predict(batch)
-        logits -= logits.max(axis=1, keepdims=True)
-        e = np.exp(logits)
-        return e / e.sum(axis=1, keepdims=True)
+        super().__init__(params)
+        align = self.traits.align
+        if params.zoom == 1.0:
+            halo = tuple(max(h, -(-params.object_halo // f) * f) for h, f in zip(self.traits.halo, align))
+            self.min_size = params.min_size
+        else:  # the engine's tiles need no alignment: blocks align on the model grid themselves
+            model_halo = tuple(max(h, params.object_halo) for h in self.traits.halo)
+            halo = input_halo(model_halo, align, params.zoom)
+            self.model_align, align = align, (1,) * len(align)
+            self.min_size = int(round(params.min_size / params.zoom ** len(halo)))
+        self.traits = replace(self.traits, out_channels=1, halo=halo, align=align, pad_mode="reflect",
+                              output="labels")
+
+    def probabilities(self, batch: np.ndarray, context: BatchContext | None = None) -> np.ndarray:
+        """Per-pixel class probabilities of each block, on the block's own grid."""
+        if self.params.zoom == 1.0:
+            return _softmax(self.predict(batch))
+        from kernels.resample import from_model, model_grid, to_model
+
+        context = context or BatchContext.whole(batch)
+        zoom, out = self.params.zoom, []
+        for block, origin in zip(batch, context.origins):
+            grid = model_grid(origin, block.shape[1:], zoom, self.model_align)
+            prob = _softmax(self.predict(to_model(block, origin, grid, zoom)[None]))[0]
+            out.append(from_model(prob, origin, block.shape[1:], grid, zoom))
+        return np.stack(out)
 
     def __call__(self, batch: np.ndarray, context: BatchContext) -> np.ndarray:
         """Instance labels of each block; the padding (outside ``context.valid``) is background,
         so no object grows into (or is mirrored from) it."""
-        prob = self.probabilities(batch)
+        prob = self.probabilities(batch, context)
         for p, region in zip(prob, context.valid):
             outside = np.ones(p.shape[1:], bool)
             outside[tuple(region)] = False
             p[:, outside] = 0.0
             p[BACKGROUND, outside] = 1.0
-        return np.stack([instances_from_probabilities(p, self.params.min_size)[None] for p in prob])
+        return np.stack([instances_from_probabilities(p, self.min_size)[None] for p in prob])
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    logits = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(logits)
+    return e / e.sum(axis=1, keepdims=True)

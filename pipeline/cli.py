@@ -162,15 +162,18 @@ def cmd_train_segment(args) -> None:
 
 def cmd_segment(args) -> None:
     from pipeline.io import open_image
-    from pipeline.steps.segment import classical_spec, model_scale_warning, model_spec, segment_labels
+    from pipeline.steps.segment import classical_spec, model_spec, model_zoom, segment_labels
 
     source = open_image(args.input)  # validate the input (and the model) before starting a cluster
     ndim = len(source.spatial_dims)
     if args.model:
-        spec = model_spec(args.model, min_size=args.min_size)
-        warning = model_scale_warning(args.input, args.model, level=args.level)
-        if warning:
-            print(f"warning: {warning}", file=sys.stderr)
+        zoom, note = model_zoom(args.input, args.model, level=args.level, diameter=args.diameter)
+        if note and args.no_rescale and zoom != 1.0:
+            print(f"warning: {note.split(': tiles')[0]}; --no-rescale keeps the image's scale, results may be "
+                  "poor", file=sys.stderr)
+        elif note:
+            print(f"note: {note}", file=sys.stderr)
+        spec = model_spec(args.model, min_size=args.min_size, zoom=1.0 if args.no_rescale else zoom)
     else:
         halo = None
         if args.halo:
@@ -345,7 +348,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("classical kernel (physical units)")
     g.add_argument("--diameter", type=float,
                    help="typical object diameter (default: estimated once from the image); the lengths below "
-                        "follow from it")
+                        "follow from it, and --model resamples tiles so objects match its training objects")
+    g.add_argument("--no-rescale", action="store_true",
+                   help="--model: run at the image's own scale even when its objects differ in size from the "
+                        "model's training objects (a warning says by how much)")
     g.add_argument("--sigma", type=float, help="smoothing (default 0.07 diameter)")
     g.add_argument("--min-distance", type=float, help="closest two object centres (default 0.35 diameter)")
     g.add_argument("--min-size", type=int,

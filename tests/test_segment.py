@@ -109,24 +109,58 @@ def test_training_lowers_validation_loss(unet_model):
     assert card.validation_loss < 0.8 * history[0]["val_loss"]
 
 
-def test_the_card_records_the_training_objects_and_other_scales_are_flagged(annotated, unet_model, client, tmp_path):
-    """The training objects' diameter (labels and image estimate) is in the card; an image whose
-    objects are three times larger gets one warning line, the training image none."""
+def _rescaled(tmp_path, name, image, labels, factor):
     from scipy import ndimage
 
-    from pipeline.steps.segment import model_scale_warning
+    url = str(tmp_path / f"{name}.ome.zarr")
+    img = ndimage.zoom(image.astype(np.float32), factor, order=1)
+    sink = create_image(url, shape=img.shape, dtype=np.float32, axes=default_axes("yx"), chunks=(32, 32), n_levels=1)
+    sink.write((slice(None), slice(None)), img)
+    return url, ndimage.zoom(labels, factor, order=0)
+
+
+def test_the_card_records_the_training_objects_and_finds_the_zoom_for_other_images(annotated, unet_model, tmp_path):
+    """The training objects' diameter (labels and image estimate) is in the card; an image with
+    objects three times larger is resampled by about 1/3, the training image not at all."""
+    from pipeline.steps.segment import model_zoom
 
     path, image, labels = annotated
     seen = unet_model[1].training["object_scale"]
     assert 12 <= seen["labels"]["diameter"] <= 16  # blobs of radius 7 px
     assert abs(seen["image"]["diameter"] / seen["labels"]["diameter"] - 1) < 0.25
-    assert model_scale_warning(path, unet_model[0]) is None
-    big = str(tmp_path / "big.ome.zarr")
-    zoomed = ndimage.zoom(image, 3, order=1)
-    sink = create_image(big, shape=zoomed.shape, dtype=np.uint16, axes=default_axes("yx"), chunks=(64, 64), n_levels=1)
-    sink.write((slice(None), slice(None)), zoomed)
-    warning = model_scale_warning(big, unet_model[0])
-    assert warning and "outside what the model saw in training" in warning and "\n" not in warning
+    assert model_zoom(path, unet_model[0]) == (1.0, None)
+    big, _ = _rescaled(tmp_path, "big", image, labels, 3)
+    zoom, note = model_zoom(big, unet_model[0])
+    assert abs(zoom * 3 - 1) < 0.15 and "resampled" in note and "\n" not in note
+    assert model_zoom(big, unet_model[0], diameter=seen["image"]["diameter"]) == (1.0, None)  # --diameter wins
+
+
+@pytest.mark.parametrize("factor", [0.5, 2.0])
+def test_unet_at_its_training_scale_keeps_its_accuracy_and_tiles_agree(annotated, unet_model, client, tmp_path,
+                                                                       factor):
+    """The same image rescaled x0.5 and x2: with tiles resampled to the model's scale, accuracy
+    at IoU 0.5 stays within 0.1 of the original's, and tiled equals untiled object for object."""
+    from kernels.metrics import summary
+    from pipeline.steps.segment import model_spec, model_zoom, segment_labels
+
+    path, image, labels = annotated
+    model = unet_model[0]
+    base = segment_labels(path, str(tmp_path / "base.ome.zarr"), model_spec(model), client, tile_shape=(32, 32),
+                          progress=False, table=False, image="link")
+    acc = summary(labels, open_image(base.labels).read((slice(None),) * 2))["0.50"]["accuracy"]
+    url, truth = _rescaled(tmp_path, "scaled", image, labels, factor)
+    zoom, _ = model_zoom(url, model)
+    assert abs(zoom * factor - 1) < 0.15
+    spec = model_spec(model, zoom=zoom)
+    tiled = segment_labels(url, str(tmp_path / "t.ome.zarr"), spec, client, tile_shape=(32, 32), progress=False,
+                           table=False, image="link")
+    whole = segment_labels(url, str(tmp_path / "w.ome.zarr"), spec, client, tile_shape=truth.shape, progress=False,
+                           table=False, image="link")
+    got = open_image(tiled.labels).read((slice(None),) * 2)
+    assert tiled.tiles >= 4 and whole.tiles == 1
+    assert match(open_image(whole.labels).read((slice(None),) * 2), got, thresholds=[0.5])[0].f1 >= 0.99
+    scaled_acc = summary(truth, got)["0.50"]["accuracy"]
+    assert scaled_acc >= acc - 0.1, (acc, scaled_acc)
 
 
 def test_unet_tiled_equals_untiled(annotated, unet_model, client, tmp_path):

@@ -404,34 +404,45 @@ def classical_spec(input_url: str, *, level: int = 0, diameter: float | None = N
                          halo=list(halo) if halo else None, channels=source.n_channels)
 
 
-def model_spec(model_dir: str, min_size: int | None = None) -> KernelSpec:
+def model_spec(model_dir: str, min_size: int | None = None, *, zoom: float = 1.0) -> KernelSpec:
     """The ``segment-unet`` kernel for a model folder, keyed by its weights hash (resume-safe);
-    ``min_size`` (voxels) drops smaller objects (default: the kernel's, 12)."""
+    ``min_size`` (model pixels) drops smaller objects (default: the kernel's, 12); ``zoom``
+    resamples tiles to the model's scale (:func:`model_zoom` finds it for an image)."""
     if min_size is not None and min_size < 0:
         raise OptionError(f"--min-size must be >= 0 voxels, got {min_size}.")
-    return _model_spec(model_dir, "segment", **({} if min_size is None else {"min_size": int(min_size)}))
+    extra = ({} if min_size is None else {"min_size": int(min_size)}) | ({} if zoom == 1.0 else {"zoom": zoom})
+    return _model_spec(model_dir, "segment", **extra)
 
 
-def model_scale_warning(input_url: str, model_dir: str, *, level: int = 0,
-                        storage_options: dict | None = None) -> str | None:
-    """One line when an image's objects are outside the size range a segmentation model saw in
-    training (its card's estimate from the training image, 10-90 %, widened by a quarter),
-    measured the same way on both; ``None`` when they are inside or the card has no record."""
+RESCALE_TOLERANCE = 1.15  # objects within 15 % of the training objects' size run as they are
+
+
+def model_zoom(input_url: str, model_dir: str, *, level: int = 0, diameter: float | None = None,
+               storage_options: dict | None = None) -> tuple[float, str | None]:
+    """``(zoom, note)``: how much to resample an image so its objects are as many pixels across
+    as the model's training objects (both estimated the same way, or ``diameter`` given in the
+    image's physical units), and one line saying so; ``(1.0, None)`` when they already match or
+    the model's card has no record of its training objects."""
     from kernels.modelfile import read_card
+    from kernels.objectscale import ObjectScale
     from pipeline.engine.stats import estimate_object_scale
 
     seen = (read_card(model_dir).training.get("object_scale") or {}).get("image")
-    if not seen:
-        return None
-    found = estimate_object_scale(open_image(input_url, storage_options), level=level)
+    if not seen or "pixel" not in seen:
+        return 1.0, None
+    source = open_image(input_url, storage_options)
+    _, _, spatial = image_layout(source)
+    pixel = min(source.level(level).scale[i] for i in spatial)
+    found = ObjectScale.given(diameter) if diameter is not None else estimate_object_scale(source, level=level)
     if found is None:
-        return f"'{input_url}': no objects found above the threshold to compare with the model's training objects"
-    low, high = 0.75 * seen["low"], 1.25 * seen["high"]
-    if low <= found.diameter <= high:
-        return None
-    return (f"'{input_url}': objects about {found.diameter:.3g} across, outside what the model saw in training "
-            f"({seen['low']:.3g}-{seen['high']:.3g}); results may be poor: rescale the image by about "
-            f"{seen['diameter'] / found.diameter:.2g} or retrain on similar data")
+        return 1.0, (f"'{input_url}': no objects above the threshold to compare with the model's training "
+                     "objects; running at the image's own scale (set --diameter)")
+    here, trained = found.diameter / pixel, seen["diameter"] / seen["pixel"]
+    zoom = trained / here
+    if 1 / RESCALE_TOLERANCE <= zoom <= RESCALE_TOLERANCE:
+        return 1.0, None
+    return round(zoom, 3), (f"objects are about {here:.3g} px across here and {trained:.3g} px in the model's "
+                            f"training: tiles are resampled x{zoom:.3g} to the model's scale")
 
 
 def _finish_stitched_rows(run: SegmentRun, spec: TableSpec) -> None:

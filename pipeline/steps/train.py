@@ -265,4 +265,7 @@ def training_object_scale(source, labels: str, level: int, max_voxels: int = 2**
     measured = scale_of_labels(lab.read(tuple(slice(None) for _ in lab.dims), k),
                                [lab.levels[k].scale[i] for i in spatial])
     estimated = estimate_object_scale(source, level=level)
-    return {"labels": measured.to_dict() if measured else None, "image": estimated.to_dict() if estimated else None}
+    _, _, image_spatial = image_layout(source)
+    pixel = min(source.level(level).scale[i] for i in image_spatial)  # the network's pixel, physical
+    return {"labels": measured.to_dict() if measured else None,
+            "image": {**estimated.to_dict(), "pixel": pixel} if estimated else None}
