@@ -167,13 +167,15 @@ def cmd_segment(args) -> None:
     source = open_image(args.input)  # validate the input (and the model) before starting a cluster
     ndim = len(source.spatial_dims)
     if args.model:
+        spec = model_spec(args.model, min_size=args.min_size)  # checks the model folder first
         zoom, note = model_zoom(args.input, args.model, level=args.level, diameter=args.diameter)
         if note and args.no_rescale and zoom != 1.0:
             print(f"warning: {note.split(': tiles')[0]}; --no-rescale keeps the image's scale, results may be "
                   "poor", file=sys.stderr)
         elif note:
             print(f"note: {note}", file=sys.stderr)
-        spec = model_spec(args.model, min_size=args.min_size, zoom=1.0 if args.no_rescale else zoom)
+        if zoom != 1.0 and not args.no_rescale:
+            spec = model_spec(args.model, min_size=args.min_size, zoom=zoom)
     else:
         halo = None
         if args.halo:
