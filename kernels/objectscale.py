@@ -20,6 +20,8 @@ import numpy as np
 # a component whose equivalent diameter exceeds its inscribed diameter by more than this is a
 # clump of touching objects (or one elongated object): its inscribed diameter is used instead
 CLUMP_RATIO = 1.3
+# a mask for measuring is smoothed by this fraction of a first estimate, then measured again
+SMOOTHING_PER_DIAMETER = 0.1
 
 
 @dataclass(frozen=True)

@@ -176,14 +176,17 @@ WELL_RESOLVED_PX = 12  # an object this many pixels across is measured as well a
 
 def _scale_of_level(source: ImageSource, level: int, value: float, spatial: list[int], max_voxels: int
                     ) -> ObjectScale | None:
+    """Measure on the windows of one level: first with half a pixel of smoothing (noise), then
+    once more smoothed in proportion to the first answer, which joins the texture of large
+    nuclei back into one object (the answer moves < 5 % after that)."""
     from scipy import ndimage
 
-    from kernels.objectscale import scale_of_mask
+    from kernels.objectscale import SMOOTHING_PER_DIAMETER, scale_of_mask
 
     lv = source.level(level)
     dims = source.dims
     spacing = tuple(float(lv.scale[i]) for i in spatial)
-    masks = []
+    blocks = []
     for window in _windows(tuple(lv.shape[i] for i in spatial), spacing, max_voxels):
         region, it = [], iter(window)
         for i, d in enumerate(dims):
@@ -191,7 +194,12 @@ def _scale_of_level(source: ImageSource, level: int, value: float, spatial: list
         block = source.read(tuple(region), level).astype(np.float32)
         if "c" in dims:
             block = block.mean(axis=dims.index("c"), keepdims=True)
-        block = block.reshape([block.shape[i] for i in spatial])
-        smooth = ndimage.gaussian_filter(block, [0.5 * min(spacing) / s for s in spacing])
-        masks.append(smooth > value)
-    return scale_of_mask(masks, spacing)
+        blocks.append(block.reshape([block.shape[i] for i in spatial]))
+    found = None
+    for _ in range(2):
+        sigma = max(0.5 * min(spacing), SMOOTHING_PER_DIAMETER * found.diameter if found else 0.0)
+        masks = [ndimage.gaussian_filter(b, [sigma / s for s in spacing]) > value for b in blocks]
+        found = scale_of_mask(masks, spacing) or found
+        if found is None:
+            return None
+    return found
