@@ -20,6 +20,9 @@ import numpy as np
 # a component whose equivalent diameter exceeds its inscribed diameter by more than this is a
 # clump of touching objects (or one elongated object): its inscribed diameter is used instead
 CLUMP_RATIO = 1.3
+# a mask this full has no background to measure objects against (a threshold below the data)
+MAX_FOREGROUND = 0.9
+MIN_OBJECTS = 3  # fewer objects than this give no scale
 # a mask for measuring is smoothed by this fraction of a first estimate, then measured again
 SMOOTHING_PER_DIAMETER = 0.1
 
@@ -67,7 +70,7 @@ def _weighted_percentiles(values: np.ndarray, weights: np.ndarray, q: Sequence[f
 def _summary(diameters: np.ndarray, source: str, ndim: int) -> ObjectScale | None:
     """Percentiles weighted by object volume: the size of the object a foreground voxel belongs
     to. Fragments (a lobe's extra distance peak, debris) weigh what they cover, not one vote."""
-    if diameters.size == 0:
+    if diameters.size < MIN_OBJECTS:
         return None
     lo, mid, hi = _weighted_percentiles(diameters, diameters.astype(np.float64) ** ndim, [10, 50, 90])
     return ObjectScale(float(mid), float(lo), float(hi), int(diameters.size), source)
@@ -91,8 +94,8 @@ def mask_diameters(mask: np.ndarray, spacing: Sequence[float], *, min_voxels: in
     from scipy import ndimage
 
     mask = ndimage.binary_fill_holes(mask)  # textured nuclei have dark holes, not a second object
-    if not mask.any():
-        return np.zeros(0)
+    if not mask.any() or mask.mean() > MAX_FOREGROUND:
+        return np.zeros(0)  # no objects, or no background between them: nothing to measure
     step = min(spacing)
     dist = ndimage.distance_transform_edt(mask, sampling=spacing)
     # local maxima (plateaus count once); ridge bumps of a lobe add small peaks, which the

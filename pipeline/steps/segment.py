@@ -415,6 +415,7 @@ def model_spec(model_dir: str, min_size: int | None = None, *, zoom: float = 1.0
 
 
 RESCALE_TOLERANCE = 1.15  # objects within 15 % of the training objects' size run as they are
+MAX_ZOOM = 8.0  # an estimate this far from the training objects is more likely wrong than right
 
 
 def model_zoom(input_url: str, model_dir: str, *, level: int = 0, diameter: float | None = None,
@@ -441,6 +442,10 @@ def model_zoom(input_url: str, model_dir: str, *, level: int = 0, diameter: floa
     zoom = trained / here
     if 1 / RESCALE_TOLERANCE <= zoom <= RESCALE_TOLERANCE:
         return 1.0, None
+    if not 1 / MAX_ZOOM <= zoom <= MAX_ZOOM:
+        return 1.0, (f"'{input_url}': objects estimated {here:.3g} px across against {trained:.3g} px in the "
+                     f"model's training, a factor past {MAX_ZOOM:g}: not trusted, running at the image's own scale "
+                     "(set --diameter)")
     return round(zoom, 3), (f"objects are about {here:.3g} px across here and {trained:.3g} px in the model's "
                             f"training: tiles are resampled x{zoom:.3g} to the model's scale")
 
