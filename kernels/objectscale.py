@@ -89,7 +89,8 @@ def mask_diameters(mask: np.ndarray, spacing: Sequence[float], *, min_voxels: in
     Each object is a peak of the distance to the background: twice its height is the object's inscribed diameter. Round
     isolated components calibrate how much larger the equivalent diameter is than the inscribed
     one (elongation), so both kinds report the same measure as :func:`scale_of_labels`. Peaks
-    closer to the mask's border than their own height are cut objects and left out.
+    closer to the mask's border than their own height are cut objects and left out, unless they
+    are most of the mask (a thin window).
     """
     from scipy import ndimage
 
@@ -112,7 +113,11 @@ def mask_diameters(mask: np.ndarray, spacing: Sequence[float], *, min_voxels: in
     centres, height = centres[keep], height[keep]
     room = np.min(np.minimum(centres, np.asarray(mask.shape) - 1 - centres) * np.asarray(spacing), axis=1)
     inner = room >= height
-    inscribed = 2.0 * height[inner if inner.sum() >= 3 else slice(None)]
+    # in a thin window (a few z slices) most objects touch its border: then keep them all
+    weight = height ** mask.ndim
+    if inner.sum() >= MIN_OBJECTS and weight[inner].sum() >= 0.5 * weight.sum():
+        height = height[inner]
+    inscribed = 2.0 * height
     return inscribed * _elongation(mask, dist, spacing, min_voxels)
 
 
