@@ -107,3 +107,25 @@ def test_the_classical_kernel_holds_its_accuracy_across_scales(tmp_path, ndim):
     if ndim == 2:
         fixed = _accuracy(tmp_path, *cases[-1], estimated=False)
         assert fixed < min(scored) - 0.2, (fixed, scored)
+
+
+def test_the_diameter_is_printed_kept_in_the_manifest_and_shown_by_info(tmp_path, capsys):
+    """segment --classical prints the estimate; `tilewise info OUT` shows it from the manifest;
+    --diameter replaces it (and says so)."""
+    from pipeline.cli import main
+    from pipeline.info import describe
+
+    image, labels = _image(12, (1.0, 1.0), (8, 8))
+    url = str(tmp_path / "img.ome.zarr")
+    from pipeline.io import create_image, default_axes
+
+    sink = create_image(url, shape=image.shape, dtype=np.float32, axes=default_axes("yx"), chunks=(64, 64),
+                        n_levels=1)
+    sink.write((slice(None), slice(None)), image)
+    out = str(tmp_path / "seg.ome.zarr")
+    assert main(["segment", url, out, "--classical", "--workers", "1", "--no-table"]) == 0
+    printed = capsys.readouterr().out
+    assert "object diameter: " in printed and "from the mask" in printed
+    assert "object diameter: " in describe(out) and "from the mask" in describe(out)
+    assert main(["-q", "segment", url, out, "--classical", "--diameter", "9", "--workers", "1", "--overwrite"]) == 0
+    assert "object diameter: 9 micrometer (given)" in describe(out)

@@ -414,7 +414,7 @@ def model_spec(model_dir: str, min_size: int | None = None, *, zoom: float = 1.0
     return _model_spec(model_dir, "segment", **extra)
 
 
-RESCALE_TOLERANCE = 1.15  # objects within 15 % of the training objects' size run as they are
+RESCALE_TOLERANCE = 1.25  # within 25 % (about the estimates' own error) a model runs as is: resampling has a cost
 MAX_ZOOM = 8.0  # an estimate this far from the training objects is more likely wrong than right
 
 
