@@ -114,11 +114,10 @@ def test_the_diameter_is_printed_kept_in_the_manifest_and_shown_by_info(tmp_path
     --diameter replaces it (and says so)."""
     from pipeline.cli import main
     from pipeline.info import describe
-
-    image, labels = _image(12, (1.0, 1.0), (8, 8))
-    url = str(tmp_path / "img.ome.zarr")
     from pipeline.io import create_image, default_axes
 
+    image, _ = _image(12, (1.0, 1.0), (8, 8))
+    url = str(tmp_path / "img.ome.zarr")
     sink = create_image(url, shape=image.shape, dtype=np.float32, axes=default_axes("yx"), chunks=(64, 64),
                         n_levels=1)
     sink.write((slice(None), slice(None)), image)
