@@ -37,6 +37,7 @@ class ObjectScale:
     high: float
     n_objects: int
     source: str  # "mask" (estimated from the image), "labels" (measured) or "user"
+    unit: str = ""  # of the lengths, for display (e.g. "micrometer")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -45,8 +46,8 @@ class ObjectScale:
     def given(cls, diameter: float) -> "ObjectScale":
         return cls(float(diameter), float(diameter), float(diameter), 0, "user")
 
-    def describe(self, unit: str = "") -> str:
-        u = f" {unit}" if unit else ""
+    def describe(self) -> str:
+        u = f" {self.unit}" if self.unit else ""
         if self.source == "user":
             return f"{self.diameter:.3g}{u} (given)"
         return (f"{self.diameter:.3g}{u} (10-90%: {self.low:.3g}-{self.high:.3g}, "
@@ -106,8 +107,7 @@ def mask_diameters(mask: np.ndarray, spacing: Sequence[float], *, min_voxels: in
     if n == 0:
         return np.zeros(0)
     index = np.arange(1, n + 1)
-    # the transform measures to the nearest background voxel centre, half a voxel past the edge
-    height = np.maximum(ndimage.maximum(dist, peaks, index) - 0.5 * step, 0.5 * step)
+    height = _inscribed_radius(dist, peaks, index, step)
     centres = np.asarray(ndimage.center_of_mass(np.ones(mask.shape), peaks, index)).reshape(n, mask.ndim)
     keep = _outside_higher_balls(centres * np.asarray(spacing), height)
     centres, height = centres[keep], height[keep]
@@ -119,6 +119,14 @@ def mask_diameters(mask: np.ndarray, spacing: Sequence[float], *, min_voxels: in
         height = height[inner]
     inscribed = 2.0 * height
     return inscribed * _elongation(mask, dist, spacing, min_voxels)
+
+
+def _inscribed_radius(dist: np.ndarray, regions: np.ndarray, index: np.ndarray, step: float) -> np.ndarray:
+    """Per labelled region, the radius of the largest ball inside the mask. The distance
+    transform measures to the nearest background voxel centre, half a voxel past the edge."""
+    from scipy import ndimage
+
+    return np.maximum(ndimage.maximum(dist, regions, index) - 0.5 * step, 0.5 * step)
 
 
 def _outside_higher_balls(points: np.ndarray, radius: np.ndarray) -> np.ndarray:
@@ -142,8 +150,7 @@ def _elongation(mask: np.ndarray, dist: np.ndarray, spacing: Sequence[float], mi
     comps, n = ndimage.label(mask)
     index = np.arange(1, n + 1)
     voxels = ndimage.sum_labels(np.ones(mask.shape, np.int64), comps, index)
-    step = min(spacing)
-    inscribed = 2.0 * np.maximum(ndimage.maximum(dist, comps, index) - 0.5 * step, 0.5 * step)
+    inscribed = 2.0 * _inscribed_radius(dist, comps, index, min(spacing))
     ratio = equivalent_diameter(voxels * float(np.prod(spacing)), mask.ndim) / inscribed
     single = (voxels >= min_voxels) & (ratio < CLUMP_RATIO)
     return float(np.median(ratio[single])) if single.sum() >= 3 else 1.0

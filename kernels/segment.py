@@ -179,7 +179,7 @@ class UNetSegmentKernel(UNetModelKernel):
             model_halo = tuple(max(h, params.object_halo) for h in self.traits.halo)
             halo = input_halo(model_halo, align, params.zoom)
             self.model_align, align = align, (1,) * len(align)
-            self.min_size = int(round(params.min_size / params.zoom ** len(halo)))
+            self.min_size = int(round(params.min_size / params.zoom ** self.config.ndim))
         self.traits = replace(self.traits, out_channels=1, halo=halo, align=align, pad_mode="reflect",
                               output="labels")
 

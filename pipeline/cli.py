@@ -189,8 +189,7 @@ def cmd_segment(args) -> None:
         if scale and not args.quiet:
             from kernels.objectscale import ObjectScale
 
-            found = ObjectScale(**{k: v for k, v in scale.items() if k != "unit"})
-            print(f"object diameter: {found.describe(scale.get('unit', ''))}")
+            print(f"object diameter: {ObjectScale(**scale).describe()}")
     with _client(args) as client:
         summary = segment_labels(args.input, args.output, spec, client, name=args.name, iou=args.iou, image=args.image,
                                  consecutive=not args.sparse_ids, table=not args.no_table, level=args.level,

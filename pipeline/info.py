@@ -85,6 +85,5 @@ def _describe_run(url: str, storage_options) -> list[str]:
     lines = [f"  run: kernel {params.get('kernel')} on {params.get('input')}"]
     scale = (params.get("kernel_params") or {}).get("object_scale")
     if scale:
-        found = ObjectScale(**{k: v for k, v in scale.items() if k != "unit"})
-        lines.append(f"  object diameter: {found.describe(scale.get('unit', ''))}")
+        lines.append(f"  object diameter: {ObjectScale(**scale).describe()}")
     return lines

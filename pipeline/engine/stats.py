@@ -151,11 +151,12 @@ def estimate_object_scale(source: ImageSource, *, level: int = 0, threshold: flo
                           max_voxels: int = 2**22) -> ObjectScale | None:
     """The typical object diameter of an image (physical units), measured once for all tiles.
 
-    Windows of the processed level (together about ``max_voxels``; small objects need full
-    resolution, so no coarse level) are lightly smoothed (half a pixel: noise, not objects),
-    thresholded at ``threshold`` (input units; Otsu of the global sample by default) and measured
-    by :func:`kernels.objectscale.scale_of_mask`. Channels are averaged; the first index of any
-    time or other batch axis is used. ``None`` when nothing is above the threshold.
+    The coarsest level within ``max_voxels`` is read whole when objects are still well resolved
+    there; otherwise windows of the processed level (together about ``max_voxels``: small
+    objects need full resolution). The image is thresholded at ``threshold`` (input units; Otsu
+    of the global sample by default) and measured by :func:`kernels.objectscale.scale_of_mask`.
+    Channels are averaged; the first index of any time or other batch axis is used. ``None``
+    when too few objects are above the threshold.
     """
     dims = source.dims
     spatial = [i for i, d in enumerate(dims) if d in source.spatial_dims]
@@ -166,7 +167,7 @@ def estimate_object_scale(source: ImageSource, *, level: int = 0, threshold: flo
                    if np.prod([source.levels[k].shape[i] for i in spatial]) <= max_voxels), None)
     if coarse is not None and coarse > level:
         found = _scale_of_level(source, coarse, value, spatial, max_voxels)
-        if found is not None and found.diameter >= WELL_RESOLVED_PX * min(source.levels[coarse].scale[i] for i in spatial):
+        if found is not None and found.diameter >= WELL_RESOLVED_PX * min(source.spatial_scale(coarse)):
             return found
     return _scale_of_level(source, level, value, spatial, max_voxels)
 
@@ -185,7 +186,7 @@ def _scale_of_level(source: ImageSource, level: int, value: float, spatial: list
 
     lv = source.level(level)
     dims = source.dims
-    spacing = tuple(float(lv.scale[i]) for i in spatial)
+    spacing = source.spatial_scale(level)
     blocks = []
     for window in _windows(tuple(lv.shape[i] for i in spatial), spacing, max_voxels):
         region, it = [], iter(window)
@@ -195,11 +196,11 @@ def _scale_of_level(source: ImageSource, level: int, value: float, spatial: list
         if "c" in dims:
             block = block.mean(axis=dims.index("c"), keepdims=True)
         blocks.append(block.reshape([block.shape[i] for i in spatial]))
-    found = None
-    for _ in range(2):
-        sigma = max(0.5 * min(spacing), SMOOTHING_PER_DIAMETER * found.diameter if found else 0.0)
-        masks = [ndimage.gaussian_filter(b, [sigma / s for s in spacing]) > value for b in blocks]
-        found = scale_of_mask(masks, spacing) or found
-        if found is None:
-            return None
-    return found
+    def measure(sigma: float) -> ObjectScale | None:
+        return scale_of_mask([ndimage.gaussian_filter(b, [sigma / s for s in spacing]) > value for b in blocks],
+                             spacing)
+
+    first = measure(0.5 * min(spacing))
+    if first is None:
+        return None
+    return measure(max(0.5 * min(spacing), SMOOTHING_PER_DIAMETER * first.diameter)) or first

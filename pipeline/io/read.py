@@ -44,6 +44,16 @@ class ImageSource(ImageMeta):
     def spatial_dims(self) -> tuple[str, ...]:
         return tuple(a.name for a in self.axes if a.type == SPACE or (a.type is None and a.name in "zyx"))
 
+    def spatial_scale(self, level: int = 0) -> tuple[float, ...]:
+        """Physical pixel size along the spatial axes of a level."""
+        lv = self.level(level)
+        return tuple(float(lv.scale[i]) for i, d in enumerate(self.dims) if d in self.spatial_dims)
+
+    @property
+    def spatial_unit(self) -> str:
+        """The unit of the spatial axes ("" when the metadata names none)."""
+        return next((a.unit for a in self.axes if a.name in self.spatial_dims and a.unit), "")
+
     @property
     def shape(self) -> tuple[int, ...]:
         return self.levels[0].shape

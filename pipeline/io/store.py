@@ -31,7 +31,6 @@ def join(url: str, *parts: str) -> str:
     return out
 
 
-
 def relative(from_url: str, to_url: str) -> str:
     """The path from ``from_url`` to ``to_url`` (ending in ``/``) when both live on one
     filesystem or bucket, so moving both keeps the link; otherwise ``to_url`` itself."""
@@ -56,6 +55,7 @@ def resolve(base_url: str, link: str) -> str:
         scheme, path = base_url.split("://", 1)
         return f"{scheme}://{posixpath.normpath(posixpath.join(path, link))}"
     return os.path.normpath(os.path.join(base_url, link))
+
 
 # fsspec protocol -> the package that serves it and the tilewise extra that installs it
 BACKENDS = {"s3": ("s3fs", "s3"), "s3a": ("s3fs", "s3"), "gs": ("gcsfs", "gcs"), "gcs": ("gcsfs", "gcs"),

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -384,22 +384,22 @@ def classical_spec(input_url: str, *, level: int = 0, diameter: float | None = N
     if diameter is not None and not (math.isfinite(diameter) and diameter > 0):
         raise OptionError(f"--diameter must be a positive length in the image's units, got {diameter}.")
     source = open_image(input_url, storage_options)
-    _, _, spatial = image_layout(source)
-    scale = [source.level(level).scale[i] for i in spatial]
+    image_layout(source)  # refuses axes in an order the engine cannot tile
+    scale = list(source.spatial_scale(level))
     norm = Normalisation.of(source)
     value = otsu_threshold(source) if threshold is None else float(threshold)
     normalised = (value - norm.low[0]) / max(norm.high[0] - norm.low[0], 1e-12)
     found = ObjectScale.given(diameter) if diameter is not None else estimate_object_scale(
         source, level=level, threshold=value)
-    unit = next((a.unit for a in source.axes if a.name in source.spatial_dims and a.unit), "") or ""
     if found is None:
         log.warning("no objects above the threshold in '%s': the object size cannot be estimated; using "
                     "pixel-sized defaults (set --diameter or --threshold)", input_url)
     else:
-        log.info("object diameter %s", found.describe(unit))
+        found = replace(found, unit=source.spatial_unit)
+        log.info("object diameter %s", found.describe())
     return KernelSpec.of("segment-classical", threshold=round(normalised, 6), scale=scale,
                          diameter=round(found.diameter, 6) if found else None,
-                         object_scale=({**found.to_dict(), "unit": unit} if found else None),
+                         object_scale=found.to_dict() if found else None,
                          sigma=sigma, min_distance=min_distance, min_size=min_size,
                          halo=list(halo) if halo else None, channels=source.n_channels)
 
@@ -432,8 +432,7 @@ def model_zoom(input_url: str, model_dir: str, *, level: int = 0, diameter: floa
     if not seen or "pixel" not in seen:
         return 1.0, None
     source = open_image(input_url, storage_options)
-    _, _, spatial = image_layout(source)
-    pixel = min(source.level(level).scale[i] for i in spatial)
+    pixel = min(source.spatial_scale(level))
     found = ObjectScale.given(diameter) if diameter is not None else estimate_object_scale(source, level=level)
     if found is None:
         return 1.0, (f"'{input_url}': no objects above the threshold to compare with the model's training "

@@ -250,22 +250,18 @@ def train_segment(image_url: str, model_dir: str, *, labels: str = "nuclei", pat
                                "object_scale": training_object_scale(data.source, labels, level)})
 
 
-def training_object_scale(source, labels: str, level: int, max_voxels: int = 2**22) -> dict:
+def training_object_scale(source: ImageSource, labels: str, level: int, max_voxels: int = 2**22) -> dict:
     """The objects a segmenter trained on: diameters measured on the training labels (the
     finest labels level within ``max_voxels``) and estimated from the training image the way
     inference estimates a new image, so the two can be compared like with like."""
     from kernels.objectscale import scale_of_labels
-    from pipeline.engine.runner import image_layout
     from pipeline.engine.stats import estimate_object_scale
 
     lab = source.label(labels)
-    _, _, spatial = image_layout(lab)
     k = next((i for i in range(level, len(lab.levels)) if np.prod(lab.levels[i].shape) <= max_voxels),
              len(lab.levels) - 1)
-    measured = scale_of_labels(lab.read(tuple(slice(None) for _ in lab.dims), k),
-                               [lab.levels[k].scale[i] for i in spatial])
+    measured = scale_of_labels(lab.read(tuple(slice(None) for _ in lab.dims), k), lab.spatial_scale(k))
     estimated = estimate_object_scale(source, level=level)
-    _, _, image_spatial = image_layout(source)
-    pixel = min(source.level(level).scale[i] for i in image_spatial)  # the network's pixel, physical
+    pixel = min(source.spatial_scale(level))  # the network's pixel, physical
     return {"labels": measured.to_dict() if measured else None,
             "image": {**estimated.to_dict(), "pixel": pixel} if estimated else None}
