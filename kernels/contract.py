@@ -46,6 +46,10 @@ class KernelTraits:
     max_batch : most blocks per call (memory).
     device : ``gpu`` runs on a GPU when the worker has one (tasks then ask for one).
     measures : for labels kernels, whether object tables get the input's intensity statistics.
+    maps : names of per-pixel float maps the kernel returns beside its output (uncertainty:
+        ``foreground``, ``entropy``, ``variance``), from :meth:`Kernel.with_maps`; the engine
+        writes each as a one-channel image under ``OUT/uncertainty/<name>`` and, for labels,
+        adds its per-object mean and max to the table.
     """
 
     ndim: int
@@ -60,6 +64,7 @@ class KernelTraits:
     max_batch: int = 1
     device: Device = "cpu"
     measures: bool = True
+    maps: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         halo = tuple(int(h) for h in self.halo)
@@ -67,6 +72,9 @@ class KernelTraits:
         object.__setattr__(self, "halo", halo)
         object.__setattr__(self, "align", align)
         object.__setattr__(self, "percentiles", tuple(float(p) for p in self.percentiles))
+        object.__setattr__(self, "maps", tuple(str(m) for m in self.maps))
+        if len(set(self.maps)) != len(self.maps) or not all(m.isidentifier() for m in self.maps):
+            raise KernelError(f"maps must be distinct identifiers, got {list(self.maps)}")
         if self.ndim not in (2, 3):
             raise KernelError(f"a kernel is 2D or 3D, got ndim={self.ndim}")
         if len(halo) != self.ndim or any(h < 0 for h in halo):
@@ -159,6 +167,11 @@ class Kernel(ABC):
     @abstractmethod
     def __call__(self, batch: np.ndarray, context: BatchContext) -> np.ndarray:
         """``(N, C_in, *spatial)`` -> ``(N, C_out, *spatial)``."""
+
+    def with_maps(self, batch: np.ndarray, context: BatchContext) -> tuple[np.ndarray, np.ndarray | None]:
+        """The output and ``(N, len(traits.maps), *spatial)`` float32 maps (None without maps).
+        Kernels declaring ``maps`` override this, and ``__call__`` returns its first half."""
+        return self(batch, context), None
 
     def describe_tile(self, inputs: np.ndarray, outputs: np.ndarray, scaling: Scaling | None) -> dict[str, Any]:
         """Small JSON-able facts about one tile's core (``(C, *core)`` in, out); none by default."""

@@ -10,7 +10,7 @@ patches drawn from random chunks of an OME-Zarr image.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable, Literal
 
 import numpy as np
@@ -18,7 +18,7 @@ import numpy as np
 from kernels.contract import BatchContext, Scaling
 from kernels.masking import augment, grid_mask, n2v_mask
 from kernels.modelfile import UNetModelKernel
-from kernels.training import TrainResult
+from kernels.training import TrainResult, train_ensemble
 from kernels.unet import UNetConfig
 
 log = logging.getLogger(__name__)
@@ -28,7 +28,7 @@ PatchSampler = Callable[[int, np.random.Generator], np.ndarray]  # (n, rng) -> (
 
 
 def architecture(method: Method, ndim: int, channels: int = 1, depth: int = 2, width: int = 32,
-                 pool: tuple[int, ...] = ()) -> UNetConfig:
+                 pool: tuple[int, ...] = (), dropout: float = 0.0) -> UNetConfig:
     """N2V2: max-blur-pool, no top skip, no residual. Noise2Self: a plain U-Net.
 
     No normalisation layers: BatchNorm's batch statistics of small batches of masked patches
@@ -37,10 +37,10 @@ def architecture(method: Method, ndim: int, channels: int = 1, depth: int = 2, w
     """
     if method == "n2v2":
         return UNetConfig(ndim=ndim, in_channels=channels, out_channels=channels, depth=depth, width=width,
-                          norm="none", pool=pool, blurpool=True, skip_top=False, residual=False)
+                          norm="none", pool=pool, blurpool=True, skip_top=False, residual=False, dropout=dropout)
     if method == "n2s":
         return UNetConfig(ndim=ndim, in_channels=channels, out_channels=channels, depth=depth, width=width,
-                          norm="none", pool=pool)
+                          norm="none", pool=pool, dropout=dropout)
     raise ValueError(f"unknown denoising method '{method}' (n2v2 or n2s)")
 
 
@@ -65,6 +65,8 @@ class TrainConfig:
     depth: int = 2
     width: int = 32
     pool: tuple[int, ...] = ()
+    # predictive uncertainty: ``mc-dropout`` or ``ensemble`` (``kernels.uncertainty.UncertaintyConfig``)
+    uncertainty: dict | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -87,7 +89,27 @@ def masked_mse(pred, target, mask):
 def train_denoiser(sample: PatchSampler, validation: np.ndarray, cfg: TrainConfig, *, channels: int = 1,
                    device: str | None = None, progress: bool = True) -> TrainResult:
     """Train a blind-spot denoiser on patches from ``sample``; returns the best weights by the
-    masked loss on ``validation`` patches (held-out data, masked once with a fixed seed)."""
+    masked loss on ``validation`` patches (held-out data, masked once with a fixed seed).
+
+    ``cfg.uncertainty``: ``mc-dropout`` trains one network with channel dropout in every block,
+    ``ensemble`` trains ``members`` networks with seeds ``seed + k``.
+    """
+    from kernels.uncertainty import UncertaintyConfig
+
+    u = UncertaintyConfig.model_validate(cfg.uncertainty) if cfg.uncertainty else None
+    if u is not None and u.method == "adf":
+        raise ValueError("ADF is trained for segmentation; a denoiser's uncertainty is mc-dropout or ensemble")
+    if u is not None and u.method == "ensemble":
+        return train_ensemble(lambda k: _train_one(sample, validation, replace(cfg, seed=cfg.seed + k), 0.0,
+                                                   channels=channels, device=device, progress=progress,
+                                                   desc=f"train {cfg.method} (member {k + 1}/{u.members})"),
+                              u.members)
+    dropout = u.dropout if u is not None else 0.0
+    return _train_one(sample, validation, cfg, dropout, channels=channels, device=device, progress=progress)
+
+
+def _train_one(sample: PatchSampler, validation: np.ndarray, cfg: TrainConfig, dropout: float, *, channels: int,
+               device: str | None, progress: bool, desc: str = "") -> TrainResult:
     import torch
 
     from kernels.resident import default_device
@@ -97,7 +119,7 @@ def train_denoiser(sample: PatchSampler, validation: np.ndarray, cfg: TrainConfi
     device = device or default_device()
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    net_cfg = architecture(cfg.method, len(cfg.patch), channels, cfg.depth, cfg.width, cfg.pool)
+    net_cfg = architecture(cfg.method, len(cfg.patch), channels, cfg.depth, cfg.width, cfg.pool, dropout)
     net = UNet(net_cfg).to(device)
     val = np.asarray(validation, np.float32)
     val_in, val_mask = mask_batch(val, cfg, np.random.default_rng(cfg.seed + 1))
@@ -110,7 +132,7 @@ def train_denoiser(sample: PatchSampler, validation: np.ndarray, cfg: TrainConfi
         return masked_mse(net(to(masked)), to(batch), to(mask))
 
     result = fit(net, train_loss, lambda: masked_mse(net(val_in_t), val_t, val_mask_t), steps=cfg.steps, lr=cfg.lr,
-                 val_every=cfg.val_every, patience=cfg.patience, desc=f"train {cfg.method}", progress=progress)
+                 val_every=cfg.val_every, patience=cfg.patience, desc=desc or f"train {cfg.method}", progress=progress)
     return TrainResult(result.state_dict, net_cfg, result.best_val_loss, result.history, result.seconds, device)
 
 
@@ -118,7 +140,9 @@ class DenoiseKernel(UNetModelKernel):
     """A trained denoiser from a model folder (see ``kernels.modelfile``); keyed by its hash.
 
     It sees normalised input (the input's global percentiles at the card's levels) and maps its
-    output back to input units itself, with the scaling in its context.
+    output back to input units itself, with the scaling in its context. A model trained with
+    an uncertainty method (MC dropout, an ensemble) returns the mean of its networks and a
+    ``variance`` map per channel: their per-pixel variance, in input units squared.
     """
 
     name = "denoise"
@@ -126,11 +150,31 @@ class DenoiseKernel(UNetModelKernel):
     # a residual whose neighbours correlate this much is structure, not noise
     residual_correlation_limit = 0.2
 
+    def __init__(self, params: UNetModelKernel.Params):
+        super().__init__(params)
+        if self.uncertainty is not None:
+            c = self.config.out_channels
+            maps = ("variance",) if c == 1 else tuple(f"variance_{k}" for k in range(c))
+            self.traits = replace(self.traits, maps=maps)
+
+    def with_maps(self, batch: np.ndarray, context: BatchContext) -> tuple[np.ndarray, np.ndarray | None]:
+        if self.uncertainty is None:
+            mean, var = self.predict(batch), None
+        elif self.uncertainty.method == "adf":
+            mean, var = self.predict_moments(batch)
+        else:
+            samples = self.predict_samples(batch)
+            mean, var = samples.mean(axis=0), samples.var(axis=0)
+        if context.scaling is not None:
+            mean = np.stack([context.scaling.invert(block) for block in mean])
+            if var is not None:  # the variance of an affine map: times its gain squared
+                gain = context.scaling.invert(np.ones((mean.shape[1],) + (1,) * (mean.ndim - 2), np.float32)) \
+                    - context.scaling.invert(np.zeros((mean.shape[1],) + (1,) * (mean.ndim - 2), np.float32))
+                var = var * gain[None] ** 2
+        return mean, (None if var is None else var.astype(np.float32))
+
     def __call__(self, batch: np.ndarray, context: BatchContext) -> np.ndarray:
-        out = self.predict(batch)
-        if context.scaling is None:
-            return out
-        return np.stack([context.scaling.invert(block) for block in out])
+        return self.with_maps(batch, context)[0]
 
     def describe_tile(self, inputs: np.ndarray, outputs: np.ndarray, scaling: Scaling | None) -> dict[str, Any]:
         """Residual (input - output) statistics in normalised units: the hallucination guard.

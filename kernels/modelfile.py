@@ -41,6 +41,8 @@ class ModelCard(BaseModel):
     training: dict[str, Any] = Field(default_factory=dict)
     data: dict[str, Any] = Field(default_factory=dict)  # fingerprint of the training data
     validation_loss: float | None = None
+    # predictive uncertainty (``kernels.uncertainty.UncertaintyConfig``); None: a deterministic model
+    uncertainty: dict[str, Any] | None = None
     code_version: str = ""
     weights_sha256: str = ""
 
@@ -104,14 +106,48 @@ def load_model(folder: str | os.PathLike, device: str = "cpu") -> tuple[ModelCar
     return card, state
 
 
+def card_config(card: ModelCard):
+    """The card's architecture as a ``kernels.unet.UNetConfig``."""
+    from kernels.unet import UNetConfig
+
+    return UNetConfig(**{**card.architecture, "pool": tuple(card.architecture["pool"])})
+
+
+def card_uncertainty(card: ModelCard):
+    """The card's uncertainty method (``kernels.uncertainty.UncertaintyConfig``), or None."""
+    from kernels.uncertainty import UncertaintyConfig
+
+    if not card.uncertainty:
+        return None
+    try:
+        return UncertaintyConfig.model_validate(card.uncertainty)
+    except Exception as exc:
+        raise ModelFileError(f"The model card's uncertainty entry is not valid: {exc}") from None
+
+
+def build_network(card: ModelCard):
+    """The untrained network a card describes: a U-Net, an ADF U-Net (same weights, moment
+    propagation on top) or a ``ModuleList`` of an ensemble's members (keys ``<k>.<name>``)."""
+    from torch import nn
+
+    from kernels.unet import UNet
+
+    config, uncertainty = card_config(card), card_uncertainty(card)
+    if uncertainty is not None and uncertainty.method == "ensemble":
+        return nn.ModuleList(UNet(config) for _ in range(uncertainty.members))
+    if uncertainty is not None and uncertainty.method == "adf":
+        from kernels.adf import ADFUNet
+
+        return ADFUNet(config, input_variance=uncertainty.input_variance, min_variance=uncertainty.min_variance)
+    return UNet(config)
+
+
 def verify_model(folder: str | os.PathLike) -> ModelCard:
     """Everything a worker will check, checked once on the client before any work starts: the
     card parses, the weights match its hash, load as plain tensors, and fit its architecture."""
-    from kernels.unet import UNet, UNetConfig
-
     card, state = load_model(folder, "cpu")
     try:
-        net = UNet(UNetConfig(**{**card.architecture, "pool": tuple(card.architecture["pool"])}))
+        net = build_network(card)
         net.load_state_dict(state)
     except Exception as exc:
         raise ModelFileError(f"The weights in '{folder}' do not fit the architecture in its card "
@@ -140,9 +176,10 @@ class UNetModelKernel(Kernel):
     class Params(KernelParams):
         model: str
         sha256: str = ""
+        samples: int | None = Field(None, ge=2, le=1000)  # mc-dropout: forward passes (default: the card's)
 
     def __init__(self, params: Params):
-        from kernels.unet import UNetConfig, receptive_field
+        from kernels.unet import receptive_field
 
         super().__init__(params)
         self.card = read_card(params.model)
@@ -150,31 +187,83 @@ class UNetModelKernel(Kernel):
             raise ModelFileError(f"'{params.model}' is a {self.card.task} model, not a {self.task} model.")
         if params.sha256 and params.sha256 != self.card.weights_sha256:
             raise ModelFileError(f"model '{params.model}' changed since this run started (weights hash differs)")
-        self.config = UNetConfig(**{**self.card.architecture, "pool": tuple(self.card.architecture["pool"])})
+        self.config = card_config(self.card)
+        self.uncertainty = card_uncertainty(self.card)
+        if params.samples is not None and (self.uncertainty is None or self.uncertainty.method != "mc-dropout"):
+            raise ModelFileError(f"samples applies to MC-dropout models only; '{params.model}' is "
+                                 f"{self.uncertainty.method if self.uncertainty else 'deterministic'}.")
         self.traits = KernelTraits(ndim=self.config.ndim, in_channels=self.config.in_channels,
                                    out_channels=self.config.out_channels, halo=receptive_field(self.config).halo,
                                    align=self.config.factor, percentiles=card_percentiles(self.card),
                                    max_batch=16, device="gpu")
         self.net = None
         self.device = "cpu"
+        self.dropout_masks = None  # mc-dropout: kernels.uncertainty.FixedDropout, set by load()
 
     def load(self, device: str) -> None:
-        from kernels.unet import UNet
-
         _, state = load_model(self.params.model, device)
-        net = UNet(self.config)
+        net = build_network(self.card)
         net.load_state_dict(state)
         self.net, self.device = net.to(device).eval(), device
+        if self.uncertainty is not None and self.uncertainty.method == "mc-dropout":
+            from kernels.uncertainty import FixedDropout
 
-    def predict(self, batch: np.ndarray) -> np.ndarray:
-        """The network's raw output for a ``(N, C, *spatial)`` batch of any spatial size."""
+            self.dropout_masks = FixedDropout(self.net, rate=self.config.dropout, seed=self.uncertainty.seed)
+
+    @property
+    def samples(self) -> int:
+        """Networks an uncertainty estimate averages: MC passes or ensemble members (else 1)."""
+        u = self.uncertainty
+        if u is None or u.method == "adf":
+            return 1
+        return u.members if u.method == "ensemble" else (self.params.samples or u.samples)
+
+    def _tensor(self, batch: np.ndarray):
         import torch
 
         if self.net is None:
             raise RuntimeError(f"{self.card.task} kernel used before load()")
+        return torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device)
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        """The network's raw output for a ``(N, C, *spatial)`` batch of any spatial size (an
+        ensemble's: the mean of its members'; MC dropout's: the network with dropout off)."""
+        if self.uncertainty is not None and self.uncertainty.method == "ensemble":
+            return self.predict_samples(batch).mean(axis=0)
+        import torch
+
         with torch.inference_mode():
-            x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device)
-            return self.net.forward_padded(x).float().cpu().numpy()
+            return self.net.forward_padded(self._tensor(batch)).float().cpu().numpy()
+
+    def predict_samples(self, batch: np.ndarray) -> np.ndarray:
+        """``(S, N, C, *spatial)``: the raw outputs of an ensemble's members, or of MC dropout's
+        ``samples`` networks (masks fixed per pass, the same in every tile)."""
+        import torch
+
+        u = self.uncertainty
+        x = self._tensor(batch)
+        out = []
+        with torch.inference_mode():
+            if u is not None and u.method == "ensemble":
+                for member in self.net:
+                    out.append(member.forward_padded(x).float().cpu().numpy())
+            elif u is not None and u.method == "mc-dropout":
+                for t in range(self.samples):
+                    with self.dropout_masks.sample(t):
+                        out.append(self.net.forward_padded(x).float().cpu().numpy())
+            else:
+                raise RuntimeError("predict_samples needs an ensemble or MC-dropout model")
+        return np.stack(out)
+
+    def predict_moments(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and variance of the raw output of an ADF model, in one pass."""
+        import torch
+
+        if self.uncertainty is None or self.uncertainty.method != "adf":
+            raise RuntimeError("predict_moments needs an ADF model")
+        with torch.inference_mode():
+            mean, var = self.net.moments_padded(self._tensor(batch))
+        return mean.float().cpu().numpy(), var.float().cpu().numpy()
 
 
 def model_kernel_spec(folder: str | os.PathLike, task: str, kernel: str, needs: str) -> KernelSpec:

@@ -166,9 +166,13 @@ class UNetSegmentKernel(UNetModelKernel):
         min_size: int = Field(12, ge=0)
         object_halo: int = Field(32, ge=0)
         zoom: float = Field(1.0, gt=0.05, lt=20)
+        # write uncertainty maps: None = when the model has an uncertainty method; True on a
+        # deterministic model writes its softmax's foreground probability and entropy
+        uncertainty: bool | None = None
 
     def __init__(self, params: Params):
         from kernels.resample import input_halo
+        from kernels.uncertainty import CLASS_MAPS
 
         super().__init__(params)
         align = self.traits.align
@@ -180,36 +184,74 @@ class UNetSegmentKernel(UNetModelKernel):
             halo = input_halo(model_halo, align, params.zoom)
             self.model_align, align = align, (1,) * len(align)
             self.min_size = int(round(params.min_size / params.zoom ** self.config.ndim))
+        wanted = params.uncertainty if params.uncertainty is not None else self.uncertainty is not None
+        maps = (CLASS_MAPS if self.uncertainty is not None else CLASS_MAPS[:2]) if wanted else ()
         self.traits = replace(self.traits, out_channels=1, halo=halo, align=align, pad_mode="reflect",
-                              output="labels")
+                              output="labels", maps=maps)
 
-    def probabilities(self, batch: np.ndarray, context: BatchContext | None = None) -> np.ndarray:
-        """Per-pixel class probabilities of each block, on the block's own grid."""
+    def _moments(self, batch: np.ndarray) -> np.ndarray:
+        """``(N, 4, *)`` on the model grid: mean class probabilities, then their total variance
+        (zero for a deterministic model) by the card's uncertainty method."""
+        u = self.uncertainty
+        if u is None:
+            mean, var = _softmax(self.predict(batch)), None
+        elif u.method == "adf":
+            import torch
+
+            from kernels.uncertainty import dirichlet_from_moments, dirichlet_mean_variance
+
+            logit_mean, logit_var = self.predict_moments(batch)
+            alpha = dirichlet_from_moments(torch.from_numpy(logit_mean), torch.from_numpy(logit_var)).numpy()
+            mean, var = dirichlet_mean_variance(alpha)
+        else:
+            from kernels.uncertainty import sample_moments
+
+            mean, var = sample_moments(_softmax(self.predict_samples(batch), axis=2))
+        var = np.zeros((mean.shape[0],) + mean.shape[2:], np.float32) if var is None else var
+        return np.concatenate([mean, var[:, None]], axis=1).astype(np.float32)
+
+    def moments(self, batch: np.ndarray, context: BatchContext | None = None) -> np.ndarray:
+        """:meth:`_moments` of each block, on the block's own grid (resampled from the one
+        global model grid when ``zoom`` is not 1)."""
         if self.params.zoom == 1.0:
-            return _softmax(self.predict(batch))
+            return self._moments(batch)
         from kernels.resample import from_model, model_grid, to_model
 
         context = context or BatchContext.whole(batch)
         zoom, out = self.params.zoom, []
         for block, origin in zip(batch, context.origins):
             grid = model_grid(origin, block.shape[1:], zoom, self.model_align)
-            prob = _softmax(self.predict(to_model(block, origin, grid, zoom)[None]))[0]
-            out.append(from_model(prob, origin, block.shape[1:], grid, zoom))
+            moments = self._moments(to_model(block, origin, grid, zoom)[None])[0]
+            out.append(from_model(moments, origin, block.shape[1:], grid, zoom))
         return np.stack(out)
 
-    def __call__(self, batch: np.ndarray, context: BatchContext) -> np.ndarray:
-        """Instance labels of each block; the padding (outside ``context.valid``) is background,
-        so no object grows into (or is mirrored from) it."""
-        prob = self.probabilities(batch, context)
+    def probabilities(self, batch: np.ndarray, context: BatchContext | None = None) -> np.ndarray:
+        """Per-pixel (mean) class probabilities of each block, on the block's own grid."""
+        return self.moments(batch, context)[:, :3]
+
+    def with_maps(self, batch: np.ndarray, context: BatchContext) -> tuple[np.ndarray, np.ndarray | None]:
+        """Instance labels of each block and, when ``traits.maps``, its uncertainty maps. The
+        padding (outside ``context.valid``) is background, so no object grows into (or is
+        mirrored from) it."""
+        from kernels.uncertainty import class_maps
+
+        moments = self.moments(batch, context)
+        prob = moments[:, :3].copy()
         for p, region in zip(prob, context.valid):
             outside = np.ones(p.shape[1:], bool)
             outside[tuple(region)] = False
             p[:, outside] = 0.0
             p[BACKGROUND, outside] = 1.0
-        return np.stack([instances_from_probabilities(p, self.min_size)[None] for p in prob])
+        labels = np.stack([instances_from_probabilities(p, self.min_size)[None] for p in prob])
+        if not self.traits.maps:
+            return labels, None
+        return labels, class_maps(moments[:, :3], moments[:, 3])[:, :len(self.traits.maps)]
+
+    def __call__(self, batch: np.ndarray, context: BatchContext) -> np.ndarray:
+        return self.with_maps(batch, context)[0]
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    logits = logits - logits.max(axis=1, keepdims=True)
+def _softmax(logits: np.ndarray, axis: int = 1) -> np.ndarray:
+    logits = logits - logits.max(axis=axis, keepdims=True)
     e = np.exp(logits)
-    return e / e.sum(axis=1, keepdims=True)
+    return e / e.sum(axis=axis, keepdims=True)

@@ -83,3 +83,16 @@ def fit(net: Any, train_loss: Callable[[int], Any], val_loss: Callable[[], float
                     break
     bar.close()
     return FitResult(best_state or net.state_dict(), best, history, time.perf_counter() - started)
+
+
+def train_ensemble(train_member: Callable[[int], TrainResult], members: int) -> TrainResult:
+    """A deep ensemble: ``train_member(k)`` trains member ``k`` (its own seed), one after the
+    other; the weights become one ``state_dict`` with keys ``<k>.<name>`` (an ``nn.ModuleList``
+    of the members, as ``kernels.modelfile.build_network`` rebuilds it)."""
+    import numpy as np
+
+    results = [train_member(k) for k in range(members)]
+    state = {f"{k}.{name}": value for k, r in enumerate(results) for name, value in r.state_dict.items()}
+    history = [{**h, "member": k} for k, r in enumerate(results) for h in r.history]
+    return TrainResult(state, results[0].config, float(np.mean([r.best_val_loss for r in results])), history,
+                       sum(r.seconds for r in results), results[0].device)

@@ -25,11 +25,12 @@ from pipeline.core.errors import InputError, OptionError
 from pipeline.core.regions import Region
 from pipeline.engine.blend import BlendLattice, BlendWeights, window_weights
 from pipeline.engine.manifest import RunManifest
+from pipeline.engine.maps import MapSinks
 from pipeline.engine.plan import Tile, TilePlan, make_plan, pad_block
 from pipeline.engine.stats import Normalisation, nonfinite_message
 from pipeline.engine.submit import run_tasks
 from pipeline.io import store
-from pipeline.io.ngff import SPACE
+from pipeline.io.ngff import SPACE, Axis
 from pipeline.io.store import content_fingerprint
 from pipeline.io.read import ImageSource, ngff_problems, open_image
 from pipeline.io.write import ImageSink
@@ -261,6 +262,20 @@ class EngineSetup:
         return ([lv.scale[i] for i in self.spatial], [lv.translation[i] for i in self.spatial],
                 [lv.chunks[i] for i in self.spatial])
 
+    def output_geometry(self, channels: int = 0) -> dict[str, Any]:
+        """``shape``, ``axes``, ``scale``, ``translation`` and ``chunks`` of an output over the
+        processed level: the batch axes (one index per chunk), a channel axis when ``channels``,
+        then the spatial axes (the input's chunks)."""
+        lv, batch = self.source.level(self.level), list(self.batch_axes)
+        scale, translation, chunks = self.spatial_levels
+        lead = [1] if channels else []
+        return dict(shape=list(self.batch_shape) + ([channels] if channels else []) + list(self.plan.shape),
+                    axes=[self.source.axes[i] for i in batch] + ([Axis("c", "channel")] if channels else [])
+                    + [self.source.axes[i] for i in self.spatial],
+                    scale=[lv.scale[i] for i in batch] + [1.0] * len(lead) + scale,
+                    translation=[lv.translation[i] for i in batch] + [0.0] * len(lead) + translation,
+                    chunks=[1] * (len(batch) + len(lead)) + chunks)
+
     def reader(self) -> TileReader:
         return TileReader(self.source, self.level, self.has_channels, self.plan.pad_mode, self.traits.input,
                           self.scaling, self.params["missing_chunks"])
@@ -331,7 +346,15 @@ def apply_kernel(model: Kernel, blocks: Sequence[np.ndarray], *, valid: Sequence
                  origins: Sequence[tuple[int, ...]], scaling: Scaling | None, batch: int) -> list[np.ndarray]:
     """The kernel on each block, blocks of one shape stacked up to ``batch`` per call, each call
     with its blocks' context (valid regions, origins, global scaling)."""
-    outputs: list[np.ndarray | None] = [None] * len(blocks)
+    return [out for out, _ in apply_kernel_with_maps(model, blocks, valid=valid, origins=origins, scaling=scaling,
+                                                     batch=batch)]
+
+
+def apply_kernel_with_maps(model: Kernel, blocks: Sequence[np.ndarray], *, valid: Sequence[Region],
+                           origins: Sequence[tuple[int, ...]], scaling: Scaling | None, batch: int
+                           ) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """:func:`apply_kernel`, keeping each block's maps (``traits.maps``; None without)."""
+    outputs: list[tuple[np.ndarray, np.ndarray | None] | None] = [None] * len(blocks)
     by_shape: dict[tuple[int, ...], list[int]] = {}
     for i, block in enumerate(blocks):
         by_shape.setdefault(block.shape, []).append(i)
@@ -339,8 +362,9 @@ def apply_kernel(model: Kernel, blocks: Sequence[np.ndarray], *, valid: Sequence
         for k in range(0, len(idx), batch):
             group = idx[k:k + batch]
             context = BatchContext(tuple(valid[i] for i in group), tuple(origins[i] for i in group), scaling)
-            for i, out in zip(group, model(np.stack([blocks[i] for i in group]), context)):
-                outputs[i] = out
+            out, maps = model.with_maps(np.stack([blocks[i] for i in group]), context)
+            for j, i in enumerate(group):
+                outputs[i] = (out[j], None if maps is None else maps[j])
     return outputs  # type: ignore[return-value]
 
 
@@ -370,6 +394,7 @@ class ImageTileJob:
     blend: BlendLattice | None = None  # None: crop-stitching
     out_dtype: str = "float32"
     batch_shape: tuple[int, ...] = ()  # shape of the batch axes (time, ...): see TileSpace
+    maps: MapSinks | None = None  # the kernel's maps (traits.maps), cropped or blended like the output
 
     def __call__(self, tile_ids: Sequence[int]) -> list[dict[str, Any]]:
         return run_batches(self.kernel, tile_ids, self.batch, self.run_batch)
@@ -382,26 +407,30 @@ class ImageTileJob:
         if self.blend is None:
             blocks = [self.reader.read(tile.read, tile.pad, at) for at, tile in located]
             tiles = [tile for _, tile in located]
-            outs = apply_kernel(model, blocks, valid=[valid_region(t.read, t.pad) for t in tiles],
-                                origins=[block_origin(t.read, t.pad) for t in tiles], scaling=self.reader.scaling,
-                                batch=self.batch)
-            pairs = [(block[(slice(None),) + t.crop], out[(slice(None),) + t.crop])
-                     for t, block, out in zip(tiles, blocks, outs)]
+            outs = apply_kernel_with_maps(model, blocks, valid=[valid_region(t.read, t.pad) for t in tiles],
+                                          origins=[block_origin(t.read, t.pad) for t in tiles],
+                                          scaling=self.reader.scaling, batch=self.batch)
+            crop = [(slice(None),) + t.crop for t in tiles]
+            triples = [(block[c], out[c], None if maps is None else maps[c])
+                       for c, block, (out, maps) in zip(crop, blocks, outs)]
         else:
-            pairs = [self.blended(model, tile, at) for at, tile in located]
+            triples = [self.blended(model, tile, at) for at, tile in located]
         seconds = (time.perf_counter() - started) / len(ids)
         results = []
-        for g, (at, tile), n_missing, (inputs, outputs) in zip(ids, located, missing, pairs):
+        for g, (at, tile), n_missing, (inputs, outputs, maps) in zip(ids, located, missing, triples):
             meta = {"tile": g, "voxels": int(np.prod(tile.core_shape)), "seconds": seconds,
                     "missing_input_chunks": n_missing, **model.describe_tile(inputs, outputs, self.reader.scaling)}
+            if self.maps is not None and maps is not None:
+                self.maps.write(batch_slices(at), tile.core, maps)
             meta["checksum"] = self.write(tile, outputs, at)
             self.manifest.mark_done(g, meta)
             results.append(meta)
         return results
 
-    def blended(self, model: Kernel, tile: Tile, at: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray]:
-        """Input core and the weight-blended output over ``tile.core`` from every lattice
-        window touching it (see ``engine.blend``)."""
+    def blended(self, model: Kernel, tile: Tile, at: Sequence[int] = ()
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Input core, and the weight-blended output and maps over ``tile.core`` from every
+        lattice window touching it (see ``engine.blend``)."""
         lattice = self.blend
         assert lattice is not None
         region, pad = lattice.read_span(tile.core)
@@ -414,8 +443,10 @@ class ImageTileJob:
         windows = [block[(slice(None),) + sel] for sel in local]
         valid = [tuple(slice(min(max(v.start - s.start, 0), w), min(max(v.stop - s.start, 0), w))
                        for v, s, w in zip(inside, sel, lattice.window)) for sel in local]
-        outs = apply_kernel(model, windows, valid=valid, origins=[tuple(st) for st in starts],
-                            scaling=self.reader.scaling, batch=self.batch)
+        pairs = apply_kernel_with_maps(model, windows, valid=valid, origins=[tuple(st) for st in starts],
+                                       scaling=self.reader.scaling, batch=self.batch)
+        n_out = pairs[0][0].shape[0]
+        outs = [out if maps is None else np.concatenate([out, maps]) for out, maps in pairs]  # maps blend alike
         acc = wsum = None
         for start, out in zip(starts, outs):
             win_sel, core_sel = [], []
@@ -430,7 +461,8 @@ class ImageTileJob:
             acc[(slice(None),) + tuple(core_sel)] += out[(slice(None),) + tuple(win_sel)] * w
             wsum[tuple(core_sel)] += w
         core_in = block[(slice(None),) + tuple(slice(sl.start - o, sl.stop - o) for sl, o in zip(tile.core, origin))]
-        return core_in, acc / wsum
+        blended = acc / wsum
+        return core_in, blended[:n_out], (blended[n_out:] if len(blended) > n_out else None)
 
     def write(self, tile: Tile, out: np.ndarray, at: Sequence[int] = ()) -> str:
         """Write a tile's core (at batch index ``at``); returns the checksum of what was written

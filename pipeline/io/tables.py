@@ -36,13 +36,14 @@ class TableSpec:
     region: str = "nuclei"  # the labels element the rows describe (SpatialData's sense): its name
     extra: Mapping[str, Any] = field(default_factory=dict)
     batch: tuple[str, ...] = ()  # time (or custom) axes: one column each with the object's index
+    maps: tuple[str, ...] = ()  # per-pixel maps (uncertainty): columns <map>_mean and <map>_max
 
     def attributes(self) -> dict[str, Any]:
         """The table's attributes; ``labels_path`` is where the labels image lies in the store."""
         return {"region": self.region, "region_key": REGION_KEY, "instance_key": INSTANCE_KEY,
                 "labels_path": f"labels/{self.region}", "axes": list(self.dims), "scale": list(self.scale),
                 "translation": list(self.translation), "units": list(self.units), "format": "tilewise-table/0.2",
-                "batch_axes": list(self.batch),
+                "batch_axes": list(self.batch), "maps": list(self.maps),
                 **dict(self.extra)}
 
 
@@ -105,8 +106,13 @@ def read_table(output_url: str, name: str, storage_options: Mapping[str, Any] | 
     use ``pyarrow.dataset`` on ``tables/<name>`` to stream larger ones)."""
     import pyarrow.dataset as ds
 
+    import pandas as pd
+
     fs, path = Folder(table_url(output_url, name), storage_options or {}).filesystem()
-    frame = ds.dataset(path, filesystem=fs, format="parquet").to_table(columns=columns).to_pandas()
+    dataset = ds.dataset(path, filesystem=fs, format="parquet")
+    if not dataset.files:  # a run that found no objects wrote no parts
+        return pd.DataFrame({INSTANCE_KEY: np.array([], np.uint64)})
+    frame = dataset.to_table(columns=columns).to_pandas()
     return frame.sort_values(INSTANCE_KEY, kind="stable").reset_index(drop=True)
 
 

@@ -5,7 +5,8 @@ tile by tile, into an OME-Zarr image: the step behind ``tilewise run-kernel`` an
 Output layout: ``OUT`` is the multiscale image itself (named ``<name>`` in its metadata; channel
 axis first when the kernel has more than one output channel or the input has channels), so
 every NGFF reader opens it from the root (``napari OUT``); ``OUT/_tilewise`` holds the run
-manifest, and labels made from it later go to ``OUT/labels/<name>``. Outputs written before
+manifest, labels made from it later go to ``OUT/labels/<name>``, and a kernel's maps (a
+denoiser's per-pixel variance) to ``OUT/uncertainty/<map>``. Outputs written before
 this layout (the image at ``OUT/<name>``) are still read and resumed.
 """
 
@@ -22,6 +23,7 @@ from kernels import KernelSpec
 from pipeline.core.errors import OptionError
 from pipeline.engine.blend import BlendLattice
 from pipeline.engine.manifest import RunLock, RunManifest, check_compatible
+from pipeline.engine.maps import MapSinks
 from pipeline.engine.pyramid import finalize_image
 from pipeline.engine.runner import (
     EngineOptions,
@@ -34,7 +36,6 @@ from pipeline.engine.runner import (
     verify_done,
 )
 from pipeline.io import store
-from pipeline.io.ngff import Axis
 from pipeline.io.write import ImageSink, create_image
 
 log = logging.getLogger(__name__)
@@ -42,19 +43,9 @@ log = logging.getLogger(__name__)
 
 def _output_image(setup: EngineSetup, name: str, dtype: str, options: EngineOptions) -> dict[str, Any]:
     """The keyword arguments of ``create_image`` for this kernel's output over this input."""
-    traits, lv = setup.traits, setup.source.level(setup.level)
-    channel_axis = setup.has_channels or traits.out_channels > 1
-    batch = list(setup.batch_axes)  # time points (and custom axes) keep their axes, one chunk each
-    lead = [1.0] if channel_axis else []
-    return dict(
-        shape=list(setup.batch_shape) + ([traits.out_channels] if channel_axis else []) + list(setup.plan.shape),
-        dtype=dtype,
-        axes=[setup.source.axes[i] for i in batch] + ([Axis("c", "channel")] if channel_axis else [])
-        + [setup.source.axes[i] for i in setup.spatial],
-        scale=[lv.scale[i] for i in batch] + lead + setup.spatial_levels[0],
-        translation=[lv.translation[i] for i in batch] + [0.0] * len(lead) + setup.spatial_levels[1],
-        chunks=[1] * (len(batch) + len(lead)) + setup.spatial_levels[2], name=name,
-        channel_names=_channel_names(setup), version=setup.ngff, storage_options=options.storage_options)
+    channels = setup.traits.out_channels if setup.has_channels or setup.traits.out_channels > 1 else 0
+    return dict(**setup.output_geometry(channels), dtype=dtype, name=name, channel_names=_channel_names(setup),
+                version=setup.ngff, storage_options=options.storage_options)
 
 
 def _channel_names(setup: EngineSetup) -> list[str] | None:
@@ -116,9 +107,13 @@ def run_kernel(input_url: str, output_url: str, kernel: KernelSpec, client: Any,
         # omero (and with it the channel names) is written at the end: carry the names on resume
         sink = replace(ImageSink.open(_existing_image(output_url, name, options), options.storage_options),
                        channel_names=tuple(_channel_names(setup) or ()) or None)
+        maps = MapSinks.open(output_url, setup.traits.maps, options.storage_options) if setup.traits.maps else None
     else:
         sink = create_image(output_url, overwrite=options.overwrite, **_output_image(setup, name, dtype, options))
         store.open_group(output_url, "a", options.storage_options).attrs.update({"tilewise": {"run": params}})
+        maps = MapSinks.create(output_url, setup.traits.maps, setup.output_geometry(), version=setup.ngff,
+                               n_levels=len(sink.levels), storage_options=options.storage_options) \
+            if setup.traits.maps else None
         manifest.write_params(params)
     space = setup.space  # every spatial tile at every index of the batch axes
     done = verify_done(client, sink, plan, manifest, progress=options.progress,
@@ -130,7 +125,7 @@ def run_kernel(input_url: str, output_url: str, kernel: KernelSpec, client: Any,
     todo = [t for t in wanted if t not in done]
     batch = setup.batch(options.batch)
     job = ImageTileJob(kernel=kernel, reader=setup.reader(), plan=plan, sink=sink, manifest=manifest, batch=batch,
-                       blend=lattice, out_dtype=dtype, batch_shape=setup.batch_shape)
+                       blend=lattice, out_dtype=dtype, batch_shape=setup.batch_shape, maps=maps)
     started = time.perf_counter()
     voxels = 0
     metas: list[dict[str, Any]] = []
@@ -142,5 +137,7 @@ def run_kernel(input_url: str, output_url: str, kernel: KernelSpec, client: Any,
         report_missing(metas, setup.source)
         if tile_ids is None or len(manifest.done()) == len(space):
             finalize_image(sink, client, progress=options.progress)
+            if maps is not None:
+                maps.finalize(client, progress=options.progress)
     return RunSummary(output_url, len(space), len(todo), len(wanted) - len(todo), seconds,
                       voxels / max(seconds, 1e-9))

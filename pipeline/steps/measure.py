@@ -19,12 +19,13 @@ from pipeline.io.tables import INSTANCE_KEY, REGION_KEY, TableSpec
 
 
 def partial_stats(labels: np.ndarray, n: int, origin: Sequence[int], dims: Sequence[str],
-                  intensity: np.ndarray | None = None, batch: Mapping[str, int] | None = None
-                  ) -> dict[str, np.ndarray]:
+                  intensity: np.ndarray | None = None, batch: Mapping[str, int] | None = None,
+                  maps: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """Mergeable sums for objects ``1..n`` of a block whose every id ``1..n`` is present.
 
     ``origin`` is the block's position in the labels image (pixel coordinates come out global);
-    ``intensity`` is ``(C, *block)`` in input units, or None.
+    ``intensity`` is ``(C, *block)`` in input units, or None; ``maps`` are named per-pixel maps
+    (uncertainty) whose per-object mean and maximum the table gets.
     """
     from scipy import ndimage
 
@@ -52,6 +53,10 @@ def partial_stats(labels: np.ndarray, n: int, origin: Sequence[int], dims: Seque
             cols[f"isq_{c}"] = np.bincount(flat, weights=vals * vals, minlength=n + 1)[1:n + 1]
             cols[f"imin_{c}"] = np.asarray(ndimage.minimum(img, labels, index), np.float64).reshape(n)
             cols[f"imax_{c}"] = np.asarray(ndimage.maximum(img, labels, index), np.float64).reshape(n)
+    for name, values in dict(maps or {}).items():
+        values = values.astype(np.float64, copy=False)
+        cols[f"usum_{name}"] = np.bincount(flat, weights=values.ravel(), minlength=n + 1)[1:n + 1]
+        cols[f"umax_{name}"] = np.asarray(ndimage.maximum(values, labels, np.arange(1, n + 1)), np.float64).reshape(n)
     return cols
 
 
@@ -61,7 +66,8 @@ def combine(partials):
     for col in partials.columns:
         if col == INSTANCE_KEY:
             continue
-        agg[col] = "min" if col.startswith(("min_", "imin_")) else "max" if col.startswith(("max_", "imax_")) else "sum"
+        agg[col] = ("min" if col.startswith(("min_", "imin_")) else
+                    "max" if col.startswith(("max_", "imax_", "umax_")) else "sum")
     return partials.groupby(INSTANCE_KEY, sort=True).agg(agg).reset_index()
 
 
@@ -90,6 +96,9 @@ def finish(partials, spec: TableSpec):
         out[f"intensity_std{suffix}"] = np.sqrt(np.maximum(partials[f"isq_{c}"].to_numpy() / count - mean**2, 0))
         out[f"intensity_min{suffix}"] = partials[f"imin_{c}"].to_numpy()
         out[f"intensity_max{suffix}"] = partials[f"imax_{c}"].to_numpy()
+    for name in spec.maps:  # uncertainty: where in an object the model was unsure, and how much
+        out[f"{name}_mean"] = partials[f"usum_{name}"].to_numpy() / count
+        out[f"{name}_max"] = partials[f"umax_{name}"].to_numpy()
     for name in spec.batch:  # an object lives at one time point: its index, as a column
         out[name] = np.rint(partials[f"sum_{name}"].to_numpy() / count).astype(np.int64)
     out["tiles"] = partials["tiles"].to_numpy(np.int64)

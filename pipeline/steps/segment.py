@@ -30,6 +30,7 @@ import numpy as np
 from kernels import KernelSpec
 from pipeline.core.errors import OptionError
 from pipeline.engine.manifest import RunLock, RunManifest, check_compatible
+from pipeline.engine.maps import MapSinks
 from pipeline.engine.pyramid import finalize_image
 from pipeline.engine.runner import (
     EngineOptions,
@@ -110,6 +111,11 @@ class SegmentRun:
     @property
     def storage_options(self) -> dict:
         return self.options.storage_options or {}
+
+    def maps(self) -> MapSinks | None:
+        """The kernel's map images (uncertainty), created with the output; None without maps."""
+        names = self.setup.traits.maps
+        return MapSinks.open(self.output_url, names, self.storage_options) if names else None
 
 
 def segment_labels(input_url: str, output_url: str, kernel: KernelSpec, client: Any,
@@ -227,6 +233,9 @@ def _run_passes(run: SegmentRun, client: Any, *, iou: float, consecutive: bool, 
     if table_spec is not None:
         _finish_stitched_rows(run, table_spec)
     finalize_image(sink, client, labels=True, progress=run.options.progress)
+    maps = run.maps()
+    if maps is not None:
+        maps.finalize(client, progress=run.options.progress)
     seconds["pyramid_and_table"] = time.perf_counter() - started
     stitched = int(np.count_nonzero(resolution.is_root))
     summary = SegmentSummary(run.output_url, sink.url, table_url(run.output_url, run.name) if table else None,
@@ -265,6 +274,10 @@ def _begin_output(run: SegmentRun, params: dict[str, Any], *, overwrite: bool) -
     one = (1,) * len(run.setup.batch_shape)  # one time point per shard and chunk
     run.files.create_raw(run.setup.batch_shape + plan.shape, one + plan.tile_shape,
                          one + inner_chunks(plan.tile_shape, plan.halo))
+    if run.setup.traits.maps:
+        MapSinks.create(run.output_url, run.setup.traits.maps, run.setup.output_geometry(), version=run.setup.ngff,
+                        n_levels=len(run.setup.source.levels) - run.setup.level,
+                        storage_options=run.storage_options)
     run.manifest.at("relabel").begin()
 
 
@@ -277,7 +290,7 @@ def label_tiles(run: SegmentRun, client: Any, *, measure: bool) -> tuple[np.ndar
     batch = setup.batch(run.options.batch)
     job = LabelTileJob(kernel=run.kernel, reader=setup.reader(), plan=plan, manifest=run.manifest, files=run.files,
                        dims=tuple(setup.spatial_dims), batch=batch, measure_intensity=measure and setup.traits.measures,
-                       batch_shape=setup.batch_shape)
+                       batch_shape=setup.batch_shape, maps=run.maps())
     metas = []
     for results in submit_tiles(client, job, todo, setup=setup, options=run.options, batch=batch,
                                 desc=run.kernel.name):
@@ -338,7 +351,7 @@ def _begin_table(run: SegmentRun) -> TableSpec:
     spec = TableSpec(tuple(setup.spatial_dims), tuple(scale), tuple(translation),
                      tuple(setup.source.axes[i].unit for i in setup.spatial),
                      channels=setup.source.n_channels, region=run.name,
-                     batch=tuple(setup.source.dims[i] for i in setup.batch_axes))
+                     batch=tuple(setup.source.dims[i] for i in setup.batch_axes), maps=setup.traits.maps)
     if not store.exists(table_url(run.output_url, run.name), run.storage_options):
         begin_table(run.output_url, run.name, spec, run.storage_options)
     return spec
@@ -351,21 +364,12 @@ def _label_sink(run: SegmentRun, n_objects: int, consecutive: bool) -> ImageSink
     setup = run.setup
     dtype = np.uint32 if consecutive and n_objects < 2**32 - 1 else np.uint64
     n_labels = max(n_objects, 1) if consecutive else None
-    scale, translation, chunks = setup.spatial_levels
-    lv, batch = setup.source.level(setup.level), list(setup.batch_axes)  # labels keep the time axis
-    axes = [setup.source.axes[i] for i in batch + list(setup.spatial)]
-    scale = [lv.scale[i] for i in batch] + scale
-    translation = [lv.translation[i] for i in batch] + translation
-    chunks = [1] * len(batch) + chunks
     n_levels = len(setup.source.levels) - setup.level
     # copy: NGFF's layout, inside the image (../../); link: the relative way to the input
     source = "../../" if run.image == "copy" else store.relative(url, setup.source.url)
-    return create_label_image(store.join(run.output_url, "labels"), run.name,
-                              shape=setup.batch_shape + setup.plan.shape, axes=axes,
-                              scale=scale, translation=translation, chunks=chunks, n_levels=n_levels, dtype=dtype,
-                              version=setup.ngff,
-                              n_labels=n_labels, source_image=source,
-                              storage_options=run.storage_options)
+    return create_label_image(store.join(run.output_url, "labels"), run.name, **setup.output_geometry(),
+                              n_levels=n_levels, dtype=dtype, version=setup.ngff, n_labels=n_labels,
+                              source_image=source, storage_options=run.storage_options)
 
 
 def classical_spec(input_url: str, *, level: int = 0, diameter: float | None = None, sigma: float | None = None,

@@ -39,11 +39,12 @@ from kernels import Kernel, KernelSpec
 from kernels.metrics import overlap_iou
 from pipeline.core.regions import Region
 from pipeline.engine.manifest import RunManifest
+from pipeline.engine.maps import MapSinks
 from pipeline.engine.plan import Tile, TilePlan
 from pipeline.engine.runner import (
     TileReader,
     TileSpace,
-    apply_kernel,
+    apply_kernel_with_maps,
     batch_slices,
     block_origin,
     checksum,
@@ -196,6 +197,7 @@ class LabelTileJob:
     batch: int = 1
     measure_intensity: bool = True
     batch_shape: tuple[int, ...] = ()  # time points (and custom axes): each labelled on its own
+    maps: MapSinks | None = None  # the kernel's maps (uncertainty): written per core, measured per object
 
     def __call__(self, tile_ids: Sequence[int]) -> list[dict[str, Any]]:
         return run_batches(self.kernel, tile_ids, self.batch, self.run_batch)
@@ -219,23 +221,28 @@ class LabelTileJob:
         missing = [self.reader.missing(tile.read, at) for at, tile in located]  # before any work
         pads = [self.edge_pad(tile) for tile in tiles]
         blocks = [self.reader.read(tile.read, pad, at) for (at, tile), pad in zip(located, pads)]
-        outputs = apply_kernel(model, blocks, valid=[valid_region(t.read, p) for t, p in zip(tiles, pads)],
-                               origins=[block_origin(t.read, p) for t, p in zip(tiles, pads)],
-                               scaling=self.reader.scaling, batch=self.batch)
+        outputs = apply_kernel_with_maps(model, blocks, valid=[valid_region(t.read, p) for t, p in zip(tiles, pads)],
+                                         origins=[block_origin(t.read, p) for t, p in zip(tiles, pads)],
+                                         scaling=self.reader.scaling, batch=self.batch)
         seconds = (time.perf_counter() - started) / len(tiles)
-        return [self.finish_tile(g, at, tile, pad, block, out[0], seconds, n_missing)
-                for g, (at, tile), pad, block, out, n_missing in zip(ids, located, pads, blocks, outputs, missing)]
+        return [self.finish_tile(g, at, tile, pad, block, out[0], seconds, n_missing, maps)
+                for g, (at, tile), pad, block, (out, maps), n_missing in zip(ids, located, pads, blocks, outputs, missing)]
 
     def finish_tile(self, g: int, at: tuple[int, ...], tile: Tile, pad: tuple[tuple[int, int], ...],
-                    block: np.ndarray, labels: np.ndarray, seconds: float, missing: int = 0) -> dict[str, Any]:
+                    block: np.ndarray, labels: np.ndarray, seconds: float, missing: int = 0,
+                    maps: np.ndarray | None = None) -> dict[str, Any]:
         """One tile's labels (global tile id ``g``, batch index ``at``) into the raw ids, its shell
-        and its partial table rows."""
+        and its partial table rows; its maps' core into the map images."""
         unpadded = valid_region(tile.read, pad)
         core_in_read = shift(tile.core, [sl.start for sl in tile.read])
         local, n_core = renumber_core_first(labels[unpadded], core_in_read)
         core = local[core_in_read]
         ids = global_ids(g, core)
         self.files.raw("r+")[batch_slices(at) + tile.core] = ids.reshape((1,) * len(at) + ids.shape)
+        core_maps = None
+        if self.maps is not None and maps is not None:
+            core_maps = maps[(slice(None),) + shift(tile.core, block_origin(tile.read, pad))]
+            self.maps.write(batch_slices(at), tile.core, core_maps)
         shell = local.copy()
         shell[core_in_read] = 0
         self.files.save("shell", g, labels=shell, start=np.array([sl.start for sl in tile.read]),
@@ -246,7 +253,8 @@ class LabelTileJob:
             if self.reader.input == "normalised" and self.reader.scaling is not None:
                 intensity = self.reader.scaling.invert(intensity)
         partial = partial_stats(core, n_core, [sl.start for sl in tile.core], self.dims, intensity,
-                                batch=dict(zip(self.batch_names, at)))
+                                batch=dict(zip(self.batch_names, at)),
+                                maps=None if core_maps is None else dict(zip(self.maps.names, core_maps)))
         self.files.save("partial", g, **partial)
         meta = {"tile": g, "voxels": int(np.prod(tile.core_shape)), "seconds": seconds, "objects": n_core,
                 "missing_input_chunks": missing,

@@ -22,6 +22,7 @@ import numpy as np
 from kernels.instances import three_class
 from kernels.modelfile import INFERENCE_NORMALISATION, ModelCard, save_model
 from kernels.training import TrainResult
+from kernels.uncertainty import METHODS
 from pipeline.core.errors import InputError, OptionError, OutputExistsError
 from pipeline.core.regions import Region, grid_shape, region_of
 from pipeline.io.read import ImageSource, open_image
@@ -177,9 +178,10 @@ class TrainingData:
         validation = pool.validation(val_patches, np.random.default_rng(seed + 1))
         return cls(source, level, norm, pool, pool_axes, validation)
 
-    def save(self, model_dir: str, result: TrainResult, *, task: str, method: str, training: dict) -> ModelCard:
+    def save(self, model_dir: str, result: TrainResult, *, task: str, method: str, training: dict,
+             uncertainty: dict | None = None) -> ModelCard:
         """The model folder: weights and a card saying how inputs are normalised at inference."""
-        card = ModelCard(task=task, method=method, architecture=result.config.to_dict(),
+        card = ModelCard(task=task, method=method, architecture=result.config.to_dict(), uncertainty=uncertainty,
                          normalisation={**self.norm.to_dict(), "at_inference": INFERENCE_NORMALISATION},
                          training={**training, "seconds": result.seconds, "device": result.device,
                                    "history": result.history},
@@ -200,17 +202,45 @@ DEFAULT_PATCH = {
 }
 
 
+def uncertainty_config(method: str | None, *, samples: int | None = None, members: int | None = None,
+                       dropout: float | None = None, seed: int = 0, allowed: Sequence[str] = METHODS) -> dict | None:
+    """The card's ``uncertainty`` entry from the command line's options (None: deterministic)."""
+    from kernels.uncertainty import UncertaintyConfig
+
+    if method is None or method == "none":
+        if samples is not None or members is not None or dropout is not None:
+            raise OptionError("--samples, --members and --dropout need --uncertainty (adf, mc-dropout or ensemble).")
+        return None
+    if method not in allowed:
+        raise OptionError(f"Unknown uncertainty method '{method}'; choose {', '.join(allowed)}.")
+    settings = {"samples": samples, "members": members, "dropout": dropout}
+    wrong = {"samples": "mc-dropout", "members": "ensemble", "dropout": "mc-dropout"}
+    for key, value in settings.items():
+        if value is not None and wrong[key] != method:
+            raise OptionError(f"--{key} applies to --uncertainty {wrong[key]}, not {method}.")
+    try:
+        config = UncertaintyConfig(method=method, seed=seed, **{k: v for k, v in settings.items() if v is not None})
+    except ValueError as exc:
+        raise OptionError(f"Uncertainty options: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}.") from None
+    return config.model_dump()
+
+
 def train_denoise(image_url: str, model_dir: str, *, method: str = "n2v2", mask_fraction: float | None = None,
                   patch: Sequence[int] | None = None, steps: int = 2000, batch: int = 16, level: int = 0,
-                  depth: int = 2, width: int = 32, seed: int = 0, overwrite: bool = False, progress: bool = True,
-                  device: str | None = None, storage_options: dict | None = None) -> ModelCard:
+                  depth: int = 2, width: int = 32, seed: int = 0, uncertainty: str | None = None,
+                  samples: int | None = None, members: int | None = None, overwrite: bool = False,
+                  progress: bool = True, device: str | None = None, storage_options: dict | None = None) -> ModelCard:
     """Train a self-supervised denoiser on the image itself and write a model folder.
 
     ``method``: ``n2v2`` or ``n2s``; ``mask_fraction``: N2V pixels masked per patch (default
-    ``TrainConfig.mask_fraction``). Returns the model card as written.
+    ``TrainConfig.mask_fraction``); ``uncertainty``: ``mc-dropout`` (``samples`` passes at
+    inference) or ``ensemble`` (``members`` networks): the denoised image is then the mean, and a
+    per-pixel variance map is written beside it. Returns the model card as written.
     """
     from kernels.denoise import TrainConfig, train_denoiser
 
+    u = uncertainty_config(uncertainty, samples=samples, members=members, seed=seed,
+                           allowed=("mc-dropout", "ensemble"))
     if method not in ("n2v2", "n2s"):
         raise OptionError(f"Unknown denoising method '{method}'; choose n2v2 or n2s.")
     if mask_fraction is not None and not 0 < mask_fraction <= 0.25:
@@ -221,33 +251,38 @@ def train_denoise(image_url: str, model_dir: str, *, method: str = "n2v2", mask_
                                 val_patches=TrainConfig.val_patches)
     extra = {} if mask_fraction is None else {"mask_fraction": float(mask_fraction)}
     cfg = TrainConfig(method=method, patch=data.pool.patch, batch=batch, steps=steps, seed=seed, depth=depth,
-                      width=width, pool=data.pool_axes, **extra)
+                      width=width, pool=data.pool_axes, uncertainty=u, **extra)
     result = train_denoiser(data.pool.sample, data.validation, cfg, channels=data.source.n_channels, device=device,
                             progress=progress)
-    return data.save(model_dir, result, task="denoise", method=method, training=cfg.to_dict())
+    return data.save(model_dir, result, task="denoise", method=method, training=cfg.to_dict(), uncertainty=u)
 
 
 def train_segment(image_url: str, model_dir: str, *, labels: str = "nuclei", patch: Sequence[int] | None = None,
                   steps: int = 2000, batch: int = 8, level: int = 0, depth: int = 3, width: int = 32, seed: int = 0,
+                  uncertainty: str | None = None, samples: int | None = None, members: int | None = None,
                   overwrite: bool = False, progress: bool = True, device: str | None = None,
                   storage_options: dict | None = None) -> ModelCard:
     """Train the 3-class segmentation U-Net on an image and its ``labels/<labels>``.
 
     Patches (image + classes) come from random blocks, 10 % of them held out for validation and
-    early stopping. Returns the model card as written.
+    early stopping. ``uncertainty``: ``adf`` (one network, moment propagation, Dirichlet loss),
+    ``mc-dropout`` (``samples`` passes at inference) or ``ensemble`` (``members`` networks);
+    segmenting with such a model writes uncertainty maps. Returns the model card as written.
     """
     from kernels.segment_train import SegmentTrainConfig, train_segmenter
+
+    u = uncertainty_config(uncertainty, samples=samples, members=members, seed=seed)
 
     data = TrainingData.prepare(image_url, model_dir, task="segmentation", patch=patch, level=level, depth=depth,
                                 seed=seed, overwrite=overwrite, storage_options=storage_options, labels=labels,
                                 val_patches=SegmentTrainConfig.val_patches)
     cfg = SegmentTrainConfig(patch=data.pool.patch, batch=batch, steps=steps, seed=seed, depth=depth, width=width,
-                             pool=data.pool_axes)
+                             pool=data.pool_axes, uncertainty=u)
     result = train_segmenter(data.pool.sample, data.validation, cfg, channels=data.source.n_channels,
                              device=device, progress=progress)
     return data.save(model_dir, result, task="segment", method="unet3class",
                      training={**cfg.to_dict(), "labels": labels,
-                               "object_scale": training_object_scale(data.source, labels, level)})
+                               "object_scale": training_object_scale(data.source, labels, level)}, uncertainty=u)
 
 
 def training_object_scale(source: ImageSource, labels: str, level: int, max_voxels: int = 2**22) -> dict:
