@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -131,9 +132,10 @@ def cmd_train_denoise(args) -> None:
 
     card = train_denoise(args.input, args.model, method=args.method, patch=args.patch, steps=args.steps,
                          batch=args.batch, level=args.level, depth=args.depth, width=args.width,
-                         mask_fraction=args.mask_fraction, seed=args.seed, overwrite=args.overwrite,
+                         mask_fraction=args.mask_fraction, seed=args.seed, uncertainty=args.uncertainty,
+                         samples=args.samples, members=args.members, overwrite=args.overwrite,
                          progress=not args.quiet)
-    print(f"wrote {args.model}: {card.method}, validation loss {card.validation_loss:.5f}, "
+    print(f"wrote {args.model}: {card.method}{_uncertainty_note(card)}, validation loss {card.validation_loss:.5f}, "
           f"{card.training['seconds']:.0f} s, weights {card.weights_sha256[:12]}")
 
 
@@ -155,9 +157,30 @@ def cmd_train_segment(args) -> None:
 
     card = train_segment(args.image, args.model, labels=args.labels, patch=args.patch, steps=args.steps, batch=args.batch,
                          level=args.level, depth=args.depth, width=args.width, seed=args.seed,
+                         uncertainty=args.uncertainty, samples=args.samples, members=args.members,
                          overwrite=args.overwrite, progress=not args.quiet)
-    print(f"wrote {args.model}: 3-class U-Net, validation loss {card.validation_loss:.4f}, "
+    print(f"wrote {args.model}: 3-class U-Net{_uncertainty_note(card)}, validation loss {card.validation_loss:.4f}, "
           f"{card.training['seconds']:.0f} s, weights {card.weights_sha256[:12]}")
+
+
+def _uncertainty_note(card) -> str:
+    u = card.uncertainty
+    if not u:
+        return ""
+    detail = {"mc-dropout": f", {u['samples']} samples", "ensemble": f", {u['members']} members"}.get(u["method"], "")
+    return f" ({u['method']}{detail})"
+
+
+def cmd_evaluate(args) -> None:
+    from pipeline.steps.evaluate import evaluate
+
+    scores = evaluate(args.output, args.truth, labels=args.name, report=args.report)
+    shown = {k: scores[k] for k in ("dice", "iou", "acc50", "ece", "auroc", "auroc_by_map", "error_rate")}
+    print(json.dumps(shown, indent=2))
+    for note in scores["notes"]:
+        print(f"note: {note}", file=sys.stderr)
+    if args.report:
+        print(f"wrote {args.report}/evaluation.json" + (" and reliability.png" if scores.get("reliability_png") else ""))
 
 
 def cmd_segment(args) -> None:
@@ -167,7 +190,7 @@ def cmd_segment(args) -> None:
     source = open_image(args.input)  # validate the input (and the model) before starting a cluster
     ndim = len(source.spatial_dims)
     if args.model:
-        spec = model_spec(args.model, min_size=args.min_size)  # checks the model folder first
+        spec = model_spec(args.model, min_size=args.min_size, samples=args.samples)  # checks the model folder first
         zoom, note = model_zoom(args.input, args.model, level=args.level, diameter=args.diameter)
         if note and args.no_rescale and zoom != 1.0:
             print(f"warning: {note.split(': tiles')[0]}; --no-rescale keeps the image's scale, results may be "
@@ -175,7 +198,7 @@ def cmd_segment(args) -> None:
         elif note:
             print(f"note: {note}", file=sys.stderr)
         if zoom != 1.0 and not args.no_rescale:
-            spec = model_spec(args.model, min_size=args.min_size, zoom=zoom)
+            spec = model_spec(args.model, min_size=args.min_size, zoom=zoom, samples=args.samples)
     else:
         halo = None
         if args.halo:
@@ -211,6 +234,13 @@ def _add_training_options(p: argparse.ArgumentParser, default_patch: str, *, bat
     p.add_argument("--width", type=int, default=32, help="U-Net channels at the top level")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing model folder")
+    g = p.add_argument_group("uncertainty")
+    g.add_argument("--uncertainty", choices=("adf", "mc-dropout", "ensemble"),
+                   help="also estimate per-pixel uncertainty: adf (one pass, moment propagation; segment only), "
+                        "mc-dropout (dropout kept on at inference, --samples passes) or ensemble (--members "
+                        "networks, trained one after the other)")
+    g.add_argument("--samples", type=int, help="mc-dropout: forward passes at inference (default 20)")
+    g.add_argument("--members", type=int, help="ensemble: networks (default 5)")
 
 
 def _add_engine_options(p: argparse.ArgumentParser) -> None:
@@ -359,6 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="smallest object in voxels (default 5%% of a ball one diameter across; U-Net: 12); "
                         "also for --model")
     g.add_argument("--threshold", type=float, help="foreground threshold in input units (default: Otsu)")
+    g.add_argument("--samples", type=int, help="--model trained with mc-dropout: forward passes (default: its card's)")
     g.add_argument("--halo", type=_ints, help="halo in pixels, one or per axis (default 2 diameters): "
                                               "> largest object")
     g = p.add_argument_group("tiling")
@@ -370,6 +401,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_missing_option(g)
     _add_cluster_options(p)
     p.set_defaults(func=cmd_segment)
+
+    p = sub.add_parser("evaluate", help="score labels and their uncertainty maps against ground-truth labels",
+                       description="Dice, IoU and accuracy@0.5 of OUTPUT/labels/NAME against TRUTH (a labels "
+                                   "image of the same shape), and for outputs of an uncertainty model the expected "
+                                   "calibration error of the foreground probability and the AUROC of each "
+                                   "uncertainty map as a detector of the labels' errors. Reads block by block.")
+    p.add_argument("output", help="output of `tilewise segment`")
+    p.add_argument("--truth", required=True, help="ground-truth labels image (e.g. IMAGE/labels/truth)")
+    p.add_argument("--name", default="nuclei", help="labels name in OUTPUT (default nuclei)")
+    p.add_argument("--report", help="folder for evaluation.json and reliability.png")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("denoise", help="denoise an image with a trained model, tile by tile",
                        description="Run a denoising model through the tiled engine into the image OUTPUT, with a "

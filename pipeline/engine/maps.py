@@ -39,7 +39,7 @@ class MapSinks:
         create_collection(maps_url(output_url), version=version, overwrite=True, storage_options=storage_options,
                           attributes={"tilewise": {"maps": list(names)}})
         return cls(tuple(create_image(maps_url(output_url, name), **geometry, dtype="float32", name=name,
-                                      n_levels=n_levels, version=version, overwrite=True,
+                                      channel_names=(name,), n_levels=n_levels, version=version, overwrite=True,
                                       storage_options=storage_options) for name in names))
 
     @classmethod
