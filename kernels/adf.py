@@ -134,14 +134,9 @@ def max_pool(mean: torch.Tensor, var: torch.Tensor, pool: Sequence[int], *, min_
     return mean, var
 
 
-def down(layer: Down, mean: torch.Tensor, var: torch.Tensor, *, min_variance: float = 1e-6) -> Moments:
-    """``kernels.unet.Down``: max-pool, or N2V2's max-blur-pool (2-wide max with stride 1, then
-    the [1, 2, 1] blur applied with the stride: linear, so variance through squared taps)."""
-    if not layer.blur:
-        return max_pool(mean, var, layer.pool, min_variance=min_variance)
-    for axis, p in enumerate(layer.pool, start=2):
-        if p > 1:
-            mean, var = _max_pairs(mean, var, axis, 1, min_variance)
+def blur(layer: Down, mean: torch.Tensor, var: torch.Tensor) -> Moments:
+    """The [1, 2, 1] low-pass of max-blur-pool, applied with the stride: a depthwise
+    convolution, so the variance goes through the squared taps."""
     c = mean.shape[1]
     weight = layer.kernel.expand(c, 1, *layer.kernel.shape[2:]).to(mean.dtype)
     sl = [slice(None), slice(None)] + [slice(None) if p > 1 else slice(1, 2) for p in layer.pool]
@@ -150,6 +145,19 @@ def down(layer: Down, mean: torch.Tensor, var: torch.Tensor, *, min_variance: fl
     padding = [1 if p > 1 else 0 for p in layer.pool]
     return (functional(mean, weight, stride=layer.pool, padding=padding, groups=c),
             functional(var, weight**2, stride=layer.pool, padding=padding, groups=c))
+
+
+def down(layer: Down, mean: torch.Tensor, var: torch.Tensor, *, min_variance: float = 1e-6) -> Moments:
+    """``kernels.unet.Down``: max-pool, or N2V2's max-blur-pool (a 2-wide max with stride 1 per
+    pooled axis, then :func:`blur`). Neighbouring outputs of the stride-1 max share inputs, so
+    the blur sums correlated values that ADF treats as independent: the variance of the whole
+    step is an approximation (the segmenter uses plain max-pooling)."""
+    if not layer.blur:
+        return max_pool(mean, var, layer.pool, min_variance=min_variance)
+    for axis, p in enumerate(layer.pool, start=2):
+        if p > 1:
+            mean, var = _max_pairs(mean, var, axis, 1, min_variance)
+    return blur(layer, mean, var)
 
 
 def upsample(mean: torch.Tensor, var: torch.Tensor, scale: Sequence[int], mode: str = "nearest") -> Moments:
@@ -244,5 +252,5 @@ class ADFUNet(UNet):
         return mean[crop], var[crop]
 
 
-__all__ = ["ADFUNet", "Moments", "batch_norm", "conv", "conv_transpose", "down", "gaussian_max",
+__all__ = ["ADFUNet", "Moments", "batch_norm", "blur", "conv", "conv_transpose", "down", "gaussian_max",
            "leaky_relu", "max_pool", "relu", "sequential", "upsample"]
