@@ -177,6 +177,8 @@ class UNetModelKernel(Kernel):
         model: str
         sha256: str = ""
         samples: int | None = Field(None, ge=2, le=1000)  # mc-dropout: forward passes (default: the card's)
+        # adf: input noise variance in normalised units (default: the card's, the training value)
+        input_variance: float | None = Field(None, ge=0)
 
     def __init__(self, params: Params):
         from kernels.unet import receptive_field
@@ -192,6 +194,9 @@ class UNetModelKernel(Kernel):
         if params.samples is not None and (self.uncertainty is None or self.uncertainty.method != "mc-dropout"):
             raise ModelFileError(f"samples applies to MC-dropout models only; '{params.model}' is "
                                  f"{self.uncertainty.method if self.uncertainty else 'deterministic'}.")
+        if params.input_variance is not None and (self.uncertainty is None or self.uncertainty.method != "adf"):
+            raise ModelFileError(f"input_variance applies to ADF models only; '{params.model}' is "
+                                 f"{self.uncertainty.method if self.uncertainty else 'deterministic'}.")
         self.traits = KernelTraits(ndim=self.config.ndim, in_channels=self.config.in_channels,
                                    out_channels=self.config.out_channels, halo=receptive_field(self.config).halo,
                                    align=self.config.factor, percentiles=card_percentiles(self.card),
@@ -205,6 +210,8 @@ class UNetModelKernel(Kernel):
         net = build_network(self.card)
         net.load_state_dict(state)
         self.net, self.device = net.to(device).eval(), device
+        if self.params.input_variance is not None:
+            net.input_variance = float(self.params.input_variance)
         if self.uncertainty is not None and self.uncertainty.method == "mc-dropout":
             from kernels.uncertainty import FixedDropout
 

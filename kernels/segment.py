@@ -9,7 +9,8 @@ beyond its receptive field.
   statistics, never per tile, so tiles agree), distance-transform seeded watershed; distances
   use the physical pixel size, so anisotropic stacks are handled.
 - ``segment-unet``: a 3-class U-Net (background / interior / boundary, see
-  ``kernels.instances``) whose interior probability seeds a watershed.
+  ``kernels.instances``) whose interior probability seeds a watershed; with an uncertainty
+  method it also returns per-pixel uncertainty maps (``KernelTraits.maps``).
 - ``relabel``: takes a labels image and renumbers it per block: the stitching machinery on its
   own (tests, benchmarks, re-stitching labels made elsewhere).
 """
@@ -157,6 +158,11 @@ class UNetSegmentKernel(UNetModelKernel):
     this image's objects are twice as large as the training objects), and the class
     probabilities are mapped back to the block before the watershed, so labels are on the
     input grid and tiles still agree. ``object_halo`` and ``min_size`` are in model pixels.
+
+    A model trained with an uncertainty method (``adf``, ``mc-dropout``, ``ensemble``; see
+    ``kernels.uncertainty``) labels from its *mean* class probabilities and returns the maps
+    ``foreground`` (mean foreground probability), ``entropy`` (normalised predictive entropy)
+    and ``variance`` (total variance of the class probabilities) beside the labels.
     """
 
     name = "segment-unet"
