@@ -101,6 +101,45 @@ def write_parquet_file(folder: Folder, name: str, rows) -> None:
         rows.to_parquet(fh, index=False)
 
 
+EMBED_PREFIX = "embed_"
+
+
+def write_table(output_url: str, name: str, rows, attributes: Mapping[str, Any], *,
+                embeddings: Mapping[str, np.ndarray] | None = None,
+                storage_options: Mapping[str, Any] | None = None) -> str:
+    """``tables/<name>`` as one Parquet part: ``rows`` (pandas) plus one fixed-size list column
+    per embedding (``embed_<kind>``, float32, ``(n, d)`` in row order) and ``attributes``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    url = table_url(output_url, name)
+    folder = Folder(url, storage_options or {})
+    folder.remove()
+    folder.makedirs()
+    folder.write_json("_attributes.json", dict(attributes))
+    table = pa.Table.from_pandas(rows, preserve_index=False)
+    for column, values in dict(embeddings or {}).items():
+        values = np.ascontiguousarray(values, np.float32)
+        if values.ndim != 2 or len(values) != len(rows):
+            raise ValueError(f"embedding {column} has shape {values.shape}; needs ({len(rows)}, d)")
+        table = table.append_column(column, pa.FixedSizeListArray.from_arrays(pa.array(values.ravel()), values.shape[1]))
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}),
+                                           b"tilewise": json.dumps(dict(attributes)).encode()})
+    with folder.open("part-0.parquet", "wb") as fh:
+        pq.write_table(table, fh)
+    return url
+
+
+def embedding_columns(frame) -> list[str]:
+    return [c for c in frame.columns if str(c).startswith(EMBED_PREFIX)]
+
+
+def embedding_matrix(frame, column: str) -> np.ndarray:
+    """An ``embed_*`` column (one array per row) as an ``(n, d)`` float32 matrix."""
+    values = frame[column].to_numpy()
+    return np.stack([np.asarray(v, np.float32) for v in values]) if len(values) else np.zeros((0, 0), np.float32)
+
+
 def read_table(output_url: str, name: str, storage_options: Mapping[str, Any] | None = None, columns=None):
     """The whole table as a pandas DataFrame sorted by label (for tables that fit in memory;
     use ``pyarrow.dataset`` on ``tables/<name>`` to stream larger ones)."""
@@ -129,16 +168,19 @@ def to_anndata(output_url: str, name: str, storage_options: Mapping[str, Any] | 
         raise OptionError("Reading a table as AnnData needs the 'anndata' package: pip install anndata.") from None
     frame = read_table(output_url, name, storage_options)
     attrs = read_attributes(output_url, name, storage_options)
+    embedded = embedding_columns(frame)  # one vector per object: obsm["X_embed_<kind>"]
     # ids, the region and any text column (a class name, say) describe objects: obs, not X
     obs_cols = [INSTANCE_KEY, REGION_KEY] + [c for c in frame.columns if c not in (INSTANCE_KEY, REGION_KEY)
-                                             and not pd.api.types.is_numeric_dtype(frame[c])]
+                                             and c not in embedded and not pd.api.types.is_numeric_dtype(frame[c])]
     spatial_cols = [f"centroid_{d}_{u or 'physical'}" for d, u in zip(attrs["axes"], attrs["units"])]
-    features = [c for c in frame.columns if c not in obs_cols]
+    features = [c for c in frame.columns if c not in obs_cols and c not in embedded]
     obs = frame[obs_cols].copy()
     obs.index = pd.Index(obs[INSTANCE_KEY].astype(str).to_numpy(), name=None)  # a named index clashes on save
     adata = anndata.AnnData(X=frame[features].to_numpy(np.float64), obs=obs,
                             var=pd.DataFrame(index=features))
     adata.obsm["spatial"] = frame[spatial_cols].to_numpy(np.float64)
+    for column in embedded:
+        adata.obsm[f"X_{column}"] = embedding_matrix(frame, column)
     adata.uns["spatialdata_attrs"] = {"region": attrs["region"], "region_key": REGION_KEY,
                                       "instance_key": INSTANCE_KEY}
     adata.uns["tilewise"] = attrs
