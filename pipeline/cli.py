@@ -171,6 +171,31 @@ def _uncertainty_note(card) -> str:
     return f" ({u['method']}{detail})"
 
 
+def cmd_embed(args) -> None:
+    from pipeline.io import open_image
+    from pipeline.steps.embed import embed_objects
+
+    open_image(args.input).label(args.labels)  # validate before a cluster starts
+    with _client(args) as client:
+        summary = embed_objects(args.input, args.output, client, labels=args.labels, table=args.table,
+                                model=args.model, seeds=args.seeds, crop=args.crop,
+                                tile_shape=args.tile, overwrite=args.overwrite, progress=not args.quiet)
+    kinds = ", ".join(f"{k} ({d})" for k, d in summary.embeddings.items())
+    print(f"wrote {summary.table}: {summary.objects} objects, {summary.objects_per_s:.0f} objects/s; {kinds}")
+
+
+def cmd_analyze(args) -> None:
+    from pipeline.steps.analyze import analyze
+
+    result = analyze(args.table, group_by=args.group_by, out=args.out, null_size=args.null_size)
+    for kind, s in result["scores"].items():
+        print(f"{kind:>16}: mAP {s['map']:.3f} (p {s['map_p']:.3g})  1-NN {s['knn_acc']:.3f}  probe {s['probe_acc']:.3f}")
+    for note in result["notes"]:
+        print(f"note: {note}", file=sys.stderr)
+    if args.out:
+        print(f"wrote {args.out}")
+
+
 def cmd_evaluate(args) -> None:
     from pipeline.steps.evaluate import evaluate
 
@@ -401,6 +426,35 @@ def build_parser() -> argparse.ArgumentParser:
     _add_missing_option(g)
     _add_cluster_options(p)
     p.set_defaults(func=cmd_segment)
+
+    p = sub.add_parser("embed", help="per-object embeddings (trained encoder + baselines) into a table",
+                       description="Embed every object of INPUT/labels/NAME (centroids from the table describing "
+                                   "it): a crop centred on each object, read tile by tile with a halo so border "
+                                   "objects get their untiled crop, through the trained encoder of --model (each "
+                                   "level, and all together), untrained twins (--seeds), the pixels and structure "
+                                   "statistics. Writes OUTPUT/tables/TABLE with one embed_<kind> column each.")
+    p.add_argument("input", help="OME-Zarr image with labels and their table")
+    p.add_argument("output", help="output store for the embedding table")
+    p.add_argument("--labels", required=True, metavar="NAME", help="labels image under INPUT/labels/")
+    p.add_argument("--table", help="the table to embed (default: the one whose region is --labels)")
+    p.add_argument("--model", help="tilewise model folder whose encoder gives the trained embedding")
+    p.add_argument("--seeds", type=int, default=3, help="untrained encoders (default 3)")
+    p.add_argument("--crop", type=float, help="crop size in physical units (default 2x the p90 object diameter)")
+    p.add_argument("--tile", type=_ints, help="tile core shape over the spatial axes (rounded to chunks)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output instead of resuming")
+    _add_cluster_options(p)
+    p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("analyze", help="score every embedding of a table beside its baselines; HTML report",
+                       description="Retrieval mAP (copairs, permutation p-values), 1-NN and linear-probe accuracy "
+                                   "and confound probes for every embed_* column of TABLE, each learned embedding "
+                                   "also as a difference over the best baseline; --out writes a self-contained HTML "
+                                   "report and its JSON.")
+    p.add_argument("table", help="OUT/tables/NAME from `tilewise embed`")
+    p.add_argument("--group-by", required=True, help="column naming each object's group (e.g. class_name)")
+    p.add_argument("--out", help="report file (.html); the scores go beside it as .json")
+    p.add_argument("--null-size", type=int, default=1000, help="permutations of the mAP null (default 1000)")
+    p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("evaluate", help="score labels and their uncertainty maps against ground-truth labels",
                        description="Dice, IoU and accuracy@0.5 of OUTPUT/labels/NAME against TRUTH (a labels "

@@ -85,10 +85,14 @@ def confound_r2(embedding: np.ndarray, target: np.ndarray, *, folds: int = 5, se
     return float(cross_val_score(model, embedding, np.asarray(target, np.float64), cv=cv, scoring="r2").mean())
 
 
-def over_best_baseline(scores: Mapping[str, Mapping[str, float]], *, baselines: Sequence[str] = BASELINES
-                       ) -> dict[str, dict[str, float]]:
+HIGHER_IS_BETTER = ("map", "knn_acc", "probe_acc")
+
+
+def over_best_baseline(scores: Mapping[str, Mapping[str, float]], *, baselines: Sequence[str] = BASELINES,
+                       metrics: Sequence[str] = HIGHER_IS_BETTER) -> dict[str, dict[str, float]]:
     """``{embedding: {metric: value - best baseline's value}}`` for every non-baseline
-    embedding (baselines are the embeddings whose name starts with one of ``baselines``)."""
+    embedding (baselines are the embeddings whose name starts with one of ``baselines``);
+    ``metrics`` are those where higher is better (not p-values)."""
     base = {name: s for name, s in scores.items() if name.startswith(tuple(baselines))}
     out: dict[str, dict[str, float]] = {}
     for name, s in scores.items():
@@ -96,6 +100,8 @@ def over_best_baseline(scores: Mapping[str, Mapping[str, float]], *, baselines: 
             continue
         out[name] = {}
         for metric, value in s.items():
+            if metric not in metrics:
+                continue
             others = [b[metric] for b in base.values() if isinstance(b.get(metric), (int, float))]
             if isinstance(value, (int, float)) and others:
                 out[name][metric] = float(value) - max(others)
