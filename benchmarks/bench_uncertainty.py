@@ -11,7 +11,8 @@ through the tiled engine (128 x 128 tiles) and ``tilewise evaluate`` like a user
 - ``ece``: expected calibration error (15 bins) of the per-pixel foreground probability;
 - ``auroc``: predictive entropy as a detector of the labels' per-pixel foreground errors
   (``auroc_variance``: the variance map, for the methods that have one);
-- ``cost_x``: segmentation seconds through the engine / the deterministic model's, same data;
+- ``cost_x``: segmentation seconds through the engine (the second of two runs, the model
+  resident) / the deterministic model's, same data;
   ``kernel_cost_x``: the same for one kernel call on the whole right half (no engine overhead).
 
 A ``dsb2018-right-shifted`` row per method scores the same models on the right half after a
@@ -135,9 +136,10 @@ def run(work: Path, methods: list[str], steps: int, reuse: bool) -> dict:
             spec = model_spec(str(model), min_size=min_size, uncertainty=True)
             for dataset, url in data.items():
                 out = str(work / f"{method}-{dataset}.ome.zarr")
-                started = time.perf_counter()
-                segment_labels(url, out, spec, client, tile_shape=TILE, progress=False, overwrite=True)
-                seconds = time.perf_counter() - started
+                for _ in range(2):  # the second run is timed: workers have the model resident by then
+                    started = time.perf_counter()
+                    segment_labels(url, out, spec, client, tile_shape=TILE, progress=False, overwrite=True)
+                    seconds = time.perf_counter() - started
                 report = work / f"report-{method}-{dataset}"
                 scores = evaluate(out, f"{url}/labels/nuclei", report=str(report))
                 entropy = open_image(f"{out}/uncertainty/entropy").read((slice(None), slice(None)))

@@ -24,7 +24,7 @@ import numpy as np
 from pydantic import Field
 
 from kernels.contract import BatchContext, Kernel, KernelParams, KernelTraits, per_axis
-from kernels.instances import BACKGROUND, distance_seeds, instances_from_probabilities, seeded_watershed
+from kernels.instances import BACKGROUND, INTERIOR, distance_seeds, instances_from_probabilities, seeded_watershed
 from kernels.modelfile import UNetModelKernel
 
 
@@ -196,25 +196,38 @@ class UNetSegmentKernel(UNetModelKernel):
                               output="labels", maps=maps)
 
     def _moments(self, batch: np.ndarray) -> np.ndarray:
-        """``(N, 4, *)`` on the model grid: mean class probabilities, then their total variance
-        (zero for a deterministic model) by the card's uncertainty method."""
+        """``(N, 5, *)`` on the model grid: mean class probabilities, their total variance (zero
+        for a deterministic model) and the interior probability that seeds objects.
+
+        ADF: the mean class probabilities are the expected softmax of the Gaussian logits
+        (``m``, the Dirichlet's mode), the variance is the Dirichlet's, and seeds come from the
+        Dirichlet's *mean* interior probability, which is pulled towards uniform where the
+        precision is low, so only confident interiors seed. Chosen on the training half of
+        DSB-2018 (``bench_uncertainty``): labels from the Dirichlet mean alone reached Dice 0.88
+        (ECE 0.066), from ``m`` alone accuracy@0.5 0.63; this split gave Dice 0.93, accuracy 0.84
+        and ECE 0.013. The other methods seed from their mean interior probability.
+        """
         u = self.uncertainty
         if u is None:
             mean, var = _softmax(self.predict(batch)), None
+            seeds = mean[:, INTERIOR]
         elif u.method == "adf":
             import torch
 
-            from kernels.uncertainty import dirichlet_from_moments, dirichlet_mean_variance
+            from kernels.uncertainty import dirichlet_from_moments, dirichlet_mean_variance, expected_softmax
 
-            logit_mean, logit_var = self.predict_moments(batch)
-            alpha = dirichlet_from_moments(torch.from_numpy(logit_mean), torch.from_numpy(logit_var)).numpy()
-            mean, var = dirichlet_mean_variance(alpha)
+            logit_mean, logit_var = (torch.from_numpy(a) for a in self.predict_moments(batch))
+            alpha = dirichlet_from_moments(logit_mean, logit_var).numpy()
+            dirichlet_mean, var = dirichlet_mean_variance(alpha)
+            mean = expected_softmax(logit_mean, logit_var).numpy()
+            seeds = dirichlet_mean[:, INTERIOR]
         else:
             from kernels.uncertainty import sample_moments
 
             mean, var = sample_moments(_softmax(self.predict_samples(batch), axis=2))
+            seeds = mean[:, INTERIOR]
         var = np.zeros((mean.shape[0],) + mean.shape[2:], np.float32) if var is None else var
-        return np.concatenate([mean, var[:, None]], axis=1).astype(np.float32)
+        return np.concatenate([mean, var[:, None], seeds[:, None]], axis=1).astype(np.float32)
 
     def moments(self, batch: np.ndarray, context: BatchContext | None = None) -> np.ndarray:
         """:meth:`_moments` of each block, on the block's own grid (resampled from the one
@@ -243,6 +256,7 @@ class UNetSegmentKernel(UNetModelKernel):
 
         moments = self.moments(batch, context)
         prob = moments[:, :3].copy()
+        prob[:, INTERIOR] = moments[:, 4]  # the seeding interior probability (see _moments)
         for p, region in zip(prob, context.valid):
             outside = np.ones(p.shape[1:], bool)
             outside[tuple(region)] = False

@@ -104,10 +104,10 @@ def adf_segmentation_loss(net, x, target, weights, *, dice_weight: float = 1.0, 
     import torch
     import torch.nn.functional as F
 
-    from kernels.uncertainty import dirichlet_from_moments, dirichlet_nll
+    from kernels.uncertainty import dirichlet_from_moments, dirichlet_nll, expected_softmax
 
     mean, var = net.moments(x)
-    mode = torch.softmax(mean / torch.sqrt(1 + torch.pi / 8 * var), dim=1)
+    mode = expected_softmax(mean, var)
     ce = F.nll_loss(torch.log(mode.clamp_min(1e-8)), target, weight=weights)
     loss = ce + dice_weight * soft_dice_loss(mode, target)
     if nll_weight > 0:

@@ -45,6 +45,14 @@ class UncertaintyConfig(BaseModel):
     label_smoothing: float = Field(0.05, ge=0, lt=1)  # adf: training targets
 
 
+def expected_softmax(mean, var, *, dim: int = 1):
+    """``E[softmax(z)]`` for Gaussian logits ``z ~ N(mean, var)``, by the probit rule
+    ``softmax(mean / sqrt(1 + pi var / 8))`` (MacKay 1992)."""
+    import torch
+
+    return torch.softmax(mean / torch.sqrt(1 + math.pi / 8 * var), dim=dim)
+
+
 def dirichlet_from_moments(mean, var, *, max_precision: float = 100.0, dim: int = 1):
     """Dirichlet concentrations ``alpha`` (same shape) from the logits' Gaussian moments.
 
@@ -64,7 +72,7 @@ def dirichlet_from_moments(mean, var, *, max_precision: float = 100.0, dim: int 
     import torch
 
     k = mean.shape[dim]
-    m = torch.softmax(mean / torch.sqrt(1 + math.pi / 8 * var), dim=dim)
+    m = expected_softmax(mean, var, dim=dim)
     spread = (1 - (m * m).sum(dim, keepdim=True)).clamp_min(1e-12)
     total_var = ((m * (1 - m)) ** 2 * var).sum(dim, keepdim=True).clamp_min(1e-12)
     import torch.nn.functional as F
