@@ -173,13 +173,21 @@ def _uncertainty_note(card) -> str:
 
 def cmd_embed(args) -> None:
     from pipeline.io import open_image
-    from pipeline.steps.embed import embed_objects
+    from pipeline.steps.embed import embed_objects, embed_patches
 
-    open_image(args.input).label(args.labels)  # validate before a cluster starts
+    if (args.labels is None) == (not args.patches):
+        raise OptionError("Give --labels NAME (objects) or --patches (a grid of patches), not both.")
+    source = open_image(args.input)  # validate before a cluster starts
+    if args.labels:
+        source.label(args.labels)
+    settings = dict(model=args.model, seeds=args.seeds, tile_shape=args.tile, overwrite=args.overwrite,
+                    progress=not args.quiet)
     with _client(args) as client:
-        summary = embed_objects(args.input, args.output, client, labels=args.labels, table=args.table,
-                                model=args.model, seeds=args.seeds, crop=args.crop,
-                                tile_shape=args.tile, overwrite=args.overwrite, progress=not args.quiet)
+        if args.patches:
+            summary = embed_patches(args.input, args.output, client, patch=args.crop, **settings)
+        else:
+            summary = embed_objects(args.input, args.output, client, labels=args.labels, table=args.table,
+                                    crop=args.crop, **settings)
     kinds = ", ".join(f"{k} ({d})" for k, d in summary.embeddings.items())
     print(f"wrote {summary.table}: {summary.objects} objects, {summary.objects_per_s:.0f} objects/s; {kinds}")
 
@@ -435,11 +443,14 @@ def build_parser() -> argparse.ArgumentParser:
                                    "statistics. Writes OUTPUT/tables/TABLE with one embed_<kind> column each.")
     p.add_argument("input", help="OME-Zarr image with labels and their table")
     p.add_argument("output", help="output store for the embedding table")
-    p.add_argument("--labels", required=True, metavar="NAME", help="labels image under INPUT/labels/")
+    p.add_argument("--labels", metavar="NAME", help="labels image under INPUT/labels/: embed its objects")
+    p.add_argument("--patches", action="store_true",
+                   help="embed a grid of patches instead (no labels needed; whole slides); table 'patches'")
     p.add_argument("--table", help="the table to embed (default: the one whose region is --labels)")
     p.add_argument("--model", help="tilewise model folder whose encoder gives the trained embedding")
     p.add_argument("--seeds", type=int, default=3, help="untrained encoders (default 3)")
-    p.add_argument("--crop", type=float, help="crop size in physical units (default 2x the p90 object diameter)")
+    p.add_argument("--crop", type=float, help="crop (or patch) size in physical units (default 2x the p90 object "
+                                              "diameter; patches: 64 pixels)")
     p.add_argument("--tile", type=_ints, help="tile core shape over the spatial axes (rounded to chunks)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output instead of resuming")
     _add_cluster_options(p)

@@ -135,3 +135,24 @@ def test_report_renders_with_every_image(segmented, client, tmp_path):
     assert out.with_suffix(".json").exists()
     assert main(["-q", "analyze", str(tmp_path / "e.zarr" / "tables" / "nuclei"), "--group-by", "nope"]) == 2
     assert main(["-q", "embed", seg, str(tmp_path / "x.zarr"), "--labels", "nope"]) == 2
+
+
+def test_patch_grid_embeddings_of_an_rgb_slide(tmp_path, client):
+    """Whole slides: a grid of patches, no labels; tiled equals untiled."""
+    from pipeline.data import make_wholeslide
+    from pipeline.io.tables import embedding_matrix, read_table
+    from pipeline.steps.embed import embed_patches
+
+    url = str(tmp_path / "ws.ome.zarr")
+    make_wholeslide(url, client, shape=(256, 320), chunks=(64, 64), scale_um=0.5, progress=False)
+    tiled = embed_patches(url, str(tmp_path / "t.zarr"), client, patch=16.0, seeds=1, tile_shape=(64, 64),
+                          progress=False)  # 16 um = 32 pixels
+    whole = embed_patches(url, str(tmp_path / "w.zarr"), client, patch=16.0, seeds=1, tile_shape=(256, 320),
+                          progress=False)
+    a, b = read_table(str(tmp_path / "t.zarr"), "patches"), read_table(str(tmp_path / "w.zarr"), "patches")
+    assert tiled.objects == whole.objects == 8 * 10 and tiled.tiles > 1
+    assert "embed_structure" not in a and {"patch_y", "patch_x"} <= set(a.columns)
+    for column in ("embed_untrained_0", "embed_pixel"):
+        assert np.allclose(embedding_matrix(a, column), embedding_matrix(b, column), atol=1e-5)
+    assert embedding_matrix(a, "embed_pixel").shape[1] == 3 * 8 * 8  # RGB channels kept
+

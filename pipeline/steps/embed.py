@@ -17,6 +17,9 @@ columns carried over, e.g. the sample's ``class``):
 - ``structure``: size, shape (inertia) and intensity statistics of the object's mask in its
   crop, standardised over all objects.
 
+``embed_patches(IMAGE, OUT)`` embeds a grid of patches instead (whole-slide images, no labels
+needed): one row per patch, the same embeddings but ``structure``.
+
 Resumable like every step: each tile's vectors are a file under ``OUT/_tilewise/embed`` and a
 done marker; the table is written last.
 """
@@ -142,7 +145,7 @@ class EmbedTileJob:
     """One group of tiles: read core + halo of image and labels, crop each object, embed."""
 
     reader: TileReader
-    labels: TileReader
+    labels: TileReader | None  # None: patches (no objects, no structure features)
     plan: TilePlan
     specs: tuple[tuple[str, KernelSpec], ...]
     crop: tuple[int, ...]
@@ -155,18 +158,20 @@ class EmbedTileJob:
         return [self.run_tile(int(t), rows) for t, rows in zip(tile_ids, objects)]
 
     def crops(self, tile_id: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``(n, C, *crop)`` normalised image crops and ``(n, *crop)`` object masks."""
+        """``(n, C, *crop)`` normalised image crops and ``(n, *crop)`` object masks (empty
+        without labels)."""
         tile = self.plan.tile(tile_id)
         block = self.reader.read(tile.read, tile.pad)
-        lab = self.labels.read(tile.read, tile.pad)[0]
+        lab = self.labels.read(tile.read, tile.pad)[0] if self.labels is not None else None
         origin = [r.start - p for r, (p, _) in zip(tile.read, tile.pad)]
         images, masks = [], []
         for row in rows:
             start = [int(math.floor(c)) - h // 2 - o for c, h, o in zip(row[1:], self.crop, origin)]
             sel = tuple(slice(s, s + h) for s, h in zip(start, self.crop))
             images.append(block[(slice(None),) + sel])
-            masks.append(lab[sel] == row[0])
-        return np.stack(images), np.stack(masks)
+            if lab is not None:
+                masks.append(lab[sel] == row[0])
+        return np.stack(images), np.stack(masks) if masks else np.zeros((0,) + self.crop, bool)
 
     def run_tile(self, tile_id: int, rows: np.ndarray) -> dict[str, Any]:
         started = time.perf_counter()
@@ -180,11 +185,32 @@ class EmbedTileJob:
                 out[name] = np.concatenate([kernel(images[k:k + step], BatchContext(
                     context.valid * len(images[k:k + step]), context.origins * len(images[k:k + step])))
                     for k in range(0, len(images), step)]).astype(np.float32)
-            out["structure"] = np.stack([structure_features(m, im, self.scale) for m, im in zip(masks, images)])
+            if self.labels is not None:
+                out["structure"] = np.stack([structure_features(m, im, self.scale) for m, im in zip(masks, images)])
         self.parts.write_arrays(f"{tile_id}.npz", **out)
         meta = {"tile": tile_id, "objects": int(len(rows)), "seconds": time.perf_counter() - started}
         self.manifest.mark_done(tile_id, meta)
         return meta
+
+
+@dataclass(frozen=True)
+class _Items:
+    """What to embed: rows with pixel centroids, the table they go to, and its attributes."""
+
+    frame: Any  # pandas DataFrame: label + centroid_<d> (+ any columns to carry)
+    name: str
+    attributes: dict[str, Any]
+    labels: ImageSource | None  # objects' labels (structure features); None for patches
+    crop: tuple[int, ...]
+
+
+def _open(image_url: str, output_url: str, options: EngineOptions) -> tuple[ImageSource, bool, list[int]]:
+    store.check_output_location(output_url, image_url, options.storage_options)
+    source = open_image(image_url, options.storage_options)
+    _, has_c, spatial = image_layout(source)
+    if len(spatial) != len(source.dims) - int(has_c):
+        raise InputError(f"'{image_url}' has time or other batch axes; embed one time point at a time.")
+    return source, has_c, spatial
 
 
 def embed_objects(image_url: str, output_url: str, client: Any, options: EngineOptions | None = None, *,
@@ -198,12 +224,7 @@ def embed_objects(image_url: str, output_url: str, client: Any, options: EngineO
     ``overwrite``, ``progress``...) as for every step.
     """
     options = EngineOptions.of(options, **settings)
-    so = options.storage_options or {}
-    store.check_output_location(output_url, image_url, options.storage_options)
-    source = open_image(image_url, options.storage_options)
-    _, has_c, spatial = image_layout(source)
-    if len(spatial) != len(source.dims) - int(has_c):
-        raise InputError(f"'{image_url}' has time or other batch axes; embed one time point at a time.")
+    source, has_c, spatial = _open(image_url, output_url, options)
     lab_source = source.label(labels)
     name = find_table(source, labels, table, options.storage_options)
     frame = read_table(source.url, name, options.storage_options)
@@ -211,23 +232,68 @@ def embed_objects(image_url: str, output_url: str, client: Any, options: EngineO
     missing = [f"centroid_{d}" for d in dims if f"centroid_{d}" not in frame]
     if missing:
         raise InputError(f"Table '{name}' of '{image_url}' lacks {', '.join(missing)}; embed needs pixel centroids.")
-    if seeds < 0:
-        raise OptionError(f"--seeds must be >= 0, got {seeds}.")
+    lv = source.level(options.level)
+    crop_px = crop_shape(frame, tuple(lv.scale[i] for i in spatial), crop)
+    so = options.storage_options or {}
+    attrs = {**read_attributes(source.url, name, so),
+             "labels_path": store.relative(output_url, lab_source.url).rstrip("/")}  # from OUT, as every table
+    return _embed(source, has_c, spatial, output_url, client, options,
+                  _Items(frame, name, attrs, lab_source, crop_px), model=model, seeds=seeds)
+
+
+def embed_patches(image_url: str, output_url: str, client: Any, options: EngineOptions | None = None, *,
+                  patch: float | None = None, name: str = "patches", model: str | None = None, seeds: int = 3,
+                  **settings: Any) -> EmbedSummary:
+    """Embed a grid of patches (no labels needed: whole-slide images) into ``OUT/tables/<name>``:
+    one row per patch (``patch_<d>`` grid index, centroids), ``patch`` physical units across
+    (default 64 pixels on the finest axis), the same embeddings as objects but ``structure``."""
+    import pandas as pd
+
+    options = EngineOptions.of(options, **settings)
+    source, has_c, spatial = _open(image_url, output_url, options)
+    store.check_name(name, "The table")
     lv = source.level(options.level)
     scale = tuple(lv.scale[i] for i in spatial)
     shape = tuple(lv.shape[i] for i in spatial)
-    crop_px = crop_shape(frame, scale, crop)
-    specs = embedding_specs(model, ndim=len(spatial), channels=source.n_channels, crop=crop_px, seeds=seeds)
+    crop_px = tuple(max(4, 2 * math.ceil((patch or 64 * min(scale)) / s / 2)) for s in scale)
+    dims = [source.dims[i] for i in spatial]
+    grid = [np.arange(0, n, c) for n, c in zip(shape, crop_px)]
+    index = np.stack(np.meshgrid(*[np.arange(len(g)) for g in grid], indexing="ij"), -1).reshape(-1, len(dims))
+    frame = pd.DataFrame({INSTANCE_KEY: np.arange(1, len(index) + 1, dtype=np.uint64), "region": name})
+    units = [source.axes[i].unit for i in spatial]
+    for axis, (d, c, s, u) in enumerate(zip(dims, crop_px, scale, units)):
+        frame[f"patch_{d}"] = index[:, axis]
+        frame[f"centroid_{d}"] = index[:, axis] * c + c // 2  # the crop then starts on the grid
+        frame[f"centroid_{d}_{u or 'physical'}"] = lv.translation[spatial[axis]] + s * frame[f"centroid_{d}"]
+    attrs = {"region": name, "region_key": "region", "instance_key": INSTANCE_KEY, "axes": dims, "scale": list(scale),
+             "translation": [lv.translation[i] for i in spatial], "units": units, "patch": list(crop_px),
+             "format": "tilewise-table/0.2", "batch_axes": []}
+    return _embed(source, has_c, spatial, output_url, client, options, _Items(frame, name, attrs, None, crop_px),
+                  model=model, seeds=seeds)
+
+
+def _embed(source: ImageSource, has_c: bool, spatial: list[int], output_url: str, client: Any, options: EngineOptions,
+           items: _Items, *, model: str | None, seeds: int) -> EmbedSummary:
+    """The tiled pass both entry points share, then the table."""
+    if seeds < 0:
+        raise OptionError(f"--seeds must be >= 0, got {seeds}.")
+    so = options.storage_options or {}
+    lv = source.level(options.level)
+    dims = [source.dims[i] for i in spatial]
+    scale = tuple(lv.scale[i] for i in spatial)
+    shape = tuple(lv.shape[i] for i in spatial)
+    specs = embedding_specs(model, ndim=len(spatial), channels=source.n_channels, crop=items.crop, seeds=seeds)
     percentiles = (1.0, 99.9)
     if "trained" in specs:
         from kernels.modelfile import card_percentiles
 
         percentiles = card_percentiles(read_card(model))
-    halo = {d: h // 2 + 1 for d, h in zip(dims, crop_px)}
+    halo = {d: h // 2 + 1 for d, h in zip(dims, items.crop)}
     plan = make_plan(shape, dims, [lv.chunks[i] for i in spatial], halo, tile_shape=options.tile_shape,
                      itemsize=4 * source.n_channels, pad_mode="reflect")
-    params = {"input": image_url, "labels": labels, "table": name, "level": options.level, "crop": list(crop_px),
-              "tile_shape": list(plan.tile_shape), "specs": {k: s.key for k, s in specs.items()}}
+    params = {"input": source.url, "table": items.name, "level": options.level, "crop": list(items.crop),
+              "tile_shape": list(plan.tile_shape), "specs": {k: s.key for k, s in specs.items()},
+              "labels": items.labels.url if items.labels is not None else None}
     manifest, lock = RunManifest(output_url, so), RunLock(output_url, so)
     exists = store.exists(output_url, options.storage_options)
     if exists:
@@ -242,25 +308,29 @@ def embed_objects(image_url: str, output_url: str, client: Any, options: EngineO
         manifest.write_params(params)
     parts = Folder(store.join(output_url, "_tilewise", "embed"), so)
     parts.makedirs()
-    norm = Normalisation.of(source, percentiles)
-    reader = TileReader(source, options.level, has_c, "reflect", "normalised", norm)
-    lab_reader = TileReader(lab_source, options.level, False, "constant", "native", None)
+    reader = TileReader(source, options.level, has_c, "reflect", "normalised", Normalisation.of(source, percentiles))
+    lab_reader = (TileReader(items.labels, options.level, False, "constant", "native", None)
+                  if items.labels is not None else None)
+    frame = items.frame
     centroids = np.column_stack([frame[INSTANCE_KEY].to_numpy(np.float64)] +
                                 [frame[f"centroid_{d}"].to_numpy(np.float64) for d in dims])
     owner = _owning_tiles(plan, centroids[:, 1:])
-    job = EmbedTileJob(reader, lab_reader, plan, tuple(specs.items()), crop_px, scale, manifest, parts)
+    job = EmbedTileJob(reader, lab_reader, plan, tuple(specs.items()), items.crop, scale, manifest, parts)
     done = manifest.done()
     todo = [t for t in range(len(plan)) if t not in done]
     per_task = tiles_per_task(len(todo), 1, options.max_tasks)
     groups = [todo[k:k + per_task] for k in range(0, len(todo), per_task)]
-    items = ((g, [centroids[owner == t] for t in g]) for g in groups)
+    tasks = ((g, [centroids[owner == t] for t in g]) for g in groups)
     started = time.perf_counter()
     with lock:
-        for _ in run_tasks(client, job, items, total=len(groups), desc=f"embed {labels}", progress=options.progress):
+        for _ in run_tasks(client, job, tasks, total=len(groups), desc=f"embed {items.name}",
+                           progress=options.progress):
             pass
         seconds = time.perf_counter() - started
-        url, dims_out = _write_table(output_url, name, frame, parts, plan, source, lab_source, specs, so)
-    log.info("%s: %d objects embedded (%s) in %.1f s", url, len(frame), ", ".join(dims_out), seconds)
+        attrs = {**items.attributes, "image": store.relative(output_url, source.url)}
+        url, dims_out = _write_table(output_url, items.name, frame, parts, plan, specs, attrs,
+                                     structure=items.labels is not None, storage_options=so)
+    log.info("%s: %d rows embedded (%s) in %.1f s", url, len(frame), ", ".join(dims_out), seconds)
     return EmbedSummary(url, len(frame), dims_out, len(plan), seconds)
 
 
@@ -271,10 +341,10 @@ def _owning_tiles(plan: TilePlan, centroids: np.ndarray) -> np.ndarray:
     return np.ravel_multi_index(index.T, plan.grid) if len(index) else np.zeros(0, np.int64)
 
 
-def _write_table(output_url: str, name: str, frame, parts: Folder, plan: TilePlan, source: ImageSource,
-                 lab_source: ImageSource, specs: dict[str, KernelSpec], so: dict) -> tuple[str, dict[str, int]]:
-    """Every tile's vectors joined to the source table (row order kept), the trained
-    encoder's level sweep split out, structure standardised; one Parquet part."""
+def _write_table(output_url: str, name: str, frame, parts: Folder, plan: TilePlan, specs: dict[str, KernelSpec],
+                 attributes: dict[str, Any], *, structure: bool, storage_options: dict) -> tuple[str, dict[str, int]]:
+    """Every tile's vectors joined to the rows (row order kept), the trained encoder's level
+    sweep split out, structure standardised; one Parquet part."""
     from kernels import build_kernel
 
     arrays = [parts.read_arrays(f"{t}.npz") for t in range(len(plan))]
@@ -282,20 +352,17 @@ def _write_table(output_url: str, name: str, frame, parts: Folder, plan: TilePla
     order = {int(i): k for k, i in enumerate(ids)}
     take = np.asarray([order[int(i)] for i in frame[INSTANCE_KEY].to_numpy()], np.int64)
     vectors: dict[str, np.ndarray] = {}
-    for kind in list(specs) + ["structure"]:
+    for kind in list(specs) + (["structure"] if structure else []):
         chunks = [a[kind] for a in arrays if kind in a and len(a["label"])]
         vectors[kind] = np.concatenate(chunks)[take] if chunks else np.zeros((0, 1), np.float32)
     if "trained" in specs:
         for k, (a, b) in enumerate(build_kernel(specs["trained"]).level_slices()):
             vectors[f"trained_l{k}"] = vectors["trained"][:, a:b]
-    s = vectors["structure"]
-    vectors["structure"] = (s - s.mean(0)) / np.where(s.std(0) > 0, s.std(0), 1.0) if len(s) else s
-    attrs = {**read_attributes(source.url, name, so),
-             "labels_path": store.relative(output_url, lab_source.url).rstrip("/"),  # from OUT, as every table
-             "image": store.relative(output_url, source.url),
-             "embeddings": {f"embed_{k}": int(v.shape[1]) for k, v in vectors.items()},
+    if structure and len(vectors["structure"]):
+        s = vectors["structure"]
+        vectors["structure"] = (s - s.mean(0)) / np.where(s.std(0) > 0, s.std(0), 1.0)
+    attrs = {**attributes, "embeddings": {f"embed_{k}": int(v.shape[1]) for k, v in vectors.items()},
              "embed_specs": {k: spec.params for k, spec in specs.items()}}
     url = write_table(output_url, name, frame, attrs, embeddings={f"embed_{k}": v for k, v in vectors.items()},
-                      storage_options=so)
+                      storage_options=storage_options)
     return url, attrs["embeddings"]
-
