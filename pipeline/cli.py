@@ -176,7 +176,7 @@ def cmd_embed(args) -> None:
     from pipeline.steps.embed import embed_objects, embed_patches
 
     if (args.labels is None) == (not args.patches):
-        raise OptionError("Give --labels NAME (objects) or --patches (a grid of patches), not both.")
+        raise OptionError("Give either --labels NAME (embed its objects) or --patches (a grid of patches).")
     source = open_image(args.input)  # validate before a cluster starts
     if args.labels:
         source.label(args.labels)
