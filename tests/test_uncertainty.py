@@ -203,7 +203,7 @@ def stores(tmp_path_factory, client):
     from test_segment import blobs_with_labels
 
     out = {}
-    for ndim, shape, chunks in ((2, (70, 83), (16, 16)), (3, (12, 37, 30), (6, 16, 16))):
+    for ndim, shape, chunks in ((2, (70, 83), (16, 16)), (3, (12, 32, 30), (6, 16, 16))):
         image, labels = blobs_with_labels(shape, 8 if ndim == 2 else 5, 6.0, seed=ndim)
         path = str(tmp_path_factory.mktemp(f"u{ndim}") / "img.ome.zarr")
         sink = create_image(path, shape=shape, dtype=np.uint16, axes=default_axes("yx" if ndim == 2 else "zyx"),
