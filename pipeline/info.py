@@ -82,6 +82,9 @@ def _describe_run(url: str, storage_options) -> list[str]:
         return []
     if not params:
         return []
+    if "specs" in params:  # tilewise embed
+        return [f"  run: embed table {params.get('table')} of {params.get('input')} "
+                f"({', '.join(params['specs'])}; crop {params.get('crop')} px)"]
     lines = [f"  run: kernel {params.get('kernel')} on {params.get('input')}"]
     scale = (params.get("kernel_params") or {}).get("object_scale")
     if scale:
