@@ -42,7 +42,8 @@ class KernelTraits:
         ``raw`` (float32 in input units) or ``native`` (the stored dtype, e.g. label ids).
     percentiles : the (low, high) percentiles of the global normalisation.
     output : ``image`` (intensities), ``labels`` (instance ids, local to the block; the engine
-        stitches them), ``probabilities`` or ``embeddings``.
+        stitches them), ``probabilities`` or ``embeddings`` (``(N, D)``: one vector per block, a
+        crop centred on an object; see ``kernels.embed``).
     max_batch : most blocks per call (memory).
     device : ``gpu`` runs on a GPU when the worker has one (tasks then ask for one).
     measures : for labels kernels, whether object tables get the input's intensity statistics.
