@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -179,6 +179,8 @@ class UNetModelKernel(Kernel):
         samples: int | None = Field(None, ge=2, le=1000)  # mc-dropout: forward passes (default: the card's)
         # adf: input noise variance in normalised units (default: the card's, the training value)
         input_variance: float | None = Field(None, ge=0)
+        # the network passes under torch.autocast in this dtype (opt-in: fp32 until its cost is measured)
+        precision: Literal["fp32", "bf16", "fp16"] = "fp32"
 
     def __init__(self, params: Params):
         from kernels.unet import receptive_field
@@ -194,6 +196,9 @@ class UNetModelKernel(Kernel):
         if params.samples is not None and (self.uncertainty is None or self.uncertainty.method != "mc-dropout"):
             raise ModelFileError(f"samples applies to MC-dropout models only; '{params.model}' is "
                                  f"{self.uncertainty.method if self.uncertainty else 'deterministic'}.")
+        if params.precision != "fp32" and self.uncertainty is not None and self.uncertainty.method == "adf":
+            raise ModelFileError("ADF models run in fp32: their propagated variances span more range than bf16/fp16 "
+                                 "keep precisely; drop --precision.")
         if params.input_variance is not None and (self.uncertainty is None or self.uncertainty.method != "adf"):
             raise ModelFileError(f"input_variance applies to ADF models only; '{params.model}' is "
                                  f"{self.uncertainty.method if self.uncertainty else 'deterministic'}.")
@@ -225,6 +230,21 @@ class UNetModelKernel(Kernel):
             return 1
         return u.members if u.method == "ensemble" else (self.params.samples or u.samples)
 
+    def _running(self):
+        """Inference mode, under ``torch.autocast`` in the chosen precision (CPU: bf16/fp16
+        autocast exists too, so this path is tested without a GPU)."""
+        import contextlib
+
+        import torch
+
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.inference_mode())
+        if self.params.precision != "fp32":
+            dtype = torch.bfloat16 if self.params.precision == "bf16" else torch.float16
+            stack.enter_context(torch.autocast(device_type="cuda" if self.device.startswith("cuda") else "cpu",
+                                               dtype=dtype))
+        return stack
+
     def _tensor(self, batch: np.ndarray):
         import torch
 
@@ -237,20 +257,16 @@ class UNetModelKernel(Kernel):
         ensemble's: the mean of its members'; MC dropout's: the network with dropout off)."""
         if self.uncertainty is not None and self.uncertainty.method == "ensemble":
             return self.predict_samples(batch).mean(axis=0)
-        import torch
-
-        with torch.inference_mode():
+        with self._running():
             return self.net.forward_padded(self._tensor(batch)).float().cpu().numpy()
 
     def predict_samples(self, batch: np.ndarray) -> np.ndarray:
         """``(S, N, C, *spatial)``: the raw outputs of an ensemble's members, or of MC dropout's
         ``samples`` networks (masks fixed per pass, the same in every tile)."""
-        import torch
-
         u = self.uncertainty
         x = self._tensor(batch)
         out = []
-        with torch.inference_mode():
+        with self._running():
             if u is not None and u.method == "ensemble":
                 for member in self.net:
                     out.append(member.forward_padded(x).float().cpu().numpy())

@@ -146,7 +146,8 @@ def cmd_denoise(args) -> None:
     source = open_image(args.input)
     with _client(args) as client:
         summary, report = denoise(args.input, args.output, args.model, client,
-                                  _engine_options(args, len(source.spatial_dims)), out_dtype=args.dtype)
+                                  _engine_options(args, len(source.spatial_dims)), out_dtype=args.dtype,
+                                  precision=args.precision)
     print(f"wrote {args.output}: {summary.computed} tiles computed, {summary.skipped} already "
           f"done, {summary.voxels_per_s / 1e6:.2f} Mvox/s; residual std {report.residual_std_median:.4f} "
           f"(normalised), {len(report.flagged)} tiles flagged")
@@ -223,7 +224,8 @@ def cmd_segment(args) -> None:
     source = open_image(args.input)  # validate the input (and the model) before starting a cluster
     ndim = len(source.spatial_dims)
     if args.model:
-        spec = model_spec(args.model, min_size=args.min_size, samples=args.samples)  # checks the model folder first
+        spec = model_spec(args.model, min_size=args.min_size, samples=args.samples,
+                          precision=args.precision)  # checks the model folder first
         zoom, note = model_zoom(args.input, args.model, level=args.level, diameter=args.diameter)
         if note and args.no_rescale and zoom != 1.0:
             print(f"warning: {note.split(': tiles')[0]}; --no-rescale keeps the image's scale, results may be "
@@ -231,7 +233,8 @@ def cmd_segment(args) -> None:
         elif note:
             print(f"note: {note}", file=sys.stderr)
         if zoom != 1.0 and not args.no_rescale:
-            spec = model_spec(args.model, min_size=args.min_size, zoom=zoom, samples=args.samples)
+            spec = model_spec(args.model, min_size=args.min_size, zoom=zoom, samples=args.samples,
+                              precision=args.precision)
     else:
         halo = None
         if args.halo:
@@ -274,6 +277,12 @@ def _add_training_options(p: argparse.ArgumentParser, default_patch: str, *, bat
                         "networks, trained one after the other)")
     g.add_argument("--samples", type=int, help="mc-dropout: forward passes at inference (default 20)")
     g.add_argument("--members", type=int, help="ensemble: networks (default 5)")
+
+
+def _add_precision_option(p) -> None:
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="run the network under autocast in this dtype (default fp32; bf16/fp16 are faster on GPUs "
+                        "and recent CPUs, at an accuracy cost stated in the README; recorded in the manifest)")
 
 
 def _add_engine_options(p: argparse.ArgumentParser) -> None:
@@ -423,6 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "also for --model")
     g.add_argument("--threshold", type=float, help="foreground threshold in input units (default: Otsu)")
     g.add_argument("--samples", type=int, help="--model trained with mc-dropout: forward passes (default: its card's)")
+    _add_precision_option(g)
     g.add_argument("--halo", type=_ints, help="halo in pixels, one or per axis (default 2 diameters): "
                                               "> largest object")
     g = p.add_argument_group("tiling")
@@ -484,6 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", help="OME-Zarr image")
     p.add_argument("output", help="output store")
     p.add_argument("--model", required=True, help="model folder from `tilewise train denoise`")
+    _add_precision_option(p)
     _add_engine_options(p)
     _add_cluster_options(p)
     p.set_defaults(func=cmd_denoise)

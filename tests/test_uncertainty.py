@@ -325,3 +325,30 @@ def test_train_and_segment_with_uncertainty_from_the_cli(stores, tmp_path, capsy
                  "--members", "3"]) == 2
     assert "--members applies to --uncertainty ensemble" in capsys.readouterr().err
     assert main(["-q", "train", "denoise", path, str(tmp_path / "y"), "--uncertainty", "adf"]) == 2
+
+
+def test_mixed_precision_is_opt_in_close_to_fp32_and_recorded(stores, client, tmp_path, capsys):
+    """bf16/fp16 autocast runs on CPU too, so the path is tested without a GPU: outputs close to
+    fp32 but not identical, the choice in the run's manifest, and ADF models refuse it."""
+    from kernels import build_kernel
+    from pipeline.cli import main
+    from pipeline.engine.manifest import RunManifest
+    from pipeline.steps.denoise import denoise, model_spec
+
+    path, shape, chunks = stores[2]
+    model = _model_folder(tmp_path / "d", ndim=2, uncertainty=None, task="denoise")
+    x = np.random.default_rng(0).random((1, 1, 32, 32), dtype=np.float32)
+    outs = {}
+    for precision in ("fp32", "bf16", "fp16"):
+        kernel = build_kernel(model_spec(model, precision=precision))
+        kernel.load("cpu")
+        outs[precision] = kernel.predict(x)
+    for precision in ("bf16", "fp16"):
+        gap = np.abs(outs[precision] - outs["fp32"]).max()
+        assert 0 < gap < 0.05 * np.abs(outs["fp32"]).max(), (precision, gap)
+    out = str(tmp_path / "o.ome.zarr")
+    denoise(path, out, model, client, precision="bf16", progress=False)
+    assert RunManifest(out, {}).read_params()["kernel_params"]["precision"] == "bf16"
+    adf_model = _model_folder(tmp_path / "a", ndim=2, uncertainty="adf")
+    assert main(["-q", "segment", path, str(tmp_path / "s.ome.zarr"), "--model", adf_model, "--precision", "bf16"]) == 2
+    assert "ADF models run in fp32" in capsys.readouterr().err

@@ -38,17 +38,21 @@ class ResidualReport:
                                             default=0.0))
 
 
-def model_spec(model_dir: str) -> KernelSpec:
-    """The denoise kernel spec for a model folder, keyed by its weights hash (resume-safe)."""
-    return _model_spec(model_dir, "denoise")
+def model_spec(model_dir: str, *, precision: str = "fp32") -> KernelSpec:
+    """The denoise kernel spec for a model folder, keyed by its weights hash (resume-safe);
+    ``precision``: ``fp32`` (default), or ``bf16`` / ``fp16`` autocast (opt-in, recorded)."""
+    return _model_spec(model_dir, "denoise", **({} if precision == "fp32" else {"precision": precision}))
 
 
 def denoise(input_url: str, output_url: str, model_dir: str, client: Any, options: EngineOptions | None = None,
-            *, out_dtype: str = "float32", **settings: Any) -> tuple[RunSummary, ResidualReport]:
+            *, out_dtype: str = "float32", precision: str = "fp32", **settings: Any
+            ) -> tuple[RunSummary, ResidualReport]:
     """Run a denoising model tile by tile into the image ``output_url`` (float32 by default;
-    ``out_dtype="input"`` keeps the input dtype). Tiles whose residual holds structure are logged."""
+    ``out_dtype="input"`` keeps the input dtype; ``precision`` as in :func:`model_spec`). Tiles
+    whose residual holds structure are logged."""
     options = EngineOptions.of(options, **settings)
-    summary = run_kernel(input_url, output_url, model_spec(model_dir), client, options, name="denoised",
+    summary = run_kernel(input_url, output_url, model_spec(model_dir, precision=precision), client, options,
+                         name="denoised",
                          out_dtype=out_dtype)
     report = ResidualReport.of(RunManifest(output_url, options.storage_options or {}).tile_metadata())
     if report.flagged:
