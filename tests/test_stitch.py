@@ -267,3 +267,35 @@ def test_time_lapse_labels_are_stitched_per_time_point(tmp_path, client):
     assert sorted(table["t"].unique()) == [0, 1, 2] and len(table) == summary.objects
     for t in range(3):
         assert set(table.loc[table["t"] == t, "label"]) == ids[t]
+
+
+@pytest.mark.parametrize("name, axes, shape, tile, halo", CASES, ids=[c[0] for c in CASES])
+def test_match_reads_neighbours_from_rim_files_as_from_raw(tmp_path, client, name, axes, shape, tile, halo):
+    """Pass 2 reads each neighbour's core ids from its rim file (one small file instead of
+    sharded zarr slabs); the edges equal those read from ``raw``, which a run begun before rim
+    files falls back to."""
+    from pipeline.engine.plan import make_plan
+    from pipeline.io.store import Folder
+    from pipeline.steps.stitch import MatchTask, StitchFiles, from_rims, intersect, local_of, neighbours
+
+    truth = straddling_labels(shape, tile, np.random.default_rng(7))
+    url = _store(tmp_path, "labels.ome.zarr", truth, axes, tile)
+    out = str(tmp_path / "out.ome.zarr")
+    segment_labels(url, out, KernelSpec.of("relabel", ndim=len(shape), halo=halo), client, tile_shape=tile,
+                   progress=False, keep_intermediate=True)
+    files = StitchFiles(out, {})
+    plan = make_plan(shape, axes, tile, dict(zip(axes, (halo,) * len(shape))), tile_shape=tile)
+    task = MatchTask(plan, files)
+    ids = list(range(len(plan)))
+    assert len(files.folder.names("rim")) == len(plan)
+    tile = plan.tile(0)
+    other = next(neighbours(plan, tile))
+    step = tuple(o - t for o, t in zip(other.index, tile.index))
+    region = intersect(tile.read, other.core)
+    cut = from_rims(files.load("rim", other.id), region, other.core, step, plan.halo)
+    assert cut is not None and np.array_equal(cut, local_of(files.raw()[region]))  # the rim holds the raw ids
+    with_rims = task(ids)
+    Folder(files.folder.url, {}).remove("rim")
+    from_raw = task(ids)
+    assert sum(len(e) for e in with_rims) > 10
+    assert all(np.array_equal(a, b) for a, b in zip(with_rims, from_raw))
