@@ -9,9 +9,11 @@ Three passes over the tiles, each a set of independent tasks that talk only thro
    id is ``tile_id << 32 | local``: unique with no coordination. The core is written to an
    internal ``raw`` array (uint64, sharded by tile with small inner chunks so that neighbours
    can read thin slabs of it cheaply), the halo shell (labels outside the core) to a small
-   per-tile file, and per-object partial sums for the table (``pipeline.steps.measure``).
+   per-tile file, the halo-wide rims of its core (what neighbours match against) to another,
+   and per-object partial sums for the table (``pipeline.steps.measure``).
 2. **Match** (:class:`MatchTask`). For each neighbour B of tile A, inside the region where A's
-   halo overlaps B's core, A's labels are compared with what B wrote: object pairs with IoU >=
+   halo overlaps B's core, A's labels are compared with what B wrote (B's rim file; ``raw`` for
+   runs begun before rim files): object pairs with IoU >=
    ``iou`` (0.5 makes matches one-to-one) become edges. Objects are matched by overlap *inside
    the halo*, not by touching faces, so two different objects that touch across a tile border
    are never merged. The edges (a few per object on tile borders) go to the client.
