@@ -18,13 +18,11 @@ crop and is assembled by the embedding step.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import numpy as np
 from pydantic import Field
 
 from kernels.contract import BatchContext, Kernel, KernelParams, KernelTraits
-from kernels.modelfile import UNetModelKernel, card_config
+from kernels.modelfile import UNetModelKernel
 
 
 def encoder_levels(net, x) -> list:
@@ -151,13 +149,3 @@ class PixelEmbedKernel(Kernel):
         out = [resize(block, (block.shape[0],) + self.shape, order=1, anti_aliasing=True, preserve_range=True)
                for block in batch.astype(np.float32)]
         return np.stack(out).reshape(len(batch), -1).astype(np.float32)
-
-
-def architecture_of(model: str) -> dict:
-    """A model folder's architecture, for its untrained twin."""
-    from kernels.modelfile import read_card
-
-    return card_config(read_card(model)).to_dict()
-
-
-Kind = Literal["trained", "untrained", "pixel"]
