@@ -224,8 +224,8 @@ def cmd_segment(args) -> None:
     source = open_image(args.input)  # validate the input (and the model) before starting a cluster
     ndim = len(source.spatial_dims)
     if args.model:
-        spec = model_spec(args.model, min_size=args.min_size, samples=args.samples,
-                          precision=args.precision)  # checks the model folder first
+        spec = model_spec(args.model, min_size=args.min_size, samples=args.samples, precision=args.precision,
+                          input_variance=args.input_variance)  # checks the model folder first
         zoom, note = model_zoom(args.input, args.model, level=args.level, diameter=args.diameter)
         if note and args.no_rescale and zoom != 1.0:
             print(f"warning: {note.split(': tiles')[0]}; --no-rescale keeps the image's scale, results may be "
@@ -234,7 +234,7 @@ def cmd_segment(args) -> None:
             print(f"note: {note}", file=sys.stderr)
         if zoom != 1.0 and not args.no_rescale:
             spec = model_spec(args.model, min_size=args.min_size, zoom=zoom, samples=args.samples,
-                              precision=args.precision)
+                              precision=args.precision, input_variance=args.input_variance)
     else:
         halo = None
         if args.halo:
@@ -432,6 +432,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "also for --model")
     g.add_argument("--threshold", type=float, help="foreground threshold in input units (default: Otsu)")
     g.add_argument("--samples", type=int, help="--model trained with mc-dropout: forward passes (default: its card's)")
+    g.add_argument("--input-variance", type=float,
+                   help="--model trained with adf: input noise variance, normalised units (default: the training "
+                        "value, 1e-3); raise it for images noisier than the training data")
     _add_precision_option(g)
     g.add_argument("--halo", type=_ints, help="halo in pixels, one or per axis (default 2 diameters): "
                                               "> largest object")

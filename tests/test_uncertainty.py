@@ -321,6 +321,8 @@ def test_train_and_segment_with_uncertainty_from_the_cli(stores, tmp_path, capsy
     verify_model(model)  # both members' weights fit the architecture
     assert main(["-q", "segment", path, str(tmp_path / "o.ome.zarr"), "--model", model, "--samples", "4"]) == 2
     assert "samples applies to MC-dropout models only" in capsys.readouterr().err
+    assert main(["-q", "segment", path, str(tmp_path / "o.ome.zarr"), "--model", model, "--input-variance", "0.01"]) == 2
+    assert "input_variance applies to ADF models only" in capsys.readouterr().err
     assert main(["-q", "train", "segment", path, str(tmp_path / "x"), "--labels", "truth", "--uncertainty", "adf",
                  "--members", "3"]) == 2
     assert "--members applies to --uncertainty ensemble" in capsys.readouterr().err
@@ -352,3 +354,8 @@ def test_mixed_precision_is_opt_in_close_to_fp32_and_recorded(stores, client, tm
     adf_model = _model_folder(tmp_path / "a", ndim=2, uncertainty="adf")
     assert main(["-q", "segment", path, str(tmp_path / "s.ome.zarr"), "--model", adf_model, "--precision", "bf16"]) == 2
     assert "ADF models run in fp32" in capsys.readouterr().err
+    from pipeline.steps.segment import model_spec as segment_spec
+
+    low, high = (build_kernel(segment_spec(adf_model, input_variance=v)) for v in (1e-4, 1e-1))
+    low.load("cpu"), high.load("cpu")
+    assert low.predict_moments(x)[1].mean() < high.predict_moments(x)[1].mean()  # more input noise, more variance

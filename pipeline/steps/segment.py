@@ -410,22 +410,26 @@ def classical_spec(input_url: str, *, level: int = 0, diameter: float | None = N
 
 
 def model_spec(model_dir: str, min_size: int | None = None, *, zoom: float = 1.0, samples: int | None = None,
-               uncertainty: bool | None = None, precision: str = "fp32") -> KernelSpec:
+               uncertainty: bool | None = None, precision: str = "fp32",
+               input_variance: float | None = None) -> KernelSpec:
     """The ``segment-unet`` kernel for a model folder, keyed by its weights hash (resume-safe);
     ``min_size`` (model pixels) drops smaller objects (default: the kernel's, 12); ``zoom``
     resamples tiles to the model's scale (:func:`model_zoom` finds it for an image);
     ``samples``: forward passes of an MC-dropout model (default: its card's); ``uncertainty``:
     write the maps (default: when the model has an uncertainty method); ``precision``: ``fp32``
-    (default) or ``bf16`` / ``fp16`` autocast (opt-in; recorded in the manifest)."""
+    (default) or ``bf16`` / ``fp16`` autocast (opt-in; recorded in the manifest);
+    ``input_variance``: an ADF model's input noise variance in normalised units (default: its
+    training value; raise it for noisier images than the training data)."""
     if min_size is not None and min_size < 0:
         raise OptionError(f"--min-size must be >= 0 voxels, got {min_size}.")
     extra = ({} if min_size is None else {"min_size": int(min_size)}) | ({} if zoom == 1.0 else {"zoom": zoom}) \
         | ({} if samples is None else {"samples": int(samples)}) \
         | ({} if uncertainty is None else {"uncertainty": bool(uncertainty)}) \
-        | ({} if precision == "fp32" else {"precision": precision})
+        | ({} if precision == "fp32" else {"precision": precision}) \
+        | ({} if input_variance is None else {"input_variance": float(input_variance)})
     spec = _model_spec(model_dir, "segment", **extra)
-    if samples is not None or precision != "fp32":
-        build_checked(spec)  # --samples or --precision the model refuses: one line now, not after a cluster starts
+    if samples is not None or precision != "fp32" or input_variance is not None:
+        build_checked(spec)  # an option the model refuses: one line now, not after a cluster starts
     return spec
 
 
