@@ -2,7 +2,7 @@
 
 Layers, each importing only those below it (``docs/architecture.md``)::
 
-    cli, info  ->  data  ->  steps  ->  engine  ->  io  ->  core        (kernels: beside, below steps)
+    cli, info  ->  data  ->  steps  ->  analysis  ->  engine  ->  io  ->  core   (kernels: beside, below steps)
 
 The names below are the Python API; they load on first use, so ``import pipeline`` stays cheap.
 """
@@ -25,6 +25,8 @@ _API = {
     "segment_labels": "pipeline.steps.segment", "classical_spec": "pipeline.steps.segment",
     "train_denoise": "pipeline.steps.train", "train_segment": "pipeline.steps.train",
     "convert": "pipeline.steps.convert", "model_spec": "pipeline.steps.models",
+    "evaluate": "pipeline.steps.evaluate", "embed_objects": "pipeline.steps.embed",
+    "embed_patches": "pipeline.steps.embed", "analyze": "pipeline.steps.analyze",
     "open_image": "pipeline.io.read", "read_table": "pipeline.io.tables", "to_anndata": "pipeline.io.tables",
     "to_spatialdata": "pipeline.io.spatial",
     "TilewiseError": "pipeline.core.errors",
