@@ -64,20 +64,27 @@ def train(method: str, left: str, model: Path, steps: int, reuse: bool):
                          **SETTINGS.get(method, {}))
 
 
-def pick_min_size(model: Path, left: str, truth: np.ndarray) -> tuple[int, dict]:
-    """The smallest-object size (model pixels) with the best accuracy@0.5 on the training half."""
+def loaded(model: Path, url: str, **params):
+    """The segment kernel of ``model`` loaded on the CPU, and the whole image ``url`` as one
+    normalised block with its context (no engine: model quality and cost only)."""
     from kernels import BatchContext
-    from kernels.instances import instances_from_probabilities
-    from kernels.metrics import match
     from pipeline.engine.runner import EngineOptions, prepare_engine
     from pipeline.io import open_image
     from pipeline.steps.segment import model_spec
 
-    setup = prepare_engine(left, model_spec(str(model)), EngineOptions())
-    kernel = setup.kernel
-    kernel.load("cpu")
-    block = setup.scaling.apply(open_image(left).read((slice(None), slice(None)))[None])[None]
-    prob = kernel.probabilities(block, BatchContext.whole(block))[0]
+    setup = prepare_engine(url, model_spec(str(model), **params), EngineOptions())
+    setup.kernel.load("cpu")
+    block = setup.scaling.apply(open_image(url).read((slice(None), slice(None)))[None])[None]
+    return setup.kernel, block, BatchContext.whole(block)
+
+
+def pick_min_size(model: Path, left: str, truth: np.ndarray) -> tuple[int, dict]:
+    """The smallest-object size (model pixels) with the best accuracy@0.5 on the training half."""
+    from kernels.instances import instances_from_probabilities
+    from kernels.metrics import match
+
+    kernel, block, context = loaded(model, left)
+    prob = kernel.probabilities(block, context)[0]
     scores = {size: float(match(truth, instances_from_probabilities(prob, size), thresholds=[0.5])[0].accuracy)
               for size in (12, 24, 48, 96, 192)}
     return max(scores, key=scores.get), scores
@@ -85,16 +92,7 @@ def pick_min_size(model: Path, left: str, truth: np.ndarray) -> tuple[int, dict]
 
 def kernel_seconds(model: Path, url: str, min_size: int, repeats: int = 3) -> float:
     """Median seconds of one kernel call (labels + maps) on the whole image, weights loaded."""
-    from kernels import BatchContext
-    from pipeline.engine.runner import EngineOptions, prepare_engine
-    from pipeline.io import open_image
-    from pipeline.steps.segment import model_spec
-
-    setup = prepare_engine(url, model_spec(str(model), min_size=min_size, uncertainty=True), EngineOptions())
-    kernel = setup.kernel
-    kernel.load("cpu")
-    block = setup.scaling.apply(open_image(url).read((slice(None), slice(None)))[None])[None]
-    context = BatchContext.whole(block)
+    kernel, block, context = loaded(model, url, min_size=min_size, uncertainty=True)
     times = []
     for _ in range(repeats):
         started = time.perf_counter()

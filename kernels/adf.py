@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.unet import Down, UNet, UNetConfig
+from kernels.unet import Down, UNet, UNetConfig, pad_to_factor
 
 Moments = tuple[torch.Tensor, torch.Tensor]  # (mean, variance), same shape
 
@@ -243,12 +243,7 @@ class ADFUNet(UNet):
     def moments_padded(self, x: torch.Tensor) -> Moments:
         """:meth:`moments` for any spatial size: pad the far end to the down-sampling grid, crop."""
         shape = x.shape[2:]
-        pad: list[int] = []
-        for n, f in zip(reversed(shape), reversed(self.config.factor)):
-            pad += [0, (-n) % f]
-        if any(pad):
-            x = F.pad(x, pad, mode="replicate")
-        mean, var = self.moments(x)
+        mean, var = self.moments(pad_to_factor(x, self.config.factor))
         crop = (slice(None), slice(None)) + tuple(slice(0, n) for n in shape)
         return mean[crop], var[crop]
 

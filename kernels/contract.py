@@ -119,6 +119,11 @@ class Scaling:
         lo, hi = self._bounds(block.ndim)
         return block * (hi - lo) + lo
 
+    def invert_variance(self, block: np.ndarray) -> np.ndarray:
+        """A variance in normalised units ``(C, *spatial)`` -> input units squared."""
+        lo, hi = self._bounds(block.ndim)
+        return block * (hi - lo) ** 2
+
 
 @dataclass(frozen=True)
 class BatchContext:

@@ -167,10 +167,8 @@ class DenoiseKernel(UNetModelKernel):
             mean, var = samples.mean(axis=0), samples.var(axis=0)
         if context.scaling is not None:
             mean = np.stack([context.scaling.invert(block) for block in mean])
-            if var is not None:  # the variance of an affine map: times its gain squared
-                gain = context.scaling.invert(np.ones((mean.shape[1],) + (1,) * (mean.ndim - 2), np.float32)) \
-                    - context.scaling.invert(np.zeros((mean.shape[1],) + (1,) * (mean.ndim - 2), np.float32))
-                var = var * gain[None] ** 2
+            if var is not None:
+                var = np.stack([context.scaling.invert_variance(block) for block in var])
         return mean, (None if var is None else var.astype(np.float32))
 
     def __call__(self, batch: np.ndarray, context: BatchContext) -> np.ndarray:

@@ -36,16 +36,6 @@ def encoder_levels(net, x) -> list:
     return levels
 
 
-def pad_to(x, factor) -> object:
-    """Replicate-pad the far end of each spatial axis to a multiple of ``factor``."""
-    import torch.nn.functional as F
-
-    pad: list[int] = []
-    for n, f in zip(reversed(x.shape[2:]), reversed(factor)):
-        pad += [0, (-n) % f]
-    return F.pad(x, pad, mode="replicate") if any(pad) else x
-
-
 class _EncoderMixin:
     """Shared by the trained and untrained encoders: pooled level outputs of a U-Net."""
 
@@ -63,11 +53,13 @@ class _EncoderMixin:
     def embed(self, batch: np.ndarray) -> np.ndarray:
         import torch
 
+        from kernels.unet import pad_to_factor
+
         if self.net is None:
             raise RuntimeError(f"{self.name} kernel used before load()")
         with torch.inference_mode():
-            x = pad_to(torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device),
-                       self.config.factor)
+            x = pad_to_factor(torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device),
+                              self.config.factor)
             pooled = [level.mean(dim=tuple(range(2, level.ndim))) for level in encoder_levels(self.net, x)]
             return torch.cat(pooled, dim=1).float().cpu().numpy()
 

@@ -280,11 +280,9 @@ class UNetModelKernel(Kernel):
 
     def predict_moments(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Mean and variance of the raw output of an ADF model, in one pass."""
-        import torch
-
         if self.uncertainty is None or self.uncertainty.method != "adf":
             raise RuntimeError("predict_moments needs an ADF model")
-        with torch.inference_mode():
+        with self._running():
             mean, var = self.net.moments_padded(self._tensor(batch))
         return mean.float().cpu().numpy(), var.float().cpu().numpy()
 

@@ -152,15 +152,18 @@ class UNet(nn.Module):
 
     def forward_padded(self, x: torch.Tensor) -> torch.Tensor:
         """Forward any spatial size: pad the far end to a multiple of ``factor``, crop back."""
-        factor = self.config.factor
         shape = x.shape[2:]
-        pad = []
-        for n, f in zip(reversed(shape), reversed(factor)):
-            pad += [0, (-n) % f]
-        if any(pad):
-            x = F.pad(x, pad, mode="replicate")
-        y = self(x)
+        y = self(pad_to_factor(x, self.config.factor))
         return y[(slice(None), slice(None)) + tuple(slice(0, n) for n in shape)]
+
+
+def pad_to_factor(x: torch.Tensor, factor: Sequence[int]) -> torch.Tensor:
+    """Replicate-pad the far end of each spatial axis to a multiple of ``factor`` (the U-Net's
+    total down-sampling), so any block size goes through the network."""
+    pad: list[int] = []
+    for n, f in zip(reversed(x.shape[2:]), reversed(factor)):
+        pad += [0, (-n) % f]
+    return F.pad(x, pad, mode="replicate") if any(pad) else x
 
 
 @dataclass(frozen=True)

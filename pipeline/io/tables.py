@@ -51,24 +51,37 @@ def table_url(output_url: str, name: str) -> str:
     return store.join(output_url, "tables", name)
 
 
-def begin_table(output_url: str, name: str, spec: TableSpec, storage_options: Mapping[str, Any] | None = None) -> str:
-    """Create (empty) ``tables/<name>`` with its attributes; returns its URL."""
+def begin_table(output_url: str, name: str, spec: TableSpec | Mapping[str, Any],
+                storage_options: Mapping[str, Any] | None = None) -> str:
+    """Create (empty) ``tables/<name>`` with its attributes (a spec's, or given); returns its URL."""
     url = table_url(output_url, name)
     folder = Folder(url, storage_options or {})
     folder.remove()
     folder.makedirs()
-    folder.write_json("_attributes.json", spec.attributes())
+    folder.write_json("_attributes.json", _attributes(spec))
     return url
 
 
-def write_part(url: str, part: str, rows, spec: TableSpec, storage_options: Mapping[str, Any] | None = None) -> None:
-    """Write one Parquet part (``part-<part>.parquet``); the attributes ride in its schema."""
+def _attributes(spec: TableSpec | Mapping[str, Any]) -> dict[str, Any]:
+    return spec.attributes() if isinstance(spec, TableSpec) else dict(spec)
+
+
+def write_part(url: str, part: str, rows, spec: TableSpec | Mapping[str, Any],
+               storage_options: Mapping[str, Any] | None = None, *,
+               embeddings: Mapping[str, np.ndarray] | None = None) -> None:
+    """Write one Parquet part (``part-<part>.parquet``); the attributes ride in its schema.
+    ``embeddings``: one fixed-size list column each (float32, ``(n, d)`` in row order)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     table = pa.Table.from_pandas(rows, preserve_index=False)
+    for column, values in dict(embeddings or {}).items():
+        values = np.ascontiguousarray(values, np.float32)
+        if values.ndim != 2 or len(values) != len(rows):
+            raise ValueError(f"embedding {column} has shape {values.shape}; needs ({len(rows)}, d)")
+        table = table.append_column(column, pa.FixedSizeListArray.from_arrays(pa.array(values.ravel()), values.shape[1]))
     table = table.replace_schema_metadata({**(table.schema.metadata or {}),
-                                           b"tilewise": json.dumps(spec.attributes()).encode()})
+                                           b"tilewise": json.dumps(_attributes(spec)).encode()})
     with Folder(url, storage_options or {}).open(f"part-{part}.parquet", "wb") as fh:
         pq.write_table(table, fh)
 
@@ -108,25 +121,9 @@ def write_table(output_url: str, name: str, rows, attributes: Mapping[str, Any],
                 embeddings: Mapping[str, np.ndarray] | None = None,
                 storage_options: Mapping[str, Any] | None = None) -> str:
     """``tables/<name>`` as one Parquet part: ``rows`` (pandas) plus one fixed-size list column
-    per embedding (``embed_<kind>``, float32, ``(n, d)`` in row order) and ``attributes``."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    url = table_url(output_url, name)
-    folder = Folder(url, storage_options or {})
-    folder.remove()
-    folder.makedirs()
-    folder.write_json("_attributes.json", dict(attributes))
-    table = pa.Table.from_pandas(rows, preserve_index=False)
-    for column, values in dict(embeddings or {}).items():
-        values = np.ascontiguousarray(values, np.float32)
-        if values.ndim != 2 or len(values) != len(rows):
-            raise ValueError(f"embedding {column} has shape {values.shape}; needs ({len(rows)}, d)")
-        table = table.append_column(column, pa.FixedSizeListArray.from_arrays(pa.array(values.ravel()), values.shape[1]))
-    table = table.replace_schema_metadata({**(table.schema.metadata or {}),
-                                           b"tilewise": json.dumps(dict(attributes)).encode()})
-    with folder.open("part-0.parquet", "wb") as fh:
-        pq.write_table(table, fh)
+    per embedding (``embed_<kind>``) and ``attributes``."""
+    url = begin_table(output_url, name, attributes, storage_options)
+    write_part(url, "0", rows, attributes, storage_options, embeddings=embeddings)
     return url
 
 

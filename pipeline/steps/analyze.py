@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
+from kernels.objectscale import equivalent_diameter
 from pipeline.core.errors import InputError, OptionError
 from pipeline.io import store
 from pipeline.io.read import open_image
@@ -50,7 +50,7 @@ def confound_targets(frame, attrs: Mapping[str, Any]) -> dict[str, np.ndarray]:
     if cols and all(c in frame for c in cols) and len(frame) > 2:
         xyz = frame[cols].to_numpy(np.float64)
         volume = frame["volume"].to_numpy(np.float64) if "volume" in frame else frame["voxels"].to_numpy(np.float64)
-        diameter = float(np.median((volume * 6 / math.pi) ** (1 / 3) if len(cols) == 3 else (volume * 4 / math.pi) ** 0.5))
+        diameter = float(np.median(equivalent_diameter(volume, len(cols))))
         counts = cKDTree(xyz).query_ball_point(xyz, r=2 * diameter, return_length=True)
         out["crowding"] = np.asarray(counts, np.float64) - 1
     return out

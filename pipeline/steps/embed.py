@@ -34,13 +34,14 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from kernels import BatchContext, KernelSpec, resident
+from kernels import KernelSpec, resident
 from kernels.errors import KernelError
 from kernels.modelfile import model_kernel_spec, read_card
+from kernels.objectscale import equivalent_diameter
 from pipeline.core.errors import InputError, OptionError
 from pipeline.engine.manifest import RunLock, RunManifest, check_compatible
 from pipeline.engine.plan import TilePlan, make_plan
-from pipeline.engine.runner import EngineOptions, TileReader, image_layout, tiles_per_task
+from pipeline.engine.runner import EngineOptions, TileReader, block_origin, image_layout, tiles_per_task
 from pipeline.engine.stats import Normalisation
 from pipeline.engine.submit import run_tasks
 from pipeline.io import store
@@ -85,13 +86,17 @@ def crop_shape(frame, scale: Sequence[float], crop: float | None) -> tuple[int, 
     """Crop per spatial axis in pixels: ``crop`` physical units across (default: twice the
     90th-percentile object diameter, from the table's volumes), at least ``MIN_CROP``
     pixels on the finest axis, even."""
-    ndim = len(scale)
     if crop is None:
-        volume = frame["voxels"].to_numpy(np.float64) * float(np.prod(scale))
-        diameters = (volume * 4 / math.pi) ** 0.5 if ndim == 2 else (volume * 6 / math.pi) ** (1 / 3)
+        diameters = equivalent_diameter(frame["voxels"].to_numpy(np.float64) * float(np.prod(scale)), len(scale))
         crop = 2 * float(np.percentile(diameters, 90)) if len(diameters) else MIN_CROP * min(scale)
     crop = max(float(crop), MIN_CROP * min(scale))
-    return tuple(max(4, 2 * math.ceil(crop / s / 2)) for s in scale)
+    return even_pixels(crop, scale)
+
+
+def even_pixels(size: float, scale: Sequence[float]) -> tuple[int, ...]:
+    """``size`` physical units as an even number of pixels per axis (at least 4): crops centre
+    on a pixel the same way on every axis."""
+    return tuple(max(4, 2 * math.ceil(size / s / 2)) for s in scale)
 
 
 def embedding_specs(model: str | None, *, ndim: int, channels: int, crop: Sequence[int], seeds: int
@@ -163,7 +168,7 @@ class EmbedTileJob:
         tile = self.plan.tile(tile_id)
         block = self.reader.read(tile.read, tile.pad)
         lab = self.labels.read(tile.read, tile.pad)[0] if self.labels is not None else None
-        origin = [r.start - p for r, (p, _) in zip(tile.read, tile.pad)]
+        origin = block_origin(tile.read, tile.pad)
         images, masks = [], []
         for row in rows:
             start = [int(math.floor(c)) - h // 2 - o for c, h, o in zip(row[1:], self.crop, origin)]
@@ -178,13 +183,11 @@ class EmbedTileJob:
         out: dict[str, np.ndarray] = {"label": rows[:, 0].astype(np.uint64)}
         if len(rows):
             images, masks = self.crops(tile_id, rows)
-            context = BatchContext.whole(images[:1])
             for name, spec in self.specs:
                 kernel = resident(spec)
-                step = kernel.traits.max_batch
-                out[name] = np.concatenate([kernel(images[k:k + step], BatchContext(
-                    context.valid * len(images[k:k + step]), context.origins * len(images[k:k + step])))
-                    for k in range(0, len(images), step)]).astype(np.float32)
+                step = kernel.traits.max_batch  # crops are whole blocks: kernel.run gives each its context
+                out[name] = np.concatenate([kernel.run(images[k:k + step])
+                                            for k in range(0, len(images), step)]).astype(np.float32)
             if self.labels is not None:
                 out["structure"] = np.stack([structure_features(m, im, self.scale) for m, im in zip(masks, images)])
         self.parts.write_arrays(f"{tile_id}.npz", **out)
@@ -255,7 +258,7 @@ def embed_patches(image_url: str, output_url: str, client: Any, options: EngineO
     lv = source.level(options.level)
     scale = tuple(lv.scale[i] for i in spatial)
     shape = tuple(lv.shape[i] for i in spatial)
-    crop_px = tuple(max(4, 2 * math.ceil((patch or 64 * min(scale)) / s / 2)) for s in scale)
+    crop_px = even_pixels(patch or 64 * min(scale), scale)
     dims = [source.dims[i] for i in spatial]
     grid = [np.arange(0, n, c) for n, c in zip(shape, crop_px)]
     index = np.stack(np.meshgrid(*[np.arange(len(g)) for g in grid], indexing="ij"), -1).reshape(-1, len(dims))

@@ -351,7 +351,7 @@ class MatchTask:
                 step = tuple(o - t for o, t in zip(other.index, tile.index))
                 theirs = from_rims(self._rims(base + other.id), region, other.core, step, self.plan.halo)
                 if theirs is None:  # a run begun before rim files: read the neighbour's core ids from raw
-                    theirs = local_of(raw[batch_slices(at) + region].reshape(mine.shape))
+                    theirs = local_of(raw[batch_slices(at) + region])
                 pairs = match_pairs(mine, theirs.reshape(mine.shape).astype(np.int64), self.iou)
                 edges.append(np.stack([global_ids(g, pairs[:, 0]), global_ids(base + other.id, pairs[:, 1])], axis=1))
             out.append(np.unique(np.concatenate(edges), axis=0))
