@@ -19,11 +19,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from typing import Literal
 
 import numpy as np
 from pydantic import Field
 
+from kernels.brightfield import ObjectSignal
 from kernels.contract import BatchContext, Kernel, KernelParams, KernelTraits, per_axis
+from kernels.errors import KernelError
 from kernels.instances import BACKGROUND, INTERIOR, distance_seeds, instances_from_probabilities, seeded_watershed
 from kernels.modelfile import UNetModelKernel
 
@@ -62,6 +65,11 @@ class ClassicalSegmentKernel(Kernel):
     min_distance : closest two seeds (two nuclei centres) may be, physical units.
     min_size : smallest object kept, in voxels.
     halo : per axis in pixels; should exceed the largest object's diameter.
+    polarity : ``bright`` (objects brighter than background, fluorescence) or ``dark``
+        (brightfield); decided once per image by the segmentation step when asked (``auto``).
+    stain : ``none`` or ``hematoxylin`` (H&E: objects are the haematoxylin optical density of
+        RGB transmitted light, ``white`` the glass's brightness per channel); see
+        :mod:`kernels.brightfield`. The threshold is in the units of this object signal.
     """
 
     name = "segment-classical"
@@ -78,9 +86,15 @@ class ClassicalSegmentKernel(Kernel):
         min_size: int | None = Field(None, ge=0)
         halo: list[int] | None = None
         channels: int = Field(1, ge=1)
+        polarity: Literal["bright", "dark"] = "bright"
+        stain: Literal["none", "hematoxylin"] = "none"
+        white: list[float] | None = None
 
     def __init__(self, params: Params):
         super().__init__(params)
+        if params.stain == "hematoxylin" and params.channels != 3:
+            raise KernelError(f"stain 'hematoxylin' needs an RGB image (3 channels); this one has {params.channels}.")
+        self.signal = ObjectSignal(params.polarity, params.stain, tuple(params.white) if params.white else None)
         self.scale = tuple(params.scale)
         ndim = len(self.scale)
         d, pixel = params.diameter, min(self.scale)
@@ -104,9 +118,18 @@ class ClassicalSegmentKernel(Kernel):
         from scipy import ndimage
 
         p = self.params
+        context = context or BatchContext.whole(batch)
         out = np.zeros((batch.shape[0], 1) + batch.shape[2:], np.int32)
         for n, block in enumerate(batch):
-            image = block.mean(axis=0) if block.shape[0] > 1 else block[0]
+            if self.signal.stain == "none":  # the block is normalised already
+                image = self.signal(block, None)
+            else:  # deconvolution works on transmitted light: undo the normalisation
+                image = self.signal(context.scaling.invert(block) if context.scaling is not None else block, None)
+            # the engine pads with zeros, which for dark objects reads as object: background
+            # (no signal) past the edge instead, so the image's edge is not one long object
+            inside = np.zeros(image.shape, bool)
+            inside[tuple(context.valid[n])] = True
+            image = np.where(inside, image, 0.0).astype(np.float32)
             smooth = ndimage.gaussian_filter(image.astype(np.float32), [self.sigma / s for s in self.scale])
             mask = smooth > p.threshold
             if not mask.any():

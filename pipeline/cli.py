@@ -124,7 +124,7 @@ def cmd_run_kernel(args) -> None:
     with _client(args) as client:
         summary = run_kernel(args.input, args.output, spec, client, _engine_options(args, ndim), out_dtype=args.dtype)
     print(f"wrote {args.output}: {summary.computed} tiles computed, {summary.skipped} already "
-          f"done, {summary.voxels_per_s / 1e6:.2f} Mvox/s")
+          f"done, {summary.voxels_per_s / 1e6:.2f} Mvox/s{_outside_note(summary.outside, summary.tiles)}")
 
 
 def cmd_train_denoise(args) -> None:
@@ -149,7 +149,7 @@ def cmd_denoise(args) -> None:
                                   _engine_options(args, len(source.spatial_dims)), out_dtype=args.dtype,
                                   precision=args.precision)
     print(f"wrote {args.output}: {summary.computed} tiles computed, {summary.skipped} already "
-          f"done, {summary.voxels_per_s / 1e6:.2f} Mvox/s; residual std {report.residual_std_median:.4f} "
+          f"done, {summary.voxels_per_s / 1e6:.2f} Mvox/s{_outside_note(summary.outside, summary.tiles)}; residual std {report.residual_std_median:.4f} "
           f"(normalised), {len(report.flagged)} tiles flagged")
 
 
@@ -243,19 +243,25 @@ def cmd_segment(args) -> None:
                 raise OptionError(f"--halo needs one size or {ndim} sizes (one per spatial axis), got {args.halo}.")
         spec = classical_spec(args.input, level=args.level, diameter=args.diameter, sigma=args.sigma,
                               min_distance=args.min_distance, min_size=args.min_size, halo=halo,
-                              threshold=args.threshold)
+                              threshold=args.threshold, polarity=args.polarity, stain=args.stain)
         scale = spec.params.get("object_scale")
         if scale and not args.quiet:
             from kernels.objectscale import ObjectScale
 
             print(f"object diameter: {ObjectScale(**scale).describe()}")
+        if not args.quiet:
+            what = ("the haematoxylin channel (H&E)" if spec.params["stain"] == "hematoxylin" else
+                    f"{'dark' if spec.params['polarity'] == 'dark' else 'bright'} objects")
+            print(f"objects: {what}, threshold {spec.params['threshold']:.4g} (--polarity/--stain to choose)")
     with _client(args) as client:
         summary = segment_labels(args.input, args.output, spec, client, name=args.name, iou=args.iou, image=args.image,
                                  consecutive=not args.sparse_ids, table=not args.no_table, level=args.level,
                                  tile_shape=args.tile, batch=args.batch, overwrite=args.overwrite,
-                                 progress=not args.quiet, ngff=args.ngff, missing_chunks=args.missing_chunks)
+                                 progress=not args.quiet, ngff=args.ngff, missing_chunks=args.missing_chunks,
+                                 foreground=_foreground(args))
     print(f"wrote {summary.labels}: {summary.objects} objects ({summary.stitched_objects} stitched across "
-          f"{summary.tiles} tiles)" + (f", table {summary.table}" if summary.table else ""))
+          f"{summary.tiles} tiles)" + (f", table {summary.table}" if summary.table else "")
+          + _outside_note(summary.outside, summary.tiles))
     if summary.halo_edge_objects:
         print(f"note: {summary.halo_edge_objects} objects reached the edge of a tile's halo; raise --halo if objects "
               "are that large", file=sys.stderr)
@@ -301,6 +307,25 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
     _add_missing_option(g)
 
 
+def _add_foreground_options(g) -> None:
+    g.add_argument("--tissue", action="store_true",
+                   help="detect the tissue of a slide once (written as OUT/labels/tissue) and compute only the tiles "
+                        "that hold some; glass stays empty")
+    g.add_argument("--mask", metavar="URL",
+                   help="compute only the tiles a low-resolution mask keeps (a labels image, nonzero = keep)")
+
+
+def _foreground(args) -> str | None:
+    from pipeline.steps.tissue import foreground_option
+
+    return foreground_option(args.tissue, args.mask)
+
+
+def _outside_note(outside: int, tiles: int) -> str:
+    return f"; {outside} of {tiles} tiles outside the tissue/mask skipped ({100 * outside / max(tiles, 1):.0f}%)" \
+        if outside else ""
+
+
 def _add_missing_option(g) -> None:
     g.add_argument("--missing-chunks", choices=("fill", "error"), default="fill",
                    help="an input chunk the store lacks: read as the fill value and reported (default; zarr leaves "
@@ -318,7 +343,7 @@ def _engine_options(args, ndim: int):
         blend = Blend(tuple(window), args.blend_overlap)
     return EngineOptions.of(level=args.level, tile_shape=args.tile, batch=args.batch, pad_mode=args.pad_mode,
                             blend=blend, overwrite=args.overwrite, progress=not args.quiet, ngff=args.ngff,
-                            missing_chunks=args.missing_chunks)
+                            missing_chunks=args.missing_chunks, foreground=_foreground(args))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -430,7 +455,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--min-size", type=int,
                    help="smallest object in voxels (default 5%% of a ball one diameter across; U-Net: 12); "
                         "also for --model")
-    g.add_argument("--threshold", type=float, help="foreground threshold in input units (default: Otsu)")
+    g.add_argument("--threshold", type=float, help="foreground threshold in input units, or haematoxylin optical "
+                   "density with --stain hematoxylin (default: Otsu)")
+    g.add_argument("--polarity", choices=("auto", "bright", "dark"), default="auto",
+                   help="objects brighter (fluorescence) or darker (brightfield) than background; auto decides once "
+                        "per image (default)")
+    g.add_argument("--stain", choices=("auto", "none", "hematoxylin"), default="auto",
+                   help="hematoxylin: segment the haematoxylin optical density of an H&E (RGB) image; auto picks it "
+                        "for dark-on-bright RGB images (default)")
     g.add_argument("--samples", type=int, help="--model trained with mc-dropout: forward passes (default: its card's)")
     g.add_argument("--input-variance", type=float,
                    help="--model trained with adf: input noise variance, normalised units (default: the training "
@@ -445,6 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true", help="replace an existing output instead of resuming")
     g.add_argument("--ngff", choices=("0.4", "0.5"), help="NGFF version to write (default: the input's)")
     _add_missing_option(g)
+    _add_foreground_options(g)
     _add_cluster_options(p)
     p.set_defaults(func=cmd_segment)
 

@@ -71,6 +71,10 @@ class EngineOptions:
         fill value), ``error`` refuses it (for stores known to be complete).
     ngff : NGFF version of the outputs, ``"0.4"`` (zarr v2) or ``"0.5"`` (zarr v3); ``None``
         writes the input's version, so a derived store never mixes versions with its source.
+    foreground : compute only the tiles a low-resolution mask keeps: ``"tissue"`` detects the
+        tissue of a slide once (written as ``OUT/labels/tissue``), or the URL of a mask (any
+        labels image, nonzero = keep); the rest of the output stays empty
+        (``pipeline.steps.tissue``).
     """
 
     level: int = 0
@@ -86,6 +90,7 @@ class EngineOptions:
     storage_options: dict[str, Any] | None = None
     ngff: str | None = None
     missing_chunks: str = "fill"
+    foreground: str | None = None
 
     @classmethod
     def of(cls, options: "EngineOptions | None" = None, **settings: Any) -> "EngineOptions":
@@ -111,9 +116,10 @@ class RunSummary:
     output: str
     tiles: int
     computed: int
-    skipped: int
+    skipped: int  # already done by an earlier run
     seconds: float
     voxels_per_s: float
+    outside: int = 0  # tiles outside the foreground mask (never read)
 
 
 def image_layout(source: ImageSource) -> tuple[list[int], bool, list[int]]:
@@ -326,8 +332,9 @@ def prepare_engine(input_url: str, kernel: KernelSpec, options: EngineOptions) -
         "normalisation": scaling.pairs() if scaling else None,
         "ngff": options.ngff or ("0.4" if source.version == "0.4" else "0.5"),
         "missing_chunks": options.missing_chunks,
+        "foreground": options.foreground,
         # what the input was when the run started: a resume onto an edited input is refused
-        "input_fingerprint": content_fingerprint(store.join(source.url, lv.path), options.storage_options),
+        "input_fingerprint": content_fingerprint(source.level_url(options.level), options.storage_options),
     }
     return EngineSetup(source, options.level, spatial, has_c, k, plan, scaling, params, tuple(batch))
 

@@ -7,7 +7,8 @@ of the coarsest level when no level is that small; never from the whole of level
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from functools import partial
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -17,6 +18,7 @@ from pipeline.core.regions import grid_shape, region_of
 from pipeline.io.read import ImageSource
 
 if TYPE_CHECKING:
+    from kernels.brightfield import ObjectSignal
     from kernels.objectscale import ObjectScale
 
 PERCENTILES = (0.1, 1.0, 50.0, 99.0, 99.9)
@@ -75,10 +77,9 @@ def sample_values(source: ImageSource, *, max_voxels: int = 2**24, seed: int = 0
     per_chunk = int(np.prod(lv.chunks))
     n_pick = max(1, min(int(np.prod(grid)), max_voxels // per_chunk))
     picks = np.random.default_rng(seed).choice(int(np.prod(grid)), size=n_pick, replace=False)
-    arr = source.array(level)
     pieces = []
     for flat in picks:
-        block = arr[region_of(np.unravel_index(flat, grid), lv.shape, lv.chunks)]
+        block = source.read(region_of(np.unravel_index(flat, grid), lv.shape, lv.chunks), level)
         pieces.append(np.moveaxis(block, c_axis, 0).reshape(block.shape[c_axis], -1) if c_axis is not None
                       else block.reshape(1, -1))
     return np.concatenate(pieces, axis=1), level
@@ -96,10 +97,10 @@ def otsu_threshold(source: ImageSource, channel: int = 0, *, max_voxels: int = 2
     A coarse level is a block mean of level 0, i.e. already smoothed, which is the image a
     threshold is usually taken on.
     """
-    from skimage.filters import threshold_otsu
+    from kernels.brightfield import otsu_gap
 
     data, _ = sample_values(source, max_voxels=max_voxels)
-    return float(threshold_otsu(data[channel].astype(np.float64)))
+    return otsu_gap(data[channel])
 
 
 def nonfinite_message(url: str, where: str) -> str:
@@ -148,6 +149,7 @@ def _windows(shape: tuple[int, ...], spacing: tuple[float, ...], max_voxels: int
 
 
 def estimate_object_scale(source: ImageSource, *, level: int = 0, threshold: float | None = None,
+                          signal: ObjectSignal | None = None, scaling: Scaling | None = None,
                           max_voxels: int = 2**22) -> ObjectScale | None:
     """The typical object diameter of an image (physical units), measured once for all tiles.
 
@@ -155,28 +157,44 @@ def estimate_object_scale(source: ImageSource, *, level: int = 0, threshold: flo
     there; otherwise windows of the processed level (together about ``max_voxels``: small
     objects need full resolution). The image is thresholded at ``threshold`` (input units; Otsu
     of the global sample by default) and measured by :func:`kernels.objectscale.scale_of_mask`.
-    Channels are averaged; the first index of any time or other batch axis is used. ``None``
-    when too few objects are above the threshold.
+    Channels are averaged, or with ``signal`` (and the input's ``scaling``) the pixels become
+    that object signal and ``threshold`` is in its units (dark objects, haematoxylin); the first
+    index of any time or other batch axis is used. ``None`` when too few objects are above the
+    threshold.
     """
     dims = source.dims
     spatial = [i for i, d in enumerate(dims) if d in source.spatial_dims]
+    if signal is not None and threshold is None:
+        raise ValueError("an object signal needs its threshold")
     value = otsu_threshold(source) if threshold is None else float(threshold)
+    read = partial(_signal_block, signal=signal, scaling=scaling)
     # large objects: a coarser level read whole sees them all, uncut; accepted where they are
     # still well resolved there, else windows of the processed level (small objects)
     coarse = next((k for k in range(level, len(source.levels))
                    if np.prod([source.levels[k].shape[i] for i in spatial]) <= max_voxels), None)
     if coarse is not None and coarse > level:
-        found = _scale_of_level(source, coarse, value, spatial, max_voxels)
+        found = _scale_of_level(source, coarse, value, spatial, max_voxels, read)
         if found is not None and found.diameter >= WELL_RESOLVED_PX * min(source.spatial_scale(coarse)):
             return found
-    return _scale_of_level(source, level, value, spatial, max_voxels)
+    return _scale_of_level(source, level, value, spatial, max_voxels, read)
 
 
 WELL_RESOLVED_PX = 12  # an object this many pixels across is measured as well as at full resolution
 
 
-def _scale_of_level(source: ImageSource, level: int, value: float, spatial: list[int], max_voxels: int
-                    ) -> ObjectScale | None:
+def _signal_block(block: np.ndarray, dims: tuple[str, ...], spatial: list[int], *, signal: ObjectSignal | None,
+                  scaling: Scaling | None) -> np.ndarray:
+    """One read window (batch axes at one index) as a spatial float32 block: the channel mean,
+    or the object signal."""
+    channels = np.moveaxis(block, dims.index("c"), 0) if "c" in dims else block[None]
+    channels = channels.reshape((channels.shape[0],) + tuple(block.shape[i] for i in spatial))
+    if signal is not None:
+        return signal(channels, scaling)
+    return channels.astype(np.float32).mean(axis=0)
+
+
+def _scale_of_level(source: ImageSource, level: int, value: float, spatial: list[int], max_voxels: int,
+                    read: Callable[..., np.ndarray]) -> ObjectScale | None:
     """Measure on the windows of one level: first with half a pixel of smoothing (noise), then
     once more smoothed in proportion to the first answer, which joins the texture of large
     nuclei back into one object (the answer moves < 5 % after that)."""
@@ -192,10 +210,7 @@ def _scale_of_level(source: ImageSource, level: int, value: float, spatial: list
         region, it = [], iter(window)
         for i, d in enumerate(dims):
             region.append(next(it) if i in spatial else (slice(None) if d == "c" else slice(0, 1)))
-        block = source.read(tuple(region), level).astype(np.float32)
-        if "c" in dims:
-            block = block.mean(axis=dims.index("c"), keepdims=True)
-        blocks.append(block.reshape([block.shape[i] for i in spatial]))
+        blocks.append(read(source.read(tuple(region), level), dims, spatial))
     def measure(sigma: float) -> ObjectScale | None:
         return scale_of_mask([ndimage.gaussian_filter(b, [sigma / s for s in spacing]) > value for b in blocks],
                              spacing)

@@ -75,6 +75,10 @@ class ImageSource(ImageMeta):
             ) from None
 
     # -- data access ----------------------------------------------------------------------
+    def level_url(self, level: int = 0) -> str:
+        """Where a level's data lives (what a resume fingerprints)."""
+        return store.join(self.url, self.level(level).path)
+
     def array(self, level: int = 0) -> zarr.Array:
         """The zarr array of a level, opened read-only."""
         return store.open_array(store.join(self.url, self.level(level).path), "r", self.storage_options)
@@ -139,6 +143,85 @@ class ImageSource(ImageMeta):
         return open_image(store.join(self.url, "labels", name), self.storage_options)
 
 
+@dataclass(frozen=True)
+class SlideLevel:
+    """One level of a slide as an array in NGFF axis order (what :meth:`ImageSource.array`
+    gives for OME-Zarr): shape, dtype, chunks and region reads, for dask and the statistics."""
+
+    source: "SlideSource"
+    level: int
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.source.level(self.level).shape
+
+    @property
+    def chunks(self) -> tuple[int, ...]:
+        return self.source.level(self.level).chunks
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.source.level(self.level).dtype)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __getitem__(self, region: tuple[slice, ...]) -> np.ndarray:
+        return self.source.read(tuple(region), self.level)
+
+
+@dataclass(frozen=True)
+class SlideSource(ImageSource):
+    """A TIFF-family slide (SVS, NDPI, tiled TIFF, OME-TIFF) read in place, level by level,
+    through :mod:`pipeline.io.slide`: every engine pass reads it tile by tile without a
+    conversion. Axes ``c, y, x`` for RGB (samples become channels)."""
+
+    order: tuple[int, ...] = ()
+    vendor: str = ""
+
+    def level_url(self, level: int = 0) -> str:
+        return self.url  # one file holds every level
+
+    def array(self, level: int = 0) -> SlideLevel:  # type: ignore[override]
+        self.level(level)
+        return SlideLevel(self, level)
+
+    def read(self, region: tuple[slice, ...], level: int = 0) -> np.ndarray:
+        from pipeline.io.slide import read_level
+
+        region = tuple(region) + (slice(None),) * (len(self.dims) - len(region))
+        try:
+            return read_level(self.url, self.level(level).path, self.order, region, self.storage_options)
+        except (RuntimeError, ValueError, TypeError) as exc:
+            where = ", ".join(f"{s.start}:{s.stop}" for s in region)
+            raise InputError(f"'{self.url}' level {level}: a tile in [{where}] cannot be decoded "
+                             f"(corrupt or truncated? {type(exc).__name__}: {str(exc)[:200]}).") from None
+
+    def missing_chunks(self, region: tuple[slice, ...], level: int = 0) -> list[tuple[int, ...]]:
+        return []  # a TIFF has every tile of every level (an empty one reads as zeros)
+
+    def dask(self, level: int = 0):
+        import dask.array as da
+
+        return da.from_array(self.array(level), chunks=self.level(level).chunks, asarray=True,
+                             name=f"slide-{self.url}-{level}")
+
+    def label(self, name: str) -> "ImageSource":
+        raise InputError(f"'{self.url}' is a slide file: it has no labels images; run tilewise on it and "
+                         "find labels in the output store.")
+
+
+def open_slide(url: str, storage_options: Mapping[str, Any] | None = None) -> SlideSource:
+    """A slide file as an :class:`ImageSource` (see :mod:`pipeline.io.slide`)."""
+    from pipeline.io.slide import slide_layout
+
+    layout = slide_layout(url, storage_options)
+    return SlideSource(url=url, version="tiff", name=url.rstrip("/").split("/")[-1], axes=layout.axes,
+                       levels=layout.levels, channel_names=layout.channel_names,
+                       storage_options=dict(storage_options or {}), order=layout.order, vendor=layout.vendor)
+
+
 def _list_labels(group: zarr.Group) -> tuple[str, ...]:
     try:
         labels_group = group["labels"]
@@ -156,12 +239,17 @@ def _level_layout(arr: zarr.Array) -> tuple[tuple[int, ...], tuple[int, ...] | N
 
 
 def open_image(url: str, storage_options: Mapping[str, Any] | None = None) -> ImageSource:
-    """Open the OME-Zarr image at ``url`` (the group holding ``multiscales``).
+    """Open the OME-Zarr image at ``url`` (the group holding ``multiscales``), or a TIFF-family
+    slide file (``.svs``, ``.ndpi``, ``.tif``...; :func:`open_slide`).
 
     A store whose root is a collection (e.g. a tilewise output or sample with ``raw/`` and
     ``clean/``) is accepted when it holds exactly one image; otherwise the error lists them.
     """
+    from pipeline.io.slide import is_slide_path
+
     storage_options = dict(storage_options or {})
+    if is_slide_path(url):
+        return open_slide(url, storage_options)
     group = store.open_group_readonly(url, storage_options)
     attrs = dict(group.attrs)
     if not _is_image(group):
@@ -238,6 +326,8 @@ def ngff_problems(source: ImageSource) -> str | None:
     reading is more lenient; this tells users when other tools may refuse the store."""
     from pydantic import ValidationError
 
+    if isinstance(source, SlideSource):
+        return None  # not NGFF: a slide file, read through tiffslide and written out as NGFF
     try:
         from ome_zarr_models import v04, v05
 

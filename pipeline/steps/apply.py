@@ -37,6 +37,7 @@ from pipeline.engine.runner import (
 )
 from pipeline.io import store
 from pipeline.io.write import ImageSink, create_image
+from pipeline.steps.tissue import select_tiles
 
 log = logging.getLogger(__name__)
 
@@ -118,10 +119,13 @@ def run_kernel(input_url: str, output_url: str, kernel: KernelSpec, client: Any,
     space = setup.space  # every spatial tile at every index of the batch axes
     done = verify_done(client, sink, plan, manifest, progress=options.progress,
                        batch_shape=setup.batch_shape) if manifest.done() else set()
-    wanted = range(len(space)) if tile_ids is None else [int(t) for t in tile_ids]
-    if tile_ids is not None and any(not 0 <= t < len(space) for t in wanted):
+    if tile_ids is not None and any(not 0 <= int(t) < len(space) for t in tile_ids):
         raise OptionError(f"Tile ids must be in 0..{len(space) - 1} for this plan (grid {plan.grid}, batch axes "
                           f"{setup.batch_shape}).")
+    kept = select_tiles(setup, output_url, options.foreground, storage_options=options.storage_options)
+    every = range(len(space)) if kept is None else kept  # the tiles this run's output is made of
+    keep = set(every)
+    wanted = every if tile_ids is None else [int(t) for t in tile_ids if int(t) in keep]
     todo = [t for t in wanted if t not in done]
     batch = setup.batch(options.batch)
     job = ImageTileJob(kernel=kernel, reader=setup.reader(), plan=plan, sink=sink, manifest=manifest, batch=batch,
@@ -135,9 +139,9 @@ def run_kernel(input_url: str, output_url: str, kernel: KernelSpec, client: Any,
             metas += results
         seconds = time.perf_counter() - started
         report_missing(metas, setup.source)
-        if tile_ids is None or len(manifest.done()) == len(space):
+        if keep <= manifest.done():
             finalize_image(sink, client, progress=options.progress)
             if maps is not None:
                 maps.finalize(client, progress=options.progress)
     return RunSummary(output_url, len(space), len(todo), len(wanted) - len(todo), seconds,
-                      voxels / max(seconds, 1e-9))
+                      voxels / max(seconds, 1e-9), outside=len(space) - len(every))

@@ -19,7 +19,8 @@ from pipeline.core.errors import InputError, OptionError
 from pipeline.core.regions import Region, grow_block, iter_regions, n_regions
 from pipeline.io import store
 from pipeline.io.ngff import default_axes
-from pipeline.io.read import ImageSource, open_image
+from pipeline.io.read import ImageSource, SlideSource, open_image
+from pipeline.io.slide import RGB, RGB_COLOURS, is_slide_path
 from pipeline.io.write import ImageSink, create_image, create_labels, write_omero
 from pipeline.engine.submit import run_tasks
 
@@ -50,6 +51,17 @@ def _open_source(kind: str, url: str):
     return zarr.open_array(store=url, mode="r")
 
 
+@dataclass(frozen=True)
+class LevelRef:
+    """A picklable pointer to one level of an opened image (OME-Zarr or slide file)."""
+
+    source: ImageSource
+    level: int
+
+    def read(self, region: Region) -> np.ndarray:
+        return self.source.read(tuple(region), self.level)
+
+
 def _source_layout(ref: ArrayRef) -> tuple[tuple[int, ...], np.dtype, tuple[int, ...], str | None]:
     arr = _open_source(ref.kind, ref.url)
     hint = None
@@ -72,7 +84,7 @@ def copy_block_shape(unit: Sequence[int], shape: Sequence[int], source_chunks: S
     return grow_block(start, shape, itemsize, BLOCK_BYTES) if int(np.prod(start)) * itemsize < BLOCK_BYTES else tuple(start)
 
 
-def copy_array(src: ArrayRef, sink: ImageSink, level: int, client: Any, source_chunks: Sequence[int], progress: bool) -> None:
+def copy_array(src: ArrayRef | LevelRef, sink: ImageSink, level: int, client: Any, source_chunks: Sequence[int], progress: bool) -> None:
     lv = sink.levels[level]
     block = copy_block_shape(lv.write_unit, lv.shape, source_chunks, np.dtype(lv.dtype).itemsize)
     fn = partial(_copy_block, src, sink, level)
@@ -108,14 +120,30 @@ def _parse_scale(scale: Sequence[float] | None, axes: str) -> tuple[float, ...]:
 def convert(src: str, dst: str, client: Any, *, axes: str | None = None, scale: Sequence[float] | None = None,
             chunks: Sequence[int] | None = None, shards: Sequence[int] | None = None, version: str = "0.5",
             overwrite: bool = False, progress: bool = True, storage_options: dict | None = None) -> str:
-    """Convert ``src`` (TIFF, plain zarr array, or OME-Zarr) into an NGFF image at ``dst``.
+    """Convert ``src`` (TIFF or slide file, plain zarr array, or OME-Zarr) into an NGFF image at ``dst``.
 
-    Plain sources get a fresh pyramid; OME-Zarr sources keep their levels, transforms, channel
-    names and labels, copied bit for bit.
+    Plain sources get a fresh pyramid; OME-Zarr sources and pyramidal slides (SVS, NDPI, tiled
+    TIFF, OME-TIFF) keep their levels, transforms (a slide's pixel size), channel names (RGB, with
+    its colours) and labels, copied bit for bit. A TIFF whose axes tifffile cannot name needs
+    ``axes``; ``axes`` or ``scale`` given read any TIFF as one plain array.
     """
     if not store.exists(src, storage_options):
         raise InputError(f"No file or store at '{src}': the path does not exist. Check the path or URL.")
     store.check_output_location(dst, src, storage_options)
+    slide = _try_slide(src, storage_options) if is_slide_path(src) and axes is None and scale is None else None
+    if slide is not None and len(slide.levels) > 1:  # a slide, pyramid and all: its levels are kept
+        return _convert_ome(slide, dst, client, chunks=chunks, shards=shards, version=version,
+                            overwrite=overwrite, progress=progress)
+    if slide is not None:  # one level whose axes TIFF names (RGB YXS, an ImageJ ZYX stack): a fresh pyramid
+        sink = create_image(dst, shape=slide.shape, dtype=slide.dtype, axes=slide.axes, scale=slide.level(0).scale,
+                            chunks=chunks, shards=shards, version=version, overwrite=overwrite, name=slide.name,
+                            channel_names=slide.channel_names, storage_options=storage_options)
+        copy_array(LevelRef(slide, 0), sink, 0, client, slide.level(0).chunks, progress)
+        from pipeline.engine.pyramid import finalize_image
+
+        finalize_image(sink, client, progress=progress)
+        _copy_omero(slide, sink)
+        return sink.url
     if Path(src).suffix.lower() in TIFF_SUFFIXES:
         ref = ArrayRef("tiff", src)
     else:
@@ -148,6 +176,16 @@ def convert(src: str, dst: str, client: Any, *, axes: str | None = None, scale: 
     return sink.url
 
 
+def _try_slide(src: str, storage_options: dict | None) -> ImageSource | None:
+    """The file as a slide, when its TIFF axes name themselves (RGB ``YXS``, ``CYX``, ``ZYX``...);
+    None for a TIFF whose axes tifffile cannot name (then ``--axes`` does)."""
+    try:
+        return open_image(src, storage_options)
+    except InputError as exc:
+        log.debug("not read as a slide: %s", exc)
+        return None
+
+
 def _convert_ome(src: ImageSource, dst: str, client: Any, *, chunks, shards, version: str, overwrite: bool,
                  progress: bool) -> str:
     def relayout(levels):
@@ -161,11 +199,7 @@ def _convert_ome(src: ImageSource, dst: str, client: Any, *, chunks, shards, ver
     sink = create_image(dst, shape=src.shape, dtype=src.dtype, axes=src.axes, version=version, name=src.name,
                         channel_names=src.channel_names, overwrite=overwrite, levels=relayout(src.levels))
     _copy_levels(src, sink, client, progress)
-    channels = _source_channels(src)
-    windows = [c.get("window") or {} for c in channels]
-    if channels and all({"min", "max", "start", "end"} <= set(w) for w in windows):
-        write_omero(sink, [(w["min"], w["max"], w["start"], w["end"]) for w in windows],
-                    [c.get("color", "FFFFFF") for c in channels])
+    _copy_omero(src, sink)
     for name in src.labels:
         lsrc = src.label(name)
         lsink = create_labels(sink, name, dtype=lsrc.dtype, levels=relayout(lsrc.levels),
@@ -193,7 +227,17 @@ def copy_image_data(src: ImageSource, sink: ImageSink, client: Any, *, from_leve
                     progress: bool = True) -> None:
     """Every level's data (task per output-aligned block; idempotent) and the contrast."""
     for k, lv in enumerate(src.levels[from_level:]):
-        copy_array(ArrayRef("zarr", store.join(src.url, lv.path)), sink, k, client, lv.chunks, progress)
+        copy_array(LevelRef(src, from_level + k), sink, k, client, lv.chunks, progress)
+    _copy_omero(src, sink)
+
+
+def _copy_levels(src: ImageSource, sink: ImageSink, client: Any, progress: bool) -> None:
+    for k, lv in enumerate(src.levels):
+        copy_array(LevelRef(src, k), sink, k, client, lv.chunks, progress)
+
+
+def _copy_omero(src: ImageSource, sink: ImageSink) -> None:
+    """The source's channel colours and contrast windows, when it has them all."""
     channels = _source_channels(src)
     windows = [c.get("window") or {} for c in channels]
     if channels and all({"min", "max", "start", "end"} <= set(w) for w in windows):
@@ -201,12 +245,12 @@ def copy_image_data(src: ImageSource, sink: ImageSink, client: Any, *, from_leve
                     [c.get("color", "FFFFFF") for c in channels])
 
 
-def _copy_levels(src: ImageSource, sink: ImageSink, client: Any, progress: bool) -> None:
-    for k, lv in enumerate(src.levels):
-        copy_array(ArrayRef("zarr", store.join(src.url, lv.path)), sink, k, client, lv.chunks, progress)
-
-
 def _source_channels(src: ImageSource) -> list[dict]:
+    if isinstance(src, SlideSource):  # brightfield RGB: the full range, in its own colours
+        if src.channel_names != RGB:
+            return []
+        top = float(np.iinfo(src.dtype).max) if src.dtype.kind in "iu" else 1.0
+        return [{"color": c, "window": {"min": 0.0, "max": top, "start": 0.0, "end": top}} for c in RGB_COLOURS]
     group = store.open_group_readonly(src.url, src.storage_options)
     attrs = dict(group.attrs)
     return list(attrs.get("ome", attrs).get("omero", {}).get("channels", []))
