@@ -205,6 +205,16 @@ def cmd_analyze(args) -> None:
         print(f"wrote {args.out}")
 
 
+def cmd_export_geojson(args) -> None:
+    from pipeline.steps.geojson import export_geojson
+
+    with _client(args) as client:
+        summary = export_geojson(args.output, args.geojson, client, name=args.name, classification=args.classification,
+                                 overwrite=args.overwrite, progress=not args.quiet)
+    print(f"wrote {summary.path}: {summary.features} polygons ({summary.seconds:.1f} s); in QuPath: File > Import "
+          "objects from file")
+
+
 def cmd_evaluate(args) -> None:
     from pipeline.steps.evaluate import evaluate
 
@@ -305,6 +315,7 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--overwrite", action="store_true", help="replace an existing output instead of resuming")
     g.add_argument("--ngff", choices=("0.4", "0.5"), help="NGFF version to write (default: the input's)")
     _add_missing_option(g)
+    _add_foreground_options(g)
 
 
 def _add_foreground_options(g) -> None:
@@ -512,6 +523,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="report file (.html); the scores go beside it as .json")
     p.add_argument("--null-size", type=int, default=1000, help="permutations of the mAP null (default 1000)")
     p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("export-geojson", help="objects as GeoJSON polygons with their measurements (QuPath)",
+                       description="Trace every object of OUTPUT/labels/NAME into a GeoJSON FeatureCollection "
+                                   "(pixel coordinates of the labels' level 0, the object table's columns as QuPath "
+                                   "measurements), tile by tile, merged without holding all polygons in memory.")
+    p.add_argument("output", help="output of `tilewise segment`")
+    p.add_argument("geojson", help="file to write (.geojson; local path or fsspec URL)")
+    p.add_argument("--name", default="nuclei", help="labels name in OUTPUT (default nuclei)")
+    p.add_argument("--classification", help="the objects' class name in QuPath (default: the labels name)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    _add_cluster_options(p)
+    p.set_defaults(func=cmd_export_geojson)
 
     p = sub.add_parser("evaluate", help="score labels and their uncertainty maps against ground-truth labels",
                        description="Dice, IoU and accuracy@0.5 of OUTPUT/labels/NAME against TRUTH (a labels "

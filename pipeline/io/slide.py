@@ -96,7 +96,14 @@ def _ome_pixel_size(tif: Any) -> tuple[float, float] | None:
 
 def slide_layout(url: str, options: Mapping[str, Any] | None = None) -> SlideLayout:
     """Open a slide's metadata: levels, pixel size, axes (no pixels are read)."""
-    slide = _open(url, _key(options))
+    try:
+        return _layout(url, _open(url, _key(options)))
+    except (NotImplementedError, KeyError, ValueError, TypeError) as exc:  # layouts tiffslide does not read
+        raise InputError(f"'{url}' is a TIFF that tilewise cannot read as a slide ({type(exc).__name__}: "
+                         f"{str(exc)[:160]}); convert it with `tilewise convert IN OUT.ome.zarr --axes ...`.") from None
+
+
+def _layout(url: str, slide: Any) -> SlideLayout:
     props = slide.properties
     tif_axes = str(slide.ts_tifffile.series[0].axes)
     unknown = [a for a in tif_axes if a not in AXIS_NAMES]
@@ -132,7 +139,7 @@ def slide_layout(url: str, options: Mapping[str, Any] | None = None) -> SlideLay
         levels.append(Level(path, shape, chunks, None, str(arr.dtype), tuple(scale), tuple(translation)))
     n_channels = levels[0].shape[ngff_names.index("c")] if "c" in ngff_names else 1
     channel_names = RGB if "S" in tif_axes and n_channels == 3 else None
-    return SlideLayout(axes, tuple(levels), channel_names, order, str(props.get("tiffslide.vendor", "")),
+    return SlideLayout(axes, tuple(levels), channel_names, order, str(props.get("tiffslide.vendor") or ""),
                        pixel)
 
 

@@ -240,6 +240,10 @@ def _copy_omero(src: ImageSource, sink: ImageSink) -> None:
     """The source's channel colours and contrast windows, when it has them all."""
     channels = _source_channels(src)
     windows = [c.get("window") or {} for c in channels]
+    if sink.channel_names is None and src.channel_names:
+        from dataclasses import replace
+
+        sink = replace(sink, channel_names=src.channel_names)
     if channels and all({"min", "max", "start", "end"} <= set(w) for w in windows):
         write_omero(sink, [(w["min"], w["max"], w["start"], w["end"]) for w in windows],
                     [c.get("color", "FFFFFF") for c in channels])

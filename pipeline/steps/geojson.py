@@ -1,0 +1,184 @@
+"""Objects as GeoJSON polygons that QuPath (and geopandas, shapely, napari-geojson) import.
+
+Each object's outline is traced from the stitched labels image of a segmentation output, by
+the task of the tile that holds its centroid: the task reads one region (the union of its
+objects' bounding boxes), traces each object (scikit-image's marching squares, simplified to
+half a pixel) and writes its features, one per line, to a part file. The client then streams
+the parts into one ``FeatureCollection`` in tile order, one part at a time: no process ever
+holds more than one tile's polygons. Finished parts survive an interruption (a rerun writes
+only the missing ones).
+
+Coordinates are pixels of the labels' level 0 (x right, y down; a pixel spans ``[i, i+1)``,
+as QuPath counts them); every scalar column of the object table rides along as QuPath
+``measurements``, with the object's id as ``label`` and its class as ``classification``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from pipeline.core.errors import InputError, OptionError
+from pipeline.engine.plan import TilePlan, make_plan
+from pipeline.engine.runner import tiles_per_task
+from pipeline.engine.submit import run_tasks
+from pipeline.io import store
+from pipeline.io.read import ImageSource, open_image
+from pipeline.io.tables import INSTANCE_KEY, REGION_KEY, read_table
+
+log = logging.getLogger(__name__)
+
+SIMPLIFY_PX = 0.5  # outline vertices closer than this to the traced line are dropped
+
+
+@dataclass(frozen=True)
+class GeoJSONSummary:
+    path: str
+    features: int
+    tiles: int
+    seconds: float
+
+
+def outline(mask: np.ndarray) -> np.ndarray:
+    """``(n, 2)`` closed ring of ``(row, col)`` vertices around the largest piece of ``mask``
+    (pixel-centre coordinates; the ring runs half a pixel outside the object's pixels)."""
+    from skimage.measure import approximate_polygon, find_contours
+
+    padded = np.pad(mask.astype(np.float32), 1)
+    contours = find_contours(padded, 0.5)
+    ring = max(contours, key=len) - 1.0  # undo the padding
+    ring = approximate_polygon(ring, SIMPLIFY_PX)
+    return ring if np.array_equal(ring[0], ring[-1]) else np.vstack([ring, ring[:1]])
+
+
+def _feature(label: int, ring: np.ndarray, row: dict[str, Any], classification: str) -> dict[str, Any]:
+    xy = np.round(ring[:, ::-1] + 0.5, 3)  # (row, col) centres -> QuPath's (x, y) pixel edges
+    measurements = {k: v for k, v in row.items() if k not in (INSTANCE_KEY, REGION_KEY)}
+    return {"type": "Feature", "id": str(label),
+            "geometry": {"type": "Polygon", "coordinates": [xy.tolist()]},
+            "properties": {"objectType": "detection", "label": int(label),
+                           "classification": {"name": classification},
+                           "measurements": measurements}}
+
+
+@dataclass(frozen=True)
+class GeoJSONTileJob:
+    """One task: the features of the objects whose centroid lies in each of its tiles."""
+
+    labels: ImageSource
+    parts: store.Folder
+    classification: str
+
+    def __call__(self, item: tuple[Sequence[int], Sequence[list[dict[str, Any]]]]) -> int:
+        tiles, rows_per_tile = item
+        written = 0
+        for tile, rows in zip(tiles, rows_per_tile):
+            written += self.tile(int(tile), rows)
+        return written
+
+    def tile(self, tile: int, rows: list[dict[str, Any]]) -> int:
+        lines = []
+        if rows:
+            lo = [min(int(r[f"bbox_min_{d}"]) for r in rows) for d in ("y", "x")]
+            hi = [max(int(r[f"bbox_max_{d}"]) for r in rows) for d in ("y", "x")]
+            block = self.labels.read(tuple(slice(a, b) for a, b in zip(lo, hi)))
+            for row in rows:
+                label = int(row[INSTANCE_KEY])
+                crop = block[tuple(slice(int(row[f"bbox_min_{d}"]) - a, int(row[f"bbox_max_{d}"]) - a)
+                                   for d, a in zip(("y", "x"), lo))]
+                mask = crop == label
+                if not mask.any():
+                    raise InputError(f"'{self.labels.url}': object {label} is not inside its bounding box from the "
+                                     "table; the labels and the table disagree (re-run the segmentation).")
+                ring = outline(mask) + np.array([int(row["bbox_min_y"]), int(row["bbox_min_x"])])
+                lines.append(json.dumps(_feature(label, ring, row, self.classification), allow_nan=False))
+        with self.parts.open(f"{tile}.jsonl.tmp", "wb") as f:
+            f.write(("\n".join(lines) + ("\n" if lines else "")).encode())
+        fs, path = self.parts.filesystem()
+        fs.mv(f"{path}/{tile}.jsonl.tmp", f"{path}/{tile}.jsonl")  # whole, or absent
+        return len(lines)
+
+
+def _owning_tiles(plan: TilePlan, centroids: np.ndarray) -> np.ndarray:
+    index = np.clip(np.floor(centroids).astype(np.int64), 0, np.asarray(plan.shape) - 1) // np.asarray(plan.tile_shape)
+    return np.ravel_multi_index(index.T, plan.grid) if len(index) else np.zeros(0, np.int64)
+
+
+def _clean(value: Any) -> Any:
+    """A table cell as JSON: numbers as numbers (NaN as null), the rest as text."""
+    if isinstance(value, (np.integer, int)):
+        return int(value)
+    if isinstance(value, (np.floating, float)):
+        return None if not np.isfinite(value) else round(float(value), 6)
+    return str(value)
+
+
+def export_geojson(output_url: str, path: str, client: Any, *, name: str = "nuclei",
+                   classification: str | None = None, tile_shape: Sequence[int] | None = None,
+                   overwrite: bool = False, progress: bool = True, storage_options: dict | None = None
+                   ) -> GeoJSONSummary:
+    """Write the objects of ``OUT/labels/<name>`` (with ``OUT/tables/<name>``'s measurements)
+    as a GeoJSON ``FeatureCollection`` at ``path`` (local or fsspec URL); see the module."""
+    so = storage_options or {}
+    labels_url = store.join(output_url, "labels", name)
+    if not store.exists(labels_url, so):
+        raise InputError(f"'{output_url}' has no labels '{name}'; segment it first, or name the labels with --name.")
+    labels = open_image(labels_url, so)
+    if labels.dims != ("y", "x"):
+        raise InputError(f"'{labels_url}' has axes {labels.dims}; GeoJSON polygons are for 2D labels (y, x).")
+    if store.exists(path, so) and not overwrite:
+        raise OptionError(f"'{path}' already exists; pass --overwrite to replace it.")
+    frame = read_table(output_url, name, so)
+    frame = frame[[c for c in frame.columns if not c.startswith("embed_")]]
+    lv = labels.level(0)
+    plan = make_plan(lv.shape, ("y", "x"), lv.chunks, {}, tile_shape=tile_shape, itemsize=8)
+    owner = _owning_tiles(plan, frame[["centroid_y", "centroid_x"]].to_numpy(np.float64))
+    order = np.argsort(owner, kind="stable")
+    bounds = np.searchsorted(owner[order], np.arange(len(plan) + 1))
+    parts = store.Folder(path + ".parts", so)
+    parts.makedirs()
+    done = {int(n.split(".")[0]) for n in parts.names() if n.endswith(".jsonl")}
+    todo = [t for t in range(len(plan)) if t not in done]
+    columns = list(frame.columns)
+    values = frame.to_numpy(dtype=object)
+
+    def rows(t: int) -> list[dict[str, Any]]:
+        return [{c: _clean(v) for c, v in zip(columns, values[i])} for i in order[bounds[t]:bounds[t + 1]]]
+
+    per_task = tiles_per_task(len(todo), 1)
+    groups = [todo[k:k + per_task] for k in range(0, len(todo), per_task)]
+    job = GeoJSONTileJob(labels, parts, classification or name)
+    started = time.perf_counter()
+    for _ in run_tasks(client, job, ((g, [rows(t) for t in g]) for g in groups), total=len(groups),
+                       desc=f"geojson {name}", progress=progress):
+        pass
+    features = _merge(parts, len(plan), path, so)
+    parts.remove()
+    seconds = time.perf_counter() - started
+    log.info("wrote %s: %d polygons from %d tiles in %.1f s", path, features, len(plan), seconds)
+    return GeoJSONSummary(path, features, len(plan), seconds)
+
+
+def _merge(parts: store.Folder, n_tiles: int, path: str, storage_options: dict) -> int:
+    """Stream the parts, in tile order, into one FeatureCollection (one part in memory)."""
+    import fsspec
+
+    features = 0
+    with fsspec.open(path + ".tmp", "wb", **storage_options) as out:
+        out.write(b'{"type": "FeatureCollection", "features": [\n')
+        for t in range(n_tiles):
+            with parts.open(f"{t}.jsonl", "rb") as f:
+                for line in f:
+                    line = line.rstrip(b"\n")
+                    if line:
+                        out.write((b",\n" if features else b"") + line)
+                        features += 1
+        out.write(b"\n]}\n")
+    fs, root = fsspec.core.url_to_fs(path, **storage_options)
+    fs.mv(root + ".tmp", root)
+    return features
