@@ -28,6 +28,7 @@ _API = {
     "evaluate": "pipeline.steps.evaluate", "embed_objects": "pipeline.steps.embed",
     "embed_patches": "pipeline.steps.embed", "analyze": "pipeline.steps.analyze",
     "export_geojson": "pipeline.steps.geojson", "detect_tissue": "pipeline.steps.tissue",
+    "normalize_stain": "pipeline.steps.stain",
     "open_image": "pipeline.io.read", "read_table": "pipeline.io.tables", "to_anndata": "pipeline.io.tables",
     "to_spatialdata": "pipeline.io.spatial",
     "TilewiseError": "pipeline.core.errors",

@@ -165,6 +165,12 @@ def test_real_he_nuclei_via_haematoxylin(tmp_path_factory, client, tmp_path):
     grey = str(tmp_path / "grey.ome.zarr")
     assert main(["-q", "segment", he, grey, "--classical", "--stain", "none", "--workers", "2"]) == 0
     assert json.load(open(f"{grey}/_tilewise/summary.json"))["objects"] != n
+    # Macenko's stain vectors of this real H&E image are close to his published reference
+    from kernels.stain import REFERENCE_STAINS, macenko_stains
+
+    stains, _ = macenko_stains(open_image(he).read((slice(None),) * 3).reshape(3, -1))
+    cosines = (stains * np.asarray(REFERENCE_STAINS)).sum(axis=0) / np.linalg.norm(REFERENCE_STAINS, axis=0)
+    assert (cosines > 0.97).all(), cosines
 
 
 def test_geojson_export_polygons_match_the_labels(synthetic_slide, tmp_path, client):
@@ -198,3 +204,32 @@ def test_geojson_export_polygons_match_the_labels(synthetic_slide, tmp_path, cli
     again = str(tmp_path / "again.geojson")
     export_geojson(out, again, client, tile_shape=(256, 256), progress=False)
     assert open(again).read().count('"Feature"') == len(features)
+
+
+def test_stain_normalisation_is_per_slide_and_undoes_a_colour_shift(synthetic_slide, tmp_path, client):
+    """Macenko: estimated once per slide (tiled equals untiled exactly), and a slide stained
+    differently (optical densities scaled per channel) comes out close to the original."""
+    from kernels.stain import optical_density
+    from pipeline.io import create_image, default_axes
+    from pipeline.engine.pyramid import finalize_image
+    from pipeline.steps.stain import normalize_stain
+
+    path, _ = synthetic_slide
+    rgb = open_image(path).read((slice(None),) * 3)
+    od = optical_density(rgb, 245.0) * np.array([1.35, 0.8, 1.15])[:, None, None]
+    shifted = np.clip(np.rint(246.0 * np.exp(-od) - 1), 0, 255).astype(np.uint8)
+    shifted_url = str(tmp_path / "shifted.ome.zarr")
+    sink = create_image(shifted_url, shape=shifted.shape, dtype=np.uint8, axes=default_axes("cyx"),
+                        scale=(1, 0.5, 0.5), chunks=(3, 256, 256), channel_names=("R", "G", "B"))
+    sink.write((slice(None),) * 3, shifted)
+    finalize_image(sink, client, progress=False)
+    outputs = {}
+    for name, url, tile in (("tiled", path, (256, 256)), ("whole", path, (1280, 1536)),
+                            ("shifted", shifted_url, (256, 256))):
+        out = str(tmp_path / f"{name}-normalized.ome.zarr")
+        normalize_stain(url, out, client, tile_shape=tile, progress=False)
+        outputs[name] = open_image(out).read((slice(None),) * 3).astype(float)
+    np.testing.assert_array_equal(outputs["tiled"], outputs["whole"])
+    before = np.abs(shifted.astype(float) - rgb).mean()
+    after = np.abs(outputs["shifted"] - outputs["tiled"]).mean()
+    assert after < 0.5 * before, (before, after)
