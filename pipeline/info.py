@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from pipeline.io import store
-from pipeline.io.read import ImageSource, list_tables, ngff_problems, open_image, walk_images
+from pipeline.io.read import ImageSource, SlideSource, list_tables, ngff_problems, open_image, walk_images
+from pipeline.io.slide import is_slide_path
 from pipeline.io.tables import count_rows
 
 
@@ -15,10 +16,13 @@ def _fmt(values) -> str:
 
 def _describe_image(src: ImageSource, title: str, indent: str) -> list[str]:
     units = {a.unit for a in src.axes if a.unit}
-    problems = ngff_problems(src)
-    lines = [f"{indent}{title}  [{','.join(src.dims)}]  {src.dtype}  NGFF {src.version}"
+    if isinstance(src, SlideSource):
+        kind, problems = f"slide ({src.vendor or 'generic TIFF'}), read in place", None
+    else:
+        kind, problems = f"NGFF {src.version}", ngff_problems(src)
+    lines = [f"{indent}{title}  [{','.join(src.dims)}]  {src.dtype}  {kind}"
              + (f"  ({', '.join(sorted(units))})" if units else "")
-             + ("  valid" if problems is None else f"  NOT VALID: {problems}")]
+             + ("" if isinstance(src, SlideSource) else "  valid" if problems is None else f"  NOT VALID: {problems}")]
     if src.channel_names:
         lines.append(f"{indent}  channels: {', '.join(src.channel_names)}")
     for k, lv in enumerate(src.levels):
@@ -53,6 +57,8 @@ def _standalone_labels(url: str, storage_options) -> list[str]:
 def describe(url: str, storage_options: Mapping[str, Any] | None = None) -> str:
     """The text ``tilewise info`` prints."""
     lines = [f"{url}"]
+    if is_slide_path(url):
+        return "\n".join(lines + _describe_image(open_image(url, storage_options), "(slide)", "  "))
     images = list(walk_images(url, storage_options))
     for path, _ in images:
         src = open_image(store.join(url, path) if path else url, storage_options)

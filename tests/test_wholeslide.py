@@ -110,6 +110,11 @@ def test_slide_segmentation_tiled_equals_untiled_and_skips_glass(synthetic_slide
     assert main(["-q", "segment", path, whole, "--classical", "--tile", "1280,1536", "--workers", "2"]) == 0
     summary = json.load(open(f"{tiled}/_tilewise/summary.json"))
     assert summary["outside"] > 0 and summary["tiles"] == 30
+    from ome_zarr_models.v05 import Image
+
+    Image.from_zarr(zarr.open_group(tiled, mode="r"))  # the image, its nuclei and its tissue labels
+    channels = zarr.open_group(tiled, mode="r").attrs["ome"]["omero"]["channels"]
+    assert [c["label"] for c in channels] == ["R", "G", "B"]
     labels = zarr.open_array(f"{tiled}/labels/nuclei/0", mode="r")[:]
     assert_same_objects(zarr.open_array(f"{whole}/labels/nuclei/0", mode="r")[:], labels)
     # the skipped tiles are glass: nothing there in the truth, nothing in the output

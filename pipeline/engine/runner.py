@@ -29,7 +29,6 @@ from pipeline.engine.maps import MapSinks
 from pipeline.engine.plan import Tile, TilePlan, make_plan, pad_block
 from pipeline.engine.stats import Normalisation, nonfinite_message
 from pipeline.engine.submit import run_tasks
-from pipeline.io import store
 from pipeline.io.ngff import SPACE, Axis
 from pipeline.io.store import content_fingerprint
 from pipeline.io.read import ImageSource, ngff_problems, open_image

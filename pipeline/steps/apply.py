@@ -122,7 +122,7 @@ def run_kernel(input_url: str, output_url: str, kernel: KernelSpec, client: Any,
     if tile_ids is not None and any(not 0 <= int(t) < len(space) for t in tile_ids):
         raise OptionError(f"Tile ids must be in 0..{len(space) - 1} for this plan (grid {plan.grid}, batch axes "
                           f"{setup.batch_shape}).")
-    kept = select_tiles(setup, output_url, options.foreground, storage_options=options.storage_options)
+    kept = select_tiles(setup, output_url, options.foreground, client, storage_options=options.storage_options)
     every = range(len(space)) if kept is None else kept  # the tiles this run's output is made of
     keep = set(every)
     wanted = every if tile_ids is None else [int(t) for t in tile_ids if int(t) in keep]

@@ -184,7 +184,7 @@ def segment_labels(input_url: str, output_url: str, kernel: KernelSpec, client: 
     with lock:
         if image == "copy" and not run.manifest.read_json("image"):
             _copy_input_image(run, client)
-        kept = select_tiles(setup, output_url, options.foreground, storage_options=options.storage_options)
+        kept = select_tiles(setup, output_url, options.foreground, client, storage_options=options.storage_options)
         tiles = list(range(len(setup.space))) if kept is None else kept
         summary = _run_passes(run, client, tiles, iou=iou, consecutive=consecutive, table=table)
         if not keep_intermediate:

@@ -97,17 +97,25 @@ def detect_tissue(source: ImageSource) -> TissueMask:
                       unit or None)
 
 
-def write_tissue(output_url: str, tissue: TissueMask, *, version: str = "0.5",
+def write_tissue(output_url: str, tissue: TissueMask, client: Any, *, version: str = "0.5",
                  storage_options: dict | None = None) -> str:
-    """``OUT/labels/tissue``: the mask as a one-level labels image (1 = tissue) on its own grid."""
+    """``OUT/labels/tissue``: the mask as a labels image (1 = tissue) on its own coarse grid, with
+    as many levels as the output's image (NGFF readers and ome-zarr-models expect that) built
+    by mode downsampling."""
+    from pipeline.engine.pyramid import finalize_image
     from pipeline.io.ngff import default_axes
 
+    try:
+        n_levels = len(open_image(output_url, storage_options).levels)
+    except InputError:  # no image at the output's root (--image link): the mask's own pyramid
+        n_levels = None
     sink = create_label_image(store.join(output_url, "labels"), TISSUE, shape=tissue.mask.shape,
                               axes=default_axes("yx", tissue.unit), scale=tissue.scale,
                               translation=tissue.translation, chunks=[min(1024, n) for n in tissue.mask.shape],
-                              n_levels=1, version=version, dtype=np.uint8, n_labels=1, overwrite=True,
+                              n_levels=n_levels, version=version, dtype=np.uint8, n_labels=1, overwrite=True,
                               storage_options=storage_options)
     sink.write(tuple(slice(0, n) for n in tissue.mask.shape), tissue.mask.astype(np.uint8))
+    finalize_image(sink, client, labels=True, progress=False)
     return sink.url
 
 
@@ -137,7 +145,7 @@ def foreground_option(tissue: bool, mask: str | None) -> str | None:
     return TISSUE if tissue else mask
 
 
-def select_tiles(setup: Any, output_url: str, foreground: str | None, *,
+def select_tiles(setup: Any, output_url: str, foreground: str | None, client: Any, *,
                  storage_options: dict | None = None) -> list[int] | None:
     """The global ids of the tiles to compute (None: all). ``foreground`` ``"tissue"`` detects
     the tissue once and writes ``OUT/labels/tissue`` (a resumed run reads it back); a URL reads
@@ -151,7 +159,7 @@ def select_tiles(setup: Any, output_url: str, foreground: str | None, *,
         else:
             found = detect_tissue(setup.source)
             log.info("%s", found.describe())
-            write_tissue(output_url, found, version=setup.ngff, storage_options=storage_options)
+            write_tissue(output_url, found, client, version=setup.ngff, storage_options=storage_options)
             mask = found.mask
     else:
         mask = read_mask(foreground, storage_options)
