@@ -101,11 +101,23 @@ def test_convert_keeps_a_slides_pyramid_and_colours(synthetic_slide, tmp_path, c
     assert [c["label"] for c in channels] == ["R", "G", "B"]
 
 
-def test_slide_segmentation_tiled_equals_untiled_and_skips_glass(synthetic_slide, tmp_path, client, capsys):
+@pytest.fixture(scope="module")
+def segmented_slide(synthetic_slide, tmp_path_factory, client):
+    """The synthetic slide segmented in 256 x 256 tiles with its glass skipped, and what it printed."""
+    import contextlib
+    import io
+
+    path, _ = synthetic_slide
+    tiled = str(tmp_path_factory.mktemp("seg") / "tiled.ome.zarr")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["segment", path, tiled, "--classical", "--tissue", "--tile", "256,256", "--workers", "2"]) == 0
+    return tiled, printed.getvalue()
+
+
+def test_slide_segmentation_tiled_equals_untiled_and_skips_glass(synthetic_slide, segmented_slide, tmp_path, client):
     path, truth = synthetic_slide
-    tiled, whole = str(tmp_path / "tiled.ome.zarr"), str(tmp_path / "whole.ome.zarr")
-    assert main(["segment", path, tiled, "--classical", "--tissue", "--tile", "256,256", "--workers", "2"]) == 0
-    printed = capsys.readouterr().out
+    (tiled, printed), whole = segmented_slide, str(tmp_path / "whole.ome.zarr")
     assert "haematoxylin" in printed and "outside the tissue/mask skipped" in printed
     assert main(["-q", "segment", path, whole, "--classical", "--tile", "1280,1536", "--workers", "2"]) == 0
     summary = json.load(open(f"{tiled}/_tilewise/summary.json"))
@@ -178,15 +190,13 @@ def test_real_he_nuclei_via_haematoxylin(tmp_path_factory, client, tmp_path):
     assert (cosines > 0.97).all(), cosines
 
 
-def test_geojson_export_polygons_match_the_labels(synthetic_slide, tmp_path, client):
+def test_geojson_export_polygons_match_the_labels(segmented_slide, tmp_path, client):
     from shapely.geometry import shape
 
     from pipeline.steps.geojson import export_geojson
     from pipeline.io.tables import read_table
 
-    path, _ = synthetic_slide
-    out = str(tmp_path / "seg.ome.zarr")
-    assert main(["-q", "segment", path, out, "--classical", "--tissue", "--tile", "512,512", "--workers", "2"]) == 0
+    out, _ = segmented_slide
     geo = str(tmp_path / "nuclei.geojson")
     assert main(["-q", "export-geojson", out, geo, "--workers", "2"]) == 0
     assert main(["-q", "export-geojson", out, geo, "--workers", "2"]) == 2  # exists: not overwritten

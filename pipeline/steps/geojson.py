@@ -2,8 +2,8 @@
 
 Each object's outline is traced from the stitched labels image of a segmentation output, by
 the task of the tile that holds its centroid: the task reads one region (the union of its
-objects' bounding boxes), traces each object (scikit-image's marching squares, simplified to
-half a pixel) and writes its features, one per line, to a part file. The client then streams
+objects' bounding boxes), traces each object (scikit-image's marching squares, collinear
+vertices dropped) and writes its features, one per line, to a part file. The client then streams
 the parts into one ``FeatureCollection`` in tile order, one part at a time: no process ever
 holds more than one tile's polygons. Finished parts survive an interruption (a rerun writes
 only the missing ones).
@@ -33,8 +33,6 @@ from pipeline.io.tables import INSTANCE_KEY, REGION_KEY, read_table
 
 log = logging.getLogger(__name__)
 
-SIMPLIFY_PX = 0.5  # outline vertices closer than this to the traced line are dropped
-
 
 @dataclass(frozen=True)
 class GeoJSONSummary:
@@ -46,14 +44,19 @@ class GeoJSONSummary:
 
 def outline(mask: np.ndarray) -> np.ndarray:
     """``(n, 2)`` closed ring of ``(row, col)`` vertices around the largest piece of ``mask``
-    (pixel-centre coordinates; the ring runs half a pixel outside the object's pixels)."""
-    from skimage.measure import approximate_polygon, find_contours
+    (pixel-centre coordinates; marching squares at 0.5, so the ring runs between the object's
+    pixels and the background's), with its collinear vertices dropped (the same line, fewer
+    points; scikit-image's ``approximate_polygon`` was 60 % of the export's time)."""
+    from skimage.measure import find_contours
 
     padded = np.pad(mask.astype(np.float32), 1)
-    contours = find_contours(padded, 0.5)
-    ring = max(contours, key=len) - 1.0  # undo the padding
-    ring = approximate_polygon(ring, SIMPLIFY_PX)
-    return ring if np.array_equal(ring[0], ring[-1]) else np.vstack([ring, ring[:1]])
+    ring = max(find_contours(padded, 0.5), key=len) - 1.0  # undo the padding
+    ring = ring[:-1] if np.array_equal(ring[0], ring[-1]) else ring
+    step = np.diff(np.vstack([ring[-1:], ring]), axis=0)  # into each vertex
+    after = np.roll(step, -1, axis=0)  # out of each vertex
+    turns = np.abs(step[:, 0] * after[:, 1] - step[:, 1] * after[:, 0]) > 1e-9
+    ring = ring[turns] if turns.sum() >= 3 else ring
+    return np.vstack([ring, ring[:1]])
 
 
 def _feature(label: int, ring: np.ndarray, row: dict[str, Any], classification: str) -> dict[str, Any]:
