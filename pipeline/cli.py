@@ -413,7 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "with a halo covering the kernel's receptive field, crop-stitched, resumable "
                                    "(re-run the same command after an interruption).")
     p.add_argument("kernel", choices=("gaussian", "convnet", "identity"))
-    p.add_argument("input", help="OME-Zarr image")
+    p.add_argument("input", help="OME-Zarr image, or a slide file (SVS, NDPI, tiled or OME-TIFF)")
     p.add_argument("output", help="output image (an OME-Zarr store; the image is its root)")
     p.add_argument("--sigma", type=_floats, help="gaussian: sigma in pixels, one value or one per spatial axis")
     p.add_argument("--depth", type=int, default=4, help="convnet: number of 3-wide conv layers (halo = depth)")
@@ -431,7 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = train.add_parser("denoise", help="self-supervised denoiser (N2V2 or Noise2Self) trained on the noisy image",
                          description="Train a blind-spot denoiser on patches drawn from random blocks of the image "
                                      "(no clean data needed).")
-    p.add_argument("input", help="OME-Zarr image")
+    p.add_argument("input", help="OME-Zarr image, or a slide file (SVS, NDPI, tiled or OME-TIFF)")
     p.add_argument("model", help="model folder to write")
     p.add_argument("--method", choices=("n2v2", "n2s"), default="n2v2", help="N2V2 (default) or Noise2Self")
     _add_training_options(p, "64,64 or 16,64,64", batch=16, depth=2)
@@ -453,7 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "image OUTPUT/labels/NAME (with a pyramid) inside a copy of the input image, "
                                    "and write OUTPUT/tables/NAME. "
                                    "Resumable: re-run the same command after an interruption.")
-    p.add_argument("input", help="OME-Zarr image")
+    p.add_argument("input", help="OME-Zarr image, or a slide file (SVS, NDPI, tiled or OME-TIFF)")
     p.add_argument("output", help="output store")
     how = p.add_mutually_exclusive_group(required=True)
     how.add_argument("--model", help="model folder from `tilewise train segment`")
@@ -575,7 +575,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("denoise", help="denoise an image with a trained model, tile by tile",
                        description="Run a denoising model through the tiled engine into the image OUTPUT, with a "
                                    "pyramid; residual statistics per tile are kept and suspicious tiles logged.")
-    p.add_argument("input", help="OME-Zarr image")
+    p.add_argument("input", help="OME-Zarr image, or a slide file (SVS, NDPI, tiled or OME-TIFF)")
     p.add_argument("output", help="output store")
     p.add_argument("--model", required=True, help="model folder from `tilewise train denoise`")
     _add_precision_option(p)

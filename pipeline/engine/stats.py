@@ -135,6 +135,26 @@ class Normalisation(Scaling):
         return {"low": list(self.low), "high": list(self.high), "percentiles": list(self.percentiles)}
 
 
+def window_values(source: ImageSource, *, level: int = 0, max_voxels: int = 2**22) -> np.ndarray:
+    """``(C, n)`` values of windows spread evenly over one level at its own resolution (together
+    about ``max_voxels`` pixels; the first index of any batch axis). Decisions that depend on
+    the objects themselves (polarity, stain, a threshold between objects and background) are
+    made on these: at a whole slide's coarse levels the nuclei are below a pixel, and only
+    glass and tissue are left."""
+    dims = source.dims
+    spatial = [i for i, d in enumerate(dims) if d in source.spatial_dims]
+    lv = source.level(level)
+    pieces = []
+    for window in _windows(tuple(lv.shape[i] for i in spatial), source.spatial_scale(level), max_voxels):
+        region, it = [], iter(window)
+        for i, d in enumerate(dims):
+            region.append(next(it) if i in spatial else (slice(None) if d == "c" else slice(0, 1)))
+        block = source.read(tuple(region), level)
+        block = np.moveaxis(block, dims.index("c"), 0) if "c" in dims else block[None]
+        pieces.append(block.reshape(block.shape[0], -1))
+    return np.concatenate(pieces, axis=1)
+
+
 def _windows(shape: tuple[int, ...], spacing: tuple[float, ...], max_voxels: int) -> list[tuple[slice, ...]]:
     """Up to 2^ndim..3^ndim windows spread evenly over ``shape``, together about ``max_voxels``,
     equal in physical extent per axis (so an anisotropic z gets fewer, thicker voxels)."""

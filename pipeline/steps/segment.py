@@ -398,7 +398,7 @@ def classical_spec(input_url: str, *, level: int = 0, diameter: float | None = N
     ``auto``) say what an object looks like (:mod:`kernels.brightfield`); ``auto`` decides once
     per image from the global sample (:func:`object_signal`), never per tile."""
     from kernels.objectscale import ObjectScale
-    from pipeline.engine.stats import estimate_object_scale, sample_values
+    from pipeline.engine.stats import estimate_object_scale, window_values
 
     if diameter is not None and not (math.isfinite(diameter) and diameter > 0):
         raise OptionError(f"--diameter must be a positive length in the image's units, got {diameter}.")
@@ -406,7 +406,7 @@ def classical_spec(input_url: str, *, level: int = 0, diameter: float | None = N
     image_layout(source)  # refuses axes in an order the engine cannot tile
     scale = list(source.spatial_scale(level))
     norm = Normalisation.of(source)
-    sample = sample_values(source)[0]
+    sample = window_values(source, level=level)  # full resolution: the objects must be in it
     signal = object_signal(source, norm, sample, polarity=polarity, stain=stain)
     if threshold is None:
         value = otsu_gap(signal(sample, norm))
@@ -433,8 +433,8 @@ def classical_spec(input_url: str, *, level: int = 0, diameter: float | None = N
 
 def object_signal(source: ImageSource, norm: Normalisation, sample: np.ndarray, *, polarity: str = "auto",
                   stain: str = "auto") -> ObjectSignal:
-    """What an object looks like in this image, decided once from its global ``sample``
-    (``(C, n)`` input units). ``auto`` polarity: ``dark`` when the channel mean's distribution
+    """What an object looks like in this image, decided once from a ``sample`` at full
+    resolution (``(C, n)`` input units, :func:`~pipeline.engine.stats.window_values`). ``auto`` polarity: ``dark`` when the channel mean's distribution
     has its long tail on the dark side (negative skewness: a bright background, glass or
     stroma, with dark nuclei; brightfield), else ``bright`` (fluorescence: a dark background
     with a long bright tail). Chosen on the project's samples: skewness -1.2 on the synthetic
@@ -453,7 +453,7 @@ def object_signal(source: ImageSource, norm: Normalisation, sample: np.ndarray, 
         from scipy.stats import skew
 
         polarity = "dark" if float(skew(mean)) < 0 else "bright"
-        log.info("objects are %s on %s background (decided once from the global sample; set --polarity to "
+        log.info("objects are %s on %s background (decided once from a full-resolution sample; set --polarity to "
                  "choose)", "darker" if polarity == "dark" else "brighter", "a bright" if polarity == "dark" else "a dark")
     rgb = source.n_channels == 3 and (source.channel_names == RGB or source.dtype == np.uint8)
     if stain == "auto":
