@@ -192,19 +192,20 @@ HEMATOXYLIN = np.array([0.65, 0.70, 0.29])
 EOSIN = np.array([0.07, 0.99, 0.11])
 
 
-def _tissue(region: Region, seed: int) -> np.ndarray:
-    """Smooth tissue density in [0, 1): islands of tissue where it exceeds ~0.45."""
-    return 0.65 * value_noise(region, 600.0, seed + 1) + 0.35 * value_noise(region, 150.0, seed + 2)
+def _tissue(region: Region, seed: int, scale: float = 600.0) -> np.ndarray:
+    """Smooth tissue density in [0, 1): islands of tissue where it exceeds ~0.45, about
+    ``scale`` pixels across, with edges rough at a quarter of that."""
+    return 0.65 * value_noise(region, scale, seed + 1) + 0.35 * value_noise(region, scale / 4, seed + 2)
 
 
 def _wholeslide_block(field: NucleiField, sinks: dict[str, ImageSink], block: tuple[int, ...],
-                      region: Region) -> int:
+                      tissue_scale: float, region: Region) -> int:
     yx = region[1:]
     seed = field.seed
     # tissue over the block plus one nucleus cell, so every overlapping nucleus's centre is inside
     margin = field.cell
     ext = tuple(slice(sl.start - m, sl.stop + m) for sl, m in zip(yx, margin))
-    tissue_ext = _tissue(ext, seed)
+    tissue_ext = _tissue(ext, seed, tissue_scale)
     alpha = np.clip((tissue_ext[tuple(slice(m, -m) for m in margin)] - 0.45) / 0.04, 0.0, 1.0)
     intensity, labels, nuclei = field.render(yx)
     # nuclei live only in tissue: keep those whose centre lies in it (decided per object, so a
@@ -235,8 +236,13 @@ def make_wholeslide(
     overwrite: bool = False,
     progress: bool = True,
     storage_options: dict | None = None,
+    tissue_scale: float = 600.0,
 ) -> dict[str, str]:
-    """Write an RGB whole-slide-like image (axes c, y, x; uint8) with nuclei labels at ``url``."""
+    """Write an RGB whole-slide-like image (axes c, y, x; uint8) with nuclei labels at ``url``.
+
+    ``tissue_scale``: the size of the tissue islands in pixels (600: islands of ~300 um between
+    glass, every millimetre-wide tile holds some tissue; a few thousand: sections millimetres
+    across with wide glass between, as most real slides)."""
     shape = _check_shape(shape, "whole-slide", "y, x", "4096,4096")
     if chunks is not None and (len(chunks) != 2 or min(chunks) < 1):
         raise OptionError(f"The whole-slide sample's chunks are y, x (e.g. --chunks 256,256); got {tuple(chunks)}.")
@@ -248,7 +254,7 @@ def make_wholeslide(
     labels = create_labels(image, "nuclei", dtype=np.uint32, n_labels=field.max_id)
     sinks = {"image": image, "labels": labels}
     block = (3, *grow_block(labels.levels[0].write_unit, shape, 3, BLOCK_BYTES))
-    fn = partial(_wholeslide_block, field, sinks, block)
+    fn = partial(_wholeslide_block, field, sinks, block, float(tissue_scale))
     full = (3, *shape)
     sum(run_tasks(client, fn, iter_regions(full, block), total=n_regions(full, block), desc="wholeslide",
                   progress=progress, unit_size=int(np.prod(block[1:]))))
