@@ -51,8 +51,8 @@ def _overlap_accuracy(truth_url: str, pred_url: str, threshold: float = 0.5) -> 
     for region in iter_regions(truth.shape, (4096, 4096)):
         t = truth.read(region).ravel().astype(np.uint64)
         p = pred.read(region).ravel().astype(np.uint64)
-        keys, counts = np.unique(np.stack([t, p]), axis=1, return_counts=True)
-        pairs.append(pd.DataFrame({"t": keys[0], "p": keys[1], "n": counts}))
+        keys, counts = np.unique((t << np.uint64(32)) | p, return_counts=True)  # ids < 2^32: one sort
+        pairs.append(pd.DataFrame({"t": keys >> np.uint64(32), "p": keys & np.uint64(2**32 - 1), "n": counts}))
     table = pd.concat(pairs).groupby(["t", "p"], sort=False)["n"].sum().reset_index()
     size_t = table.groupby("t")["n"].sum()
     size_p = table.groupby("p")["n"].sum()
@@ -89,7 +89,7 @@ def part_slide(work: Path, size: int, result: dict, *, key: str = "slide", tissu
 
     def keep(what: object) -> None:
         print(what, flush=True)
-        save("wholeslide", result)
+        _save_merged(result, key)
 
     keep(out)
 
@@ -164,6 +164,19 @@ def part_he(work: Path) -> dict:
     return {"image": "histo.jpg (stardist 0.9.2 wheel), 300 x 500 RGB", "objects": out}
 
 
+def _save_merged(result: dict, *keys: str) -> None:
+    """Save ``result``'s ``keys`` (and its command) into the latest results file, keeping what
+    other runs of the benchmark saved there meanwhile (parts run as separate processes)."""
+    latest = previous("wholeslide")
+    latest.update({k: result[k] for k in keys if k in result})
+    commands = latest.get("commands") or []
+    if result["command"] not in commands:
+        commands.append(result["command"])  # every invocation whose figures the file holds
+    latest["commands"] = commands
+    latest.pop("command", None)
+    save("wholeslide", latest)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", default="he,slide,sections",
@@ -180,17 +193,17 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     result = previous("wholeslide")
     result["command"] = "python -m benchmarks.bench_wholeslide " + " ".join(argv if argv is not None else sys.argv[1:])
+    result.pop("commands", None)
     try:
         parts = args.parts.split(",")
         if "he" in parts:
             result["he"] = part_he(work)
-            save("wholeslide", result)
+            _save_merged(result, "he")
         if "slide" in parts:
             part_slide(work, args.size, result, full=args.full)
-            save("wholeslide", result)
         if "geojson" in parts:
             part_geojson(work, result["slide"])
-            save("wholeslide", result)
+            _save_merged(result, "slide")
         if "sections" in parts:
             sections = work / "sections"
             sections.mkdir(exist_ok=True)
@@ -199,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
-    print(f"wrote {save('wholeslide', result)}")
+    print("wrote benchmarks/results/wholeslide.json")
     return 0
 
 

@@ -248,3 +248,16 @@ def test_stain_normalisation_is_per_slide_and_undoes_a_colour_shift(synthetic_sl
     before = np.abs(shifted.astype(float) - rgb).mean()
     after = np.abs(outputs["shifted"] - outputs["tiled"]).mean()
     assert after < 0.5 * before, (before, after)
+
+
+def test_skipping_plans_square_tiles(synthetic_slide):
+    """With a foreground mask the default tiles are squares (strips along x would nearly always
+    touch tissue); an explicit --tile wins."""
+    from kernels import KernelSpec
+    from pipeline.engine.runner import EngineOptions, prepare_engine
+
+    path, _ = synthetic_slide
+    spec = KernelSpec.of("gaussian", sigma=[1.0, 1.0], channels=3)
+    assert prepare_engine(path, spec, EngineOptions(foreground="tissue")).plan.tile_shape == (1024, 1024)
+    assert prepare_engine(path, spec, EngineOptions(foreground="tissue", tile_shape=(256, 512))).plan.tile_shape \
+        == (256, 512)

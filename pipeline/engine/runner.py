@@ -49,6 +49,9 @@ class Blend:
     weights: BlendWeights = "gaussian"
 
 
+FOREGROUND_TILE_PIXELS = 2**20  # default tile with a foreground mask: 1024 x 1024 in 2D, ~101^3 in 3D
+
+
 @dataclass(frozen=True)
 class EngineOptions:
     """How the engine runs a pass over an image; every step takes the same settings.
@@ -321,8 +324,14 @@ def prepare_engine(input_url: str, kernel: KernelSpec, options: EngineOptions) -
                           f"{source.n_channels}.")
     spatial_dims = [source.dims[i] for i in spatial]
     halo = dict(zip(spatial_dims, (0,) * len(spatial) if options.blend else traits.halo))
+    tile_shape = options.tile_shape
+    if tile_shape is None and options.foreground is not None:
+        # skipping needs tiles that can fall on glass: squares (the default grows chunks into
+        # strips along x, 256 x 11008 on a slide, which nearly always touch tissue)
+        side = int(round(FOREGROUND_TILE_PIXELS ** (1 / len(spatial))))
+        tile_shape = [min(side, lv.shape[i]) for i in spatial]
     plan = make_plan([lv.shape[i] for i in spatial], spatial_dims, [lv.chunks[i] for i in spatial], halo,
-                     tile_shape=options.tile_shape, itemsize=4 * max(traits.in_channels, traits.out_channels),
+                     tile_shape=tile_shape, itemsize=4 * max(traits.in_channels, traits.out_channels),
                      pad_mode=pad_mode, align=traits.align)
     scaling = Normalisation.of(source, traits.percentiles) if traits.input == "normalised" else None
     params = {
