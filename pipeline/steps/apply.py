@@ -139,7 +139,7 @@ def run_kernel(input_url: str, output_url: str, kernel: KernelSpec, client: Any,
             metas += results
         seconds = time.perf_counter() - started
         report_missing(metas, setup.source)
-        if keep <= manifest.done():
+        if tile_ids is None or keep <= manifest.done():  # every tile of this run was submitted and done
             finalize_image(sink, client, progress=options.progress)
             if maps is not None:
                 maps.finalize(client, progress=options.progress)
