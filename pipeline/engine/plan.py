@@ -84,6 +84,12 @@ class TilePlan:
         """The read block padded out to core + full halo with the plan's pad mode."""
         return pad_block(block, tile.pad, self.pad_mode)
 
+    def owner_of(self, points: np.ndarray) -> np.ndarray:
+        """The id of the tile whose core holds each ``(n, ndim)`` pixel position (floored,
+        clipped to the array): who owns an object by its centroid."""
+        index = np.clip(np.floor(points).astype(np.int64), 0, np.asarray(self.shape) - 1) // np.asarray(self.tile_shape)
+        return np.ravel_multi_index(index.T, self.grid) if len(index) else np.zeros(0, np.int64)
+
     def foreground_ids(self, mask: np.ndarray) -> list[int]:
         """Ids of tiles whose core overlaps ``True`` in a low-resolution foreground ``mask``.
 

@@ -317,7 +317,7 @@ def _embed(source: ImageSource, has_c: bool, spatial: list[int], output_url: str
     frame = items.frame
     centroids = np.column_stack([frame[INSTANCE_KEY].to_numpy(np.float64)] +
                                 [frame[f"centroid_{d}"].to_numpy(np.float64) for d in dims])
-    owner = _owning_tiles(plan, centroids[:, 1:])
+    owner = plan.owner_of(centroids[:, 1:])
     job = EmbedTileJob(reader, lab_reader, plan, tuple(specs.items()), items.crop, scale, manifest, parts)
     done = manifest.done()
     todo = [t for t in range(len(plan)) if t not in done]
@@ -335,13 +335,6 @@ def _embed(source: ImageSource, has_c: bool, spatial: list[int], output_url: str
                                      structure=items.labels is not None, storage_options=so)
     log.info("%s: %d rows embedded (%s) in %.1f s", url, len(frame), ", ".join(dims_out), seconds)
     return EmbedSummary(url, len(frame), dims_out, len(plan), seconds)
-
-
-def _owning_tiles(plan: TilePlan, centroids: np.ndarray) -> np.ndarray:
-    """The tile whose core holds each centroid (floor), as a tile id."""
-    index = np.floor(centroids).astype(np.int64)
-    index = np.clip(index, 0, np.asarray(plan.shape) - 1) // np.asarray(plan.tile_shape)
-    return np.ravel_multi_index(index.T, plan.grid) if len(index) else np.zeros(0, np.int64)
 
 
 def _write_table(output_url: str, name: str, frame, parts: Folder, plan: TilePlan, specs: dict[str, KernelSpec],

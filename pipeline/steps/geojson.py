@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from pipeline.core.errors import InputError, OptionError
-from pipeline.engine.plan import TilePlan, make_plan
+from pipeline.engine.plan import make_plan
 from pipeline.engine.runner import tiles_per_task
 from pipeline.engine.submit import run_tasks
 from pipeline.io import store
@@ -107,11 +107,6 @@ class GeoJSONTileJob:
         return len(lines)
 
 
-def _owning_tiles(plan: TilePlan, centroids: np.ndarray) -> np.ndarray:
-    index = np.clip(np.floor(centroids).astype(np.int64), 0, np.asarray(plan.shape) - 1) // np.asarray(plan.tile_shape)
-    return np.ravel_multi_index(index.T, plan.grid) if len(index) else np.zeros(0, np.int64)
-
-
 def _clean(value: Any) -> Any:
     """A table cell as JSON: numbers as numbers (NaN as null), the rest as text."""
     if isinstance(value, (np.integer, int)):
@@ -140,7 +135,7 @@ def export_geojson(output_url: str, path: str, client: Any, *, name: str = "nucl
     frame = frame[[c for c in frame.columns if not c.startswith("embed_")]]
     lv = labels.level(0)
     plan = make_plan(lv.shape, ("y", "x"), lv.chunks, {}, tile_shape=tile_shape, itemsize=8)
-    owner = _owning_tiles(plan, frame[["centroid_y", "centroid_x"]].to_numpy(np.float64))
+    owner = plan.owner_of(frame[["centroid_y", "centroid_x"]].to_numpy(np.float64))
     order = np.argsort(owner, kind="stable")
     bounds = np.searchsorted(owner[order], np.arange(len(plan) + 1))
     parts = store.Folder(path + ".parts", so)
