@@ -130,7 +130,8 @@ def cmd_run_kernel(args) -> None:
 def cmd_train_denoise(args) -> None:
     from pipeline.steps.train import train_denoise
 
-    card = train_denoise(args.input, args.model, method=args.method, patch=args.patch, steps=args.steps,
+    card = train_denoise(args.input, args.model, method=args.method, target=args.target, loss=args.loss,
+                         patch=args.patch, steps=args.steps,
                          batch=args.batch, level=args.level, depth=args.depth, width=args.width,
                          mask_fraction=args.mask_fraction, seed=args.seed, uncertainty=args.uncertainty,
                          samples=args.samples, members=args.members, overwrite=args.overwrite,
@@ -428,12 +429,20 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a model from the data itself and write a model folder "
                                    "(weights.pt + card.json).")
     train = p.add_subparsers(dest="task", required=True, metavar="TASK")
-    p = train.add_parser("denoise", help="self-supervised denoiser (N2V2 or Noise2Self) trained on the noisy image",
-                         description="Train a blind-spot denoiser on patches drawn from random blocks of the image "
-                                     "(no clean data needed).")
+    p = train.add_parser("denoise", help="denoiser: self-supervised (N2V2, Noise2Self) on the noisy image, or "
+                                         "supervised on pairs (CARE, Noise2Noise)",
+                         description="Train a denoiser on patches drawn from random blocks of the image: a blind-spot "
+                                     "network on the noisy image alone (n2v2, n2s: no clean data needed), or a U-Net "
+                                     "on pairs cropped at identical places (care: --target is a clean or "
+                                     "high-exposure image; n2n: --target is a second noisy acquisition).")
     p.add_argument("input", help="OME-Zarr image, or a slide file (SVS, NDPI, tiled or OME-TIFF)")
     p.add_argument("model", help="model folder to write")
-    p.add_argument("--method", choices=("n2v2", "n2s"), default="n2v2", help="N2V2 (default) or Noise2Self")
+    p.add_argument("--method", choices=("n2v2", "n2s", "care", "n2n"), default="n2v2",
+                   help="n2v2 (default), n2s (Noise2Self), care or n2n (both need --target)")
+    p.add_argument("--target", help="care: the clean / high-exposure image; n2n: a second noisy image of the same "
+                                    "field (same axes, shape and pixel size)")
+    p.add_argument("--loss", choices=("mse", "mae"), default="mse",
+                   help="care: squared (default) or absolute error; n2n needs mse")
     _add_training_options(p, "64,64 or 16,64,64", batch=16, depth=2)
     p.add_argument("--mask-fraction", type=float, help="n2v2: share of pixels masked per patch (default 0.1)")
     p.set_defaults(func=cmd_train_denoise)

@@ -34,13 +34,21 @@ log = logging.getLogger(__name__)
 
 
 class PatchPool:
-    """Random training patches ``(n, C, *patch)`` from an image, a few blocks in memory at a time."""
+    """Random training patches ``(n, C, *patch)`` from an image, a few blocks in memory at a time.
+
+    With ``target`` (CARE, Noise2Noise) each block also holds the target's channels at the same
+    place, normalised with the *input's* percentiles: the network learns the input-to-target
+    map in one set of units, so its output mapped back with the input's scaling is in the
+    target's units (a high-exposure target stays brighter), and an N2N pair shares one scale.
+    """
 
     def __init__(self, source: ImageSource, patch: Sequence[int], norm: Normalisation, *, level: int = 0,
                  pool_blocks: int = 16, refresh_every: int = 4, validation_share: float = 0.1, seed: int = 0,
-                 labels: ImageSource | None = None):
+                 labels: ImageSource | None = None, target: ImageSource | None = None):
         batch, self.has_c, spatial = image_layout(source)  # time points are drawn from like blocks
-        self.source, self.level, self.norm, self.labels = source, level, norm, labels
+        self.source, self.level, self.norm, self.labels, self.target = source, level, norm, labels, target
+        if target is not None:
+            check_same_grid(source, target, level)
         self.batch_shape = tuple(source.level(level).shape[i] for i in batch)
         expected = self.batch_shape + tuple(source.level(level).shape[i] for i in spatial)
         if labels is not None and labels.level(level).shape != expected:
@@ -81,12 +89,17 @@ class PatchPool:
                      for sl, n, p in zip(region, self.shape, self.patch))
 
     def _read(self, block_id: int) -> np.ndarray:
-        """``(C, *block)`` normalised image; with labels, their 3-class map follows as one more channel."""
+        """``(C, *block)`` normalised image; with labels, their 3-class map follows as one more
+        channel; with a target image, its C channels follow (normalised like the input)."""
         lead = (slice(None),) if self.has_c else ()
         at, region = self._locate(block_id)
         data = self.source.read(at + lead + region, self.level)
         data = data.reshape(data.shape[len(at):])  # one time point
         image = self.norm.apply(data if self.has_c else data[None])
+        if self.target is not None:
+            paired = self.target.read(at + lead + region, self.level)
+            paired = paired.reshape(paired.shape[len(at):])
+            return np.concatenate([image, self.norm.apply(paired if self.has_c else paired[None])])
         if self.labels is None:
             return image
         truth = self.labels.read(at + region, self.level)
@@ -113,6 +126,18 @@ class PatchPool:
         """Patches from the held-out blocks only (read once, then dropped)."""
         blocks = [self._read(int(i)) for i in self.validation_ids[:8]]
         return self._crop(blocks, self.patch, n, rng)
+
+
+def check_same_grid(source: ImageSource, target: ImageSource, level: int) -> None:
+    """A training pair must be two images of the same place: same axes, shape and pixel size."""
+    a, b = source.level(level), target.level(level) if level < len(target.levels) else None
+    if b is None or tuple(source.dims) != tuple(target.dims) or a.shape != b.shape:
+        raise InputError(f"--target '{target.url}' has axes {tuple(target.dims)} and shape "
+                         f"{b.shape if b else 'no level ' + str(level)}; the input has {tuple(source.dims)} and "
+                         f"{a.shape}: a training pair must be the same field of view on the same grid.")
+    if not np.allclose(a.scale, b.scale, rtol=1e-3):
+        raise InputError(f"--target '{target.url}' has pixel size {tuple(b.scale)}; the input has {tuple(a.scale)}: "
+                         "resample one of them so the pair lies on the same grid.")
 
 
 def _pool_axes(patch: Sequence[int], scale: Sequence[float], depth: int) -> tuple[int, ...]:
@@ -160,7 +185,7 @@ class TrainingData:
     @classmethod
     def prepare(cls, image_url: str, model_dir: str, *, task: str, patch: Sequence[int] | None, level: int,
                 depth: int, seed: int, overwrite: bool, storage_options: dict | None, labels: str | None = None,
-                val_patches: int) -> "TrainingData":
+                target: str | None = None, val_patches: int) -> "TrainingData":
         check_output_location(model_dir, image_url, storage_options)
         prepare_model_folder(model_dir, overwrite)
         source = open_image(image_url, storage_options)
@@ -172,7 +197,8 @@ class TrainingData:
             patch = DEFAULT_PATCH[task](scale)
         norm = Normalisation.of(source)
         pool = PatchPool(source, patch, norm, level=level, seed=seed,
-                         labels=source.label(labels) if labels is not None else None)
+                         labels=source.label(labels) if labels is not None else None,
+                         target=open_image(target, storage_options) if target is not None else None)
         pool_axes = _pool_axes(pool.patch, scale, depth)  # coarse (anisotropic z) or thin axes are not pooled
         _check_patch(pool.patch, pool_axes, depth)
         validation = pool.validation(val_patches, np.random.default_rng(seed + 1))
@@ -225,36 +251,68 @@ def uncertainty_config(method: str | None, *, samples: int | None = None, member
     return config.model_dump()
 
 
-def train_denoise(image_url: str, model_dir: str, *, method: str = "n2v2", mask_fraction: float | None = None,
-                  patch: Sequence[int] | None = None, steps: int = 2000, batch: int = 16, level: int = 0,
-                  depth: int = 2, width: int = 32, seed: int = 0, uncertainty: str | None = None,
-                  samples: int | None = None, members: int | None = None, overwrite: bool = False,
-                  progress: bool = True, device: str | None = None, storage_options: dict | None = None) -> ModelCard:
-    """Train a self-supervised denoiser on the image itself and write a model folder.
+def train_denoise(image_url: str, model_dir: str, *, method: str = "n2v2", target: str | None = None,
+                  loss: str = "mse", mask_fraction: float | None = None, patch: Sequence[int] | None = None,
+                  steps: int = 2000, batch: int = 16, level: int = 0, depth: int = 2, width: int = 32, seed: int = 0,
+                  uncertainty: str | None = None, samples: int | None = None, members: int | None = None,
+                  overwrite: bool = False, progress: bool = True, device: str | None = None,
+                  storage_options: dict | None = None) -> ModelCard:
+    """Train a denoiser and write a model folder.
 
-    ``method``: ``n2v2`` or ``n2s``; ``mask_fraction``: N2V pixels masked per patch (default
-    ``TrainConfig.mask_fraction``); ``uncertainty``: ``mc-dropout`` (``samples`` passes at
-    inference) or ``ensemble`` (``members`` networks): the denoised image is then the mean, and a
-    per-pixel variance map is written beside it. Returns the model card as written.
+    ``method``: ``n2v2`` or ``n2s`` (self-supervised: the noisy image alone), ``care`` (``target``
+    is a clean or high-exposure image of the same field) or ``n2n`` (``target`` is a second,
+    independent noisy acquisition); pairs are cropped at identical positions. ``loss``: ``mse``
+    or ``mae`` for ``care`` (``n2n`` needs ``mse``). ``mask_fraction``: N2V pixels masked per
+    patch (default ``TrainConfig.mask_fraction``); ``uncertainty``: ``mc-dropout`` (``samples``
+    passes at inference) or ``ensemble`` (``members`` networks): the denoised image is then the
+    mean, and a per-pixel variance map is written beside it. Returns the model card as written.
     """
-    from kernels.denoise import TrainConfig, train_denoiser
+    from kernels.denoise import SELF_SUPERVISED, SUPERVISED, TrainConfig, train_denoiser
 
     u = uncertainty_config(uncertainty, samples=samples, members=members, seed=seed,
                            allowed=("mc-dropout", "ensemble"))
-    if method not in ("n2v2", "n2s"):
-        raise OptionError(f"Unknown denoising method '{method}'; choose n2v2 or n2s.")
+    if method not in SELF_SUPERVISED + SUPERVISED:
+        raise OptionError(f"Unknown denoising method '{method}'; choose n2v2, n2s, care or n2n.")
+    if method in SUPERVISED and target is None:
+        raise OptionError(f"--method {method} trains on pairs: pass --target, the "
+                          f"{'clean (high-exposure)' if method == 'care' else 'second noisy'} image of the same field.")
+    if method in SELF_SUPERVISED and target is not None:
+        raise OptionError(f"--target applies to --method care or n2n; {method} trains on the noisy image alone.")
+    if loss not in ("mse", "mae") or (method == "n2n" and loss != "mse"):
+        raise OptionError(f"--loss {loss} is not available for {method}: n2n needs mse (the mean of noisy targets is "
+                          "the clean image); care takes mse or mae.")
     if mask_fraction is not None and not 0 < mask_fraction <= 0.25:
         raise OptionError(f"--mask-fraction must be in (0, 0.25], got {mask_fraction} "
                           "(the N2V papers use 0.002; tilewise defaults to 0.1).")
     data = TrainingData.prepare(image_url, model_dir, task="denoising", patch=patch, level=level, depth=depth,
-                                seed=seed, overwrite=overwrite, storage_options=storage_options,
+                                seed=seed, overwrite=overwrite, storage_options=storage_options, target=target,
                                 val_patches=TrainConfig.val_patches)
     extra = {} if mask_fraction is None else {"mask_fraction": float(mask_fraction)}
     cfg = TrainConfig(method=method, patch=data.pool.patch, batch=batch, steps=steps, seed=seed, depth=depth,
-                      width=width, pool=data.pool_axes, uncertainty=u, **extra)
-    result = train_denoiser(data.pool.sample, data.validation, cfg, channels=data.source.n_channels, device=device,
+                      width=width, pool=data.pool_axes, uncertainty=u, loss=loss, **extra)
+    channels = data.source.n_channels
+    result = train_denoiser(data.pool.sample, data.validation, cfg, channels=channels, device=device,
                             progress=progress)
-    return data.save(model_dir, result, task="denoise", method=method, training=cfg.to_dict(), uncertainty=u)
+    training = cfg.to_dict()
+    if method in SUPERVISED:
+        training.update(target=target, **pair_loss_floor(data.validation[:, channels:], method, loss,
+                                                         result.best_val_loss))
+    return data.save(model_dir, result, task="denoise", method=method, training=training, uncertainty=u)
+
+
+def pair_loss_floor(targets: np.ndarray, method: str, loss: str, val_loss: float) -> dict:
+    """What the validation loss of a supervised denoiser can fall to: the targets' own noise
+    variance (normalised units, estimated from the held-out target patches). Noise2Noise
+    learns from noisy targets, so its loss stays above this floor however well it denoises;
+    a user reading its curve is told so."""
+    from kernels.noise import noise_variance
+
+    floor = float(np.median([noise_variance(p).mean() for p in targets])) if len(targets) else float("nan")
+    if method == "n2n":
+        log.warning("n2n: the loss cannot fall below the noise variance of the targets (about %.5f, normalised): it "
+                    "learns from noisy targets. Its best validation loss %.5f is %.2fx that floor; judge it by the "
+                    "gap, not by the value.", floor, val_loss, val_loss / floor if floor > 0 else float("inf"))
+    return {"target_noise_variance": floor, "loss_floor": floor if loss == "mse" else None}
 
 
 def train_segment(image_url: str, model_dir: str, *, labels: str = "nuclei", patch: Sequence[int] | None = None,
