@@ -60,11 +60,17 @@ def architecture(method: Method, ndim: int, channels: int = 1, depth: int = 2, w
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """Defaults chosen on scikit-image's astronaut (grey, Gaussian sigma 25), one 2D image trained
+    on 2 CPU cores: 2000 steps at a constant rate (halved on plateaus), width 32: 28.4 dB; 4000
+    steps annealed by a cosine to 1 %, width 16 (a third of the compute per step): 29.4 dB (29.8
+    with test-time augmentation). coins and moon were not used to choose them."""
+
     method: Method = "n2v2"
     patch: tuple[int, ...] = (64, 64)
     batch: int = 16
-    steps: int = 2000
+    steps: int = 4000
     lr: float = 1e-3
+    schedule: str = "cosine"  # ``kernels.training.fit``: cosine or plateau
     # N2V: share of pixels masked per patch. The papers' 0.2 % suits 10^5 GPU steps; 10 % gives
     # each step 50x the loss signal for the same compute. At 600 steps: light-sheet 3D 36.4 dB
     # at 2 %, 38.9 at 5 %, 39.2 at 10 % (measured with z still pooled, see ``pipeline.steps.train``); DSB 2D flat from 5 to 10 % (29.6, 29.5). The median
@@ -80,7 +86,7 @@ class TrainConfig:
     patience: int = 6  # validations without improvement before stopping
     seed: int = 0
     depth: int = 2
-    width: int = 32
+    width: int = 16
     pool: tuple[int, ...] = ()
     # predictive uncertainty: ``mc-dropout`` or ``ensemble`` (``kernels.uncertainty.UncertaintyConfig``)
     uncertainty: dict | None = None
@@ -174,7 +180,8 @@ def _train_one(sample: PatchSampler, validation: np.ndarray, cfg: TrainConfig, d
             return masked_mse(net(val_in_t), val_t, val_mask_t)
 
     result = fit(net, train_loss, val_loss, steps=cfg.steps, lr=cfg.lr,
-                 val_every=cfg.val_every, patience=cfg.patience, desc=desc or f"train {cfg.method}", progress=progress)
+                 val_every=cfg.val_every, patience=cfg.patience, desc=desc or f"train {cfg.method}", progress=progress,
+                 schedule=cfg.schedule)
     return TrainResult(result.state_dict, net_cfg, result.best_val_loss, result.history, result.seconds, device)
 
 
@@ -192,8 +199,13 @@ class DenoiseKernel(UNetModelKernel):
     # a residual whose neighbours correlate this much is structure, not noise
     residual_correlation_limit = 0.2
 
-    def __init__(self, params: UNetModelKernel.Params):
+    class Params(UNetModelKernel.Params):
+        # test-time augmentation: the mean over the 8 flips / rotations of the last two axes (8x the cost)
+        tta: bool = False
+
+    def __init__(self, params: Params):
         super().__init__(params)
+        self.tta = params.tta
         if self.uncertainty is not None:
             c = self.config.out_channels
             maps = ("variance",) if c == 1 else tuple(f"variance_{k}" for k in range(c))

@@ -208,6 +208,7 @@ class UNetModelKernel(Kernel):
                                    max_batch=16, device="gpu")
         self.net = None
         self.device = "cpu"
+        self.tta = False  # test-time augmentation: subclasses that offer it set it from their parameters
         self.dropout_masks = None  # mc-dropout: kernels.uncertainty.FixedDropout, set by load()
 
     def load(self, device: str) -> None:
@@ -258,7 +259,7 @@ class UNetModelKernel(Kernel):
         if self.uncertainty is not None and self.uncertainty.method == "ensemble":
             return self.predict_samples(batch).mean(axis=0)
         with self._running():
-            return self.net.forward_padded(self._tensor(batch)).float().cpu().numpy()
+            return self.net.forward_padded(self._tensor(batch), tta=self.tta).float().cpu().numpy()
 
     def predict_samples(self, batch: np.ndarray) -> np.ndarray:
         """``(S, N, C, *spatial)``: the raw outputs of an ensemble's members, or of MC dropout's
@@ -269,11 +270,11 @@ class UNetModelKernel(Kernel):
         with self._running():
             if u is not None and u.method == "ensemble":
                 for member in self.net:
-                    out.append(member.forward_padded(x).float().cpu().numpy())
+                    out.append(member.forward_padded(x, tta=self.tta).float().cpu().numpy())
             elif u is not None and u.method == "mc-dropout":
                 for t in range(self.samples):
                     with self.dropout_masks.sample(t):
-                        out.append(self.net.forward_padded(x).float().cpu().numpy())
+                        out.append(self.net.forward_padded(x, tta=self.tta).float().cpu().numpy())
             else:
                 raise RuntimeError("predict_samples needs an ensemble or MC-dropout model")
         return np.stack(out)

@@ -38,9 +38,12 @@ class TrainResult:
 
 
 def fit(net: Any, train_loss: Callable[[int], Any], val_loss: Callable[[], float], *, steps: int, lr: float,
-        val_every: int, patience: int, desc: str = "train", progress: bool = True) -> FitResult:
+        val_every: int, patience: int, desc: str = "train", progress: bool = True,
+        schedule: str = "plateau") -> FitResult:
     """Optimise ``net`` for at most ``steps`` steps; ``train_loss(step)`` returns a scalar tensor.
 
+    ``schedule``: ``plateau`` halves the learning rate when the validation loss stalls;
+    ``cosine`` anneals it to 1 % over ``steps`` (the denoisers': see ``kernels.denoise``).
     ``history[0]`` is the validation loss before training, so a card shows what training gained.
     """
     import torch
@@ -52,7 +55,11 @@ def fit(net: Any, train_loss: Callable[[int], Any], val_loss: Callable[[], float
             return float(val_loss())
 
     opt = torch.optim.Adam(net.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=max(1, patience // 2))
+    if schedule not in ("plateau", "cosine"):
+        raise ValueError(f"unknown learning-rate schedule '{schedule}' (plateau or cosine)")
+    cosine = schedule == "cosine"
+    sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, eta_min=0.01 * lr) if cosine else
+             torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=max(1, patience // 2)))
     best, best_state, stale = float("inf"), None, 0
     history = [{"step": 0, "train_loss": None, "val_loss": validate(), "lr": lr, "seconds": 0.0}]
     started = time.perf_counter()
@@ -64,13 +71,16 @@ def fit(net: Any, train_loss: Callable[[int], Any], val_loss: Callable[[], float
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if cosine:
+            sched.step()
         value = loss.item()
         running = value if running is None else 0.95 * running + 0.05 * value
         bar.update(1)
         bar.set_postfix_str(f"loss {running:.4f}", refresh=False)
         if step % val_every == 0 or step == steps:
             current = validate()
-            sched.step(current)
+            if not cosine:
+                sched.step(current)
             history.append({"step": step, "train_loss": running, "val_loss": current,
                             "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - started})
             log.info("step %d: train %.5f, validation %.5f", step, running, current)

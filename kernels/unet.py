@@ -150,11 +150,31 @@ class UNet(nn.Module):
         x = self.head(x)
         return x + inp if c.residual else x
 
-    def forward_padded(self, x: torch.Tensor) -> torch.Tensor:
-        """Forward any spatial size: pad the far end to a multiple of ``factor``, crop back."""
+    def forward_padded(self, x: torch.Tensor, *, tta: bool = False) -> torch.Tensor:
+        """Forward any spatial size: pad the far end to a multiple of ``factor``, crop back.
+
+        ``tta``: the mean over the flips and 90-degree rotations of the last two axes (the
+        dihedral group, 8 passes; 4 flips when those axes pool differently). Padding comes
+        first, so a block that starts on the pooling grid keeps every pixel on the same grid
+        phase in every orientation, and a tiled result still equals the untiled one.
+        """
         shape = x.shape[2:]
-        y = self(pad_to_factor(x, self.config.factor))
+        xp = pad_to_factor(x, self.config.factor)
+        y = self(xp) if not tta else self._dihedral_mean(xp)
         return y[(slice(None), slice(None)) + tuple(slice(0, n) for n in shape)]
+
+    def _dihedral_mean(self, x: torch.Tensor) -> torch.Tensor:
+        square = self.config.pool[-1] == self.config.pool[-2]
+        total, passes = None, 0
+        for k in (0, 1, 2, 3) if square else (0, 2):  # rotation by 180 degrees is a flip of both axes
+            for flip in (False, True):
+                t = torch.rot90(x, k, (-2, -1))
+                t = torch.flip(t, (-1,)) if flip else t
+                y = self(t)
+                y = torch.flip(y, (-1,)) if flip else y
+                y = torch.rot90(y, -k, (-2, -1))
+                total, passes = (y if total is None else total + y), passes + 1
+        return total / passes
 
 
 def pad_to_factor(x: torch.Tensor, factor: Sequence[int]) -> torch.Tensor:

@@ -148,7 +148,7 @@ def cmd_denoise(args) -> None:
     with _client(args) as client:
         summary, report = denoise(args.input, args.output, args.model, client,
                                   _engine_options(args, len(source.spatial_dims)), out_dtype=args.dtype,
-                                  precision=args.precision)
+                                  precision=args.precision, tta=args.tta)
     print(f"wrote {args.output}: {summary.computed} tiles computed, {summary.skipped} already "
           f"done, {summary.voxels_per_s / 1e6:.2f} Mvox/s{_outside_note(summary.outside, summary.tiles)}; residual std {report.residual_std_median:.4f} "
           f"(normalised), {len(report.flagged)} tiles flagged")
@@ -192,6 +192,26 @@ def cmd_embed(args) -> None:
                                     crop=args.crop, **settings)
     kinds = ", ".join(f"{k} ({d})" for k, d in summary.embeddings.items())
     print(f"wrote {summary.table}: {summary.objects} objects, {summary.objects_per_s:.0f} objects/s; {kinds}")
+
+
+def cmd_explain(args) -> None:
+    from pipeline.io import open_image
+    from pipeline.steps.explain import explain
+
+    open_image(args.input)  # validate before a cluster starts
+    objects = None
+    if args.objects is not None:
+        objects = "all" if args.objects == "all" else _ints(args.objects)
+    with _client(args) as client:
+        summary = explain(args.input, args.output, client, model=args.model, method=args.method, objects=objects,
+                          region=args.region, labels=args.labels, table=args.table, steps=args.steps,
+                          baseline=args.baseline, window=args.window, stride=args.stride, level=args.gradcam_level,
+                          panels=args.panels, tile_shape=args.tile, overwrite=args.overwrite,
+                          progress=not args.quiet)
+    check = (f"; IG completeness error at most {summary.completeness_error_max:.2g}"
+             if summary.completeness_error_max is not None else "")
+    print(f"wrote {summary.image} and {summary.table}: {summary.targets} targets, "
+          f"{summary.seconds_per_target:.2f} s per target, {len(summary.panels)} panels{check}")
 
 
 def cmd_analyze(args) -> None:
@@ -290,13 +310,15 @@ def cmd_segment(args) -> None:
               "are that large", file=sys.stderr)
 
 
-def _add_training_options(p: argparse.ArgumentParser, default_patch: str, *, batch: int, depth: int) -> None:
+def _add_training_options(p: argparse.ArgumentParser, default_patch: str, *, batch: int, depth: int,
+                          steps: int = 2000, width: int = 32) -> None:
     p.add_argument("--patch", type=_ints, help=f"patch shape over the spatial axes (default {default_patch})")
-    p.add_argument("--steps", type=int, default=2000, help="training steps at most (early stopping may end sooner)")
+    p.add_argument("--steps", type=int, default=steps,
+                   help=f"training steps at most (default {steps}; early stopping may end sooner)")
     p.add_argument("--batch", type=int, default=batch, help=f"patches per step (default {batch})")
     p.add_argument("--level", type=int, default=0, help="pyramid level to train on")
     p.add_argument("--depth", type=int, default=depth, help=f"U-Net down-sampling steps (default {depth})")
-    p.add_argument("--width", type=int, default=32, help="U-Net channels at the top level")
+    p.add_argument("--width", type=int, default=width, help=f"U-Net channels at the top level (default {width})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing model folder")
     g = p.add_argument_group("uncertainty")
@@ -443,7 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "field (same axes, shape and pixel size)")
     p.add_argument("--loss", choices=("mse", "mae"), default="mse",
                    help="care: squared (default) or absolute error; n2n needs mse")
-    _add_training_options(p, "64,64 or 16,64,64", batch=16, depth=2)
+    _add_training_options(p, "64,64 or 16,64,64", batch=16, depth=2, steps=4000, width=16)
     p.add_argument("--mask-fraction", type=float, help="n2v2: share of pixels masked per patch (default 0.1)")
     p.set_defaults(func=cmd_train_denoise)
 
@@ -512,6 +534,37 @@ def build_parser() -> argparse.ArgumentParser:
     _add_foreground_options(g)
     _add_cluster_options(p)
     p.set_defaults(func=cmd_segment)
+
+    p = sub.add_parser("explain", help="attribution maps (integrated gradients, occlusion, Grad-CAM) for objects "
+                                       "or a region",
+                       description="Explain a trained segmentation or denoising model's output on chosen objects "
+                                   "(their mean interior probability, or mean denoised value) or on a region: "
+                                   "which input pixels drove it. Each target's crop reaches one receptive field "
+                                   "(and one occlusion window) beyond it, so its map is the whole image's. Writes "
+                                   "OUTPUT/attribution/METHOD (a multiscale float32 image), a PNG panel per target "
+                                   "under OUTPUT/attribution/panels, and OUTPUT/tables/attribution_METHOD with the "
+                                   "share of each map on its object (low: the model used the surroundings).")
+    p.add_argument("input", help="OME-Zarr image (with labels and their table for --objects)")
+    p.add_argument("output", help="output store")
+    p.add_argument("--model", required=True, help="model folder from `tilewise train segment` or `train denoise`")
+    p.add_argument("--method", choices=("ig", "occlusion", "gradcam"), default="ig",
+                   help="integrated gradients (default), occlusion or Grad-CAM")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--objects", help="object ids, comma-separated, or 'all' (from --labels)")
+    what.add_argument("--region", help="a box in pixels: y0:y1,x0:x1 (z0:z1,... in 3D)")
+    p.add_argument("--labels", default="nuclei", help="labels image under INPUT/labels/ (default nuclei)")
+    p.add_argument("--table", help="the objects' table (default: the one whose region is --labels)")
+    p.add_argument("--steps", type=int, default=32, help="ig: points on the path (default 32)")
+    p.add_argument("--baseline", choices=("zero", "blur"), default="zero",
+                   help="ig and occlusion: the reference input, dark (zero, default) or blurred")
+    p.add_argument("--window", type=float, help="occlusion: window, physical units (default 8 pixels)")
+    p.add_argument("--stride", type=float, help="occlusion: stride, physical units (default half the window)")
+    p.add_argument("--gradcam-level", type=int, help="gradcam: encoder level (default the deepest encoder block)")
+    p.add_argument("--panels", type=int, default=20, help="PNG panels for the first N targets (default 20)")
+    p.add_argument("--tile", type=_ints, help="tile shape that groups targets into tasks")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output instead of resuming")
+    _add_cluster_options(p)
+    p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("embed", help="per-object embeddings (trained encoder + baselines) into a table",
                        description="Embed every object of INPUT/labels/NAME (centroids from the table describing "
@@ -587,6 +640,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", help="OME-Zarr image, or a slide file (SVS, NDPI, tiled or OME-TIFF)")
     p.add_argument("output", help="output store")
     p.add_argument("--model", required=True, help="model folder from `tilewise train denoise`")
+    p.add_argument("--tta", choices=("auto", "on", "off"), default="auto",
+                   help="test-time augmentation: average the 8 flips / rotations (8x the cost); auto: on for "
+                        "inputs up to 2^26 pixels (single images), off for larger volumes")
     _add_precision_option(p)
     _add_engine_options(p)
     _add_cluster_options(p)

@@ -125,6 +125,7 @@ def test_model_round_trip_and_tampered_weights_are_refused(tiny_models, tmp_path
 
 @pytest.mark.parametrize("ndim, shape, chunks", [(2, (75, 61), (10, 12)), (3, (11, 45, 38), (4, 16, 16))])
 def test_tiled_denoising_equals_whole_image_denoising(tmp_path, client, tiny_models, ndim, shape, chunks):
+    """With test-time augmentation (on by default for images this small) and without."""
     from pipeline.steps.denoise import denoise
 
     data = np.random.default_rng(4).integers(0, 3000, size=shape).astype(np.uint16)
@@ -141,6 +142,15 @@ def test_tiled_denoising_equals_whole_image_denoising(tmp_path, client, tiny_mod
     assert a.dtype == np.float32 and np.isfinite(a).all()
     params = json.load(open(tmp_path / "t.ome.zarr" / "_tilewise" / "run.json"))
     assert params["kernel_params"]["sha256"] and all(h % 4 == 0 for h in params["halo"][-2:])
+    assert params["kernel_params"]["tta"] is True
+    plain_t, _ = denoise(url, str(tmp_path / "pt.ome.zarr"), tiny_models[ndim], client, progress=False,
+                         tile_shape=chunks, tta="off")
+    plain_w, _ = denoise(url, str(tmp_path / "pw.ome.zarr"), tiny_models[ndim], client, progress=False,
+                         tile_shape=shape, tta="off")
+    c = open_image(str(tmp_path / "pt.ome.zarr")).read((slice(None),) * ndim)
+    d = open_image(str(tmp_path / "pw.ome.zarr")).read((slice(None),) * ndim)
+    assert np.abs(c - d).max() <= 1e-5 * max(1.0, np.abs(d).max())
+    assert np.abs(c - a).max() > 1e-3 * np.abs(b).max()  # the augmentation did change the output
 
 
 def test_residual_guard_flags_structure_but_not_noise(tiny_models):

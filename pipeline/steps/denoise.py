@@ -10,6 +10,7 @@ import numpy as np
 
 from kernels import KernelSpec
 from kernels.denoise import DenoiseKernel
+from pipeline.core.errors import OptionError
 from pipeline.engine.manifest import RunManifest
 from pipeline.engine.runner import EngineOptions, RunSummary
 from pipeline.steps.apply import run_kernel
@@ -38,20 +39,46 @@ class ResidualReport:
                                             default=0.0))
 
 
-def model_spec(model_dir: str, *, precision: str = "fp32") -> KernelSpec:
+# ``tta="auto"`` averages the 8 flips / rotations for inputs up to this many pixels per time
+# point: on a single image it costs seconds and gains 0.3 dB (astronaut, sigma 25: 29.44 ->
+# 29.76 dB); on a light-sheet volume it would multiply hours by 8.
+TTA_AUTO_PIXELS = 2**26
+
+
+def model_spec(model_dir: str, *, precision: str = "fp32", tta: bool = False) -> KernelSpec:
     """The denoise kernel spec for a model folder, keyed by its weights hash (resume-safe);
-    ``precision``: ``fp32`` (default), or ``bf16`` / ``fp16`` autocast (opt-in, recorded)."""
-    return _model_spec(model_dir, "denoise", **({} if precision == "fp32" else {"precision": precision}))
+    ``precision``: ``fp32`` (default), or ``bf16`` / ``fp16`` autocast (opt-in, recorded);
+    ``tta``: average the 8 flips / rotations of each tile (recorded)."""
+    extra = ({} if precision == "fp32" else {"precision": precision}) | ({"tta": True} if tta else {})
+    return _model_spec(model_dir, "denoise", **extra)
+
+
+def resolve_tta(tta: str | bool, input_url: str, level: int, storage_options: dict | None) -> bool:
+    """``auto``: on for inputs of at most ``TTA_AUTO_PIXELS`` spatial pixels, off above."""
+    if isinstance(tta, bool):
+        return tta
+    if tta not in ("auto", "on", "off"):
+        raise OptionError(f"--tta must be auto, on or off, got '{tta}'.")
+    if tta != "auto":
+        return tta == "on"
+    from pipeline.io.read import open_image
+
+    source = open_image(input_url, storage_options)
+    lv = source.level(level)
+    return int(np.prod([lv.shape[source.dims.index(d)] for d in source.spatial_dims])) <= TTA_AUTO_PIXELS
 
 
 def denoise(input_url: str, output_url: str, model_dir: str, client: Any, options: EngineOptions | None = None,
-            *, out_dtype: str = "float32", precision: str = "fp32", **settings: Any
+            *, out_dtype: str = "float32", precision: str = "fp32", tta: str | bool = "auto", **settings: Any
             ) -> tuple[RunSummary, ResidualReport]:
     """Run a denoising model tile by tile into the image ``output_url`` (float32 by default;
-    ``out_dtype="input"`` keeps the input dtype; ``precision`` as in :func:`model_spec`). Tiles
-    whose residual holds structure are logged."""
+    ``out_dtype="input"`` keeps the input dtype; ``precision`` as in :func:`model_spec`;
+    ``tta``: ``auto`` (on up to ``TTA_AUTO_PIXELS``), ``on``, ``off``). Tiles whose residual
+    holds structure are logged."""
     options = EngineOptions.of(options, **settings)
-    summary = run_kernel(input_url, output_url, model_spec(model_dir, precision=precision), client, options,
+    tta = resolve_tta(tta, input_url, options.level, options.storage_options)
+    log.info("test-time augmentation %s", "on (8 orientations)" if tta else "off")
+    summary = run_kernel(input_url, output_url, model_spec(model_dir, precision=precision, tta=tta), client, options,
                          name="denoised",
                          out_dtype=out_dtype)
     report = ResidualReport.of(RunManifest(output_url, options.storage_options or {}).tile_metadata())

@@ -253,7 +253,7 @@ def uncertainty_config(method: str | None, *, samples: int | None = None, member
 
 def train_denoise(image_url: str, model_dir: str, *, method: str = "n2v2", target: str | None = None,
                   loss: str = "mse", mask_fraction: float | None = None, patch: Sequence[int] | None = None,
-                  steps: int = 2000, batch: int = 16, level: int = 0, depth: int = 2, width: int = 32, seed: int = 0,
+                  steps: int = 4000, batch: int = 16, level: int = 0, depth: int = 2, width: int = 16, seed: int = 0,
                   uncertainty: str | None = None, samples: int | None = None, members: int | None = None,
                   overwrite: bool = False, progress: bool = True, device: str | None = None,
                   storage_options: dict | None = None) -> ModelCard:

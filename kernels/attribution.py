@@ -1,0 +1,243 @@
+"""Attribution: which input pixels drove a trained U-Net's output on one object or region.
+
+A *target* is a scalar per crop: the mean, over a mask (an object's pixels, or a box), of the
+segmenter's interior probability or of the denoiser's output (normalised units, channel mean).
+Three standard methods explain it:
+
+- **integrated gradients** (Sundararajan et al. 2017): the input minus a baseline times the
+  gradient averaged along the straight path between them (midpoint rule, ``steps`` points). Its
+  *completeness*, attributions summing to target(input) - target(baseline), is checked and
+  reported for every crop: the error shrinks as 1/steps² and says when to raise ``steps``;
+- **occlusion**: the drop of the target when a window of the input is replaced by the baseline,
+  spread over the window's pixels and averaged over the windows that cover each pixel;
+  windows sit on a grid anchored at the image origin (``origins``), so every crop of one image
+  sees the same windows;
+- **Grad-CAM** (Selvaraju et al. 2017) at an encoder level: that level's feature maps weighted
+  by the target's gradient, rectified, up-sampled to the input. The gradient is *summed* over
+  the map, not averaged: the mean divides by the map's size, so it would change with how much
+  context a crop holds; the sum does not (the same map up to a constant factor).
+
+Crops must reach one receptive field (plus one occlusion window) beyond the mask on every side
+and start on the network's down-sampling grid; then each method gives inside the crop what it
+gives on the whole image (Grad-CAM: inside the crop less one receptive field, where the feature
+maps are the whole image's; outside that it is zero). ``pipeline.steps.explain`` cuts such crops.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Callable, Literal
+
+import numpy as np
+from pydantic import Field
+
+from kernels.contract import BatchContext, KernelTraits
+from kernels.instances import INTERIOR
+from kernels.modelfile import UNetModelKernel
+
+Method = Literal["ig", "occlusion", "gradcam"]
+Baseline = Literal["zero", "blur"]
+METHODS = ("ig", "occlusion", "gradcam")
+
+
+def baseline_of(crop: np.ndarray, kind: Baseline, sigma: float) -> np.ndarray:
+    """The reference input: ``zero`` (the image's 1st percentile after normalisation: dark) or
+    ``blur`` (the crop smoothed with a Gaussian of ``sigma`` pixels: shapes without detail)."""
+    if kind == "zero":
+        return np.zeros_like(crop)
+    from scipy import ndimage
+
+    return np.stack([ndimage.gaussian_filter(c, sigma, mode="reflect") for c in crop]).astype(crop.dtype)
+
+
+def integrated_gradients(target: Callable[[Any], Any], x, baseline, steps: int, chunk: int = 8):
+    """``(attribution like x, target(x), target(baseline))`` for one crop ``x`` ``(1, C, *s)``."""
+    import torch
+
+    grads = torch.zeros_like(x)
+    alphas = (torch.arange(steps, dtype=x.dtype, device=x.device) + 0.5) / steps
+    for part in alphas.split(chunk):
+        path = (baseline + part.view(-1, *([1] * (x.ndim - 1))) * (x - baseline)).requires_grad_(True)
+        value = target(path).sum()
+        grads += torch.autograd.grad(value, path)[0].sum(0, keepdim=True)
+    with torch.no_grad():
+        return (x - baseline) * grads / steps, float(target(x)[0]), float(target(baseline)[0])
+
+
+def window_starts(origin: int, length: int, window: int, stride: int) -> list[int]:
+    """Local starts of the windows (global starts on multiples of ``stride``) that overlap a
+    crop ``[origin, origin + length)``."""
+    first = -(-(origin - window + 1) // stride) * stride  # the first multiple of stride > origin - window
+    return [s - origin for s in range(first, origin + length, stride)]
+
+
+def occlusion(target: Callable[[Any], Any], x, baseline, window: tuple[int, ...], stride: tuple[int, ...],
+              origin: tuple[int, ...], chunk: int = 16):
+    """``(attribution (1, *s), target(x))``: per pixel, the mean target drop over the windows
+    covering it when each is replaced by the baseline."""
+    import torch
+
+    spatial = x.shape[2:]
+    starts = [window_starts(o, n, w, s) for o, n, w, s in zip(origin, spatial, window, stride)]
+    boxes = [tuple(slice(max(0, a), min(n, a + w)) for a, n, w in zip(corner, spatial, window))
+             for corner in itertools.product(*starts)]
+    total = torch.zeros(spatial, dtype=x.dtype, device=x.device)
+    count = torch.zeros(spatial, dtype=x.dtype, device=x.device)
+    with torch.no_grad():
+        full = target(x)[0]
+        for k in range(0, len(boxes), chunk):
+            part = boxes[k:k + chunk]
+            batch = x.repeat(len(part), *([1] * (x.ndim - 1)))
+            for i, box in enumerate(part):
+                sel = (i, slice(None)) + box
+                batch[sel] = baseline[(0, slice(None)) + box]
+            drops = full - target(batch)
+            for box, drop in zip(part, drops):
+                total[box] += drop
+                count[box] += 1
+    return (total / count.clamp_min(1))[None], float(full)
+
+
+class AttributionKernel(UNetModelKernel):
+    """Attribution maps of a trained segmentation or denoising U-Net (a model folder).
+
+    :meth:`explain` takes crops with their target masks and global origins; calling the
+    kernel on blocks explains each block's mean target over its valid region. An ensemble is
+    explained through its mean output (integrated gradients and occlusion are linear in the
+    target, so this is the mean of the members' maps); MC-dropout and ADF models through their
+    deterministic pass.
+    """
+
+    name = "attribution"
+
+    class Params(UNetModelKernel.Params):
+        method: Method = "ig"
+        steps: int = Field(32, ge=2, le=4096)  # integrated gradients: points on the path
+        baseline: Baseline = "zero"
+        blur_sigma: float = Field(4.0, gt=0)  # pixels, for baseline="blur"
+        window: list[int] | None = None  # occlusion window, pixels per spatial axis
+        stride: list[int] | None = None  # occlusion stride (default: half the window)
+        level: int | None = Field(None, ge=0)  # Grad-CAM encoder level (default: the deepest encoder block)
+
+    def __init__(self, params: Params):
+        from kernels.unet import receptive_field
+
+        super().__init__(params)
+        c = self.config
+        self.window = tuple(params.window or (8,) * c.ndim)
+        self.stride = tuple(params.stride or tuple(max(1, w // 2) for w in self.window))
+        if len(self.window) != c.ndim or len(self.stride) != c.ndim or min(self.window + self.stride) < 1:
+            raise ValueError(f"window and stride need {c.ndim} positive sizes, got {self.window}, {self.stride}")
+        self.level = c.depth - 1 if params.level is None else params.level
+        if not 0 <= self.level <= c.depth:
+            raise ValueError(f"Grad-CAM level must be 0..{c.depth} (encoder blocks, then the bottleneck), "
+                             f"got {self.level}")
+        rf = receptive_field(c).halo
+        self.margin = tuple(h + (w if params.method == "occlusion" else 0) for h, w in zip(rf, self.window))
+        self.traits = KernelTraits(ndim=c.ndim, in_channels=c.in_channels, out_channels=1, halo=self.margin,
+                                   align=c.factor, percentiles=self.traits.percentiles, max_batch=1, device="gpu")
+
+    def load(self, device: str) -> None:
+        super().load(device)
+        for p in self.net.parameters():
+            p.requires_grad_(False)  # gradients are taken with respect to the input only
+
+    def _networks(self) -> list:
+        if self.uncertainty is not None and self.uncertainty.method == "ensemble":
+            return list(self.net)
+        return [self.net]
+
+    def output_map(self, x):
+        """``(N, *s)``: what targets average: the interior probability (segmentation) or the
+        channel mean of the output (denoising), averaged over an ensemble's members."""
+        import torch
+
+        maps = []
+        for net in self._networks():
+            y = net.forward_padded(x)
+            maps.append(torch.softmax(y, 1)[:, INTERIOR] if self.card.task == "segment" else y.mean(1))
+        return torch.stack(maps).mean(0)
+
+    def explain(self, crops: np.ndarray, masks: np.ndarray, origins: np.ndarray) -> dict[str, np.ndarray]:
+        """For ``(N, C, *s)`` normalised crops, ``(N, *s)`` boolean target masks and ``(N, ndim)``
+        global origins: ``attribution`` ``(N, *s)`` (IG: summed over channels), ``output`` (the
+        map the target averages), ``value`` and ``baseline_value`` (the target at the input and
+        the baseline), and ``completeness_error`` (IG: |sum of attributions - their difference|;
+        NaN for the others)."""
+        import torch
+
+        if self.net is None:
+            raise RuntimeError("attribution kernel used before load()")
+        out: dict[str, list] = {k: [] for k in ("attribution", "output", "value", "baseline_value",
+                                                "completeness_error")}
+        for crop, mask, origin in zip(crops, masks, origins):
+            x = torch.from_numpy(np.ascontiguousarray(crop[None], dtype=np.float32)).to(self.device)
+            m = torch.from_numpy(np.ascontiguousarray(mask[None], dtype=np.float32)).to(self.device)
+            base = torch.from_numpy(baseline_of(crop.astype(np.float32), self.params.baseline,
+                                                self.params.blur_sigma)[None]).to(self.device)
+
+            def target(batch, m=m):
+                area = m.sum().clamp_min(1.0)
+                return (self.output_map(batch) * m).flatten(1).sum(1) / area
+
+            with torch.no_grad():
+                output = self.output_map(x)[0]
+                base_value = float(target(base)[0])
+            error = float("nan")
+            if self.params.method == "ig":
+                attr, value, base_value = integrated_gradients(target, x, base, self.params.steps)
+                attr = attr[0].sum(0)
+                error = abs(float(attr.sum()) - (value - base_value))
+            elif self.params.method == "occlusion":
+                attr, value = occlusion(target, x, base, self.window, self.stride, tuple(int(o) for o in origin))
+                attr = attr[0]
+            else:
+                attr, value = self._gradcam(x, m), float(target(x)[0])
+            out["attribution"].append(attr.float().cpu().numpy())
+            out["output"].append(output.float().cpu().numpy())
+            out["value"].append(value)
+            out["baseline_value"].append(base_value)
+            out["completeness_error"].append(error)
+        return {k: np.asarray(np.stack(v) if k in ("attribution", "output") else v, np.float32)
+                for k, v in out.items()}
+
+    def _gradcam(self, x, m):
+        """Grad-CAM at ``self.level``, up-sampled to the crop and zero within one receptive
+        field of its edge (see the module docstring); an ensemble's maps are averaged."""
+        import torch
+        import torch.nn.functional as F
+
+        from kernels.unet import pad_to_factor
+
+        c = self.config
+        cams = []
+        for net in self._networks():
+            block = net.bottleneck if self.level == c.depth else net.encoders[self.level]
+            kept: dict[str, Any] = {}
+            handle = block.register_forward_hook(lambda module, inputs, output: kept.__setitem__("a", output))
+            try:
+                with torch.enable_grad():
+                    xp = pad_to_factor(x, c.factor).requires_grad_(True)  # weights are frozen: the graph starts here
+                    y = net(xp)[(slice(None), slice(None)) + tuple(slice(0, n) for n in x.shape[2:])]
+                    mapped = torch.softmax(y, 1)[:, INTERIOR] if self.card.task == "segment" else y.mean(1)
+                    value = (mapped * m).flatten(1).sum(1) / m.sum().clamp_min(1.0)
+                    grad = torch.autograd.grad(value.sum(), kept["a"])[0]
+            finally:
+                handle.remove()
+            weights = grad.flatten(2).sum(2)  # summed, not averaged: see the module docstring
+            cam = torch.relu((weights[(...,) + (None,) * c.ndim] * kept["a"]).sum(1, keepdim=True))
+            scale = tuple(float(p**self.level) for p in c.pool)
+            cam = F.interpolate(cam, scale_factor=scale, mode="nearest") if self.level else cam
+            cams.append(cam[(0, 0) + tuple(slice(0, n) for n in x.shape[2:])].detach())
+        cam = torch.stack(cams).mean(0)
+        edge = tuple(slice(h, max(h, n - h)) for h, n in zip(self.margin, x.shape[2:]))
+        inside = torch.zeros_like(cam)
+        inside[edge] = cam[edge]
+        return inside
+
+    def __call__(self, batch: np.ndarray, context: BatchContext) -> np.ndarray:
+        """Each block explained for its mean target over its valid region: ``(N, 1, *s)``."""
+        masks = np.zeros((len(batch),) + batch.shape[2:], bool)
+        for k, valid in enumerate(context.valid):
+            masks[(k,) + tuple(valid)] = True
+        return self.explain(batch, masks, np.asarray(context.origins))["attribution"][:, None]
