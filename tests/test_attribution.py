@@ -63,7 +63,7 @@ def test_occlusion_is_zero_where_the_output_cannot_see(models):
     """Windows beyond the receptive field of the target's pixels change nothing: exactly zero;
     windows on the object do change the target."""
     image, mask = _blob_image((128, 128), (40, 40), radius=5)
-    kernel = _kernel(models["segment"], method="occlusion", window=[6, 6], stride=[3, 3])
+    kernel = _kernel(models["segment"], method="occlusion", window=[6, 6], stride=[6, 6])
     attr = kernel.explain(image[None, None], mask[None], np.zeros((1, 2), int))["attribution"][0]
     reach = max(receptive_field(kernel.config).low + receptive_field(kernel.config).high) + 6
     far = np.ones_like(mask)
@@ -79,7 +79,7 @@ def test_an_aligned_crop_gives_the_whole_image_map(models, method):
     from pipeline.steps.explain import crop_of
 
     image, mask = _blob_image((128, 128), (60, 66), radius=6)
-    kernel = _kernel(models["segment"], method=method, window=[4, 4], steps=16)
+    kernel = _kernel(models["segment"], method=method, window=[8, 8], stride=[8, 8], steps=16)
     whole = kernel.explain(image[None, None], mask[None], np.zeros((1, 2), int))["attribution"][0]
     box = (slice(48, 72), slice(54, 78))
     crop = crop_of(box, kernel.margin, kernel.config.factor)
