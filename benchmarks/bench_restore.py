@@ -36,6 +36,7 @@ import numpy as np
 from benchmarks.measure import previous, save
 
 SIGMA = 25.0
+RESULTS_NAME = "restore"
 NLM_SLOW_H = {"astronaut": (0.8, 0.9, 1.0), "coins": (0.7, 0.8, 0.9), "moon": (1.0, 1.1, 1.2)}
 
 
@@ -143,7 +144,7 @@ def single(names, work: Path, client, results: dict) -> None:
         rows[name] = row
         print(name, {k: round(v["psnr"], 2) for k, v in row.items() if isinstance(v, dict) and "psnr" in v},
               f"n2v2 {row['n2v2']['total_s']:.0f} s", flush=True)
-        save("restore", results)
+        save(RESULTS_NAME, results)
 
 
 def ensemble(names, work: Path, client, results: dict) -> None:
@@ -155,7 +156,7 @@ def ensemble(names, work: Path, client, results: dict) -> None:
         rows[name] = {"dataset": name, **learned(url, clean, 255.0, work, client, f"{name}-mcd",
                                                  uncertainty="mc-dropout")}
         print(name, "mc-dropout", round(rows[name]["psnr"], 2), f"{rows[name]['total_s']:.0f} s", flush=True)
-        save("restore", results)
+        save(RESULTS_NAME, results)
 
 
 def pair_images(clean: np.ndarray, peak: float = 20.0):
@@ -188,7 +189,7 @@ def pairs(work: Path, client, results: dict, steps: int) -> None:
             rows.append({"dataset": dataset, "shape": list(clean.shape), "noisy_psnr": psnr(first, clean, clean.max()),
                          **row})
             print(dataset, method, round(row["psnr"], 2), round(row["ssim"], 3), f"{row['train_s']:.0f} s", flush=True)
-            save("restore", results)
+            save(RESULTS_NAME, results)
 
 
 def attribution(work: Path, client, results: dict) -> None:
@@ -212,7 +213,7 @@ def attribution(work: Path, client, results: dict) -> None:
     results["attribution"] = {"model": "DSB-2018 CARE (pairs part), target: mean denoised value of the object",
                               "defaults": "ig 32 steps, zero baseline; occlusion 8-pixel window, stride 4; "
                                           "gradcam deepest encoder block", **rows}
-    save("restore", results)
+    save(RESULTS_NAME, results)
 
 
 def main(argv=None) -> dict:
@@ -221,13 +222,17 @@ def main(argv=None) -> dict:
     parser.add_argument("--images", default="astronaut,coins,moon")
     parser.add_argument("--steps-pairs", type=int, default=1500)
     parser.add_argument("--workdir")
+    parser.add_argument("--results", default="restore",
+                        help="results name (benchmarks/results/NAME.json); parts run side by side need their own")
     args = parser.parse_args(argv)
+    global RESULTS_NAME
+    RESULTS_NAME = args.results
     parts = args.parts.split(",")
     from distributed import Client, LocalCluster
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="tilewise-bench-restore-"))
     work.mkdir(parents=True, exist_ok=True)
-    results = previous("restore")
+    results = previous(RESULTS_NAME)
     results["note"] = __doc__.split("\n\n", 2)[2]
     results.setdefault("commands", {})
     results["commands"][args.parts] = "python -m benchmarks.bench_restore " + " ".join(argv or [])

@@ -297,20 +297,7 @@ def _embed(source: ImageSource, has_c: bool, spatial: list[int], output_url: str
     params = {"input": source.url, "table": items.name, "level": options.level, "crop": list(items.crop),
               "tile_shape": list(plan.tile_shape), "specs": {k: s.key for k, s in specs.items()},
               "labels": items.labels.url if items.labels is not None else None}
-    manifest, lock = RunManifest(output_url, so), RunLock(output_url, so)
-    exists = store.exists(output_url, options.storage_options)
-    if exists:
-        lock.check()
-    if exists and not options.overwrite:
-        check_compatible(output_url, manifest.read_params(), params)
-    else:
-        from pipeline.io.write import create_collection
-
-        create_collection(output_url, overwrite=options.overwrite, storage_options=options.storage_options,
-                          attributes={"tilewise": {"run": params}})
-        manifest.write_params(params)
-    parts = Folder(store.join(output_url, "_tilewise", "embed"), so)
-    parts.makedirs()
+    manifest, lock, parts = begin_parts_run(output_url, params, options, "embed")
     reader = TileReader(source, options.level, has_c, "reflect", "normalised", Normalisation.of(source, percentiles))
     lab_reader = (TileReader(items.labels, options.level, False, "constant", "native", None)
                   if items.labels is not None else None)
@@ -335,6 +322,28 @@ def _embed(source: ImageSource, has_c: bool, spatial: list[int], output_url: str
                                      structure=items.labels is not None, storage_options=so)
     log.info("%s: %d rows embedded (%s) in %.1f s", url, len(frame), ", ".join(dims_out), seconds)
     return EmbedSummary(url, len(frame), dims_out, len(plan), seconds)
+
+
+def begin_parts_run(output_url: str, params: dict[str, Any], options: EngineOptions, kind: str
+                    ) -> tuple[RunManifest, RunLock, Folder]:
+    """Start or resume a run that keeps per-tile parts under ``OUT/_tilewise/<kind>`` (embed,
+    explain): a resume must have the same parameters; ``overwrite`` starts the output afresh."""
+    so = options.storage_options or {}
+    manifest, lock = RunManifest(output_url, so), RunLock(output_url, so)
+    exists = store.exists(output_url, options.storage_options)
+    if exists:
+        lock.check()
+    if exists and not options.overwrite:
+        check_compatible(output_url, manifest.read_params(), params)
+    else:
+        from pipeline.io.write import create_collection
+
+        create_collection(output_url, overwrite=options.overwrite, storage_options=options.storage_options,
+                          attributes={"tilewise": {"run": params}})
+        manifest.write_params(params)
+    parts = Folder(store.join(output_url, "_tilewise", kind), so)
+    parts.makedirs()
+    return manifest, lock, parts
 
 
 def _write_table(output_url: str, name: str, frame, parts: Folder, plan: TilePlan, specs: dict[str, KernelSpec],

@@ -37,7 +37,7 @@ from kernels.attribution import METHODS
 from kernels.errors import KernelError
 from kernels.modelfile import model_kernel_spec, read_card
 from pipeline.core.errors import InputError, OptionError
-from pipeline.engine.manifest import RunLock, RunManifest, check_compatible
+from pipeline.engine.manifest import RunManifest
 from pipeline.engine.plan import make_plan
 from pipeline.engine.runner import EngineOptions, TileReader, image_layout, tiles_per_task
 from pipeline.engine.stats import Normalisation
@@ -46,7 +46,7 @@ from pipeline.io import store
 from pipeline.io.read import ImageSource, open_image
 from pipeline.io.store import Folder
 from pipeline.io.tables import INSTANCE_KEY, read_attributes, read_table, write_table
-from pipeline.steps.embed import crop_shape, even_pixels, find_table
+from pipeline.steps.embed import begin_parts_run, crop_shape, even_pixels, find_table
 
 log = logging.getLogger(__name__)
 
@@ -206,20 +206,7 @@ def explain(image_url: str, output_url: str, client: Any, options: EngineOptions
     name = f"attribution_{method}"
     params = {"input": source.url, "level": options.level, "spec": spec.key, "targets": boxes.tolist(),
               "tile_shape": list(plan.tile_shape), "labels": lab_source.url if lab_source is not None else None}
-    manifest, lock = RunManifest(output_url, so), RunLock(output_url, so)
-    exists = store.exists(output_url, options.storage_options)
-    if exists:
-        lock.check()
-    if exists and not options.overwrite:
-        check_compatible(output_url, manifest.read_params(), params)
-    else:
-        from pipeline.io.write import create_collection
-
-        create_collection(output_url, overwrite=options.overwrite, storage_options=options.storage_options,
-                          attributes={"tilewise": {"run": params}})
-        manifest.write_params(params)
-    parts = Folder(store.join(output_url, "_tilewise", "explain"), so)
-    parts.makedirs()
+    manifest, lock, parts = begin_parts_run(output_url, params, options, "explain")
     card = read_card(model)
     from kernels.modelfile import card_percentiles
 
