@@ -129,12 +129,17 @@ def learned(noisy_url: str, clean: np.ndarray, data_range: float, work: Path, cl
     return row
 
 
+def noisy_single(name: str, work: Path) -> tuple[np.ndarray, np.ndarray, str]:
+    """(clean, noisy, noisy store URL) of one scikit-image image: sigma 25, seed 0."""
+    clean = grey_image(name)
+    noisy = clean + np.random.default_rng(0).normal(0, SIGMA, clean.shape)
+    return clean, noisy, write(str(work / f"{name}.ome.zarr"), noisy)
+
+
 def single(names, work: Path, client, results: dict) -> None:
     rows = results.setdefault("single", {})
     for name in names:
-        clean = grey_image(name)
-        noisy = clean + np.random.default_rng(0).normal(0, SIGMA, clean.shape)
-        url = write(str(work / f"{name}.ome.zarr"), noisy)
+        clean, noisy, url = noisy_single(name, work)
         row = {"dataset": name, "shape": list(clean.shape), "noisy": psnr(noisy, clean, 255.0)}
         row["n2v2"] = learned(url, clean, 255.0, work, client, name, ttas=("auto", "off"))
         row.update(nl_means(noisy, clean, name))
@@ -150,9 +155,7 @@ def single(names, work: Path, client, results: dict) -> None:
 def ensemble(names, work: Path, client, results: dict) -> None:
     rows = results.setdefault("ensemble", {})
     for name in names:
-        clean = grey_image(name)
-        noisy = clean + np.random.default_rng(0).normal(0, SIGMA, clean.shape)
-        url = write(str(work / f"{name}.ome.zarr"), noisy)
+        clean, _, url = noisy_single(name, work)
         rows[name] = {"dataset": name, **learned(url, clean, 255.0, work, client, f"{name}-mcd",
                                                  uncertainty="mc-dropout")}
         print(name, "mc-dropout", round(rows[name]["psnr"], 2), f"{rows[name]['total_s']:.0f} s", flush=True)

@@ -216,9 +216,10 @@ def explain(image_url: str, output_url: str, client: Any, options: EngineOptions
                   if lab_source is not None else None)
     centres = (boxes[:, 1:1 + len(dims)] + boxes[:, 1 + len(dims):]) / 2.0
     owner = plan.owner_of(centres)
+    owning = np.unique(owner).tolist()  # only tiles that own a target become tasks
     job = ExplainJob(reader, lab_reader, spec, shape, manifest, parts)
     done = manifest.done()
-    todo = [t for t in np.unique(owner).tolist() if t not in done]
+    todo = [t for t in owning if t not in done]
     per_task = tiles_per_task(len(todo), 1, options.max_tasks)
     groups = [todo[k:k + per_task] for k in range(0, len(todo), per_task)]
     tasks = ((g, [boxes[owner == t] for t in g]) for g in groups)
@@ -228,7 +229,7 @@ def explain(image_url: str, output_url: str, client: Any, options: EngineOptions
                            progress=options.progress):
             pass
         seconds = time.perf_counter() - started
-        results = _collect(parts, np.unique(owner).tolist(), frame)
+        results = _collect(parts, owning, frame)
         image_url = _write_attribution(output_url, source, spatial, options.level, method, results, client,
                                        progress=options.progress, storage_options=so)
         panel_urls = _write_panels(output_url, method, results[:max(0, panels)], card.task, so)
