@@ -7,7 +7,7 @@ import sys
 
 BENCHMARKS = ["benchmarks.bench_io", "benchmarks.bench_engine", "benchmarks.bench_denoise", "benchmarks.bench_segment",
               "benchmarks.bench_uncertainty", "benchmarks.bench_restore", "benchmarks.bench_embed", "benchmarks.bench_precision",
-              "benchmarks.bench_wholeslide", "benchmarks.bench_gpu"]  # bench_gpu skips itself without CUDA
+              "benchmarks.bench_wholeslide", "benchmarks.bench_workflow", "benchmarks.bench_gpu"]  # bench_gpu skips itself without CUDA
 
 
 def main() -> int:

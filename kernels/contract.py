@@ -47,6 +47,9 @@ class KernelTraits:
     max_batch : most blocks per call (memory).
     device : ``gpu`` runs on a GPU when the worker has one (tasks then ask for one).
     measures : for labels kernels, whether object tables get the input's intensity statistics.
+    working_bytes : memory the kernel needs per voxel of a padded tile (core + halo) while it
+        runs, e.g. a network's activations; the engine sizes default tiles so one fits
+        ``WORKING_MEMORY`` (0: only the tile's own arrays count).
     maps : names of per-pixel float maps the kernel returns beside its output (uncertainty:
         ``foreground``, ``entropy``, ``variance``), from :meth:`Kernel.with_maps`; the engine
         writes each as a one-channel image under ``OUT/uncertainty/<name>`` and, for labels,
@@ -66,6 +69,7 @@ class KernelTraits:
     device: Device = "cpu"
     measures: bool = True
     maps: tuple[str, ...] = ()
+    working_bytes: int = 0
 
     def __post_init__(self) -> None:
         halo = tuple(int(h) for h in self.halo)

@@ -2,7 +2,7 @@
 
 Layers, each importing only those below it (``docs/architecture.md``)::
 
-    cli, info  ->  data  ->  steps  ->  analysis  ->  engine  ->  io  ->  core   (kernels: beside, below steps)
+    cli, info  ->  workflow  ->  data  ->  steps  ->  analysis  ->  engine  ->  io  ->  core   (kernels: beside, below steps)
 
 The names below are the Python API; they load on first use, so ``import pipeline`` stays cheap.
 """
@@ -32,6 +32,7 @@ _API = {
     "open_image": "pipeline.io.read", "read_table": "pipeline.io.tables", "to_anndata": "pipeline.io.tables",
     "to_spatialdata": "pipeline.io.spatial",
     "TilewiseError": "pipeline.core.errors",
+    "Pipeline": "pipeline.workflow", "load_workflow": "pipeline.workflow",
 }
 
 __all__ = sorted(_API)

@@ -58,6 +58,28 @@ def _client(args) -> Iterator[Any]:
         yield client
 
 
+def cmd_run(args) -> None:
+    from pipeline.workflow import dump_workflow, load_workflow, run_workflow
+
+    workflow = load_workflow(args.workflow)
+    if args.check:
+        print(dump_workflow(workflow), end="")
+        return
+    if not args.input or not args.output:
+        raise OptionError("tilewise run WORKFLOW INPUT OUTPUT: give the input image and the output store "
+                          "(or --check to validate the workflow only).")
+    say = (lambda text: None) if args.quiet else (lambda text: print(text, file=sys.stderr, flush=True))
+    with _client(args) as client:
+        summary = run_workflow(workflow, args.input, args.output, client, overwrite=args.overwrite,
+                               progress=not args.quiet, on_step=say)
+    print(f"wrote {summary.output} ({len(summary.steps)} steps, {summary.seconds:.0f} s)")
+    for name, done in summary.steps.items():
+        report = done.get("summary", {}).get("report")
+        if report:
+            print(f"report: {report}")
+    print(f"view: napari --plugin napari-ome-zarr {summary.output}")
+
+
 def cmd_info(args) -> None:
     from pipeline.info import describe
 
@@ -395,7 +417,7 @@ def _engine_options(args, ndim: int):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tilewise", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only errors: no progress, notes or warnings")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("info", help="show images, levels, chunks, labels and tables of a store",
@@ -647,7 +669,36 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_options(p)
     _add_cluster_options(p)
     p.set_defaults(func=cmd_denoise)
+
+    p = sub.add_parser("run", help="run a workflow (YAML): train, denoise, segment, embed... into one output store",
+                       description="Run the steps of a workflow file over INPUT into one OME-Zarr store OUTPUT "
+                                   "(root image, labels, tables, uncertainty maps, models, reports); re-running the "
+                                   "same command resumes. Shipped workflows: workflows/lightsheet.yaml, "
+                                   "wholeslide.yaml, denoise.yaml. `--check` validates the file only.")
+    p.add_argument("workflow", help="workflow YAML file")
+    p.add_argument("input", nargs="?", help="OME-Zarr image, or a slide file")
+    p.add_argument("output", nargs="?", help="output store (created; resumed when it holds the same workflow)")
+    p.add_argument("--check", action="store_true", help="validate the workflow and print it with every default")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output (the input is never modified)")
+    _add_cluster_options(p)
+    p.set_defaults(func=cmd_run)
+
+    _accept_verbosity_after(sub)
     return parser
+
+
+def _accept_verbosity_after(sub) -> None:
+    """``-v`` / ``-q`` also after a command (``tilewise run -v ...``); SUPPRESS keeps the global
+    value when they are not given there."""
+    for command in sub.choices.values():
+        nested = [a for a in command._actions if isinstance(a, argparse._SubParsersAction)]
+        if nested:
+            _accept_verbosity_after(nested[0])
+            continue
+        command.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                             help="more log output (-vv for debug)")
+        command.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                             help="only errors: no progress, notes or warnings")
 
 
 def _quiet_dask(level: int) -> None:
@@ -668,7 +719,7 @@ def _quiet_dask(level: int) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    level = logging.WARNING - 10 * min(args.verbose, 2)
+    level = logging.ERROR if args.quiet and not args.verbose else logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     _quiet_dask(max(level, logging.WARNING) if args.verbose < 2 else level)
     func: Callable = args.func

@@ -73,8 +73,35 @@ def describe(url: str, storage_options: Mapping[str, Any] | None = None) -> str:
     for name in list_tables(url, storage_options):
         rows = _table_rows(url, name, storage_options)
         lines.append(f"  tables/{name}" + (f": {rows} rows" if rows is not None else ""))
-    lines += _describe_run(url, storage_options)
+    workflow = _describe_workflow(url, storage_options)
+    lines += workflow or _describe_run(url, storage_options)
     return "\n".join(lines)
+
+
+def _describe_workflow(url: str, storage_options) -> list[str]:
+    """A workflow's record: each step with its time, models, versions, or what is unfinished."""
+    folder = store.Folder(store.join(url, "_tilewise"), storage_options or {})
+    try:
+        record = folder.read_json("provenance.json") or folder.read_json("workflow.json")
+    except Exception:  # not a workflow's output
+        return []
+    if not record or "workflow" not in record:
+        return []
+    steps = record["workflow"]["steps"]
+    finished = "steps" in record
+    lines = [f"  workflow '{record['workflow']['name']}' on {record['input']}"
+             + (f", written {record.get('written')}, {record.get('seconds_total', 0):.0f} s" if finished
+                else ": NOT FINISHED (re-run the same `tilewise run` to resume)")]
+    for step in steps:
+        done = record.get("steps", {}).get(step["name"]) or folder.read_json(f"workflow/{step['name']}.json")
+        when = f"{done['seconds']:.1f} s" if done else "not done"
+        lines.append(f"    {step['step']:<16} {step['name']:<12} {when}")
+    for name, model in record.get("models", {}).items():
+        lines.append(f"  model {name}: {model['path']} (sha256 {model['weights_sha256'][:12]})")
+    if record.get("versions"):
+        lines.append("  versions: " + ", ".join(f"{k} {v}" for k, v in record["versions"].items()))
+    lines.append(f"  input fingerprint: {record.get('input_fingerprint')}")
+    return lines
 
 
 def _describe_run(url: str, storage_options) -> list[str]:

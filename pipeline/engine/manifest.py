@@ -23,7 +23,9 @@ from pipeline.io.store import Folder
 
 log = logging.getLogger(__name__)
 
-log = logging.getLogger(__name__)
+# The folder under an output that holds a run's manifest, lock and intermediates. A workflow gives
+# each of its steps its own (``_tilewise/steps/<step>``), so several steps write into one store.
+WORKSPACE = "_tilewise"
 
 
 @dataclass(frozen=True)
@@ -31,10 +33,11 @@ class RunManifest:
     url: str  # the output store
     storage_options: Mapping[str, Any] = field(default_factory=dict)
     stage: str = ""  # runs with several passes over the tiles keep one done-set per pass
+    workspace: str = WORKSPACE
 
     def at(self, stage: str) -> "RunManifest":
         """The same run's manifest for another pass (e.g. ``"relabel"`` after segmentation)."""
-        return RunManifest(self.url, self.storage_options, stage)
+        return RunManifest(self.url, self.storage_options, stage, self.workspace)
 
     @property
     def done_folder(self) -> str:
@@ -42,7 +45,12 @@ class RunManifest:
 
     @property
     def folder(self) -> Folder:
-        return Folder(store.join(self.url, "_tilewise"), self.storage_options)
+        return Folder(store.join(self.url, self.workspace), self.storage_options)
+
+    def started(self) -> bool:
+        """Whether this run's parameters were written (a workflow step's output shares its store
+        with other steps, so the store existing says nothing about the step)."""
+        return self.read_params() is not None
 
     def read_params(self) -> dict[str, Any] | None:
         return self.folder.read_json("run.json")
@@ -106,10 +114,11 @@ class RunLock:
     url: str  # the output store
     storage_options: Mapping[str, Any] = field(default_factory=dict)
     token: str = ""
+    workspace: str = WORKSPACE
 
     @property
     def folder(self) -> Folder:
-        return Folder(store.join(self.url, "_tilewise"), self.storage_options)
+        return Folder(store.join(self.url, self.workspace), self.storage_options)
 
     def holder(self) -> dict[str, Any] | None:
         """The live lock on this output that is not ours, or None."""
@@ -128,7 +137,7 @@ class RunLock:
             raise OutputExistsError(
                 f"Output '{self.url}' is being written by another run (process {held.get('pid')} on "
                 f"{held.get('host')}, since {held.get('started')}); wait for it to finish, or, if no run is "
-                f"writing it, remove {store.join(self.url, '_tilewise', LOCK)}.")
+                f"writing it, remove {store.join(self.url, self.workspace, LOCK)}.")
 
     def acquire(self) -> "RunLock":
         self.check()

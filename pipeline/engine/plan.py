@@ -6,6 +6,7 @@ Tiles are computed on demand from their id (C-order index in the tile grid), so 
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Iterator, Mapping, Sequence
@@ -15,6 +16,8 @@ import numpy as np
 from kernels.contract import PAD_MODES, PadMode
 from pipeline.core.errors import OptionError
 from pipeline.core.regions import Region, grid_shape, grow_block, region_of
+
+log = logging.getLogger(__name__)
 
 
 
@@ -109,10 +112,34 @@ class TilePlan:
         return keep
 
 
+# A default tile's working set (padded voxels x the kernel's ``working_bytes``) stays under this:
+# a 2-core laptop worker gets a few GiB, and a tile is one task's whole memory (invariant 6).
+WORKING_MEMORY = 2 * 2**30
+
+
+def fit_working_memory(core: Sequence[int], unit: Sequence[int], halo: Sequence[int], working_bytes: int,
+                       limit: int = WORKING_MEMORY) -> tuple[int, ...]:
+    """Shrink ``core`` by whole write units (the axis with the largest padded extent first) until
+    core + halo times ``working_bytes`` fits ``limit``, or one write unit is left; a big halo
+    (a deep network's receptive field) is what makes a tile heavy, so it counts in full."""
+    core = [int(c) for c in core]
+    padded = lambda: int(np.prod([c + 2 * h for c, h in zip(core, halo)]))  # noqa: E731
+    while padded() * working_bytes > limit:
+        shrinkable = [a for a in range(len(core)) if core[a] > unit[a]]
+        if not shrinkable:
+            log.warning("the smallest tile (one output chunk %s + halo %s) needs ~%.1f GiB while the kernel runs; "
+                        "write the output (or convert the input) with smaller chunks, or give workers more memory",
+                        tuple(unit), tuple(halo), padded() * working_bytes / 2**30)
+            break
+        axis = max(shrinkable, key=lambda a: core[a] + 2 * halo[a])
+        core[axis] = max(int(unit[axis]), (core[axis] // 2 // unit[axis]) * unit[axis])
+    return tuple(core)
+
+
 def make_plan(shape: Sequence[int], dims: Sequence[str], write_unit: Sequence[int],
               halo: Mapping[str, int], *, tile_shape: Sequence[int] | None = None,
               itemsize: int = 4, target_bytes: int = 32 * 2**20, pad_mode: PadMode = "reflect",
-              align: Sequence[int] | None = None) -> TilePlan:
+              align: Sequence[int] | None = None, working_bytes: int = 0) -> TilePlan:
     """Plan tiles whose cores are whole output write units (chunks or shards).
 
     Parameters
@@ -122,7 +149,8 @@ def make_plan(shape: Sequence[int], dims: Sequence[str], write_unit: Sequence[in
         ever write the same chunk.
     halo : halo per axis name (the kernel's receptive field); axes not named get 0.
     tile_shape : explicit core shape (rounded up to write-unit multiples); default grows the
-        write unit to ~``target_bytes``.
+        write unit to ~``target_bytes``, then shrinks it until its padded working set
+        (``working_bytes`` per voxel, the kernel's) fits ``WORKING_MEMORY``.
     align : per-axis grid the tile starts must lie on (a U-Net's total down-sampling, so its
         pooling windows fall the same way in every tile as in the whole image).
     """
@@ -138,6 +166,8 @@ def make_plan(shape: Sequence[int], dims: Sequence[str], write_unit: Sequence[in
         write_unit = [math.lcm(int(u), int(a)) for u, a in zip(write_unit, align)]
     if tile_shape is None:
         core = grow_block(write_unit, shape, itemsize, target_bytes)
+        if working_bytes:
+            core = fit_working_memory(core, write_unit, halo_t, working_bytes)
     else:
         if len(tile_shape) != len(shape) or any(int(t) < 1 for t in tile_shape):
             raise OptionError(f"--tile needs {len(shape)} positive sizes (one per spatial axis {', '.join(dims)}), "

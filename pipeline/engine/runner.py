@@ -24,13 +24,13 @@ from kernels import BatchContext, Kernel, KernelError, KernelSpec, KernelTraits,
 from pipeline.core.errors import InputError, OptionError
 from pipeline.core.regions import Region
 from pipeline.engine.blend import BlendLattice, BlendWeights, window_weights
-from pipeline.engine.manifest import RunManifest
+from pipeline.engine.manifest import WORKSPACE, RunManifest
 from pipeline.engine.maps import MapSinks
 from pipeline.engine.plan import Tile, TilePlan, make_plan, pad_block
 from pipeline.engine.stats import Normalisation, nonfinite_message
 from pipeline.engine.submit import run_tasks
 from pipeline.io.ngff import SPACE, Axis
-from pipeline.io.store import content_fingerprint
+from pipeline.io.store import check_output_location, content_fingerprint
 from pipeline.io.read import ImageSource, ngff_problems, open_image
 from pipeline.io.write import ImageSink
 
@@ -77,6 +77,10 @@ class EngineOptions:
         tissue of a slide once (written as ``OUT/labels/tissue``), or the URL of a mask (any
         labels image, nonzero = keep); the rest of the output stays empty
         (``pipeline.steps.tissue``).
+    workspace : the folder under the output for the run's manifest, lock and intermediates. A
+        workflow gives each step its own (``_tilewise/steps/<step>``): the output is then
+        *shared*, written by several steps, so a step neither deletes it nor reads its existence
+        as its own (``shared_output``), and may read an image that an earlier step wrote there.
     """
 
     level: int = 0
@@ -93,6 +97,11 @@ class EngineOptions:
     ngff: str | None = None
     missing_chunks: str = "fill"
     foreground: str | None = None
+    workspace: str = WORKSPACE
+
+    @property
+    def shared_output(self) -> bool:
+        return self.workspace != WORKSPACE
 
     @classmethod
     def of(cls, options: "EngineOptions | None" = None, **settings: Any) -> "EngineOptions":
@@ -297,6 +306,22 @@ class EngineSetup:
         return max(1, min(int(wanted), self.traits.max_batch))
 
 
+def check_location(output_url: str, input_url: str, options: EngineOptions) -> None:
+    """Refuse an output that is, holds or lies inside the input (``check_output_location``);
+    a workflow step (``options.shared_output``) reads images the workflow wrote into its own
+    output, which the workflow checked against the user's input once, before its first step."""
+    if not options.shared_output:
+        check_output_location(output_url, input_url, options.storage_options)
+
+
+def output_started(output_url: str, manifest: RunManifest, options: EngineOptions) -> bool:
+    """Whether this run's output exists: the store, or (a workflow step's shared output) the
+    step's own manifest."""
+    from pipeline.io import store
+
+    return manifest.started() if options.shared_output else store.exists(output_url, options.storage_options)
+
+
 def prepare_engine(input_url: str, kernel: KernelSpec, options: EngineOptions) -> EngineSetup:
     """Open the input, check the kernel fits it, plan the tiles and compute global statistics.
 
@@ -332,7 +357,7 @@ def prepare_engine(input_url: str, kernel: KernelSpec, options: EngineOptions) -
         tile_shape = [min(side, lv.shape[i]) for i in spatial]
     plan = make_plan([lv.shape[i] for i in spatial], spatial_dims, [lv.chunks[i] for i in spatial], halo,
                      tile_shape=tile_shape, itemsize=4 * max(traits.in_channels, traits.out_channels),
-                     pad_mode=pad_mode, align=traits.align)
+                     pad_mode=pad_mode, align=traits.align, working_bytes=traits.working_bytes)
     scaling = Normalisation.of(source, traits.percentiles) if traits.input == "normalised" else None
     params = {
         "input": input_url, "level": options.level, "kernel": kernel.name, "kernel_params": kernel.params,

@@ -136,7 +136,7 @@ def _compressor(zarr_format: int):
 def _create_array(group: zarr.Group, level: Level, axes: Sequence[Axis], zarr_format: int) -> None:
     kw: dict[str, Any] = dict(
         name=level.path, shape=level.shape, chunks=level.chunks, dtype=np.dtype(level.dtype),
-        compressors=_compressor(zarr_format), fill_value=0,
+        compressors=_compressor(zarr_format), fill_value=0, overwrite=True,
     )
     if zarr_format == 3:
         kw["dimension_names"] = [a.name for a in axes]
@@ -175,6 +175,7 @@ def create_image(
     overwrite: bool = False,
     storage_options: Mapping[str, Any] | None = None,
     levels: Sequence[Level] | None = None,
+    replace_store: bool = True,
 ) -> ImageSink:
     """Create every level's (empty) array and the multiscales metadata, once, from the client.
 
@@ -186,6 +187,8 @@ def create_image(
     n_levels : number of pyramid levels; ``None`` adds levels until the top fits in one chunk.
     version : ``"0.5"`` (zarr v3, default) or ``"0.4"`` (zarr v2).
     levels : explicit levels (e.g. copied from a source image) instead of the planned pyramid.
+    replace_store : ``False`` writes the image into an existing group without removing what
+        else it holds (a workflow's shared output: trained models, other steps' records).
     """
     axes = tuple(axes)
     validate_axes(axes)
@@ -205,8 +208,9 @@ def create_image(
             raise OptionError(f"Shard shape {shards} must be a whole multiple of the chunk shape {chunks}.")
     zarr_format = zarr_format_for(version)
     storage_options = dict(storage_options or {})
-    store.prepare_output(url, overwrite, storage_options)
-    group = store.open_group(url, "w", storage_options, zarr_format=zarr_format)
+    if replace_store:
+        store.prepare_output(url, overwrite, storage_options)
+    group = store.open_group(url, "w" if replace_store else "a", storage_options, zarr_format=zarr_format)
     if levels is None:
         levels = plan_levels(shape, dtype, axes, scale, translation, chunks, shards, n_levels)
     levels = tuple(levels)

@@ -30,6 +30,8 @@ from pipeline.engine.runner import (
     EngineSetup,
     ImageTileJob,
     RunSummary,
+    check_location,
+    output_started,
     prepare_engine,
     report_missing,
     submit_tiles,
@@ -86,7 +88,7 @@ def run_kernel(input_url: str, output_url: str, kernel: KernelSpec, client: Any,
     """
     options = EngineOptions.of(options, **settings)
     store.check_name(name or kernel.name, "The output image")
-    store.check_output_location(output_url, input_url, options.storage_options)
+    check_location(output_url, input_url, options)
     setup = prepare_engine(input_url, kernel, options)
     plan = setup.plan
     name = name or kernel.name
@@ -98,9 +100,9 @@ def run_kernel(input_url: str, output_url: str, kernel: KernelSpec, client: Any,
         "blend": {"window": list(lattice.window), "stride": list(lattice.stride), "weights": lattice.weights}
         if lattice else None,
     }
-    manifest = RunManifest(output_url, options.storage_options or {})
-    lock = RunLock(output_url, options.storage_options or {})
-    exists = store.exists(output_url, options.storage_options)
+    manifest = RunManifest(output_url, options.storage_options or {}, workspace=options.workspace)
+    lock = RunLock(output_url, options.storage_options or {}, workspace=options.workspace)
+    exists = output_started(output_url, manifest, options)
     if exists:
         lock.check()  # before resuming into it, or deleting it with overwrite
     if exists and not options.overwrite:
@@ -110,8 +112,10 @@ def run_kernel(input_url: str, output_url: str, kernel: KernelSpec, client: Any,
                        channel_names=tuple(_channel_names(setup) or ()) or None)
         maps = MapSinks.open(output_url, setup.traits.maps, options.storage_options) if setup.traits.maps else None
     else:
-        sink = create_image(output_url, overwrite=options.overwrite, **_output_image(setup, name, dtype, options))
-        store.open_group(output_url, "a", options.storage_options).attrs.update({"tilewise": {"run": params}})
+        sink = create_image(output_url, overwrite=options.overwrite, replace_store=not options.shared_output,
+                            **_output_image(setup, name, dtype, options))
+        if not options.shared_output:  # a workflow records its steps at the root itself
+            store.open_group(output_url, "a", options.storage_options).attrs.update({"tilewise": {"run": params}})
         maps = MapSinks.create(output_url, setup.traits.maps, setup.output_geometry(), version=setup.ngff,
                                n_levels=len(sink.levels), storage_options=options.storage_options) \
             if setup.traits.maps else None

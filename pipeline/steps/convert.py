@@ -209,7 +209,8 @@ def _convert_ome(src: ImageSource, dst: str, client: Any, *, chunks, shards, ver
 
 
 def image_like(src: ImageSource, dst: str, *, from_level: int = 0, version: str | None = None,
-               overwrite: bool = False, storage_options: dict | None = None) -> ImageSink:
+               overwrite: bool = False, storage_options: dict | None = None, replace_store: bool = True
+               ) -> ImageSink:
     """An empty image at ``dst`` laid out like ``src``'s levels ``from_level`` and coarser (chunks,
     transforms, channel names); :func:`copy_image_data` fills it. ``segment`` copies its input
     this way, so its output holds the image its labels describe."""
@@ -220,7 +221,7 @@ def image_like(src: ImageSource, dst: str, *, from_level: int = 0, version: str 
               for i, lv in enumerate(src.levels[from_level:])]
     return create_image(dst, shape=levels[0].shape, dtype=src.dtype, axes=src.axes, version=version, name=src.name,
                         channel_names=src.channel_names, overwrite=overwrite, levels=levels,
-                        storage_options=storage_options)
+                        storage_options=storage_options, replace_store=replace_store)
 
 
 def copy_image_data(src: ImageSource, sink: ImageSink, client: Any, *, from_level: int = 0,

@@ -41,7 +41,15 @@ from kernels.objectscale import equivalent_diameter
 from pipeline.core.errors import InputError, OptionError
 from pipeline.engine.manifest import RunLock, RunManifest, check_compatible
 from pipeline.engine.plan import TilePlan, make_plan
-from pipeline.engine.runner import EngineOptions, TileReader, block_origin, image_layout, tiles_per_task
+from pipeline.engine.runner import (
+    EngineOptions,
+    TileReader,
+    block_origin,
+    check_location,
+    image_layout,
+    output_started,
+    tiles_per_task,
+)
 from pipeline.engine.stats import Normalisation
 from pipeline.engine.submit import run_tasks
 from pipeline.io import store
@@ -208,7 +216,7 @@ class _Items:
 
 
 def _open(image_url: str, output_url: str, options: EngineOptions) -> tuple[ImageSource, bool, list[int]]:
-    store.check_output_location(output_url, image_url, options.storage_options)
+    check_location(output_url, image_url, options)
     source = open_image(image_url, options.storage_options)
     _, has_c, spatial = image_layout(source)
     if len(spatial) != len(source.dims) - int(has_c):
@@ -329,19 +337,21 @@ def begin_parts_run(output_url: str, params: dict[str, Any], options: EngineOpti
     """Start or resume a run that keeps per-tile parts under ``OUT/_tilewise/<kind>`` (embed,
     explain): a resume must have the same parameters; ``overwrite`` starts the output afresh."""
     so = options.storage_options or {}
-    manifest, lock = RunManifest(output_url, so), RunLock(output_url, so)
-    exists = store.exists(output_url, options.storage_options)
+    manifest, lock = RunManifest(output_url, so, workspace=options.workspace), RunLock(output_url, so,
+                                                                                       workspace=options.workspace)
+    exists = output_started(output_url, manifest, options)
     if exists:
         lock.check()
     if exists and not options.overwrite:
         check_compatible(output_url, manifest.read_params(), params)
     else:
-        from pipeline.io.write import create_collection
+        if not options.shared_output:  # a workflow's output exists already, holding its other steps
+            from pipeline.io.write import create_collection
 
-        create_collection(output_url, overwrite=options.overwrite, storage_options=options.storage_options,
-                          attributes={"tilewise": {"run": params}})
+            create_collection(output_url, overwrite=options.overwrite, storage_options=options.storage_options,
+                              attributes={"tilewise": {"run": params}})
         manifest.write_params(params)
-    parts = Folder(store.join(output_url, "_tilewise", kind), so)
+    parts = Folder(store.join(output_url, options.workspace, kind), so)
     parts.makedirs()
     return manifest, lock, parts
 

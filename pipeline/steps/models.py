@@ -25,3 +25,13 @@ def model_spec(model_dir: str, task: str, **params: Any) -> KernelSpec:
     except KernelError as exc:
         raise OptionError(str(exc)) from None
     return spec.with_params(**params) if params else spec
+
+
+def check_model_folder(model_dir: str, what: str) -> None:
+    """Refuse (one line, naming ``what``) a path that is not a readable tilewise model folder."""
+    from kernels.modelfile import read_card
+
+    try:
+        read_card(model_dir)
+    except KernelError as exc:
+        raise OptionError(f"{what}: {exc}") from None

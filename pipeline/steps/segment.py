@@ -37,7 +37,9 @@ from pipeline.engine.runner import (
     EngineOptions,
     EngineSetup,
     build_checked,
+    check_location,
     image_layout,
+    output_started,
     prepare_engine,
     report_missing,
     submit_tiles,
@@ -145,11 +147,13 @@ def segment_labels(input_url: str, output_url: str, kernel: KernelSpec, client: 
     keep_intermediate : keep ``_tilewise/stitch`` (raw ids, shells, partial sums) after success.
     image : ``copy`` (default) writes the input image (the processed level and coarser) at the
         output's root, so the output is self-contained; ``link`` writes only labels and table and
-        links the labels to the input by a relative path (no second copy of a large volume).
+        links the labels to the input by a relative path (no second copy of a large volume);
+        ``in-place``: a workflow step whose output root already is the input image (written by
+        its denoise step) adds labels, table and maps beside it.
     """
     options = EngineOptions.of(options, **settings)
     store.check_name(name, "The labels")
-    store.check_output_location(output_url, input_url, options.storage_options)
+    check_location(output_url, input_url, options)
     setup = prepare_engine(input_url, kernel, options)
     plan = setup.plan
     if not setup.traits.is_labels:
@@ -159,15 +163,17 @@ def segment_labels(input_url: str, output_url: str, kernel: KernelSpec, client: 
         raise OptionError(f"{len(setup.space)} tiles exceed the {MAX_TILES} that global ids can number; use a larger --tile.")
     if not 0 < iou <= 1:
         raise OptionError(f"iou must be in (0, 1], got {iou}.")
-    if image not in ("copy", "link"):
+    if image not in ("copy", "link", "in-place"):
         raise OptionError(f"image must be 'copy' or 'link', got {image!r}.")
+    if image == "in-place" and not (options.shared_output and output_url == input_url):
+        raise OptionError("image='in-place' is for a workflow step segmenting the image its output already holds.")
     params = {**setup.params, "name": name, "stitch": {"iou": iou, "consecutive": consecutive}, "table": table,
               "image": image}
+    so, workspace = options.storage_options or {}, options.workspace
     run = SegmentRun(input_url, output_url, name, image, kernel, setup, options,
-                     RunManifest(output_url, options.storage_options or {}),
-                     StitchFiles(output_url, options.storage_options or {}))
-    lock = RunLock(output_url, options.storage_options or {})
-    exists = store.exists(output_url, options.storage_options)
+                     RunManifest(output_url, so, workspace=workspace), StitchFiles(output_url, so, workspace))
+    lock = RunLock(output_url, so, workspace=workspace)
+    exists = output_started(output_url, run.manifest, options)
     if exists:
         lock.check()  # before resuming into it, or deleting it with overwrite
     fresh = not exists or options.overwrite
@@ -270,11 +276,13 @@ def _begin_output(run: SegmentRun, params: dict[str, Any], *, overwrite: bool) -
     """A fresh output: the root (the input image's layout, or a plain group when linking), the
     manifest, the stitch folder and the raw id array."""
     plan = run.setup.plan
+    shared = run.options.shared_output  # a workflow's output: write beside its other steps, record nothing at the root
     if run.image == "copy":
         image_like(run.setup.source, run.output_url, from_level=run.setup.level, version=run.setup.ngff,
-                   overwrite=overwrite, storage_options=run.options.storage_options)
-        store.open_group(run.output_url, "a", run.storage_options).attrs.update({"tilewise": {"run": params}})
-    else:
+                   overwrite=overwrite, storage_options=run.options.storage_options, replace_store=not shared)
+        if not shared:
+            store.open_group(run.output_url, "a", run.storage_options).attrs.update({"tilewise": {"run": params}})
+    elif run.image == "link":
         create_collection(run.output_url, version=run.setup.ngff, overwrite=overwrite,
                           storage_options=run.options.storage_options, attributes={"tilewise": {"run": params}})
     run.manifest.write_params(params)
@@ -375,8 +383,8 @@ def _label_sink(run: SegmentRun, n_objects: int, consecutive: bool) -> ImageSink
     dtype = np.uint32 if consecutive and n_objects < 2**32 - 1 else np.uint64
     n_labels = max(n_objects, 1) if consecutive else None
     n_levels = len(setup.source.levels) - setup.level
-    # copy: NGFF's layout, inside the image (../../); link: the relative way to the input
-    source = "../../" if run.image == "copy" else store.relative(url, setup.source.url)
+    # copy / in-place: NGFF's layout, inside the image (../../); link: the relative way to the input
+    source = store.relative(url, setup.source.url) if run.image == "link" else "../../"
     return create_label_image(store.join(run.output_url, "labels"), run.name, **setup.output_geometry(),
                               n_levels=n_levels, dtype=dtype, version=setup.ngff, n_labels=n_labels,
                               source_image=source, storage_options=run.storage_options)

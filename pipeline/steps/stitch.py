@@ -40,7 +40,7 @@ import numpy as np
 from kernels import Kernel, KernelSpec
 from kernels.metrics import overlap_iou
 from pipeline.core.regions import Region
-from pipeline.engine.manifest import RunManifest
+from pipeline.engine.manifest import WORKSPACE, RunManifest
 from pipeline.engine.maps import MapSinks
 from pipeline.engine.plan import Tile, TilePlan
 from pipeline.engine.runner import (
@@ -128,10 +128,11 @@ class StitchFiles:
 
     output_url: str
     storage_options: Mapping[str, Any]
+    workspace: str = WORKSPACE
 
     @property
     def folder(self) -> Folder:
-        return Folder(store.join(self.output_url, "_tilewise", "stitch"), self.storage_options)
+        return Folder(store.join(self.output_url, self.workspace, "stitch"), self.storage_options)
 
     @property
     def raw_url(self) -> str:

@@ -185,8 +185,10 @@ class TrainingData:
     @classmethod
     def prepare(cls, image_url: str, model_dir: str, *, task: str, patch: Sequence[int] | None, level: int,
                 depth: int, seed: int, overwrite: bool, storage_options: dict | None, labels: str | None = None,
-                target: str | None = None, val_patches: int) -> "TrainingData":
-        check_output_location(model_dir, image_url, storage_options)
+                labels_from: str | None = None, target: str | None = None, val_patches: int,
+                shared_output: bool = False) -> "TrainingData":
+        if not shared_output:  # a workflow's model folder lies inside its output, which holds the image
+            check_output_location(model_dir, image_url, storage_options)
         prepare_model_folder(model_dir, overwrite)
         source = open_image(image_url, storage_options)
         _, _, spatial = image_layout(source)
@@ -197,7 +199,7 @@ class TrainingData:
             patch = DEFAULT_PATCH[task](scale)
         norm = Normalisation.of(source)
         pool = PatchPool(source, patch, norm, level=level, seed=seed,
-                         labels=source.label(labels) if labels is not None else None,
+                         labels=labels_source(source, labels, labels_from, storage_options),
                          target=open_image(target, storage_options) if target is not None else None)
         pool_axes = _pool_axes(pool.patch, scale, depth)  # coarse (anisotropic z) or thin axes are not pooled
         _check_patch(pool.patch, pool_axes, depth)
@@ -214,9 +216,23 @@ class TrainingData:
                          data=data_fingerprint(self.source, self.level, self.norm),
                          validation_loss=result.best_val_loss)
         card = save_model(model_dir, result.state_dict, card)
+        before = result.history[0]["val_loss"] if result.history else None
+        if before is not None and not result.best_val_loss < before:
+            log.warning("%s: the validation loss never improved on the untrained network's (%.5f); the model learned "
+                        "nothing it can show on held-out patches: train longer (steps), check the data (labels, "
+                        "noise), or lower the learning rate", method, before)
         log.info("trained %s in %.0f s (validation loss %.5f) -> %s [%s]", method, result.seconds,
                  result.best_val_loss, model_dir, card.weights_sha256[:12])
         return card
+
+
+def labels_source(source: ImageSource, labels: str | None, labels_from: str | None,
+                  storage_options: dict | None) -> ImageSource | None:
+    """``labels/<labels>`` of the image, or of ``labels_from`` (another image on the same grid,
+    e.g. the annotated raw volume of a denoised one)."""
+    if labels is None:
+        return None
+    return (open_image(labels_from, storage_options) if labels_from else source).label(labels)
 
 
 # Default patch per task, from the physical pixel size per spatial axis: 2D, isotropic 3D, or
@@ -315,12 +331,15 @@ def pair_loss_floor(targets: np.ndarray, method: str, loss: str, val_loss: float
     return {"target_noise_variance": floor, "loss_floor": floor if loss == "mse" else None}
 
 
-def train_segment(image_url: str, model_dir: str, *, labels: str = "nuclei", patch: Sequence[int] | None = None,
+def train_segment(image_url: str, model_dir: str, *, labels: str = "nuclei", labels_from: str | None = None,
+                  patch: Sequence[int] | None = None,
                   steps: int = 2000, batch: int = 8, level: int = 0, depth: int = 3, width: int = 32, seed: int = 0,
                   uncertainty: str | None = None, samples: int | None = None, members: int | None = None,
                   overwrite: bool = False, progress: bool = True, device: str | None = None,
-                  storage_options: dict | None = None) -> ModelCard:
-    """Train the 3-class segmentation U-Net on an image and its ``labels/<labels>``.
+                  storage_options: dict | None = None, shared_output: bool = False) -> ModelCard:
+    """Train the 3-class segmentation U-Net on an image and its ``labels/<labels>`` (or those of
+    ``labels_from``, an image on the same grid: a workflow trains on its denoised image with the
+    raw input's annotations; ``shared_output``: the model folder lies in the image's store).
 
     Patches (image + classes) come from random blocks, 10 % of them held out for validation and
     early stopping. ``uncertainty``: ``adf`` (one network, moment propagation, Dirichlet loss),
@@ -333,24 +352,24 @@ def train_segment(image_url: str, model_dir: str, *, labels: str = "nuclei", pat
 
     data = TrainingData.prepare(image_url, model_dir, task="segmentation", patch=patch, level=level, depth=depth,
                                 seed=seed, overwrite=overwrite, storage_options=storage_options, labels=labels,
-                                val_patches=SegmentTrainConfig.val_patches)
+                                labels_from=labels_from, val_patches=SegmentTrainConfig.val_patches,
+                                shared_output=shared_output)
     cfg = SegmentTrainConfig(patch=data.pool.patch, batch=batch, steps=steps, seed=seed, depth=depth, width=width,
                              pool=data.pool_axes, uncertainty=u)
     result = train_segmenter(data.pool.sample, data.validation, cfg, channels=data.source.n_channels,
                              device=device, progress=progress)
     return data.save(model_dir, result, task="segment", method="unet3class",
                      training={**cfg.to_dict(), "labels": labels,
-                               "object_scale": training_object_scale(data.source, labels, level)}, uncertainty=u)
+                               "object_scale": training_object_scale(data.source, data.pool.labels, level)}, uncertainty=u)
 
 
-def training_object_scale(source: ImageSource, labels: str, level: int, max_voxels: int = 2**22) -> dict:
+def training_object_scale(source: ImageSource, lab: ImageSource, level: int, max_voxels: int = 2**22) -> dict:
     """The objects a segmenter trained on: diameters measured on the training labels (the
     finest labels level within ``max_voxels``) and estimated from the training image the way
     inference estimates a new image, so the two can be compared like with like."""
     from kernels.objectscale import scale_of_labels
     from pipeline.engine.stats import estimate_object_scale
 
-    lab = source.label(labels)
     k = next((i for i in range(level, len(lab.levels)) if np.prod(lab.levels[i].shape) <= max_voxels),
              len(lab.levels) - 1)
     measured = scale_of_labels(lab.read(tuple(slice(None) for _ in lab.dims), k), lab.spatial_scale(k))

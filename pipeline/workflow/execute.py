@@ -1,0 +1,187 @@
+"""How each kind of workflow step runs: a thin call of the step function it names, with the
+workflow's shared output, the step's own workspace (its resume manifest) and its references
+resolved to URLs. Each returns a small JSON summary, kept in the workflow's record."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, is_dataclass
+from typing import Any, Callable
+
+from pipeline.core.errors import OptionError
+from pipeline.io import store
+from pipeline.io.store import Folder
+from pipeline.workflow.context import Context
+from pipeline.workflow.spec import (
+    Denoise,
+    Embed,
+    Evaluate,
+    Report,
+    RunKernel,
+    Segment,
+    TrainDenoiser,
+    TrainSegmenter,
+)
+
+log = logging.getLogger(__name__)
+
+# Training settings left unset (null): on a GPU the trainers' own defaults; on a CPU a smaller
+# budget, so a laptop run takes minutes, not hours (logged, with how to ask for more). Measured on
+# 2 busy cores (the demo sample, 3D): N2V2 16x64x64 x 4 patches ~0.8 s a step, 8x48x48 ~0.3 s;
+# the ADF segmenter at width 32 ~13 s a step, at width 16 with 8x48x48 patches ~0.6 s.
+GPU_TRAINING = {"train-denoiser": {"steps": 4000, "batch": 16, "width": 16, "patch": None},
+                "train-segmenter": {"steps": 2000, "batch": 8, "width": 32, "patch": None}}
+CPU_TRAINING = {"train-denoiser": {"steps": 300, "batch": 4, "width": 16, "patch": [8, 48, 48]},
+                "train-segmenter": {"steps": 300, "batch": 4, "width": 16, "patch": [8, 48, 48]}}
+
+
+def _summary(value: Any) -> dict[str, Any]:
+    """A step function's summary as JSON-ready fields."""
+    plain = (str, int, float, bool, dict, list, type(None))
+    if is_dataclass(value):
+        return {k: v for k, v in asdict(value).items() if isinstance(v, plain)}
+    return dict(value)
+
+
+def training_size(step: TrainDenoiser | TrainSegmenter, ndim: int) -> dict[str, Any]:
+    """steps, batch, width and patch: the step's own, else sized to the machine (the CPU patch
+    applies to 3D images; 2D keeps the trainers' own)."""
+    import torch
+
+    gpu = torch.cuda.is_available()
+    sized = dict((GPU_TRAINING if gpu else CPU_TRAINING)[step.step])
+    if ndim != 3:
+        sized["patch"] = None
+    chosen = {key: getattr(step, key) if getattr(step, key) is not None else default
+              for key, default in sized.items()}
+    unset = [key for key in sized if getattr(step, key) is None and key != "patch"]
+    if unset and not gpu:
+        log.warning("%s '%s': no GPU, so %s (a GPU gets %s); set them in the workflow for a better model",
+                    step.step, step.name, ", ".join(f"{k} {chosen[k]}" for k in unset),
+                    ", ".join(f"{k} {GPU_TRAINING[step.step][k]}" for k in unset))
+    return chosen
+
+
+def _ndim(ctx: Context, url: str) -> int:
+    from pipeline.io.read import open_image
+
+    return len(open_image(url, ctx.options.storage_options).spatial_dims)
+
+
+def train_denoiser(step: TrainDenoiser, ctx: Context) -> dict:
+    from pipeline.steps.train import train_denoise
+
+    size = training_size(step, _ndim(ctx, ctx.input_url))
+    card = train_denoise(ctx.input_url, ctx.model_dir(step.name), method=step.method, target=step.target,
+                         loss=step.loss, patch=size["patch"], steps=size["steps"], batch=size["batch"],
+                         level=ctx.options.level, depth=step.depth, width=size["width"], seed=step.seed,
+                         uncertainty=step.uncertainty, samples=step.samples, members=step.members,
+                         overwrite=True,  # an unfinished training step starts again
+                         progress=ctx.options.progress, storage_options=ctx.options.storage_options)
+    return {"model": ctx.model_dir(step.name), "weights_sha256": card.weights_sha256,
+            "validation_loss": card.validation_loss}
+
+
+def train_segmenter(step: TrainSegmenter, ctx: Context) -> dict:
+    from pipeline.steps.train import train_segment
+
+    image = ctx.image_url(step, step.image)
+    size = training_size(step, _ndim(ctx, image))
+    card = train_segment(image, ctx.model_dir(step.name), labels=step.labels, shared_output=True,
+                         labels_from=ctx.input_url if image == ctx.output_url else None, patch=size["patch"],
+                         steps=size["steps"], batch=size["batch"], level=ctx.options.level,
+                         depth=step.depth, width=size["width"], seed=step.seed, uncertainty=step.uncertainty,
+                         samples=step.samples, members=step.members, overwrite=True,
+                         progress=ctx.options.progress, storage_options=ctx.options.storage_options)
+    return {"model": ctx.model_dir(step.name), "weights_sha256": card.weights_sha256,
+            "validation_loss": card.validation_loss}
+
+
+def denoise(step: Denoise, ctx: Context) -> dict:
+    from pipeline.steps.denoise import denoise as run
+
+    summary, report = run(ctx.input_url, ctx.output_url, ctx.model_dir(step.model), ctx.client,
+                          ctx.options_for(step), out_dtype=step.dtype, precision=step.precision, tta=step.tta)
+    return {**_summary(summary), "residual_std_median": report.residual_std_median, "flagged": len(report.flagged)}
+
+
+def segment(step: Segment, ctx: Context) -> dict:
+    from pipeline.steps.segment import classical_spec, model_spec, model_zoom, segment_labels
+
+    image = ctx.image_url(step, step.image)
+    options = ctx.options_for(step)
+    if step.model:
+        model = ctx.model_dir(step.model)
+        zoom = 1.0
+        if step.rescale:
+            zoom, note = model_zoom(image, model, level=options.level, diameter=step.diameter)
+            if note:
+                log.info("%s", note)
+        spec = model_spec(model, min_size=step.min_size, zoom=zoom, samples=step.samples)
+    else:
+        if step.samples is not None:
+            raise OptionError(f"segment '{step.name}': samples applies to a model trained with mc-dropout; "
+                              "this step has no model")
+        spec = classical_spec(image, level=options.level, diameter=step.diameter, min_size=step.min_size,
+                              threshold=step.threshold, polarity=step.polarity, stain=step.stain)
+    if image == ctx.output_url:
+        mode = "in-place"  # the denoised root image
+    else:  # the input: copied to the root, unless a denoised image is the root (then linked)
+        mode = "link" if ctx.root_written else "copy"
+    summary = segment_labels(image, ctx.output_url, spec, ctx.client, options, name=step.name, iou=step.iou,
+                             image=mode)
+    return _summary(summary)
+
+
+def embed(step: Embed, ctx: Context) -> dict:
+    from pipeline.io.tables import count_rows
+    from pipeline.steps.embed import embed_objects
+
+    if count_rows(ctx.output_url, step.labels, ctx.options.storage_options) == 0:
+        log.warning("embed '%s': labels '%s' hold no objects, so there is nothing to embed", step.name, step.labels)
+        return {"objects": 0}
+    summary = embed_objects(ctx.output_url, ctx.output_url, ctx.client, ctx.options_for(step), labels=step.labels,
+                            model=ctx.model_dir(step.model) if step.model else None, seeds=step.seeds,
+                            crop=step.crop)
+    return _summary(summary)
+
+
+def truth_url(step: Evaluate, ctx: Context) -> str:
+    """``truth``: a labels name inside the input, or a labels image's URL."""
+    if "/" in step.truth or ":" in step.truth:
+        return step.truth
+    return store.join(ctx.input_url, "labels", step.truth)
+
+
+def evaluate(step: Evaluate, ctx: Context) -> dict:
+    from pipeline.steps.evaluate import evaluate as score
+
+    scores = score(ctx.output_url, truth_url(step, ctx), labels=step.labels,
+                   storage_options=ctx.options.storage_options)
+    scores = {k: v for k, v in scores.items() if isinstance(v, (int, float, str, list, dict, type(None)))}
+    folder = Folder(store.join(ctx.output_url, "reports", step.name), ctx.options.storage_options or {})
+    folder.makedirs()
+    folder.write_json("evaluation.json", scores)
+    return scores
+
+
+def run_kernel(step: RunKernel, ctx: Context) -> dict:
+    from kernels import KernelSpec
+    from pipeline.steps.apply import run_kernel as run
+
+    image = ctx.image_url(step, step.image)
+    summary = run(image, store.join(ctx.output_url, step.name), KernelSpec.of(step.kernel, **step.params), ctx.client,
+                  ctx.options_for(step), name=step.name, out_dtype=step.dtype)
+    return _summary(summary)
+
+
+def report(step: Report, ctx: Context) -> dict:
+    from pipeline.workflow.report import write_report
+
+    return {"report": write_report(ctx, name=step.name)}
+
+
+RUNNERS: dict[type, Callable[[Any, Context], dict]] = {
+    TrainDenoiser: train_denoiser, TrainSegmenter: train_segmenter, Denoise: denoise, Segment: segment,
+    Embed: embed, Evaluate: evaluate, RunKernel: run_kernel, Report: report,
+}
