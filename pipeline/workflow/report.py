@@ -29,14 +29,15 @@ def _view_level(source: ImageSource) -> int:
     return fine_enough[-1] if fine_enough else 0
 
 
-def plane(source: ImageSource, level: int | None = None) -> np.ndarray:
-    """The middle yx plane (channels last, at most 3) of a bounded level."""
+def plane(source: ImageSource, level: int | None = None, at: dict[str, int] | None = None) -> np.ndarray:
+    """One yx plane (channels last, at most 3) of a bounded level: at index ``at[axis]`` of each
+    other axis, by default the middle."""
     level = _view_level(source) if level is None else level
     shape = source.level(level).shape
     region = []
     for d, n in zip(source.dims, shape):
-        middle = slice(n // 2, n // 2 + 1)
-        region.append(slice(0, min(n, 3)) if d == "c" else slice(None) if d in ("y", "x") else middle)
+        k = min((at or {}).get(d, n // 2), n - 1)
+        region.append(slice(0, min(n, 3)) if d == "c" else slice(None) if d in ("y", "x") else slice(k, k + 1))
     data = source.read(tuple(region), level)
     keep = [i for i, d in enumerate(source.dims) if d in ("c", "y", "x")]
     data = data.reshape([data.shape[i] for i in keep])
@@ -44,6 +45,17 @@ def plane(source: ImageSource, level: int | None = None) -> np.ndarray:
         data = np.moveaxis(data, 0, -1)
         data = data[..., 0] if data.shape[-1] < 3 else data
     return data
+
+
+def best_plane(labels: ImageSource, level: int, candidates: int = 9) -> dict[str, int]:
+    """The z index (of ``candidates`` evenly spaced planes) with the most labelled pixels, so the
+    figures show objects; other non-yx axes stay at their middle."""
+    if "z" not in labels.dims:
+        return {}
+    n = labels.level(level).shape[labels.dims.index("z")]
+    picks = sorted({int(round(v)) for v in np.linspace(0, n - 1, min(candidates, n))})
+    counts = [np.count_nonzero(plane(labels, level, {"z": z})) for z in picks]
+    return {"z": picks[int(np.argmax(counts))]}
 
 
 def _contrast(image: np.ndarray) -> np.ndarray:
@@ -68,9 +80,13 @@ def _overlay(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
     grey = _contrast(image if image.ndim == 2 else image.mean(-1))
     rgb = np.repeat(grey[..., None], 3, -1)
     rng = np.random.default_rng(0)
-    colours = rng.uniform(0.3, 1.0, (int(labels.max()) + 1, 3))
+    ids, dense = np.unique(labels, return_inverse=True)  # ids may be sparse (up to 2^64)
+    dense = dense.reshape(labels.shape)
+    colours = rng.uniform(0.2, 1.0, (len(ids), 3))
+    inside = labels > 0
+    rgb[inside] = 0.55 * rgb[inside] + 0.45 * colours[dense[inside]]
     edge = find_boundaries(labels, mode="inner")
-    rgb[edge] = colours[labels[edge]]
+    rgb[edge] = colours[dense[edge]]
     return rgb
 
 
@@ -78,26 +94,23 @@ def _images(ctx: Context) -> list[str]:
     so = ctx.options.storage_options
     source = open_image(ctx.input_url, so)
     level = _view_level(source)
-    raw = plane(source, level)
+    segments = [s for s in ctx.workflow.steps if isinstance(s, Segment)]
+    out = open_image(ctx.output_url, so) if ctx.workflow.denoise_step() is not None or segments else None
+    at = best_plane(out.label(segments[0].name), level) if segments else {}
+    raw = plane(source, level, at)
     panels: list[tuple[str, np.ndarray, str | None]] = [("input", _contrast(raw), "gray")]
-    root = None
     if ctx.workflow.denoise_step() is not None:
-        root = open_image(ctx.output_url, so)
-        panels.append(("denoised", _contrast(plane(root, level)), "gray"))
+        panels.append(("denoised", _contrast(plane(out, level, at)), "gray"))
     figures = [_figure(panels)]
-    for step in ctx.workflow.steps:
-        if not isinstance(step, Segment):
-            continue
-        out = root or open_image(ctx.output_url, so)
-        labels = plane(out.label(step.name), level)
-        image = plane(out, level) if store.exists(store.join(ctx.output_url, "zarr.json"), so) or \
-            store.exists(store.join(ctx.output_url, ".zattrs"), so) else raw
+    maps_url = store.join(ctx.output_url, "uncertainty")
+    for step in segments:
+        labels = plane(out.label(step.name), level, at)
+        image = plane(out, level, at) if out.levels else raw
         panels = [(f"labels '{step.name}'", _overlay(image, labels), None)]
-        maps_url = store.join(ctx.output_url, "uncertainty")
-        if store.exists(maps_url, so):
+        if store.exists(maps_url, so) and step.model:
             names = dict(store.open_group_readonly(maps_url, so).attrs).get("tilewise", {}).get("maps", [])
             for name in names[:2]:
-                panels.append((f"uncertainty: {name}", plane(open_image(store.join(maps_url, name), so), level),
+                panels.append((f"uncertainty: {name}", plane(open_image(store.join(maps_url, name), so), level, at),
                                "magma"))
         figures.append(_figure(panels))
     return figures
