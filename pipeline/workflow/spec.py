@@ -45,22 +45,28 @@ class Step(BaseModel):
         return {}
 
 
-class TrainDenoiser(Step):
+class Training(Step):
+    """What both training steps share; unset (null) sizes come from the machine (fewer steps,
+    smaller patches and networks on a CPU: ``pipeline.workflow.execute.training_size``)."""
+
+    steps: int | None = Field(None, ge=1)
+    patch: list[int] | None = None
+    batch: int | None = Field(None, ge=1)
+    width: int | None = Field(None, ge=4)
+    seed: int = 0
+    samples: int | None = Field(None, ge=2)  # mc-dropout passes at inference
+    members: int | None = Field(None, ge=2)  # ensemble networks
+
+
+class TrainDenoiser(Training):
     """Train a denoiser on the input (self-supervised; ``care`` / ``n2n`` take ``target``)."""
 
     step: Literal["train-denoiser"] = "train-denoiser"
     method: Literal["n2v2", "n2s", "care", "n2n"] = "n2v2"
     target: str | None = None
     loss: Literal["mse", "mae"] = "mse"
-    steps: int | None = Field(None, ge=1, description="None: sized to the machine (fewer on a CPU)")
-    patch: list[int] | None = None
-    batch: int | None = Field(None, ge=1, description="None: 16 on a GPU, fewer on a CPU")
     depth: int = Field(2, ge=1, le=5)
-    width: int | None = Field(None, ge=4, description="None: 16")
-    seed: int = 0
     uncertainty: Literal["mc-dropout", "ensemble"] | None = None
-    samples: int | None = Field(None, ge=2)
-    members: int | None = Field(None, ge=2)
 
     def default_name(self) -> str:
         return "denoiser"
@@ -75,7 +81,7 @@ class TrainDenoiser(Step):
         return self
 
 
-class TrainSegmenter(Step):
+class TrainSegmenter(Training):
     """Train the 3-class U-Net on ``labels`` (annotations inside the input) and the image the
     workflow segments: the denoised one when it denoised first (``image`` chooses), so the
     network sees at training what it sees at inference."""
@@ -83,15 +89,8 @@ class TrainSegmenter(Step):
     step: Literal["train-segmenter"] = "train-segmenter"
     image: str | None = None  # as for segment: default the denoised image (with the input's labels), if any
     labels: str = "nuclei"
-    steps: int | None = Field(None, ge=1, description="None: sized to the machine (fewer on a CPU)")
-    patch: list[int] | None = None
-    batch: int | None = Field(None, ge=1, description="None: 8 on a GPU, fewer on a CPU")
     depth: int = Field(3, ge=1, le=5)
-    width: int | None = Field(None, ge=4, description="None: 32 on a GPU, 16 on a CPU")
-    seed: int = 0
     uncertainty: Literal["adf", "mc-dropout", "ensemble"] | None = None
-    samples: int | None = Field(None, ge=2)
-    members: int | None = Field(None, ge=2)
 
     def default_name(self) -> str:
         return "segmenter"
