@@ -121,13 +121,14 @@ def split_pairs(batch: np.ndarray, channels: int) -> tuple[np.ndarray, np.ndarra
 
 
 def train_denoiser(sample: PatchSampler, validation: np.ndarray, cfg: TrainConfig, *, channels: int = 1,
-                   device: str | None = None, progress: bool = True) -> TrainResult:
+                   device: str | None = None, progress: bool = True, checkpoint: str | None = None) -> TrainResult:
     """Train a denoiser on patches from ``sample``; returns the best weights by the loss on
     ``validation`` patches (held-out data; blind-spot methods: masked once with a fixed seed).
     CARE and Noise2Noise patches hold ``2 * channels`` channels: the inputs, then the targets.
 
     ``cfg.uncertainty``: ``mc-dropout`` trains one network with channel dropout in every block,
-    ``ensemble`` trains ``members`` networks with seeds ``seed + k``.
+    ``ensemble`` trains ``members`` networks with seeds ``seed + k``. ``checkpoint``: a file
+    training resumes from (``kernels.training.fit``; member ``k`` of an ensemble: ``<file>.<k>``).
     """
     from kernels.uncertainty import UncertaintyConfig
 
@@ -137,14 +138,16 @@ def train_denoiser(sample: PatchSampler, validation: np.ndarray, cfg: TrainConfi
     if u is not None and u.method == "ensemble":
         return train_ensemble(lambda k: _train_one(sample, validation, replace(cfg, seed=cfg.seed + k), 0.0,
                                                    channels=channels, device=device, progress=progress,
-                                                   desc=f"train {cfg.method} (member {k + 1}/{u.members})"),
+                                                   desc=f"train {cfg.method} (member {k + 1}/{u.members})",
+                                                   checkpoint=f"{checkpoint}.{k}" if checkpoint else None),
                               u.members)
     dropout = u.dropout if u is not None else 0.0
-    return _train_one(sample, validation, cfg, dropout, channels=channels, device=device, progress=progress)
+    return _train_one(sample, validation, cfg, dropout, channels=channels, device=device, progress=progress,
+                      checkpoint=checkpoint)
 
 
 def _train_one(sample: PatchSampler, validation: np.ndarray, cfg: TrainConfig, dropout: float, *, channels: int,
-               device: str | None, progress: bool, desc: str = "") -> TrainResult:
+               device: str | None, progress: bool, desc: str = "", checkpoint: str | None = None) -> TrainResult:
     import torch
 
     from kernels.resident import default_device
@@ -181,7 +184,7 @@ def _train_one(sample: PatchSampler, validation: np.ndarray, cfg: TrainConfig, d
 
     result = fit(net, train_loss, val_loss, steps=cfg.steps, lr=cfg.lr,
                  val_every=cfg.val_every, patience=cfg.patience, desc=desc or f"train {cfg.method}", progress=progress,
-                 schedule=cfg.schedule)
+                 schedule=cfg.schedule, checkpoint=checkpoint)
     return TrainResult(result.state_dict, net_cfg, result.best_val_loss, result.history, result.seconds, device)
 
 

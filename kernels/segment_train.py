@@ -125,27 +125,31 @@ def augment_intensity(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def train_segmenter(sample: PairSampler, validation: np.ndarray, cfg: SegmentTrainConfig, *, channels: int = 1,
-                    device: str | None = None, progress: bool = True) -> TrainResult:
+                    device: str | None = None, progress: bool = True, checkpoint: str | None = None) -> TrainResult:
     """Train on ``(n, C + 1, *patch)`` pairs (image channels, then the class map); returns the
     best weights by validation loss.
 
     ``cfg.uncertainty`` picks the model: none (one U-Net), ``adf`` (one U-Net trained through
     its moment propagation with the Dirichlet loss), ``mc-dropout`` (one U-Net with channel
     dropout in every block) or ``ensemble`` (``members`` U-Nets, seeds ``seed + k``, one after
-    the other; their weights as one ``state_dict`` with keys ``<k>.<name>``).
+    the other; their weights as one ``state_dict`` with keys ``<k>.<name>``). ``checkpoint``:
+    a file training resumes from (member ``k`` of an ensemble: ``<file>.<k>``).
     """
     from kernels.uncertainty import UncertaintyConfig
 
     u = UncertaintyConfig.model_validate(cfg.uncertainty) if cfg.uncertainty else None
     if u is None or u.method != "ensemble":
-        return _train_one(sample, validation, cfg, u, channels=channels, device=device, progress=progress)
+        return _train_one(sample, validation, cfg, u, channels=channels, device=device, progress=progress,
+                          checkpoint=checkpoint)
     return train_ensemble(lambda k: _train_one(sample, validation, replace(cfg, seed=cfg.seed + k), u, channels=channels,
                                                device=device, progress=progress,
-                                               desc=f"train segment (member {k + 1}/{u.members})"), u.members)
+                                               desc=f"train segment (member {k + 1}/{u.members})",
+                                               checkpoint=f"{checkpoint}.{k}" if checkpoint else None), u.members)
 
 
 def _train_one(sample: PairSampler, validation: np.ndarray, cfg: SegmentTrainConfig, u, *, channels: int,
-               device: str | None, progress: bool, desc: str = "train segment") -> TrainResult:
+               device: str | None, progress: bool, desc: str = "train segment",
+               checkpoint: str | None = None) -> TrainResult:
     import torch
 
     from kernels.adf import ADFUNet
@@ -179,5 +183,5 @@ def _train_one(sample: PairSampler, validation: np.ndarray, cfg: SegmentTrainCon
         return loss(to_x(x), to_y(pairs[:, channels:]), step)
 
     result = fit(net, train_loss, lambda: loss(val_x, val_y), steps=cfg.steps, lr=cfg.lr, val_every=cfg.val_every,
-                 patience=cfg.patience, desc=desc, progress=progress)
+                 patience=cfg.patience, desc=desc, progress=progress, checkpoint=checkpoint)
     return TrainResult(result.state_dict, net_cfg, result.best_val_loss, result.history, result.seconds, device)

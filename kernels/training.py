@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -39,12 +40,16 @@ class TrainResult:
 
 def fit(net: Any, train_loss: Callable[[int], Any], val_loss: Callable[[], float], *, steps: int, lr: float,
         val_every: int, patience: int, desc: str = "train", progress: bool = True,
-        schedule: str = "plateau") -> FitResult:
+        schedule: str = "plateau", checkpoint: str | None = None) -> FitResult:
     """Optimise ``net`` for at most ``steps`` steps; ``train_loss(step)`` returns a scalar tensor.
 
     ``schedule``: ``plateau`` halves the learning rate when the validation loss stalls;
     ``cosine`` anneals it to 1 % over ``steps`` (the denoisers': see ``kernels.denoise``).
     ``history[0]`` is the validation loss before training, so a card shows what training gained.
+    ``checkpoint``: a file written at every validation (weights, optimiser, schedule, best so
+    far, history) and once more when training ends; a call finding it continues from there (a
+    finished one returns at once), so an interrupted training loses at most ``val_every``
+    steps. The patches drawn after a resume differ from an uninterrupted run's.
     """
     import torch
     from tqdm.auto import tqdm
@@ -60,12 +65,27 @@ def fit(net: Any, train_loss: Callable[[int], Any], val_loss: Callable[[], float
     cosine = schedule == "cosine"
     sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, eta_min=0.01 * lr) if cosine else
              torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=max(1, patience // 2)))
-    best, best_state, stale = float("inf"), None, 0
-    history = [{"step": 0, "train_loss": None, "val_loss": validate(), "lr": lr, "seconds": 0.0}]
-    started = time.perf_counter()
-    bar = tqdm(total=steps, desc=desc, disable=not progress, dynamic_ncols=True, leave=False)
-    running = None
-    for step in range(1, steps + 1):
+    state = _resume(checkpoint, net, opt, sched)
+    if state is None:
+        state = {"step": 0, "best": float("inf"), "best_state": None, "stale": 0, "running": None, "seconds": 0.0,
+                 "finished": False,
+                 "history": [{"step": 0, "train_loss": None, "val_loss": validate(), "lr": lr, "seconds": 0.0}]}
+    best, best_state, stale, history, running = (state["best"], state["best_state"], state["stale"],
+                                                  state["history"], state["running"])
+    started = time.perf_counter() - state["seconds"]
+    if state["finished"]:
+        return FitResult(best_state or net.state_dict(), best, history, state["seconds"])
+
+    def save(step: int, finished: bool = False) -> None:
+        if checkpoint:
+            _save_checkpoint(checkpoint, {"net": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                                          "step": step, "best": best, "best_state": best_state, "stale": stale,
+                                          "running": running, "history": history, "finished": finished,
+                                          "seconds": time.perf_counter() - started})
+
+    bar = tqdm(total=steps, initial=state["step"], desc=desc, disable=not progress, dynamic_ncols=True, leave=False)
+    step = state["step"]
+    for step in range(state["step"] + 1, steps + 1):
         net.train()
         loss = train_loss(step)
         opt.zero_grad(set_to_none=True)
@@ -91,8 +111,34 @@ def fit(net: Any, train_loss: Callable[[int], Any], val_loss: Callable[[], float
                 if stale >= patience:
                     log.info("early stop at step %d (no validation gain for %d checks)", step, stale)
                     break
+            save(step)
     bar.close()
+    save(step, finished=True)
     return FitResult(best_state or net.state_dict(), best, history, time.perf_counter() - started)
+
+
+def _resume(checkpoint: str | None, net: Any, opt: Any, sched: Any) -> dict | None:
+    """The saved state of an interrupted (or finished) fit, loaded into ``net``, ``opt`` and
+    ``sched``; None without a checkpoint."""
+    import torch
+
+    if not checkpoint or not os.path.exists(checkpoint):
+        return None
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    net.load_state_dict(state.pop("net"))
+    opt.load_state_dict(state.pop("opt"))
+    sched.load_state_dict(state.pop("sched"))
+    if not state["finished"]:
+        log.warning("resuming training at step %d from %s", state["step"], checkpoint)
+    return state
+
+
+def _save_checkpoint(path: str, state: dict) -> None:
+    """Written beside, then renamed: an interruption while writing leaves the previous one."""
+    import torch
+
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
 
 
 def train_ensemble(train_member: Callable[[int], TrainResult], members: int) -> TrainResult:

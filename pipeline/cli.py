@@ -157,7 +157,7 @@ def cmd_train_denoise(args) -> None:
                          batch=args.batch, level=args.level, depth=args.depth, width=args.width,
                          mask_fraction=args.mask_fraction, seed=args.seed, uncertainty=args.uncertainty,
                          samples=args.samples, members=args.members, overwrite=args.overwrite,
-                         progress=not args.quiet)
+                         progress=not args.quiet, resume=args.resume)
     print(f"wrote {args.model}: {card.method}{_uncertainty_note(card)}, validation loss {card.validation_loss:.5f}, "
           f"{card.training['seconds']:.0f} s, weights {card.weights_sha256[:12]}")
 
@@ -182,7 +182,7 @@ def cmd_train_segment(args) -> None:
     card = train_segment(args.image, args.model, labels=args.labels, patch=args.patch, steps=args.steps, batch=args.batch,
                          level=args.level, depth=args.depth, width=args.width, seed=args.seed,
                          uncertainty=args.uncertainty, samples=args.samples, members=args.members,
-                         overwrite=args.overwrite, progress=not args.quiet)
+                         overwrite=args.overwrite, progress=not args.quiet, resume=args.resume)
     print(f"wrote {args.model}: 3-class U-Net{_uncertainty_note(card)}, validation loss {card.validation_loss:.4f}, "
           f"{card.training['seconds']:.0f} s, weights {card.weights_sha256[:12]}")
 
@@ -343,6 +343,9 @@ def _add_training_options(p: argparse.ArgumentParser, default_patch: str, *, bat
     p.add_argument("--width", type=int, default=width, help=f"U-Net channels at the top level (default {width})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing model folder")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted training from the checkpoint in the model folder (saved at every "
+                        "validation); same options as the interrupted run")
     g = p.add_argument_group("uncertainty")
     g.add_argument("--uncertainty", choices=("adf", "mc-dropout", "ensemble"),
                    help="also estimate per-pixel uncertainty: adf (one pass, moment propagation; segment only), "

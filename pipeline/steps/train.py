@@ -162,8 +162,27 @@ def data_fingerprint(source: ImageSource, level: int, norm: Normalisation) -> di
     return desc
 
 
-def prepare_model_folder(model_dir: str, overwrite: bool) -> None:
+CHECKPOINT = "checkpoint.pt"  # beside the card while training; removed once the model is saved
+
+
+def checkpoint_of(model_dir: str, resume: bool) -> str | None:
+    """The training checkpoint a run resumes from (``resume``), else None (a fresh start)."""
+    if not resume:
+        return None
+    Path(model_dir).mkdir(parents=True, exist_ok=True)
+    return str(Path(model_dir) / CHECKPOINT)
+
+
+def remove_checkpoints(model_dir: str) -> None:
+    for path in Path(model_dir).glob(CHECKPOINT + "*"):
+        path.unlink()
+
+
+def prepare_model_folder(model_dir: str, overwrite: bool, resume: bool = False) -> None:
     path = Path(model_dir)
+    if resume and path.exists() and {p.name for p in path.iterdir()} <= {CHECKPOINT} | {
+            p.name for p in path.glob(CHECKPOINT + ".*")}:
+        return  # an interrupted training's folder: only its checkpoints
     if path.exists() and any(path.iterdir()) and not overwrite:
         raise OutputExistsError(f"Model folder '{model_dir}' exists; pass --overwrite to replace it, or choose another path.")
     if path.exists() and not path.is_dir():
@@ -186,10 +205,10 @@ class TrainingData:
     def prepare(cls, image_url: str, model_dir: str, *, task: str, patch: Sequence[int] | None, level: int,
                 depth: int, seed: int, overwrite: bool, storage_options: dict | None, labels: str | None = None,
                 labels_from: str | None = None, target: str | None = None, val_patches: int,
-                shared_output: bool = False) -> "TrainingData":
+                shared_output: bool = False, resume: bool = False) -> "TrainingData":
         if not shared_output:  # a workflow's model folder lies inside its output, which holds the image
             check_output_location(model_dir, image_url, storage_options)
-        prepare_model_folder(model_dir, overwrite)
+        prepare_model_folder(model_dir, overwrite, resume)
         source = open_image(image_url, storage_options)
         _, _, spatial = image_layout(source)
         if len(spatial) not in (2, 3):
@@ -216,6 +235,7 @@ class TrainingData:
                          data=data_fingerprint(self.source, self.level, self.norm),
                          validation_loss=result.best_val_loss)
         card = save_model(model_dir, result.state_dict, card)
+        remove_checkpoints(model_dir)
         before = result.history[0]["val_loss"] if result.history else None
         if before is not None and not result.best_val_loss < before:
             log.warning("%s: the validation loss never improved on the untrained network's (%.5f); the model learned "
@@ -272,8 +292,9 @@ def train_denoise(image_url: str, model_dir: str, *, method: str = "n2v2", targe
                   steps: int = 4000, batch: int = 16, level: int = 0, depth: int = 2, width: int = 16, seed: int = 0,
                   uncertainty: str | None = None, samples: int | None = None, members: int | None = None,
                   overwrite: bool = False, progress: bool = True, device: str | None = None,
-                  storage_options: dict | None = None) -> ModelCard:
-    """Train a denoiser and write a model folder.
+                  storage_options: dict | None = None, resume: bool = False) -> ModelCard:
+    """Train a denoiser and write a model folder (``resume``: continue an interrupted training
+    from the checkpoint it left in the folder, saved at every validation).
 
     ``method``: ``n2v2`` or ``n2s`` (self-supervised: the noisy image alone), ``care`` (``target``
     is a clean or high-exposure image of the same field) or ``n2n`` (``target`` is a second,
@@ -302,13 +323,13 @@ def train_denoise(image_url: str, model_dir: str, *, method: str = "n2v2", targe
                           "(the N2V papers use 0.002; tilewise defaults to 0.1).")
     data = TrainingData.prepare(image_url, model_dir, task="denoising", patch=patch, level=level, depth=depth,
                                 seed=seed, overwrite=overwrite, storage_options=storage_options, target=target,
-                                val_patches=TrainConfig.val_patches)
+                                val_patches=TrainConfig.val_patches, resume=resume)
     extra = {} if mask_fraction is None else {"mask_fraction": float(mask_fraction)}
     cfg = TrainConfig(method=method, patch=data.pool.patch, batch=batch, steps=steps, seed=seed, depth=depth,
                       width=width, pool=data.pool_axes, uncertainty=u, loss=loss, **extra)
     channels = data.source.n_channels
     result = train_denoiser(data.pool.sample, data.validation, cfg, channels=channels, device=device,
-                            progress=progress)
+                            progress=progress, checkpoint=checkpoint_of(model_dir, resume))
     training = cfg.to_dict()
     if method in SUPERVISED:
         training.update(target=target, **pair_loss_floor(data.validation[:, channels:], method, loss,
@@ -336,10 +357,12 @@ def train_segment(image_url: str, model_dir: str, *, labels: str = "nuclei", lab
                   steps: int = 2000, batch: int = 8, level: int = 0, depth: int = 3, width: int = 32, seed: int = 0,
                   uncertainty: str | None = None, samples: int | None = None, members: int | None = None,
                   overwrite: bool = False, progress: bool = True, device: str | None = None,
-                  storage_options: dict | None = None, shared_output: bool = False) -> ModelCard:
+                  storage_options: dict | None = None, shared_output: bool = False, resume: bool = False
+                  ) -> ModelCard:
     """Train the 3-class segmentation U-Net on an image and its ``labels/<labels>`` (or those of
     ``labels_from``, an image on the same grid: a workflow trains on its denoised image with the
-    raw input's annotations; ``shared_output``: the model folder lies in the image's store).
+    raw input's annotations; ``shared_output``: the model folder lies in the image's store;
+    ``resume``: continue from the folder's checkpoint, as :func:`train_denoise`).
 
     Patches (image + classes) come from random blocks, 10 % of them held out for validation and
     early stopping. ``uncertainty``: ``adf`` (one network, moment propagation, Dirichlet loss),
@@ -353,11 +376,11 @@ def train_segment(image_url: str, model_dir: str, *, labels: str = "nuclei", lab
     data = TrainingData.prepare(image_url, model_dir, task="segmentation", patch=patch, level=level, depth=depth,
                                 seed=seed, overwrite=overwrite, storage_options=storage_options, labels=labels,
                                 labels_from=labels_from, val_patches=SegmentTrainConfig.val_patches,
-                                shared_output=shared_output)
+                                shared_output=shared_output, resume=resume)
     cfg = SegmentTrainConfig(patch=data.pool.patch, batch=batch, steps=steps, seed=seed, depth=depth, width=width,
                              pool=data.pool_axes, uncertainty=u)
     result = train_segmenter(data.pool.sample, data.validation, cfg, channels=data.source.n_channels,
-                             device=device, progress=progress)
+                             device=device, progress=progress, checkpoint=checkpoint_of(model_dir, resume))
     return data.save(model_dir, result, task="segment", method="unet3class",
                      training={**cfg.to_dict(), "labels": labels,
                                "object_scale": training_object_scale(data.source, data.pool.labels, level)}, uncertainty=u)

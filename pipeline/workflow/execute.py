@@ -76,7 +76,7 @@ def train_denoiser(step: TrainDenoiser, ctx: Context) -> dict:
                          loss=step.loss, patch=size["patch"], steps=size["steps"], batch=size["batch"],
                          level=ctx.options.level, depth=step.depth, width=size["width"], seed=step.seed,
                          uncertainty=step.uncertainty, samples=step.samples, members=step.members,
-                         overwrite=True,  # an unfinished training step starts again
+                         overwrite=True, resume=True,  # an unfinished training continues from its checkpoint
                          progress=ctx.options.progress, storage_options=ctx.options.storage_options)
     return {"model": ctx.model_dir(step.name), "weights_sha256": card.weights_sha256,
             "validation_loss": card.validation_loss}
@@ -91,7 +91,7 @@ def train_segmenter(step: TrainSegmenter, ctx: Context) -> dict:
                          labels_from=ctx.input_url if image == ctx.output_url else None, patch=size["patch"],
                          steps=size["steps"], batch=size["batch"], level=ctx.options.level,
                          depth=step.depth, width=size["width"], seed=step.seed, uncertainty=step.uncertainty,
-                         samples=step.samples, members=step.members, overwrite=True,
+                         samples=step.samples, members=step.members, overwrite=True, resume=True,
                          progress=ctx.options.progress, storage_options=ctx.options.storage_options)
     return {"model": ctx.model_dir(step.name), "weights_sha256": card.weights_sha256,
             "validation_loss": card.validation_loss}
