@@ -128,7 +128,8 @@ def run_workflow(workflow: Workflow, input_url: str, output_url: str, client: An
     open_image(input_url, storage_options)  # a readable image, before anything is created
     e: EngineSettings = workflow.engine
     options = EngineOptions.of(level=e.level, tile_shape=e.tile, batch=e.batch, ngff=e.ngff,
-                               missing_chunks=e.missing_chunks, progress=progress, storage_options=storage_options)
+                               missing_chunks=e.missing_chunks, foreground=e.foreground, progress=progress,
+                               storage_options=storage_options)
     ctx = Context(workflow, input_url, output_url, client, options)
     check_models(workflow, ctx)
     record = _record(workflow, input_url, options)

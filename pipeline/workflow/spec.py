@@ -211,6 +211,7 @@ class EngineSettings(BaseModel):
     batch: int = Field(1, ge=1)
     ngff: Literal["0.4", "0.5"] | None = None
     missing_chunks: Literal["fill", "error"] = "fill"
+    foreground: str | None = None  # "tissue" (slides: detect once, skip glass) or a mask's URL
 
 
 class Workflow(BaseModel):
