@@ -100,25 +100,13 @@ def test_an_aligned_crop_gives_the_whole_image_map(models, method):
 @pytest.fixture(scope="module")
 def segmented(tmp_path_factory, client):
     """A 2D and a 3D image with objects, labels/nuclei and their table, and a segment model each."""
-    from pipeline.engine.pyramid import finalize_image
-    from pipeline.io import create_image, create_labels, default_axes
-    from pipeline.steps.segment import classical_spec, segment_labels
-    from test_segment import blobs_with_labels
+    from test_segment import segmented_blobs
 
     out = {}
     for ndim, shape, chunks, scale, pool in (((2, (90, 77), (16, 16), (1.0, 1.0), ())),
                                              (3, (12, 40, 36), (6, 16, 16), (2.0, 1.0, 1.0), (1, 2, 2))):
         root = tmp_path_factory.mktemp(f"x{ndim}")
-        image, labels = blobs_with_labels(shape, 8 if ndim == 2 else 4, 5.0, seed=ndim + 20)
-        sink = create_image(str(root / "img.ome.zarr"), shape=shape, dtype=np.uint16,
-                            axes=default_axes("yx" if ndim == 2 else "zyx"), chunks=chunks, scale=scale, n_levels=1)
-        sink.write((slice(None),) * ndim, image)
-        lab = create_labels(sink, "truth", n_labels=int(labels.max()))
-        lab.write((slice(None),) * ndim, labels)
-        finalize_image(lab, client, labels=True, progress=False)
-        seg = str(root / "seg.ome.zarr")
-        segment_labels(str(root / "img.ome.zarr"), seg, classical_spec(str(root / "img.ome.zarr")), client,
-                       progress=False)
+        seg = segmented_blobs(root, client, shape, chunks, scale, 8 if ndim == 2 else 4, 5.0, seed=ndim + 20)
         config = UNetConfig(ndim=ndim, in_channels=1, out_channels=3, depth=2, width=4, norm="none", pool=pool)
         import torch
 

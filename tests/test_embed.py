@@ -33,24 +33,12 @@ def test_scores_on_hand_made_embeddings():
 @pytest.fixture(scope="module")
 def segmented(tmp_path_factory, client):
     """2D and 3D images with objects, their labels and table (the relabel kernel's output)."""
-    from pipeline.engine.pyramid import finalize_image
-    from pipeline.io import create_image, create_labels, default_axes
-    from pipeline.steps.segment import classical_spec, segment_labels
-    from test_segment import blobs_with_labels
+    from test_segment import segmented_blobs
 
     out = {}
     for ndim, shape, chunks, scale in ((2, (70, 83), (16, 16), (1.0, 1.0)), (3, (14, 40, 36), (7, 16, 16), (2.0, 1.0, 1.0))):
         root = tmp_path_factory.mktemp(f"e{ndim}")
-        image, labels = blobs_with_labels(shape, 10 if ndim == 2 else 6, 6.0, seed=ndim + 10)
-        sink = create_image(str(root / "img.ome.zarr"), shape=shape, dtype=np.uint16,
-                            axes=default_axes("yx" if ndim == 2 else "zyx"), chunks=chunks, scale=scale, n_levels=1)
-        sink.write((slice(None),) * ndim, image)
-        lab = create_labels(sink, "truth", n_labels=int(labels.max()))
-        lab.write((slice(None),) * ndim, labels)
-        finalize_image(lab, client, labels=True, progress=False)
-        seg = str(root / "seg.ome.zarr")  # the image copied, with labels/nuclei and tables/nuclei
-        segment_labels(str(root / "img.ome.zarr"), seg, classical_spec(str(root / "img.ome.zarr")), client,
-                       progress=False)
+        seg = segmented_blobs(root, client, shape, chunks, scale, 10 if ndim == 2 else 6, 6.0, seed=ndim + 10)
         out[ndim] = (seg, str(root), shape, chunks)
     return out
 

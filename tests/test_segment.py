@@ -78,6 +78,26 @@ def blobs_with_labels(shape, n, radius, seed):
     return np.clip(image * 3000 + 300, 0, 65535).astype(np.uint16), labels
 
 
+def segmented_blobs(root, client, shape, chunks, scale, n, radius, seed) -> str:
+    """``root/img.ome.zarr`` (blobs, their labels ``truth``) segmented by the classical kernel
+    into ``root/seg.ome.zarr``: the image copied, with labels/nuclei and tables/nuclei."""
+    from pipeline.engine.pyramid import finalize_image
+    from pipeline.steps.segment import classical_spec, segment_labels
+
+    ndim = len(shape)
+    image, labels = blobs_with_labels(shape, n, radius, seed=seed)
+    img = str(root / "img.ome.zarr")
+    sink = create_image(img, shape=shape, dtype=np.uint16, axes=default_axes("yx" if ndim == 2 else "zyx"),
+                        chunks=chunks, scale=scale, n_levels=1)
+    sink.write((slice(None),) * ndim, image)
+    lab = create_labels(sink, "truth", n_labels=int(labels.max()))
+    lab.write((slice(None),) * ndim, labels)
+    finalize_image(lab, client, labels=True, progress=False)
+    seg = str(root / "seg.ome.zarr")
+    segment_labels(img, seg, classical_spec(img), client, progress=False)
+    return seg
+
+
 @pytest.fixture(scope="module")
 def annotated(tmp_path_factory, client):
     from pipeline.engine.pyramid import finalize_image

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 
@@ -77,9 +78,9 @@ class Reliability:
                         "accuracy": float(self.correct[b] / n) if n else None})
         return out
 
-    def plot(self, path: str | Path, *, title: str = "") -> Path:
+    def plot(self, path: str | Path | IO[bytes], *, title: str = "") -> str | Path | IO[bytes]:
         """The reliability diagram (accuracy against confidence per bin, the diagonal is perfect
-        calibration, bar shade = share of pixels) as a PNG."""
+        calibration, bar shade = share of pixels) as a PNG, to a path or an open binary file."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -98,9 +99,10 @@ class Reliability:
                title=(title + "\n" if title else "") + f"ECE {self.ece:.4f} ({self.total:,} pixels)")
         ax.legend(loc="upper left", fontsize=8)
         fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path)
+        if not hasattr(path, "write"):
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, format="png")
         plt.close(fig)
         return path
 

@@ -19,7 +19,7 @@ import numpy as np
 from pipeline.analysis.representation import BASELINES
 
 
-def _png(fig) -> str:
+def png_data_uri(fig) -> str:
     import matplotlib.pyplot as plt
 
     buffer = io.BytesIO()
@@ -28,7 +28,7 @@ def _png(fig) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -42,7 +42,7 @@ def is_baseline(name: str) -> bool:
 
 
 def map_chart(scores: Mapping[str, Mapping[str, float]]) -> str:
-    plt = _pyplot()
+    plt = pyplot()
     names = list(scores)
     values = [scores[n].get("map", np.nan) for n in names]
     fig, ax = plt.subplots(figsize=(max(4, 0.6 * len(names)), 3))
@@ -50,12 +50,12 @@ def map_chart(scores: Mapping[str, Mapping[str, float]]) -> str:
     ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
     ax.set_ylabel("mAP (same group)")
     ax.set_title("retrieval mAP; grey = baselines")
-    return _png(fig)
+    return png_data_uri(fig)
 
 
 def object_map(vectors: np.ndarray, groups: Sequence, title: str) -> str:
     """2D map of the objects: UMAP when installed, else PCA."""
-    plt = _pyplot()
+    plt = pyplot()
     x = np.asarray(vectors, np.float64)
     method = "PCA"
     try:
@@ -76,12 +76,12 @@ def object_map(vectors: np.ndarray, groups: Sequence, title: str) -> str:
     ax.set_xticks([]), ax.set_yticks([])
     if len(np.unique(labels)) <= 12:
         ax.legend(fontsize=6, markerscale=2, loc="best")
-    return _png(fig)
+    return png_data_uri(fig)
 
 
 def gallery(crops: Mapping[str, Sequence[np.ndarray]]) -> str:
     """A row of example crops (2D, normalised) per group."""
-    plt = _pyplot()
+    plt = pyplot()
     rows = list(crops)
     cols = max((len(v) for v in crops.values()), default=1)
     fig, axes = plt.subplots(len(rows), cols, figsize=(1.2 * cols, 1.3 * len(rows)), squeeze=False)
@@ -92,7 +92,7 @@ def gallery(crops: Mapping[str, Sequence[np.ndarray]]) -> str:
             if c < len(crops[group]):
                 ax.imshow(crops[group][c], cmap="gray")
         axes[r][0].set_title(str(group), fontsize=8, loc="left")
-    return _png(fig)
+    return png_data_uri(fig)
 
 
 def _table(rows: Sequence[Mapping], columns: Sequence[str]) -> str:

@@ -30,7 +30,7 @@ from pipeline.engine.plan import Tile, TilePlan, make_plan, pad_block
 from pipeline.engine.stats import Normalisation, nonfinite_message
 from pipeline.engine.submit import run_tasks
 from pipeline.io.ngff import SPACE, Axis
-from pipeline.io.store import check_output_location, content_fingerprint
+from pipeline.io.store import check_output_location, content_fingerprint, exists
 from pipeline.io.read import ImageSource, ngff_problems, open_image
 from pipeline.io.write import ImageSink
 
@@ -317,9 +317,7 @@ def check_location(output_url: str, input_url: str, options: EngineOptions) -> N
 def output_started(output_url: str, manifest: RunManifest, options: EngineOptions) -> bool:
     """Whether this run's output exists: the store, or (a workflow step's shared output) the
     step's own manifest."""
-    from pipeline.io import store
-
-    return manifest.started() if options.shared_output else store.exists(output_url, options.storage_options)
+    return manifest.started() if options.shared_output else exists(output_url, options.storage_options)
 
 
 def prepare_engine(input_url: str, kernel: KernelSpec, options: EngineOptions) -> EngineSetup:

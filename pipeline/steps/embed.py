@@ -314,16 +314,9 @@ def _embed(source: ImageSource, has_c: bool, spatial: list[int], output_url: str
                                 [frame[f"centroid_{d}"].to_numpy(np.float64) for d in dims])
     owner = plan.owner_of(centroids[:, 1:])
     job = EmbedTileJob(reader, lab_reader, plan, tuple(specs.items()), items.crop, scale, manifest, parts)
-    done = manifest.done()
-    todo = [t for t in range(len(plan)) if t not in done]
-    per_task = tiles_per_task(len(todo), 1, options.max_tasks)
-    groups = [todo[k:k + per_task] for k in range(0, len(todo), per_task)]
-    tasks = ((g, [centroids[owner == t] for t in g]) for g in groups)
     started = time.perf_counter()
     with lock:
-        for _ in run_tasks(client, job, tasks, total=len(groups), desc=f"embed {items.name}",
-                           progress=options.progress):
-            pass
+        run_owned_tiles(client, job, range(len(plan)), centroids, owner, manifest, options, f"embed {items.name}")
         seconds = time.perf_counter() - started
         attrs = {**items.attributes, "image": store.relative(output_url, source.url)}
         url, dims_out = _write_table(output_url, items.name, frame, parts, plan, specs, attrs,
@@ -354,6 +347,19 @@ def begin_parts_run(output_url: str, params: dict[str, Any], options: EngineOpti
     parts = Folder(store.join(output_url, options.workspace, kind), so)
     parts.makedirs()
     return manifest, lock, parts
+
+
+def run_owned_tiles(client: Any, job: Any, tiles: Sequence[int], rows: np.ndarray, owner: np.ndarray,
+                    manifest: RunManifest, options: EngineOptions, desc: str) -> None:
+    """The ``tiles`` not yet done, in groups of about ``options.max_tasks`` tasks, each tile
+    handed the ``rows`` it owns (``owner``): embed's objects, explain's targets."""
+    done = manifest.done()
+    todo = [t for t in tiles if t not in done]
+    per_task = tiles_per_task(len(todo), 1, options.max_tasks)
+    groups = [todo[k:k + per_task] for k in range(0, len(todo), per_task)]
+    tasks = ((g, [rows[owner == t] for t in g]) for g in groups)
+    for _ in run_tasks(client, job, tasks, total=len(groups), desc=desc, progress=options.progress):
+        pass
 
 
 def _write_table(output_url: str, name: str, frame, parts: Folder, plan: TilePlan, specs: dict[str, KernelSpec],

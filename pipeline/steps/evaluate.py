@@ -15,9 +15,7 @@ uncertainty model, block by block (memory: one block, whatever the volume), and 
 
 from __future__ import annotations
 
-import json
 import logging
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,6 +26,7 @@ from pipeline.core.regions import grow_block, iter_regions
 from pipeline.engine.maps import maps_url
 from pipeline.io import store
 from pipeline.io.read import ImageSource, open_image
+from pipeline.io.store import Folder
 
 log = logging.getLogger(__name__)
 
@@ -92,12 +91,14 @@ def evaluate(output_url: str, truth_url: str, *, labels: str = "nuclei", report:
         "error_rate": float(error.mean()) if error.size else None, "sampled_pixels": int(error.size),
         "reliability": reliability.rows() if reliability.total else None, "notes": notes,
     }
-    if report is not None:
-        folder = Path(report)
-        folder.mkdir(parents=True, exist_ok=True)
+    if report is not None:  # a folder path or URL (a workflow writes OUT/reports/<step>)
+        folder = Folder(report, storage_options or {})
+        folder.makedirs()
         if reliability.total:
-            scores["reliability_png"] = str(reliability.plot(folder / "reliability.png", title=labels))
-        (folder / "evaluation.json").write_text(json.dumps(scores, indent=2))
+            with folder.open("reliability.png", "wb") as png:
+                reliability.plot(png, title=labels)
+            scores["reliability_png"] = store.join(report, "reliability.png")
+        folder.write_json("evaluation.json", scores)
     return scores
 
 

@@ -39,14 +39,13 @@ from kernels.modelfile import model_kernel_spec, read_card
 from pipeline.core.errors import InputError, OptionError
 from pipeline.engine.manifest import RunManifest
 from pipeline.engine.plan import make_plan
-from pipeline.engine.runner import EngineOptions, TileReader, image_layout, tiles_per_task
+from pipeline.engine.runner import EngineOptions, TileReader, image_layout
 from pipeline.engine.stats import Normalisation
-from pipeline.engine.submit import run_tasks
 from pipeline.io import store
 from pipeline.io.read import ImageSource, open_image
 from pipeline.io.store import Folder
 from pipeline.io.tables import INSTANCE_KEY, read_attributes, read_table, write_table
-from pipeline.steps.embed import begin_parts_run, crop_shape, even_pixels, find_table
+from pipeline.steps.embed import begin_parts_run, crop_shape, even_pixels, find_table, run_owned_tiles
 
 log = logging.getLogger(__name__)
 
@@ -218,16 +217,9 @@ def explain(image_url: str, output_url: str, client: Any, options: EngineOptions
     owner = plan.owner_of(centres)
     owning = np.unique(owner).tolist()  # only tiles that own a target become tasks
     job = ExplainJob(reader, lab_reader, spec, shape, manifest, parts)
-    done = manifest.done()
-    todo = [t for t in owning if t not in done]
-    per_task = tiles_per_task(len(todo), 1, options.max_tasks)
-    groups = [todo[k:k + per_task] for k in range(0, len(todo), per_task)]
-    tasks = ((g, [boxes[owner == t] for t in g]) for g in groups)
     started = time.perf_counter()
     with lock:
-        for _ in run_tasks(client, job, tasks, total=len(groups), desc=f"explain ({method})",
-                           progress=options.progress):
-            pass
+        run_owned_tiles(client, job, owning, boxes, owner, manifest, options, f"explain ({method})")
         seconds = time.perf_counter() - started
         results = _collect(parts, owning, frame)
         image_url = _write_attribution(output_url, source, spatial, options.level, method, results, client,
@@ -322,10 +314,9 @@ def _write_panels(output_url: str, method: str, results: list[dict[str, Any]], t
                   storage_options: dict) -> list[str]:
     """One PNG per target: input, model output with the target's outline, attribution overlay
     (the middle plane of a 3D crop)."""
-    import matplotlib
+    from pipeline.analysis.report import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     folder = Folder(store.join(output_url, "attribution", "panels"), storage_options)
     folder.makedirs()

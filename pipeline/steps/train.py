@@ -180,8 +180,7 @@ def remove_checkpoints(model_dir: str) -> None:
 
 def prepare_model_folder(model_dir: str, overwrite: bool, resume: bool = False) -> None:
     path = Path(model_dir)
-    if resume and path.exists() and {p.name for p in path.iterdir()} <= {CHECKPOINT} | {
-            p.name for p in path.glob(CHECKPOINT + ".*")}:
+    if resume and path.is_dir() and all(p.name.startswith(CHECKPOINT) for p in path.iterdir()):
         return  # an interrupted training's folder: only its checkpoints
     if path.exists() and any(path.iterdir()) and not overwrite:
         raise OutputExistsError(f"Model folder '{model_dir}' exists; pass --overwrite to replace it, or choose another path.")

@@ -10,7 +10,6 @@ from typing import Any, Callable
 
 from pipeline.core.errors import OptionError
 from pipeline.io import store
-from pipeline.io.store import Folder
 from pipeline.workflow.context import Context
 from pipeline.workflow.spec import (
     Denoise,
@@ -156,13 +155,8 @@ def truth_url(step: Evaluate, ctx: Context) -> str:
 def evaluate(step: Evaluate, ctx: Context) -> dict:
     from pipeline.steps.evaluate import evaluate as score
 
-    scores = score(ctx.output_url, truth_url(step, ctx), labels=step.labels,
-                   storage_options=ctx.options.storage_options)
-    scores = {k: v for k, v in scores.items() if isinstance(v, (int, float, str, list, dict, type(None)))}
-    folder = Folder(store.join(ctx.output_url, "reports", step.name), ctx.options.storage_options or {})
-    folder.makedirs()
-    folder.write_json("evaluation.json", scores)
-    return scores
+    return score(ctx.output_url, truth_url(step, ctx), labels=step.labels,
+                 report=store.join(ctx.output_url, "reports", step.name), storage_options=ctx.options.storage_options)
 
 
 def run_kernel(step: RunKernel, ctx: Context) -> dict:

@@ -12,7 +12,7 @@ import html
 import json
 import numpy as np
 
-from pipeline.analysis.report import _png, _pyplot, object_map
+from pipeline.analysis.report import object_map, png_data_uri, pyplot
 from pipeline.io import store
 from pipeline.io.read import ImageSource, open_image
 from pipeline.io.store import Folder
@@ -64,13 +64,13 @@ def _contrast(image: np.ndarray) -> np.ndarray:
 
 
 def _figure(panels: list[tuple[str, np.ndarray, str | None]]) -> str:
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2), squeeze=False)
     for ax, (title, image, cmap) in zip(axes[0], panels):
         ax.imshow(image, cmap=cmap, interpolation="nearest")
         ax.set_title(title)
         ax.axis("off")
-    return _png(fig)
+    return png_data_uri(fig)
 
 
 def _overlay(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -105,8 +105,7 @@ def _images(ctx: Context) -> list[str]:
     maps_url = store.join(ctx.output_url, "uncertainty")
     for step in segments:
         labels = plane(out.label(step.name), level, at)
-        image = plane(out, level, at) if out.levels else raw
-        panels = [(f"labels '{step.name}'", _overlay(image, labels), None)]
+        panels = [(f"labels '{step.name}'", _overlay(plane(out, level, at), labels), None)]
         if store.exists(maps_url, so) and step.model:
             names = dict(store.open_group_readonly(maps_url, so).attrs).get("tilewise", {}).get("maps", [])
             for name in names[:2]:

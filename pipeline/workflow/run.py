@@ -24,6 +24,7 @@ from pipeline.core.errors import InputError, OutputExistsError
 from pipeline.engine.manifest import RunLock
 from pipeline.engine.runner import EngineOptions
 from pipeline.io import store
+from pipeline.io.read import ImageSource, open_image
 from pipeline.io.store import Folder
 from pipeline.workflow.context import Context
 from pipeline.workflow.execute import RUNNERS
@@ -61,16 +62,11 @@ def versions() -> dict[str, str]:
     return found
 
 
-def input_fingerprint(input_url: str, level: int, storage_options: dict | None) -> str:
-    """The input level's content fingerprint (names, sizes, stamps; no data read)."""
-    from pipeline.io.read import open_image
-
-    return store.content_fingerprint(open_image(input_url, storage_options).level_url(level), storage_options)
-
-
-def _record(workflow: Workflow, input_url: str, options: EngineOptions) -> dict[str, Any]:
+def _record(workflow: Workflow, input_url: str, source: ImageSource, options: EngineOptions) -> dict[str, Any]:
+    """What a resume must match: the workflow as run, the input and its level's content
+    fingerprint (names, sizes, stamps; no data read), as every step's manifest has it."""
     return {"workflow": workflow.model_dump(mode="json"), "input": input_url,
-            "input_fingerprint": input_fingerprint(input_url, options.level, options.storage_options)}
+            "input_fingerprint": store.content_fingerprint(source.level_url(options.level), options.storage_options)}
 
 
 def _check_resume(output_url: str, old: dict | None, new: dict) -> None:
@@ -101,18 +97,14 @@ def _first_difference(old: Any, new: Any, path: str = "") -> str:
     return f"{path}: {old!r} -> {new!r}"
 
 
-def check_models(workflow: Workflow, ctx: Context) -> None:
+def check_models(workflow: Workflow) -> None:
     """Model folders named by path (not trained here) must exist before anything runs."""
     from pipeline.steps.models import check_model_folder
 
+    trained = {s.name for s in workflow.steps if s.step in TRAINING}
     for step in workflow.steps:
-        for key in ("model",):
-            ref = getattr(step, key, None)
-            if ref is None:
-                continue
-            named = next((s for s in workflow.steps if s.name == ref), None)
-            if named is not None and named.step in TRAINING:
-                continue
+        ref = getattr(step, "model", None)
+        if ref is not None and ref not in trained:
             check_model_folder(ref, f"{step.step} '{step.name}': model")
 
 
@@ -121,18 +113,16 @@ def run_workflow(workflow: Workflow, input_url: str, output_url: str, client: An
                  on_step: Callable[[str], None] | None = None) -> WorkflowSummary:
     """Run ``workflow`` over ``input_url`` into ``output_url``; re-running the same call resumes
     (finished steps are skipped, the unfinished one resumes tile by tile)."""
-    from pipeline.io.read import open_image
-
     say = on_step or (lambda text: log.info("%s", text))
     store.check_output_location(output_url, input_url, storage_options)
-    open_image(input_url, storage_options)  # a readable image, before anything is created
+    source = open_image(input_url, storage_options)  # a readable image, before anything is created
     e: EngineSettings = workflow.engine
     options = EngineOptions.of(level=e.level, tile_shape=e.tile, batch=e.batch, ngff=e.ngff,
                                missing_chunks=e.missing_chunks, foreground=e.foreground, progress=progress,
                                storage_options=storage_options)
     ctx = Context(workflow, input_url, output_url, client, options)
-    check_models(workflow, ctx)
-    record = _record(workflow, input_url, options)
+    check_models(workflow)
+    record = _record(workflow, input_url, source, options)
     folder = Folder(store.join(output_url, "_tilewise"), storage_options or {})
     lock = RunLock(output_url, storage_options or {})
     if store.exists(output_url, storage_options):

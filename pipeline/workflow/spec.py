@@ -252,8 +252,5 @@ class Workflow(BaseModel):
                                  "put denoise first")
         return self
 
-    def step(self, name: str) -> Step:
-        return next(s for s in self.steps if s.name == name)
-
     def denoise_step(self) -> Denoise | None:
         return next((s for s in self.steps if isinstance(s, Denoise)), None)
