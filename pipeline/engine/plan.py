@@ -29,6 +29,19 @@ def pad_block(block: np.ndarray, pad: Sequence[tuple[int, int]], mode: PadMode) 
     return np.pad(block, lead + [tuple(p) for p in pad], mode=mode)
 
 
+def span(core: Region, halo: Sequence[int], shape: Sequence[int]
+         ) -> tuple[Region, tuple[tuple[int, int], ...], Region]:
+    """``(read, pad, crop)`` of any ``core`` region read with ``halo``: the region to read
+    (clipped to ``shape``), the padding beyond the edge, and the core inside the padded block."""
+    read, pad, crop = [], [], []
+    for sl, h, n in zip(core, halo, shape):
+        lo, hi = sl.start - h, sl.stop + h
+        read.append(slice(max(lo, 0), min(hi, n)))
+        pad.append((max(0, -lo), max(0, hi - n)))
+        crop.append(slice(h, h + sl.stop - sl.start))
+    return tuple(read), tuple(pad), tuple(crop)
+
+
 @dataclass(frozen=True)
 class Tile:
     """One task's share of the volume.
@@ -71,13 +84,7 @@ class TilePlan:
             raise IndexError(f"tile id {tile_id} outside 0..{len(self) - 1}")
         index = tuple(int(i) for i in np.unravel_index(tile_id, self.grid))
         core = region_of(index, self.shape, self.tile_shape)
-        read, pad, crop = [], [], []
-        for sl, h, n in zip(core, self.halo, self.shape):
-            lo, hi = sl.start - h, sl.stop + h
-            read.append(slice(max(lo, 0), min(hi, n)))
-            pad.append((max(0, -lo), max(0, hi - n)))
-            crop.append(slice(h, h + sl.stop - sl.start))
-        return Tile(tile_id, index, core, tuple(read), tuple(pad), tuple(crop))
+        return Tile(tile_id, index, core, *span(core, self.halo, self.shape))
 
     def __iter__(self) -> Iterator[Tile]:
         for tile_id in range(len(self)):

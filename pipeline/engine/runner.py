@@ -213,13 +213,13 @@ class TileReader:
     scaling: Scaling | None
     missing_policy: str = "fill"
 
-    def _index(self, region: Region, at: Sequence[int]) -> tuple[slice, ...]:
+    def index(self, region: Region, at: Sequence[int]) -> tuple[slice, ...]:
         return batch_slices(at) + ((slice(None),) if self.has_channels else ()) + tuple(region)
 
     def missing(self, region: Region, at: Sequence[int] = ()) -> int:
         """How many input chunks ``region`` (at batch index ``at``) touches that the store does
         not hold (read as the fill value); with the ``error`` policy, an :class:`InputError`."""
-        absent = self.source.missing_chunks(self._index(region, at), self.level)
+        absent = self.source.missing_chunks(self.index(region, at), self.level)
         if absent and self.missing_policy == "error":
             raise InputError(f"'{self.source.url}' level {self.source.level(self.level).path}: chunk {absent[0]} is "
                              f"missing ({len(absent)} missing near {tuple((s.start, s.stop) for s in region)}); restore "
@@ -228,8 +228,14 @@ class TileReader:
 
     def read(self, region: Region, pad: Sequence[tuple[int, int]], at: Sequence[int] = ()) -> np.ndarray:
         """``(C, *spatial)`` of ``region`` at batch index ``at`` (time point, ...)."""
-        block = self.source.read(self._index(region, at), self.level)
-        block = block.reshape(block.shape[len(at):])  # the batch axes have one index each
+        return self.prepare(self.source.read(self.index(region, at), self.level), pad, region, len(at))
+
+    def prepare(self, block: np.ndarray, pad: Sequence[tuple[int, int]], region: Region, n_batch: int = 0
+                ) -> np.ndarray:
+        """``block``, ``region`` as the source stores it (``n_batch`` leading batch axes of one
+        index each), made into what the kernel sees: checked, float32, channels first, padded
+        and normalised."""
+        block = block.reshape(block.shape[n_batch:])  # the batch axes have one index each
         if block.dtype.kind == "f" and not np.isfinite(block).all():
             raise InputError(nonfinite_message(self.source.url, f"in {tuple((s.start, s.stop) for s in region)}"))
         if self.input != "native":
@@ -320,19 +326,21 @@ def output_started(output_url: str, manifest: RunManifest, options: EngineOption
     return manifest.started() if options.shared_output else exists(output_url, options.storage_options)
 
 
-def prepare_engine(input_url: str, kernel: KernelSpec, options: EngineOptions) -> EngineSetup:
-    """Open the input, check the kernel fits it, plan the tiles and compute global statistics.
+def prepare_engine(input: str | ImageSource, kernel: KernelSpec, options: EngineOptions) -> EngineSetup:
+    """Open the input (a URL, or an opened source: a fused chain's computed image), check the
+    kernel fits it, plan the tiles and compute global statistics.
 
     Normalised kernels see each channel's global percentiles (at the levels the kernel
     declares: a model's card) mapped to 0..1, computed once per input from a coarse level.
     """
-    source = open_image(input_url, options.storage_options)
+    source = input if isinstance(input, ImageSource) else open_image(input, options.storage_options)
+    input_url = source.url
     problems = ngff_problems(source)
     if problems:
         log.warning("'%s' is not valid NGFF %s (%s); tilewise can read it, other tools may not", input_url,
                     source.version, problems)
     batch, has_c, spatial = image_layout(source)
-    lv = source.level(options.level)
+    source.level(options.level)  # refuses a level the image lacks, by name
     k = build_checked(kernel)
     traits = k.traits
     pad_mode = options.pad_mode or traits.pad_mode
@@ -345,17 +353,7 @@ def prepare_engine(input_url: str, kernel: KernelSpec, options: EngineOptions) -
     if traits.in_channels != source.n_channels:
         raise OptionError(f"Kernel '{kernel.name}' takes {traits.in_channels} channel(s); the image has "
                           f"{source.n_channels}.")
-    spatial_dims = [source.dims[i] for i in spatial]
-    halo = dict(zip(spatial_dims, (0,) * len(spatial) if options.blend else traits.halo))
-    tile_shape = options.tile_shape
-    if tile_shape is None and options.foreground is not None:
-        # skipping needs tiles that can fall on glass: squares (the default grows chunks into
-        # strips along x, 256 x 11008 on a slide, which nearly always touch tissue)
-        side = int(round(FOREGROUND_TILE_PIXELS ** (1 / len(spatial))))
-        tile_shape = [min(side, lv.shape[i]) for i in spatial]
-    plan = make_plan([lv.shape[i] for i in spatial], spatial_dims, [lv.chunks[i] for i in spatial], halo,
-                     tile_shape=tile_shape, itemsize=4 * max(traits.in_channels, traits.out_channels),
-                     pad_mode=pad_mode, align=traits.align, working_bytes=traits.working_bytes)
+    plan = plan_for(source, traits, options)
     scaling = Normalisation.of(source, traits.percentiles) if traits.input == "normalised" else None
     params = {
         "input": input_url, "level": options.level, "kernel": kernel.name, "kernel_params": kernel.params,
@@ -368,6 +366,24 @@ def prepare_engine(input_url: str, kernel: KernelSpec, options: EngineOptions) -
         "input_fingerprint": content_fingerprint(source.level_url(options.level), options.storage_options),
     }
     return EngineSetup(source, options.level, spatial, has_c, k, plan, scaling, params, tuple(batch))
+
+
+def plan_for(source: ImageSource, traits: KernelTraits, options: EngineOptions) -> TilePlan:
+    """The tile plan of a kernel (its traits) over one level of ``source``."""
+    _, _, spatial = image_layout(source)
+    lv = source.level(options.level)
+    spatial_dims = [source.dims[i] for i in spatial]
+    halo = dict(zip(spatial_dims, (0,) * len(spatial) if options.blend else traits.halo))
+    tile_shape = options.tile_shape
+    if tile_shape is None and options.foreground is not None:
+        # skipping needs tiles that can fall on glass: squares (the default grows chunks into
+        # strips along x, 256 x 11008 on a slide, which nearly always touch tissue)
+        side = int(round(FOREGROUND_TILE_PIXELS ** (1 / len(spatial))))
+        tile_shape = [min(side, lv.shape[i]) for i in spatial]
+    return make_plan([lv.shape[i] for i in spatial], spatial_dims, [lv.chunks[i] for i in spatial], halo,
+                     tile_shape=tile_shape, itemsize=4 * max(traits.in_channels, traits.out_channels),
+                     pad_mode=options.pad_mode or traits.pad_mode, align=traits.align,
+                     working_bytes=traits.working_bytes)
 
 
 def valid_region(read: Region, pad: Sequence[tuple[int, int]]) -> Region:
@@ -454,16 +470,20 @@ class ImageTileJob:
         else:
             triples = [self.blended(model, tile, at) for at, tile in located]
         seconds = (time.perf_counter() - started) / len(ids)
-        results = []
-        for g, (at, tile), n_missing, (inputs, outputs, maps) in zip(ids, located, missing, triples):
-            meta = {"tile": g, "voxels": int(np.prod(tile.core_shape)), "seconds": seconds,
-                    "missing_input_chunks": n_missing, **model.describe_tile(inputs, outputs, self.reader.scaling)}
-            if self.maps is not None and maps is not None:
-                self.maps.write(batch_slices(at), tile.core, maps)
-            meta["checksum"] = self.write(tile, outputs, at)
-            self.manifest.mark_done(g, meta)
-            results.append(meta)
-        return results
+        return [self.keep(model, g, at, tile, inputs, outputs, maps, seconds=seconds, missing=n_missing)
+                for g, (at, tile), n_missing, (inputs, outputs, maps) in zip(ids, located, missing, triples)]
+
+    def keep(self, model: Kernel, g: int, at: Sequence[int], tile: Tile, inputs: np.ndarray, outputs: np.ndarray,
+             maps: np.ndarray | None, *, seconds: float, missing: int) -> dict[str, Any]:
+        """Finish tile ``g``: its core's output (and maps) written, the tile marked done with the
+        kernel's description of it (``inputs``, ``outputs``, ``maps``: the core's)."""
+        meta = {"tile": g, "voxels": int(np.prod(tile.core_shape)), "seconds": seconds,
+                "missing_input_chunks": missing, **model.describe_tile(inputs, outputs, self.reader.scaling)}
+        if self.maps is not None and maps is not None:
+            self.maps.write(batch_slices(at), tile.core, maps)
+        meta["checksum"] = self.write(tile, outputs, at)
+        self.manifest.mark_done(g, meta)
+        return meta
 
     def blended(self, model: Kernel, tile: Tile, at: Sequence[int] = ()
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -505,15 +525,20 @@ class ImageTileJob:
     def write(self, tile: Tile, out: np.ndarray, at: Sequence[int] = ()) -> str:
         """Write a tile's core (at batch index ``at``); returns the checksum of what was written
         (kept in its marker)."""
-        dtype = np.dtype(self.out_dtype)
-        if dtype.kind in "iu" and out.dtype.kind == "f":
-            info = np.iinfo(dtype)
-            out = np.clip(np.rint(out), info.min, info.max)
-        out = out.astype(dtype, copy=False)
+        out = self.cast(out)
         out_lead = (slice(None),) if len(self.sink.dims) > len(tile.core) + len(at) else ()
         data = out if out_lead else out[0]
         self.sink.write(batch_slices(at) + out_lead + tile.core, data.reshape((1,) * len(at) + data.shape))
         return checksum(data)
+
+
+    def cast(self, out: np.ndarray) -> np.ndarray:
+        """The kernel's output as stored: the output dtype (integers rounded and clipped)."""
+        dtype = np.dtype(self.out_dtype)
+        if dtype.kind in "iu" and out.dtype.kind == "f":
+            info = np.iinfo(dtype)
+            out = np.clip(np.rint(out), info.min, info.max)
+        return out.astype(dtype, copy=False)
 
 
 def checksum(data: np.ndarray) -> str:

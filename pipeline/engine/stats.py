@@ -66,13 +66,14 @@ def sample_values(source: ImageSource, *, max_voxels: int = 2**24, seed: int = 0
     """
     dims = source.dims
     c_axis = dims.index("c") if "c" in dims else None
-    level = next((k for k, lv in enumerate(source.levels) if np.prod(lv.shape) <= max_voxels), None)
+    levels = source.readable_levels
+    level = next((k for k, lv in enumerate(levels) if np.prod(lv.shape) <= max_voxels), None)
     if level is not None:
         data = source.read(tuple(slice(None) for _ in dims), level)
         data = np.moveaxis(data, c_axis, 0) if c_axis is not None else data[None]
         return data.reshape(data.shape[0], -1), level
-    level = len(source.levels) - 1
-    lv = source.levels[level]
+    level = len(levels) - 1
+    lv = levels[level]
     grid = grid_shape(lv.shape, lv.chunks)
     per_chunk = int(np.prod(lv.chunks))
     n_pick = max(1, min(int(np.prod(grid)), max_voxels // per_chunk))
@@ -190,8 +191,9 @@ def estimate_object_scale(source: ImageSource, *, level: int = 0, threshold: flo
     read = partial(_signal_block, signal=signal, scaling=scaling)
     # large objects: a coarser level read whole sees them all, uncut; accepted where they are
     # still well resolved there, else windows of the processed level (small objects)
-    coarse = next((k for k in range(level, len(source.levels))
-                   if np.prod([source.levels[k].shape[i] for i in spatial]) <= max_voxels), None)
+    levels = source.readable_levels
+    coarse = next((k for k in range(level, len(levels)) if np.prod([levels[k].shape[i] for i in spatial]) <= max_voxels),
+                  None)
     if coarse is not None and coarse > level:
         found = _scale_of_level(source, coarse, value, spatial, max_voxels, read)
         if found is not None and found.diameter >= WELL_RESOLVED_PX * min(source.spatial_scale(coarse)):

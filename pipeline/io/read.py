@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import warnings
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
+from typing import Any, ClassVar, Iterator, Mapping
 
 import numpy as np
 import zarr
@@ -38,6 +38,16 @@ class ImageSource(ImageMeta):
 
     labels: tuple[str, ...] = ()
     image_label: Mapping[str, Any] | None = None
+
+    # whether the image lives in an NGFF store whose metadata can be validated (a slide file,
+    # or an image computed on read, does not)
+    is_ngff_store: ClassVar[bool] = True
+
+    @property
+    def readable_levels(self) -> tuple[Level, ...]:
+        """The levels that hold data now (all; an image computed on read has only its first),
+        which statistics choose their sample from."""
+        return self.levels
 
     # -- shape helpers --------------------------------------------------------------------
     @property
@@ -179,6 +189,7 @@ class SlideSource(ImageSource):
 
     order: tuple[int, ...] = ()
     vendor: str = ""
+    is_ngff_store: ClassVar[bool] = False
 
     def level_url(self, level: int = 0) -> str:
         return self.url  # one file holds every level
@@ -326,8 +337,8 @@ def ngff_problems(source: ImageSource) -> str | None:
     reading is more lenient; this tells users when other tools may refuse the store."""
     from pydantic import ValidationError
 
-    if isinstance(source, SlideSource):
-        return None  # not NGFF: a slide file, read through tiffslide and written out as NGFF
+    if not source.is_ngff_store:
+        return None  # not NGFF: a slide file (read through tiffslide, written out as NGFF), a computed image
     try:
         from ome_zarr_models import v04, v05
 

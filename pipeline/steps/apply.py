@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -86,6 +86,54 @@ def run_kernel(input_url: str, output_url: str, kernel: KernelSpec, client: Any,
     out_dtype : ``"float32"``, any numpy dtype name, or ``"input"``; integer outputs are
         rounded and clipped.
     """
+    dense = begin_dense(input_url, output_url, kernel, client, options, name=name, out_dtype=out_dtype,
+                        tile_ids=tile_ids, **settings)
+    return dense.finish(client)
+
+
+@dataclass
+class DenseRun:
+    """A dense run's output created (or resumed) and its job ready: :meth:`finish` computes the
+    tiles not yet done and builds the pyramid. A fused chain
+    (:class:`~pipeline.engine.fused.FusedSource`) lets the next step compute and keep this run's
+    tiles first; ``finish`` then only finalises."""
+
+    output_url: str
+    kernel: KernelSpec
+    setup: EngineSetup
+    options: EngineOptions
+    job: ImageTileJob
+    lock: RunLock
+    every: list[int]  # the tiles this run's output is made of (all, or the foreground's)
+    wanted: list[int]  # those this call runs (tile_ids)
+    todo: list[int]  # those not done when it began
+
+    def finish(self, client: Any) -> RunSummary:
+        setup, options, job, manifest = self.setup, self.options, self.job, self.job.manifest
+        todo = [t for t in self.wanted if t not in manifest.done()]  # tiles a fused step kept are done
+        started = time.perf_counter()
+        voxels = 0
+        metas: list[dict[str, Any]] = []
+        with self.lock:
+            for results in submit_tiles(client, job, todo, setup=setup, options=options, batch=job.batch,
+                                        desc=self.kernel.name):
+                voxels += sum(meta["voxels"] for meta in results)
+                metas += results
+            seconds = time.perf_counter() - started
+            report_missing(metas, setup.source)
+            if set(self.every) <= manifest.done():  # every tile of this run was submitted and done
+                finalize_image(job.sink, client, progress=options.progress)
+                if job.maps is not None:
+                    job.maps.finalize(client, progress=options.progress)
+        return RunSummary(self.output_url, len(setup.space), len(self.todo), len(self.wanted) - len(self.todo),
+                          seconds, voxels / max(seconds, 1e-9), outside=len(setup.space) - len(self.every))
+
+
+def begin_dense(input_url: str, output_url: str, kernel: KernelSpec, client: Any, options: EngineOptions | None = None,
+                *, name: str | None = None, out_dtype: str = "float32", tile_ids: Sequence[int] | None = None,
+                **settings: Any) -> DenseRun:
+    """:func:`run_kernel`'s first half: check, plan, create or resume the output, verify the
+    finished tiles, and build the tile job."""
     options = EngineOptions.of(options, **settings)
     store.check_name(name or kernel.name, "The output image")
     check_location(output_url, input_url, options)
@@ -127,25 +175,11 @@ def run_kernel(input_url: str, output_url: str, kernel: KernelSpec, client: Any,
         raise OptionError(f"Tile ids must be in 0..{len(space) - 1} for this plan (grid {plan.grid}, batch axes "
                           f"{setup.batch_shape}).")
     kept = select_tiles(setup, output_url, options.foreground, client, storage_options=options.storage_options)
-    every = range(len(space)) if kept is None else kept  # the tiles this run's output is made of
+    every = list(range(len(space))) if kept is None else list(kept)
     keep = set(every)
     wanted = every if tile_ids is None else [int(t) for t in tile_ids if int(t) in keep]
-    todo = [t for t in wanted if t not in done]
-    batch = setup.batch(options.batch)
-    job = ImageTileJob(kernel=kernel, reader=setup.reader(), plan=plan, sink=sink, manifest=manifest, batch=batch,
-                       blend=lattice, out_dtype=dtype, batch_shape=setup.batch_shape, maps=maps)
-    started = time.perf_counter()
-    voxels = 0
-    metas: list[dict[str, Any]] = []
-    with lock:
-        for results in submit_tiles(client, job, todo, setup=setup, options=options, batch=batch, desc=kernel.name):
-            voxels += sum(meta["voxels"] for meta in results)
-            metas += results
-        seconds = time.perf_counter() - started
-        report_missing(metas, setup.source)
-        if tile_ids is None or keep <= manifest.done():  # every tile of this run was submitted and done
-            finalize_image(sink, client, progress=options.progress)
-            if maps is not None:
-                maps.finalize(client, progress=options.progress)
-    return RunSummary(output_url, len(space), len(todo), len(wanted) - len(todo), seconds,
-                      voxels / max(seconds, 1e-9), outside=len(space) - len(every))
+    job = ImageTileJob(kernel=kernel, reader=setup.reader(), plan=plan, sink=sink, manifest=manifest,
+                       batch=setup.batch(options.batch), blend=lattice, out_dtype=dtype,
+                       batch_shape=setup.batch_shape, maps=maps)
+    return DenseRun(output_url, kernel, setup, options, job, lock, every, wanted,
+                    [t for t in wanted if t not in done])

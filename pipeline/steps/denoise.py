@@ -81,10 +81,16 @@ def denoise(input_url: str, output_url: str, model_dir: str, client: Any, option
     summary = run_kernel(input_url, output_url, model_spec(model_dir, precision=precision, tta=tta), client, options,
                          name="denoised",
                          out_dtype=out_dtype)
+    return summary, residual_report(output_url, options)
+
+
+def residual_report(output_url: str, options: EngineOptions) -> ResidualReport:
+    """The residual guard over a finished denoise run's tiles (their markers); flagged tiles are
+    logged."""
     report = ResidualReport.of(RunManifest(output_url, options.storage_options or {},
                                           workspace=options.workspace).tile_metadata())
     if report.flagged:
         log.warning("%d of %d tiles have a residual that is not noise-like (neighbour correlation > %.1f; tiles "
                     "%s): the denoiser removed structure there; inspect them before trusting the output",
                     len(report.flagged), report.tiles, DenoiseKernel.residual_correlation_limit, report.flagged[:10])
-    return summary, report
+    return report

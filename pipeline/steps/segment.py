@@ -30,6 +30,7 @@ import numpy as np
 from kernels import KernelSpec
 from kernels.brightfield import ObjectSignal, otsu_gap
 from pipeline.core.errors import OptionError
+from pipeline.engine.fused import FusedSource
 from pipeline.engine.manifest import RunLock, RunManifest, check_compatible
 from pipeline.engine.maps import MapSinks
 from pipeline.engine.pyramid import finalize_image
@@ -124,7 +125,7 @@ class SegmentRun:
         return MapSinks.open(self.output_url, names, self.storage_options) if names else None
 
 
-def segment_labels(input_url: str, output_url: str, kernel: KernelSpec, client: Any,
+def segment_labels(input_url: str | ImageSource, output_url: str, kernel: KernelSpec, client: Any,
                    options: EngineOptions | None = None, *, name: str = "nuclei", iou: float = 0.5,
                    consecutive: bool = True, table: bool = True, keep_intermediate: bool = False,
                    image: str = "copy", **settings: Any) -> SegmentSummary:
@@ -150,11 +151,17 @@ def segment_labels(input_url: str, output_url: str, kernel: KernelSpec, client: 
         links the labels to the input by a relative path (no second copy of a large volume);
         ``in-place``: a workflow step whose output root already is the input image (written by
         its denoise step) adds labels, table and maps beside it.
+
+    ``input_url`` may also be an opened source: a fused chain's
+    :class:`~pipeline.engine.fused.FusedSource` (``image="in-place"``), whose tiles compute the
+    first step's output (writing its cores) and segment it in the same task.
     """
     options = EngineOptions.of(options, **settings)
     store.check_name(name, "The labels")
+    opened = input_url if isinstance(input_url, ImageSource) else None
+    input_url = opened.url if opened is not None else input_url
     check_location(output_url, input_url, options)
-    setup = prepare_engine(input_url, kernel, options)
+    setup = prepare_engine(opened or input_url, kernel, options)
     plan = setup.plan
     if not setup.traits.is_labels:
         raise OptionError(f"Kernel '{kernel.name}' does not produce instance labels; use segment-classical, "
@@ -307,7 +314,7 @@ def label_tiles(run: SegmentRun, client: Any, tiles: Sequence[int], *, measure: 
     batch = setup.batch(run.options.batch)
     job = LabelTileJob(kernel=run.kernel, reader=setup.reader(), plan=plan, manifest=run.manifest, files=run.files,
                        dims=tuple(setup.spatial_dims), batch=batch, measure_intensity=measure and setup.traits.measures,
-                       batch_shape=setup.batch_shape, maps=run.maps())
+                       batch_shape=setup.batch_shape, maps=run.maps(), fused=isinstance(setup.source, FusedSource))
     metas = []
     for results in submit_tiles(client, job, todo, setup=setup, options=run.options, batch=batch,
                                 desc=run.kernel.name):
@@ -390,7 +397,7 @@ def _label_sink(run: SegmentRun, n_objects: int, consecutive: bool) -> ImageSink
                               source_image=source, storage_options=run.storage_options)
 
 
-def classical_spec(input_url: str, *, level: int = 0, diameter: float | None = None, sigma: float | None = None,
+def classical_spec(input_url: str | ImageSource, *, level: int = 0, diameter: float | None = None, sigma: float | None = None,
                    min_distance: float | None = None, min_size: int | None = None, halo: Sequence[int] | None = None,
                    threshold: float | None = None, polarity: str = "auto", stain: str = "auto",
                    storage_options: dict | None = None) -> KernelSpec:
@@ -410,7 +417,8 @@ def classical_spec(input_url: str, *, level: int = 0, diameter: float | None = N
 
     if diameter is not None and not (math.isfinite(diameter) and diameter > 0):
         raise OptionError(f"--diameter must be a positive length in the image's units, got {diameter}.")
-    source = open_image(input_url, storage_options)
+    source = input_url if isinstance(input_url, ImageSource) else open_image(input_url, storage_options)
+    input_url = source.url
     image_layout(source)  # refuses axes in an order the engine cannot tile
     scale = list(source.spatial_scale(level))
     norm = Normalisation.of(source)
@@ -504,7 +512,7 @@ RESCALE_TOLERANCE = 1.25  # within 25 % (about the estimates' own error) a model
 MAX_ZOOM = 8.0  # an estimate this far from the training objects is more likely wrong than right
 
 
-def model_zoom(input_url: str, model_dir: str, *, level: int = 0, diameter: float | None = None,
+def model_zoom(input_url: str | ImageSource, model_dir: str, *, level: int = 0, diameter: float | None = None,
                storage_options: dict | None = None) -> tuple[float, str | None]:
     """``(zoom, note)``: how much to resample an image so its objects are as many pixels across
     as the model's training objects (both estimated the same way, or ``diameter`` given in the
@@ -517,7 +525,8 @@ def model_zoom(input_url: str, model_dir: str, *, level: int = 0, diameter: floa
     seen = (read_card(model_dir).training.get("object_scale") or {}).get("image")
     if not seen or "pixel" not in seen:
         return 1.0, None
-    source = open_image(input_url, storage_options)
+    source = input_url if isinstance(input_url, ImageSource) else open_image(input_url, storage_options)
+    input_url = source.url
     pixel = min(source.spatial_scale(level))
     found = ObjectScale.given(diameter) if diameter is not None else estimate_object_scale(source, level=level)
     if found is None:

@@ -232,6 +232,7 @@ class LabelTileJob:
     measure_intensity: bool = True
     batch_shape: tuple[int, ...] = ()  # time points (and custom axes): each labelled on its own
     maps: MapSinks | None = None  # the kernel's maps (uncertainty): written per core, measured per object
+    fused: bool = False  # the reader's source computes a first step's output and keeps its cores (engine.fused)
 
     def __call__(self, tile_ids: Sequence[int]) -> list[dict[str, Any]]:
         return run_batches(self.kernel, tile_ids, self.batch, self.run_batch)
@@ -254,7 +255,12 @@ class LabelTileJob:
         tiles = [tile for _, tile in located]
         missing = [self.reader.missing(tile.read, at) for at, tile in located]  # before any work
         pads = [self.edge_pad(tile) for tile in tiles]
-        blocks = [self.reader.read(tile.read, pad, at) for (at, tile), pad in zip(located, pads)]
+        if self.fused:  # the first step's output over each read region, its cores written on the way
+            raw = self.reader.source.read_owned([(g, at, tile) for g, (at, tile) in zip(ids, located)])
+            blocks = [self.reader.prepare(block, pad, tile.read, len(at))
+                      for block, (at, tile), pad in zip(raw, located, pads)]
+        else:
+            blocks = [self.reader.read(tile.read, pad, at) for (at, tile), pad in zip(located, pads)]
         outputs = apply_kernel_with_maps(model, blocks, valid=[valid_region(t.read, p) for t, p in zip(tiles, pads)],
                                          origins=[block_origin(t.read, p) for t, p in zip(tiles, pads)],
                                          scaling=self.reader.scaling, batch=self.batch)

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, is_dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from pipeline.core.errors import OptionError
+from pipeline.engine.runner import EngineOptions
 from pipeline.io import store
 from pipeline.workflow.context import Context
 from pipeline.workflow.spec import (
@@ -21,6 +22,9 @@ from pipeline.workflow.spec import (
     TrainDenoiser,
     TrainSegmenter,
 )
+
+if TYPE_CHECKING:
+    from pipeline.io.read import ImageSource
 
 log = logging.getLogger(__name__)
 
@@ -104,32 +108,71 @@ def denoise(step: Denoise, ctx: Context) -> dict:
     return {**_summary(summary), "residual_std_median": report.residual_std_median, "flagged": len(report.flagged)}
 
 
+def segment_spec(step: Segment, image: "str | ImageSource", *, level: int, storage_options: dict | None):
+    """The segment step's kernel for ``image`` (a URL, or a fused chain's computed image): its
+    model (resampled to the model's training scale when ``rescale``), or the classical kernel
+    with the image's global threshold and object scale."""
+    from pipeline.steps.segment import classical_spec, model_spec, model_zoom
+
+    if step.model:
+        zoom = 1.0
+        if step.rescale:
+            zoom, note = model_zoom(image, step.model, level=level, diameter=step.diameter,
+                                    storage_options=storage_options)
+            if note:
+                log.info("%s", note)
+        return model_spec(step.model, min_size=step.min_size, zoom=zoom, samples=step.samples)
+    if step.samples is not None:
+        raise OptionError(f"segment '{step.name}': samples applies to a model trained with mc-dropout; "
+                          "this step has no model")
+    return classical_spec(image, level=level, diameter=step.diameter, min_size=step.min_size,
+                          threshold=step.threshold, polarity=step.polarity, stain=step.stain,
+                          storage_options=storage_options)
+
+
+def _resolved(step: Segment, ctx: Context) -> Segment:
+    """The step with its model reference made a folder URL."""
+    return step.model_copy(update={"model": ctx.model_dir(step.model)}) if step.model else step
+
+
 def segment(step: Segment, ctx: Context) -> dict:
-    from pipeline.steps.segment import classical_spec, model_spec, model_zoom, segment_labels
+    from pipeline.steps.segment import segment_labels
 
     image = ctx.image_url(step, step.image)
     options = ctx.options_for(step)
-    if step.model:
-        model = ctx.model_dir(step.model)
-        zoom = 1.0
-        if step.rescale:
-            zoom, note = model_zoom(image, model, level=options.level, diameter=step.diameter)
-            if note:
-                log.info("%s", note)
-        spec = model_spec(model, min_size=step.min_size, zoom=zoom, samples=step.samples)
-    else:
-        if step.samples is not None:
-            raise OptionError(f"segment '{step.name}': samples applies to a model trained with mc-dropout; "
-                              "this step has no model")
-        spec = classical_spec(image, level=options.level, diameter=step.diameter, min_size=step.min_size,
-                              threshold=step.threshold, polarity=step.polarity, stain=step.stain)
     if image == ctx.output_url:
-        mode = "in-place"  # the denoised root image
+        mode = "in-place"  # the denoised root image: written at the processed level, so its level 0
+        options = EngineOptions.of(options, level=0)
     else:  # the input: copied to the root, unless a denoised image is the root (then linked)
         mode = "link" if ctx.root_written else "copy"
+    spec = segment_spec(_resolved(step, ctx), image, level=options.level, storage_options=options.storage_options)
     summary = segment_labels(image, ctx.output_url, spec, ctx.client, options, name=step.name, iou=step.iou,
                              image=mode)
     return _summary(summary)
+
+
+def fusable(first: Any, second: Any, ctx: Context) -> bool:
+    """Whether two consecutive steps run as one task per tile (``engine.fuse``): a denoise step,
+    then a segment step of its output."""
+    return (ctx.workflow.engine.fuse and isinstance(first, Denoise) and isinstance(second, Segment)
+            and ctx.image_url(second, second.image) == ctx.output_url)
+
+
+def denoise_segment(first: Denoise, second: Segment, ctx: Context) -> tuple[dict, dict]:
+    """A denoise step and the segment step after it, fused (:mod:`pipeline.steps.chain`)."""
+    from pipeline.steps.chain import denoise_then_segment
+
+    step = _resolved(second, ctx)
+    so = ctx.options.storage_options
+    chain = denoise_then_segment(ctx.input_url, ctx.output_url, ctx.model_dir(first.model),
+                                 lambda image: segment_spec(step, image, level=0, storage_options=so), ctx.client,
+                                 denoise_options=ctx.options_for(first), segment_options=ctx.options_for(second),
+                                 out_dtype=first.dtype, precision=first.precision, tta=first.tta, name=second.name,
+                                 iou=second.iou)
+    fused = {"fused": chain.fused}
+    return ({**_summary(chain.denoise), "residual_std_median": chain.residual.residual_std_median,
+             "flagged": len(chain.residual.flagged), **fused, "seconds": chain.seconds["denoise"]},
+            {**_summary(chain.segment), **fused, "seconds": chain.seconds["segment"]})
 
 
 def embed(step: Embed, ctx: Context) -> dict:

@@ -27,7 +27,7 @@ from pipeline.io import store
 from pipeline.io.read import ImageSource, open_image
 from pipeline.io.store import Folder
 from pipeline.workflow.context import Context
-from pipeline.workflow.execute import RUNNERS
+from pipeline.workflow.execute import RUNNERS, denoise_segment, fusable
 from pipeline.workflow.load import load_workflow
 from pipeline.workflow.spec import TRAINING, EngineSettings, Step, Workflow
 
@@ -136,8 +136,15 @@ def run_workflow(workflow: Workflow, input_url: str, output_url: str, client: An
     with lock:
         if folder.read_json(RECORD) is None:
             folder.write_json(RECORD, record, sort_keys=True)
-        for k, step in enumerate(workflow.steps, 1):
-            done[step.name] = _run_step(step, ctx, folder, f"[{k}/{len(workflow.steps)}]", say)
+        steps, n, k = workflow.steps, len(workflow.steps), 0
+        while k < n:
+            step, after = steps[k], steps[k + 1] if k + 1 < n else None
+            if after is not None and fusable(step, after, ctx) and folder.read_json(_marker(step)) is None:
+                done.update(_run_fused(step, after, ctx, folder, f"[{k + 1}-{k + 2}/{n}]", say))
+                k += 2
+                continue
+            done[step.name] = _run_step(step, ctx, folder, f"[{k + 1}/{n}]", say)
+            k += 1
         seconds = time.perf_counter() - started
         provenance = _provenance(ctx, record, done)
         folder.write_json(PROVENANCE, provenance)
@@ -146,9 +153,20 @@ def run_workflow(workflow: Workflow, input_url: str, output_url: str, client: An
     return WorkflowSummary(output_url, done, seconds, provenance)
 
 
+def _marker(step: Step) -> str:
+    return f"workflow/{step.name}.json"
+
+
+def _finish_step(step: Step, folder: Folder, seconds: float, summary: dict) -> dict:
+    entry = {"step": step.step, "seconds": seconds, "summary": summary,
+             "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+    folder.makedirs("workflow")
+    folder.write_json(_marker(step), entry)  # written last: a marker means the step finished
+    return {**entry, "resumed": False}
+
+
 def _run_step(step: Step, ctx: Context, folder: Folder, counter: str, say: Callable[[str], None]) -> dict:
-    marker = f"workflow/{step.name}.json"
-    finished = folder.read_json(marker)
+    finished = folder.read_json(_marker(step))
     if finished is not None:
         say(f"{counter} {step.step} '{step.name}': done earlier ({finished['seconds']:.0f} s)")
         return {**finished, "resumed": True}
@@ -156,12 +174,23 @@ def _run_step(step: Step, ctx: Context, folder: Folder, counter: str, say: Calla
     started = time.perf_counter()
     summary = RUNNERS[type(step)](step, ctx)
     seconds = time.perf_counter() - started
-    entry = {"step": step.step, "seconds": seconds, "summary": summary,
-             "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
-    folder.makedirs("workflow")
-    folder.write_json(marker, entry)  # written last: a marker means the step finished
     say(f"{counter} {step.step} '{step.name}': {seconds:.0f} s")
-    return {**entry, "resumed": False}
+    return _finish_step(step, folder, seconds, summary)
+
+
+def _run_fused(first: Step, second: Step, ctx: Context, folder: Folder, counter: str,
+               say: Callable[[str], None]) -> dict[str, dict]:
+    """Two steps as one task per tile (``engine.fuse``); each gets its own marker and seconds
+    (the second's include computing the first's tiles)."""
+    say(f"{counter} {first.step} '{first.name}' + {second.step} '{second.name}' (fused) ...")
+    started = time.perf_counter()
+    summaries = denoise_segment(first, second, ctx)
+    say(f"{counter} {first.step} + {second.step}: {time.perf_counter() - started:.0f} s")
+    # the second's marker first: a resume between the two sees the pair unfinished and re-runs
+    # it fused, which finds both steps' tiles done
+    entries = {step.name: _finish_step(step, folder, summary.pop("seconds"), summary)
+               for step, summary in reversed(list(zip((first, second), summaries)))}
+    return {first.name: entries[first.name], second.name: entries[second.name]}
 
 
 def _provenance(ctx: Context, record: dict, done: dict[str, dict]) -> dict[str, Any]:

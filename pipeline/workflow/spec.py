@@ -212,6 +212,9 @@ class EngineSettings(BaseModel):
     ngff: Literal["0.4", "0.5"] | None = None
     missing_chunks: Literal["fill", "error"] = "fill"
     foreground: str | None = None  # "tissue" (slides: detect once, skip glass) or a mask's URL
+    # a denoise step and a segment step of its output right after it run as one task per tile
+    # (pipeline.engine.fused); off by default: see the README's "Fused steps" for the measurement
+    fuse: bool = False
 
 
 class Workflow(BaseModel):
