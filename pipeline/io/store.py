@@ -232,6 +232,7 @@ class Folder:
     def names(self, name: str = "", *, folders: bool = False) -> list[str]:
         """Sorted entry names of a sub-folder (files, or with ``folders`` sub-folders only)."""
         fs, path = self._path(name)
+        fs.invalidate_cache(path)  # other processes (the workers) add entries: never a cached listing
         if not fs.exists(path):
             return []
         entries = fs.ls(path, detail=True)

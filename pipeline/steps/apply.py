@@ -108,9 +108,14 @@ class DenseRun:
     wanted: list[int]  # those this call runs (tile_ids)
     todo: list[int]  # those not done when it began
 
-    def finish(self, client: Any) -> RunSummary:
+    def finish(self, client: Any, *, kept_elsewhere: bool = False) -> RunSummary:
+        """Compute the tiles not done when the run began (``kept_elsewhere``: those still not
+        done now, a fused step having computed the others), then the pyramid."""
         setup, options, job, manifest = self.setup, self.options, self.job, self.job.manifest
-        todo = [t for t in self.wanted if t not in manifest.done()]  # tiles a fused step kept are done
+        todo = self.todo
+        if kept_elsewhere:
+            done = manifest.done()
+            todo = [t for t in todo if t not in done]
         started = time.perf_counter()
         voxels = 0
         metas: list[dict[str, Any]] = []
@@ -121,7 +126,7 @@ class DenseRun:
                 metas += results
             seconds = time.perf_counter() - started
             report_missing(metas, setup.source)
-            if set(self.every) <= manifest.done():  # every tile of this run was submitted and done
+            if self.wanted == self.every or set(self.every) <= manifest.done():  # every tile is done
                 finalize_image(job.sink, client, progress=options.progress)
                 if job.maps is not None:
                     job.maps.finalize(client, progress=options.progress)

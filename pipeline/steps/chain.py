@@ -63,7 +63,7 @@ def denoise_then_segment(input_url: str, output_url: str, model_dir: str,
             seg = segment_labels(source, output_url, seg_spec, client, segment_options, name=name, iou=iou,
                                  image="in-place")
         seconds["segment"] = time.perf_counter() - started
-        denoised = dense.finish(client)  # the pyramid (and any tile the segment pass did not keep)
+        denoised = dense.finish(client, kept_elsewhere=True)  # the pyramid (+ any tile the segment pass did not keep)
         seconds["denoise"] = time.perf_counter() - started - seconds["segment"]
     else:
         log.info("denoise, then segment (not fused: %s)", why)
