@@ -10,7 +10,9 @@ Fused against unfused: the chain "denoise, then segment the denoised volume" wit
 demo trained (its U-Net segmenter, and the classical watershed), run as a workflow with
 ``engine.fuse`` on and off (``tilewise run``, each measured the same way), and the two stores
 compared: the denoised image (largest difference, relative to its range) and the labels
-(voxels that differ).
+(object for object: ids are numbered by tile). Twice: with each step's default tiles, and on
+one tile grid for both runs, which isolates fusion. ``--chains-only`` re-runs just this part
+with the models of an earlier run in ``--workdir``.
 """
 
 from __future__ import annotations
@@ -53,32 +55,54 @@ CHAINS = {"unet": "{step: segment, name: nuclei, model: %(segmenter)s}",
           "classical": "{step: segment, name: nuclei}"}
 
 
+def same_objects(a: np.ndarray, b: np.ndarray) -> dict:
+    """Whether two labels images hold the same objects (ids may differ: they are numbered by
+    tile), and how many voxels lie in a different object after matching each object of ``a`` to
+    the object of ``b`` it overlaps most."""
+    pairs, counts = np.unique(np.stack([a.ravel(), b.ravel()]).astype(np.int64), axis=1, return_counts=True)
+    best: dict[int, tuple[int, int]] = {}
+    for (x, y), n in zip(pairs.T, counts):
+        if x not in best or n > best[x][1]:
+            best[int(x)] = (int(y), int(n))
+    agreeing = sum(n for _, n in best.values())
+    identical = pairs.shape[1] == len(np.unique(a)) == len(np.unique(b))
+    return {"identical": bool(identical), "voxels_in_another_object": int(a.size - agreeing),
+            "objects": [int(len(np.unique(a)) - 1), int(len(np.unique(b)) - 1)]}
+
+
 def fused_vs_unfused(sample: Path, models: Path, work: Path) -> dict:
-    """Each chain run fused and unfused into its own store: wall time, peak memory, and how far
-    apart the two stores are."""
+    """Each chain run fused and unfused into its own store (wall time, peak memory, how far
+    apart the two stores are): with each step's default tiles (what a user gets), and on one
+    tile grid for both (the denoiser's default, which fusion uses), which isolates fusion."""
     import zarr
 
     tilewise = [sys.executable, "-m", "pipeline.cli"]
     rows = {}
     for chain, segment in CHAINS.items():
-        row, stores = {}, {}
-        for fuse in (False, True):
-            path = work / f"chain-{chain}-{'fused' if fuse else 'unfused'}.yaml"
-            path.write_text(f"name: chain\nengine: {{fuse: {str(fuse).lower()}}}\nsteps:\n"
-                            f"  - {{step: denoise, model: {models / 'denoiser'}, tta: 'off'}}\n"
-                            f"  - {segment % {'segmenter': models / 'segmenter'}}\n")
-            out = work / f"{path.stem}.ome.zarr"
-            measured = run_measured([*tilewise, "-q", "run", str(path), str(sample), str(out), "--overwrite"])
-            prov = json.loads((out / "_tilewise" / "provenance.json").read_text())
-            row["fused" if fuse else "unfused"] = {**measured, "steps": {k: v["seconds"] for k, v in prov["steps"].items()}}
-            stores[fuse] = out
-        a, b = (zarr.open_array(str(stores[f] / "0"), mode="r")[:] for f in (True, False))
-        la, lb = (zarr.open_array(str(stores[f] / "labels" / "nuclei" / "0"), mode="r")[:] for f in (True, False))
-        row["denoised_max_abs_difference_of_range"] = float(np.abs(a - b).max() / (b.max() - b.min()))
-        row["labels_voxels_differing"] = int(np.count_nonzero(la != lb))
-        row["objects"] = {"fused": int(la.max()), "unfused": int(lb.max())}
-        row["fused_seconds_over_unfused"] = row["fused"]["seconds"] / row["unfused"]["seconds"]
-        rows[chain] = row
+        for grid in ("default tiles", "one tile grid"):
+            row, stores = {}, {}
+            for fuse in (False, True):
+                engine = f"{{fuse: {str(fuse).lower()}" + (", tile: %(tile)s}" if grid == "one tile grid" else "}")
+                path = work / f"chain-{chain}-{grid.replace(' ', '-')}-{'fused' if fuse else 'unfused'}.yaml"
+                tile = json.loads((work / f"chain-{chain}-default-tiles-fused.ome.zarr" / "_tilewise" / "steps" /
+                                   "denoised" / "run.json").read_text())["tile_shape"] if grid == "one tile grid" else None
+                path.write_text(f"name: chain\nengine: {engine % {'tile': tile}}\nsteps:\n"
+                                f"  - {{step: denoise, model: {models / 'denoiser'}, tta: 'off'}}\n"
+                                f"  - {segment % {'segmenter': models / 'segmenter'}}\n")
+                out = work / f"{path.stem}.ome.zarr"
+                measured = run_measured([*tilewise, "-q", "run", str(path), str(sample), str(out), "--overwrite"])
+                prov = json.loads((out / "_tilewise" / "provenance.json").read_text())
+                tiles = {k: json.loads((out / "_tilewise" / "steps" / k / "run.json").read_text())["tile_shape"]
+                         for k in ("denoised", "nuclei")}
+                row["fused" if fuse else "unfused"] = {**measured, "tiles": tiles,
+                                                       "steps": {k: v["seconds"] for k, v in prov["steps"].items()}}
+                stores[fuse] = out
+            a, b = (zarr.open_array(str(stores[f] / "0"), mode="r")[:] for f in (True, False))
+            la, lb = (zarr.open_array(str(stores[f] / "labels" / "nuclei" / "0"), mode="r")[:] for f in (True, False))
+            row["denoised_max_abs_difference_of_range"] = float(np.abs(a - b).max() / (b.max() - b.min()))
+            row["labels"] = same_objects(la, lb)
+            row["fused_seconds_over_unfused"] = row["fused"]["seconds"] / row["unfused"]["seconds"]
+            rows[f"{chain}, {grid}"] = row
     return rows
 
 
@@ -86,10 +110,23 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shape", default="32,256,256", help="demo sample shape (make demo's)")
     parser.add_argument("--workdir", default=None)
+    parser.add_argument("--chains-only", action="store_true",
+                        help="only the fused / unfused chains, with the models of an earlier run in --workdir; "
+                             "updates that part of benchmarks/results/workflow.json")
     args = parser.parse_args(argv)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="tilewise-bench-workflow-"))
     work.mkdir(parents=True, exist_ok=True)
     sample, out = work / "lightsheet.ome.zarr", work / "result.ome.zarr"
+    if args.chains_only:
+        result = json.loads((ROOT / "benchmarks" / "results" / "workflow.json").read_text())
+        for key in ("benchmark", "machine", "date"):  # save() writes them afresh
+            result.pop(key, None)
+        result["fused_vs_unfused"] = fused_vs_unfused(sample, out / "models", work)
+        result["fused_vs_unfused_command"] = f"python -m benchmarks.bench_workflow --chains-only --workdir {work}"
+        path = save("workflow", result)
+        print(json.dumps(result["fused_vs_unfused"], indent=2))
+        print(f"wrote {path}")
+        return result
     tilewise = [sys.executable, "-m", "pipeline.cli"]
     if not sample.exists():
         subprocess.run([*tilewise, "-q", "sample", "lightsheet", str(sample), "--shape", args.shape,

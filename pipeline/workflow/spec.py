@@ -213,7 +213,8 @@ class EngineSettings(BaseModel):
     missing_chunks: Literal["fill", "error"] = "fill"
     foreground: str | None = None  # "tissue" (slides: detect once, skip glass) or a mask's URL
     # a denoise step and a segment step of its output right after it run as one task per tile
-    # (pipeline.engine.fused); off by default: see the README's "Fused steps" for the measurement
+    # (pipeline.engine.fused); same store, but slower on the demo (1.15x with the U-Net, 1.64x
+    # with the watershed, bench_workflow): off by default (README, "Fused steps")
     fuse: bool = False
 
 
