@@ -71,6 +71,11 @@ def test_invalid_workflow_files_exit_2(tmp_path, capsys):
     ok = tmp_path / "ok.yaml"
     ok.write_text("steps:\n  - step: segment\n    model: no/such/model\n")
     assert main(["-q", "run", str(ok), str(tmp_path / "in.zarr"), str(tmp_path / "out")]) == 2
+    capsys.readouterr()
+    # trained models are local folders: a workflow that trains into an object store is refused first
+    ok.write_text("steps:\n  - step: train-denoiser\n  - step: denoise\n    model: denoiser\n")
+    assert main(["-q", "run", str(ok), str(tmp_path / "in.zarr"), "s3://bucket/out.ome.zarr"]) == 2
+    assert "must be a local path" in capsys.readouterr().err
 
 
 def _steps():

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
-from pipeline.core.errors import InputError, OutputExistsError
+from pipeline.core.errors import InputError, OptionError, OutputExistsError
 from pipeline.engine.manifest import RunLock
 from pipeline.engine.runner import EngineOptions
 from pipeline.io import store
@@ -97,6 +97,17 @@ def _first_difference(old: Any, new: Any, path: str = "") -> str:
     return f"{path}: {old!r} -> {new!r}"
 
 
+def check_training_output(workflow: Workflow, output_url: str) -> None:
+    """Model folders are local folders (``kernels.modelfile``): a workflow that trains writes
+    them inside its output, which must then be a local path, refused here before anything runs
+    (a folder named after the URL would be made on this machine, out of the workers' reach)."""
+    trains = [s for s in workflow.steps if s.step in TRAINING]
+    if trains and "://" in output_url and not output_url.startswith("file://"):
+        raise OptionError(f"{trains[0].step} '{trains[0].name}': a workflow that trains models writes them into "
+                          f"its output, which must be a local path, not '{output_url}'; run it into a local (or "
+                          "shared-filesystem) output, or train first and name the model folder in the workflow.")
+
+
 def check_models(workflow: Workflow) -> None:
     """Model folders named by path (not trained here) must exist before anything runs."""
     from pipeline.steps.models import check_model_folder
@@ -114,6 +125,7 @@ def run_workflow(workflow: Workflow, input_url: str, output_url: str, client: An
     """Run ``workflow`` over ``input_url`` into ``output_url``; re-running the same call resumes
     (finished steps are skipped, the unfinished one resumes tile by tile)."""
     say = on_step or (lambda text: log.info("%s", text))
+    check_training_output(workflow, output_url)
     store.check_output_location(output_url, input_url, storage_options)
     source = open_image(input_url, storage_options)  # a readable image, before anything is created
     e: EngineSettings = workflow.engine
