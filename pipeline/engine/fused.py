@@ -59,9 +59,6 @@ class FusedSource(ImageSource):
     def __getstate__(self) -> dict[str, Any]:  # tasks carry the recipe, not the client's cache
         return {**self.__dict__, "_cache": {}}
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-
     @property
     def _job(self) -> ImageTileJob:
         assert self.job is not None
@@ -145,23 +142,24 @@ class FusedSource(ImageSource):
             results.append((block[c], out[c], None if maps is None else maps[c]))
         return results
 
-    def read_owned(self, tiles: Sequence[tuple[int, tuple[int, ...], Tile]]) -> list[np.ndarray]:
+    def read_owned(self, tiles: Sequence[tuple[int, tuple[int, ...], Tile]], missing: Sequence[int]
+                   ) -> list[np.ndarray]:
         """The blocks the next step reads for its tiles ``(id, batch index, tile)`` (each tile's
         read region, as stored), computed once; each tile's core of the first output is written
-        and marked done in the first step's manifest on the way (its tiles are the same grid)."""
+        and marked done in the first step's manifest on the way (its tiles are the same grid),
+        with ``missing``, the input chunks the next step's reader counted for the tile."""
         job, model = self._job, resident(self._job.kernel)
         started = time.perf_counter()
-        missing = [self.missing_chunks(tuple(slice(i, i + 1) for i in at) + tile.read) for _, at, tile in tiles]
         computed = self.compute([(at, tile.read) for _, at, tile in tiles])
         seconds = (time.perf_counter() - started) / max(len(tiles), 1)
         blocks = []
-        for (g, at, tile), (inputs, outputs, maps), absent in zip(tiles, computed, missing):
+        for (g, at, tile), (inputs, outputs, maps), n_missing in zip(tiles, computed, missing):
             own = job.plan.tile(g % len(job.plan))
             if own.core != tile.core:
                 raise RuntimeError(f"fused steps tile differently: tile {g} is {own.core} and {tile.core}")
             core = (slice(None),) + tuple(slice(c.start - r.start, c.stop - r.start) for c, r in zip(tile.core, tile.read))
             job.keep(model, g, at, own, inputs[core], outputs[core], None if maps is None else maps[core],
-                     seconds=seconds, missing=len(absent))
+                     seconds=seconds, missing=n_missing)
             stored = job.cast(outputs)
             stored = stored if self._has_channel_axis else stored[0]
             blocks.append(stored.reshape((1,) * len(at) + stored.shape))

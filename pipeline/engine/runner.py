@@ -31,7 +31,7 @@ from pipeline.engine.stats import Normalisation, nonfinite_message
 from pipeline.engine.submit import run_tasks
 from pipeline.io.ngff import SPACE, Axis
 from pipeline.io.store import check_output_location, content_fingerprint, exists
-from pipeline.io.read import ImageSource, ngff_problems, open_image
+from pipeline.io.read import ImageSource, as_source, ngff_problems
 from pipeline.io.write import ImageSink
 
 log = logging.getLogger(__name__)
@@ -333,7 +333,7 @@ def prepare_engine(input: str | ImageSource, kernel: KernelSpec, options: Engine
     Normalised kernels see each channel's global percentiles (at the levels the kernel
     declares: a model's card) mapped to 0..1, computed once per input from a coarse level.
     """
-    source = input if isinstance(input, ImageSource) else open_image(input, options.storage_options)
+    source = as_source(input, options.storage_options)
     input_url = source.url
     problems = ngff_problems(source)
     if problems:
@@ -343,7 +343,6 @@ def prepare_engine(input: str | ImageSource, kernel: KernelSpec, options: Engine
     source.level(options.level)  # refuses a level the image lacks, by name
     k = build_checked(kernel)
     traits = k.traits
-    pad_mode = options.pad_mode or traits.pad_mode
     if traits.ndim != len(spatial):
         raise OptionError(f"Kernel '{kernel.name}' is {traits.ndim}D but '{input_url}' has {len(spatial)} "
                           "spatial axes.")
@@ -357,7 +356,7 @@ def prepare_engine(input: str | ImageSource, kernel: KernelSpec, options: Engine
     scaling = Normalisation.of(source, traits.percentiles) if traits.input == "normalised" else None
     params = {
         "input": input_url, "level": options.level, "kernel": kernel.name, "kernel_params": kernel.params,
-        "tile_shape": list(plan.tile_shape), "halo": list(plan.halo), "pad_mode": pad_mode,
+        "tile_shape": list(plan.tile_shape), "halo": list(plan.halo), "pad_mode": plan.pad_mode,
         "normalisation": scaling.pairs() if scaling else None,
         "ngff": options.ngff or ("0.4" if source.version == "0.4" else "0.5"),
         "missing_chunks": options.missing_chunks,

@@ -249,6 +249,12 @@ def _level_layout(arr: zarr.Array) -> tuple[tuple[int, ...], tuple[int, ...] | N
     return tuple(int(c) for c in arr.chunks), (tuple(int(s) for s in shards) if shards else None)
 
 
+def as_source(image: "str | ImageSource", storage_options: Mapping[str, Any] | None = None) -> ImageSource:
+    """``image`` opened (:func:`open_image`), or as it is when it already is a source (a fused
+    chain's image computed on read)."""
+    return image if isinstance(image, ImageSource) else open_image(image, storage_options)
+
+
 def open_image(url: str, storage_options: Mapping[str, Any] | None = None) -> ImageSource:
     """Open the OME-Zarr image at ``url`` (the group holding ``multiscales``), or a TIFF-family
     slide file (``.svs``, ``.ndpi``, ``.tif``...; :func:`open_slide`).

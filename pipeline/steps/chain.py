@@ -17,8 +17,7 @@ from kernels import KernelSpec
 from pipeline.engine.fused import FusedSource
 from pipeline.engine.runner import EngineOptions, RunSummary, build_checked, plan_for
 from pipeline.io.read import ImageSource
-from pipeline.steps.apply import begin_dense
-from pipeline.steps.denoise import ResidualReport, model_spec, resolve_tta, residual_report
+from pipeline.steps.denoise import ResidualReport, begin_denoise, residual_report
 from pipeline.steps.segment import SegmentSummary, segment_labels
 
 log = logging.getLogger(__name__)
@@ -44,9 +43,8 @@ def denoise_then_segment(input_url: str, output_url: str, model_dir: str,
     one tile grid (crop-stitched, level 0 of the denoised image); otherwise, or with
     ``fuse=False``, one after the other. The two options carry each step's workspace."""
     started = time.perf_counter()
-    spec = model_spec(model_dir, precision=precision,
-                      tta=resolve_tta(tta, input_url, denoise_options.level, denoise_options.storage_options))
-    dense = begin_dense(input_url, output_url, spec, client, denoise_options, name="denoised", out_dtype=out_dtype)
+    dense = begin_denoise(input_url, output_url, model_dir, client, denoise_options, out_dtype=out_dtype,
+                          precision=precision, tta=tta)
     seconds: dict[str, float] = {}
     why = _unfusable(dense.job.blend, segment_options) if fuse else "fuse is off"
     if why is None:

@@ -13,7 +13,7 @@ from kernels.denoise import DenoiseKernel
 from pipeline.core.errors import OptionError
 from pipeline.engine.manifest import RunManifest
 from pipeline.engine.runner import EngineOptions, RunSummary
-from pipeline.steps.apply import run_kernel
+from pipeline.steps.apply import DenseRun, begin_dense
 from pipeline.steps.models import model_spec as _model_spec
 
 log = logging.getLogger(__name__)
@@ -76,12 +76,19 @@ def denoise(input_url: str, output_url: str, model_dir: str, client: Any, option
     ``tta``: ``auto`` (on up to ``TTA_AUTO_PIXELS``), ``on``, ``off``). Tiles whose residual
     holds structure are logged."""
     options = EngineOptions.of(options, **settings)
+    run = begin_denoise(input_url, output_url, model_dir, client, options, out_dtype=out_dtype, precision=precision,
+                        tta=tta)
+    return run.finish(client), residual_report(output_url, options)
+
+
+def begin_denoise(input_url: str, output_url: str, model_dir: str, client: Any, options: EngineOptions, *,
+                  out_dtype: str = "float32", precision: str = "fp32", tta: str | bool = "auto") -> DenseRun:
+    """:func:`denoise`'s output created (or resumed) and its tile job ready (``DenseRun``): a
+    fused chain lets the segment step compute its tiles before ``finish``."""
     tta = resolve_tta(tta, input_url, options.level, options.storage_options)
     log.info("test-time augmentation %s", "on (8 orientations)" if tta else "off")
-    summary = run_kernel(input_url, output_url, model_spec(model_dir, precision=precision, tta=tta), client, options,
-                         name="denoised",
-                         out_dtype=out_dtype)
-    return summary, residual_report(output_url, options)
+    return begin_dense(input_url, output_url, model_spec(model_dir, precision=precision, tta=tta), client, options,
+                       name="denoised", out_dtype=out_dtype)
 
 
 def residual_report(output_url: str, options: EngineOptions) -> ResidualReport:

@@ -30,7 +30,6 @@ import numpy as np
 from kernels import KernelSpec
 from kernels.brightfield import ObjectSignal, otsu_gap
 from pipeline.core.errors import OptionError
-from pipeline.engine.fused import FusedSource
 from pipeline.engine.manifest import RunLock, RunManifest, check_compatible
 from pipeline.engine.maps import MapSinks
 from pipeline.engine.pyramid import finalize_image
@@ -50,7 +49,7 @@ from pipeline.engine.runner import (
 from pipeline.engine.stats import Normalisation
 from pipeline.engine.submit import run_tasks
 from pipeline.io import store
-from pipeline.io.read import ImageSource, open_image
+from pipeline.io.read import ImageSource, as_source
 from pipeline.io.tables import TableSpec, begin_table, table_url, write_part
 from pipeline.io.write import ImageSink, create_collection, create_label_image
 from pipeline.steps.convert import copy_image_data, image_like
@@ -158,10 +157,9 @@ def segment_labels(input_url: str | ImageSource, output_url: str, kernel: Kernel
     """
     options = EngineOptions.of(options, **settings)
     store.check_name(name, "The labels")
-    opened = input_url if isinstance(input_url, ImageSource) else None
-    input_url = opened.url if opened is not None else input_url
+    given, input_url = input_url, input_url.url if isinstance(input_url, ImageSource) else input_url
     check_location(output_url, input_url, options)
-    setup = prepare_engine(opened or input_url, kernel, options)
+    setup = prepare_engine(given, kernel, options)
     plan = setup.plan
     if not setup.traits.is_labels:
         raise OptionError(f"Kernel '{kernel.name}' does not produce instance labels; use segment-classical, "
@@ -314,7 +312,7 @@ def label_tiles(run: SegmentRun, client: Any, tiles: Sequence[int], *, measure: 
     batch = setup.batch(run.options.batch)
     job = LabelTileJob(kernel=run.kernel, reader=setup.reader(), plan=plan, manifest=run.manifest, files=run.files,
                        dims=tuple(setup.spatial_dims), batch=batch, measure_intensity=measure and setup.traits.measures,
-                       batch_shape=setup.batch_shape, maps=run.maps(), fused=isinstance(setup.source, FusedSource))
+                       batch_shape=setup.batch_shape, maps=run.maps())
     metas = []
     for results in submit_tiles(client, job, todo, setup=setup, options=run.options, batch=batch,
                                 desc=run.kernel.name):
@@ -417,7 +415,7 @@ def classical_spec(input_url: str | ImageSource, *, level: int = 0, diameter: fl
 
     if diameter is not None and not (math.isfinite(diameter) and diameter > 0):
         raise OptionError(f"--diameter must be a positive length in the image's units, got {diameter}.")
-    source = input_url if isinstance(input_url, ImageSource) else open_image(input_url, storage_options)
+    source = as_source(input_url, storage_options)
     input_url = source.url
     image_layout(source)  # refuses axes in an order the engine cannot tile
     scale = list(source.spatial_scale(level))
@@ -525,7 +523,7 @@ def model_zoom(input_url: str | ImageSource, model_dir: str, *, level: int = 0, 
     seen = (read_card(model_dir).training.get("object_scale") or {}).get("image")
     if not seen or "pixel" not in seen:
         return 1.0, None
-    source = input_url if isinstance(input_url, ImageSource) else open_image(input_url, storage_options)
+    source = as_source(input_url, storage_options)
     input_url = source.url
     pixel = min(source.spatial_scale(level))
     found = ObjectScale.given(diameter) if diameter is not None else estimate_object_scale(source, level=level)

@@ -40,6 +40,7 @@ import numpy as np
 from kernels import Kernel, KernelSpec
 from kernels.metrics import overlap_iou
 from pipeline.core.regions import Region
+from pipeline.engine.fused import FusedSource
 from pipeline.engine.manifest import WORKSPACE, RunManifest
 from pipeline.engine.maps import MapSinks
 from pipeline.engine.plan import Tile, TilePlan
@@ -232,7 +233,6 @@ class LabelTileJob:
     measure_intensity: bool = True
     batch_shape: tuple[int, ...] = ()  # time points (and custom axes): each labelled on its own
     maps: MapSinks | None = None  # the kernel's maps (uncertainty): written per core, measured per object
-    fused: bool = False  # the reader's source computes a first step's output and keeps its cores (engine.fused)
 
     def __call__(self, tile_ids: Sequence[int]) -> list[dict[str, Any]]:
         return run_batches(self.kernel, tile_ids, self.batch, self.run_batch)
@@ -255,8 +255,8 @@ class LabelTileJob:
         tiles = [tile for _, tile in located]
         missing = [self.reader.missing(tile.read, at) for at, tile in located]  # before any work
         pads = [self.edge_pad(tile) for tile in tiles]
-        if self.fused:  # the first step's output over each read region, its cores written on the way
-            raw = self.reader.source.read_owned([(g, at, tile) for g, (at, tile) in zip(ids, located)])
+        if isinstance(self.reader.source, FusedSource):  # a fused chain: the first step's output, its cores kept
+            raw = self.reader.source.read_owned([(g, at, tile) for g, (at, tile) in zip(ids, located)], missing)
             blocks = [self.reader.prepare(block, pad, tile.read, len(at))
                       for block, (at, tile), pad in zip(raw, located, pads)]
         else:
