@@ -181,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", default="he,slide,sections",
                         help="he, slide (50k, glass in ~300 um patches), sections (tissue sections millimetres "
-                             "across with wide glass between: what skipping gains), geojson (of slide, again)")
+                             "across with wide glass between: what skipping gains), geojson (of slide, again), "
+                             "sections-geojson (of the sections slide's skipped run)")
     parser.add_argument("--size", type=int, default=50000, help="synthetic slide side, pixels (default 50000)")
     parser.add_argument("--sections-size", type=int, default=20000, help="the sections slide's side (default 20000)")
     parser.add_argument("--full", action="store_true",
@@ -204,11 +205,16 @@ def main(argv: list[str] | None = None) -> int:
         if "geojson" in parts:
             part_geojson(work, result["slide"])
             _save_merged(result, "slide")
+        # the 20k sections slide keeps its key; another size is kept beside it, not over it
+        key = "sections" if args.sections_size == 20000 else f"sections_{args.sections_size}"
+        sections = work / "sections"
         if "sections" in parts:
-            sections = work / "sections"
             sections.mkdir(exist_ok=True)
-            part_slide(sections, args.sections_size, result, key="sections", tissue_scale=args.sections_size / 4,
+            part_slide(sections, args.sections_size, result, key=key, tissue_scale=args.sections_size / 4,
                        geojson=False)
+        if "sections-geojson" in parts:
+            part_geojson(sections, result[key])
+            _save_merged(result, key)
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
