@@ -1,8 +1,9 @@
 """Objects as GeoJSON polygons that QuPath (and geopandas, shapely, napari-geojson) import.
 
 Each object's outline is traced from the stitched labels image of a segmentation output, by
-the task of the tile that holds its centroid: the task reads one region (the union of its
-objects' bounding boxes), traces each object (scikit-image's marching squares, collinear
+the task of the tile that holds its centroid: the task reads its objects' rows from the
+table's Parquet parts (the client only locates them: 16 bytes per object) and one region of
+the labels (the union of its objects' bounding boxes), traces each object (scikit-image's marching squares, collinear
 vertices dropped) and writes its features, one per line, to a part file. The client then streams
 the parts into one ``FeatureCollection`` in tile order, one part at a time: no process ever
 holds more than one tile's polygons. Finished parts survive an interruption (a rerun writes
@@ -29,7 +30,7 @@ from pipeline.engine.runner import tiles_per_task
 from pipeline.engine.submit import run_tasks
 from pipeline.io import store
 from pipeline.io.read import ImageSource, open_image
-from pipeline.io.tables import INSTANCE_KEY, REGION_KEY, read_table
+from pipeline.io.tables import EMBED_PREFIX, INSTANCE_KEY, REGION_KEY, table_url
 
 log = logging.getLogger(__name__)
 
@@ -70,18 +71,42 @@ def _feature(label: int, ring: np.ndarray, row: dict[str, Any], classification: 
 
 
 @dataclass(frozen=True)
+class TableRows:
+    """Where each tile's rows lie in the table's Parquet parts: the task reads them itself, so
+    the client never holds the rows (only three small integers per object)."""
+
+    folder: store.Folder  # tables/<name>
+    files: tuple[str, ...]  # part paths on the folder's filesystem
+    columns: tuple[str, ...]  # every column but the embeddings
+
+    def read(self, where: np.ndarray) -> list[dict[str, Any]]:
+        """Rows at ``where`` (``(n, 2)``: file index, row index), each file read once, in label order."""
+        import pyarrow.parquet as pq
+
+        fs, _ = self.folder.filesystem()
+        rows: list[dict[str, Any]] = []
+        for f in np.unique(where[:, 0]):
+            with fs.open(self.files[int(f)], "rb") as fh:
+                part = pq.read_table(fh, columns=list(self.columns))
+            taken = part.take(where[where[:, 0] == f, 1]).to_pydict()
+            rows += [{c: _clean(taken[c][i]) for c in self.columns} for i in range(len(taken[INSTANCE_KEY]))]
+        return sorted(rows, key=lambda r: r[INSTANCE_KEY])
+
+
+@dataclass(frozen=True)
 class GeoJSONTileJob:
     """One task: the features of the objects whose centroid lies in each of its tiles."""
 
     labels: ImageSource
+    table: TableRows
     parts: store.Folder
     classification: str
 
-    def __call__(self, item: tuple[Sequence[int], Sequence[list[dict[str, Any]]]]) -> int:
-        tiles, rows_per_tile = item
+    def __call__(self, item: tuple[Sequence[int], Sequence[np.ndarray]]) -> int:
+        tiles, where_per_tile = item
         written = 0
-        for tile, rows in zip(tiles, rows_per_tile):
-            written += self.tile(int(tile), rows)
+        for tile, where in zip(tiles, where_per_tile):
+            written += self.tile(int(tile), self.table.read(where) if len(where) else [])
         return written
 
     def tile(self, tile: int, rows: list[dict[str, Any]]) -> int:
@@ -108,7 +133,9 @@ class GeoJSONTileJob:
 
 
 def _clean(value: Any) -> Any:
-    """A table cell as JSON: numbers as numbers (NaN as null), the rest as text."""
+    """A table cell as JSON: numbers as numbers (NaN and missing as null), the rest as text."""
+    if value is None or isinstance(value, (bool, np.bool_)):
+        return None if value is None else bool(value)
     if isinstance(value, (np.integer, int)):
         return int(value)
     if isinstance(value, (np.floating, float)):
@@ -131,37 +158,52 @@ def export_geojson(output_url: str, path: str, client: Any, *, name: str = "nucl
         raise InputError(f"'{labels_url}' has axes {labels.dims}; GeoJSON polygons are for 2D labels (y, x).")
     if store.exists(path, so) and not overwrite:
         raise OptionError(f"'{path}' already exists; pass --overwrite to replace it.")
-    frame = read_table(output_url, name, so)
-    frame = frame[[c for c in frame.columns if not c.startswith("embed_")]]
     lv = labels.level(0)
     plan = make_plan(lv.shape, ("y", "x"), lv.chunks, {}, tile_shape=tile_shape, itemsize=8)
-    owner = plan.owner_of(frame[["centroid_y", "centroid_x"]].to_numpy(np.float64))
+    table, owner, where = _locate_rows(output_url, name, plan, so)
     order = np.argsort(owner, kind="stable")
     bounds = np.searchsorted(owner[order], np.arange(len(plan) + 1))
     parts = store.Folder(path + ".parts", so)
     parts.makedirs()
     done = {int(n.split(".")[0]) for n in parts.names() if n.endswith(".jsonl")}
     todo = [t for t in range(len(plan)) if t not in done]
-    # columns as typed arrays (a few bytes per cell); a tile's rows become Python objects only
-    # when its task is submitted (an object array of the table was 1.3 GB at 266k objects)
-    columns = {c: frame[c].to_numpy() for c in frame.columns}
-    del frame
-
-    def rows(t: int) -> list[dict[str, Any]]:
-        return [{c: _clean(v[i]) for c, v in columns.items()} for i in order[bounds[t]:bounds[t + 1]]]
-
     per_task = tiles_per_task(len(todo), 1)
     groups = [todo[k:k + per_task] for k in range(0, len(todo), per_task)]
-    job = GeoJSONTileJob(labels, parts, classification or name)
+    job = GeoJSONTileJob(labels, table, parts, classification or name)
     started = time.perf_counter()
-    for _ in run_tasks(client, job, ((g, [rows(t) for t in g]) for g in groups), total=len(groups),
-                       desc=f"geojson {name}", progress=progress):
+    items = ((g, [where[order[bounds[t]:bounds[t + 1]]] for t in g]) for g in groups)
+    for _ in run_tasks(client, job, items, total=len(groups), desc=f"geojson {name}", progress=progress):
         pass
     features = _merge(parts, len(plan), path, so)
     parts.remove()
     seconds = time.perf_counter() - started
     log.info("wrote %s: %d polygons from %d tiles in %.1f s", path, features, len(plan), seconds)
     return GeoJSONSummary(path, features, len(plan), seconds)
+
+
+def _locate_rows(output_url: str, name: str, plan: Any, storage_options: dict
+                 ) -> tuple[TableRows, np.ndarray, np.ndarray]:
+    """The table's parts, each row's owning tile (by its centroid) and ``(file, row)`` position,
+    read one part at a time and only the centroid columns: 16 bytes per object on the client."""
+    import pyarrow.dataset as ds
+    import pyarrow.parquet as pq
+
+    folder = store.Folder(table_url(output_url, name), storage_options)
+    fs, path = folder.filesystem()
+    dataset = ds.dataset(path, filesystem=fs, format="parquet")
+    columns = tuple(c for c in dataset.schema.names if not c.startswith(EMBED_PREFIX))
+    missing = [c for c in ("centroid_y", "centroid_x", "bbox_min_y", "bbox_max_x") if c not in columns]
+    if missing:
+        raise InputError(f"table '{name}' of '{output_url}' has no {', '.join(missing)} columns; GeoJSON needs the "
+                         "object table a segmentation writes.")
+    owners, where = [np.zeros(0, np.int64)], [np.zeros((0, 2), np.int32)]
+    for f, file in enumerate(dataset.files):
+        with fs.open(file, "rb") as fh:
+            centres = pq.read_table(fh, columns=["centroid_y", "centroid_x"])
+        yx = np.column_stack([centres["centroid_y"].to_numpy(), centres["centroid_x"].to_numpy()])
+        owners.append(plan.owner_of(yx.astype(np.float64)))
+        where.append(np.column_stack([np.full(len(yx), f), np.arange(len(yx))]).astype(np.int32))
+    return TableRows(folder, tuple(dataset.files), columns), np.concatenate(owners), np.concatenate(where)
 
 
 def _merge(parts: store.Folder, n_tiles: int, path: str, storage_options: dict) -> int:
