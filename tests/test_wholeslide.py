@@ -43,7 +43,8 @@ def synthetic_slide(tmp_path_factory, client):
     return path, truth
 
 
-@pytest.mark.parametrize("flavour, suffix", [("generic", ".tif"), ("svs", ".svs"), ("ome", ".ome.tif")])
+@pytest.mark.parametrize("flavour, suffix", [("generic", ".tif"), ("svs", ".svs"), ("ome", ".ome.tif"),
+                                             ("ndpi", ".ndpi")])
 def test_slide_reader_returns_tiffslides_pixels_at_every_level(tmp_path_factory, client, flavour, suffix):
     import tiffslide
 
@@ -54,6 +55,8 @@ def test_slide_reader_returns_tiffslides_pixels_at_every_level(tmp_path_factory,
     reference = tiffslide.TiffSlide(path)
     assert slide.dims == ("c", "y", "x") and slide.channel_names == ("R", "G", "B")
     assert len(slide.levels) == reference.level_count == len(he.levels) > 1
+    if flavour in ("svs", "ndpi"):  # read as the vendor's format, not as a generic TIFF
+        assert reference.properties["tiffslide.vendor"] == {"svs": "aperio", "ndpi": "hamamatsu"}[flavour]
     assert slide.spatial_scale(0) == pytest.approx(he.spatial_scale(0)) and slide.spatial_unit == "micrometer"
     for k in range(len(slide.levels)):
         w, h = reference.level_dimensions[k]

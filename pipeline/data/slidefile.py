@@ -16,7 +16,7 @@ import numpy as np
 from pipeline.core.errors import OptionError
 from pipeline.io.read import ImageSource
 
-FLAVOURS = ("generic", "svs", "ome")
+FLAVOURS = ("generic", "svs", "ome", "ndpi")
 
 
 def _tiles(source: ImageSource, level: int, tile: int) -> Iterator[np.ndarray]:
@@ -38,7 +38,11 @@ def write_slide(source: ImageSource, path: str, *, flavour: str = "generic", til
 
     ``flavour``: ``generic`` (SubIFDs, resolution tags in centimetres), ``svs`` (Aperio: pages
     with an ``Aperio Image Library`` description carrying ``MPP``) or ``ome`` (OME-XML with the
-    physical pixel size). Pixel size is the source's (micrometres).
+    physical pixel size) or ``ndpi`` (Hamamatsu: consecutive pages carrying NDPI's private tags
+    (format 65420, source lens 65421, offsets from the slide centre 65422/3) and
+    ``Make = Hamamatsu``, resolution in centimetres; tifffile cannot write NDPI's own 32-bit TIFF
+    with 64-bit offsets, so the file is a BigTIFF that tifffile and tiffslide read as NDPI).
+    Pixel size is the source's (micrometres).
     """
     import tifffile
 
@@ -60,6 +64,11 @@ def write_slide(source: ImageSource, path: str, *, flavour: str = "generic", til
                 extra["description"] = (f"Aperio Image Library v12.0.0\r\n{w}x{h} [0,0 {w}x{h}] ({tile}x{tile}) "
                                         f"JPEG/RGB Q={quality}|AppMag = 20|MPP = {mpp * step:.6f}")
                 extra["subfiletype"] = 0 if k == 0 else 1
+            elif flavour == "ndpi":
+                extra["extratags"] = [(271, "s", 0, "Hamamatsu", True), (272, "s", 0, "C13210", True),
+                                      (65420, "I", 1, 1, True), (65421, "f", 1, 20.0 / step, True),
+                                      (65422, "i", 1, 0, True), (65423, "i", 1, 0, True)]
+                extra["metadata"] = None  # no tifffile "shaped" description: it would be read before NDPI's tags
             elif k == 0:
                 extra["subifds"] = len(levels) - 1
                 if flavour == "ome":
