@@ -7,8 +7,9 @@
   interleaved twice (best round of each).
 - map_overlap: the same conv-net over the same volume with ``dask.array.map_overlap`` + ``to_zarr``
   on the same LocalCluster: wall time, task count, peak client+scheduler RSS.
-- plan_1tb: plan + windowed submission of every tile of a 2048 x 16384 x 16384 uint16 store that
-  holds metadata only, with a no-op kernel (each task rebuilds its tile from the id and returns).
+- planning: plan + windowed submission of every tile of a 1 TiB (2048 x 16384 x 16384) and a
+  10 TiB (5120 x 32768 x 32768) uint16 store that hold metadata only, with the real job payload
+  and a no-op body (each task rebuilds its tiles from their ids and returns).
 - memory: peak worker RSS running a Gaussian (halo 4) over 1, 4 and 16 GB uint16 inputs.
 - resume_checks: what a resume pays to trust finished work: the input's content fingerprint and
   the checksum verification of every finished tile's output.
@@ -23,7 +24,9 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -176,7 +179,13 @@ def _convnet_block(block: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return kernel.run(x[None, None])[0, 0]
 
 
-def part_plan_1tb(work: Path, shape) -> dict:
+PLANNING_SHAPES = {"1 TB": (2048, 16384, 16384), "10 TB": (5120, 32768, 32768)}  # uint16: 1 TiB, 10 TiB
+
+
+def part_planning(work: Path, big) -> dict:
+    """Plan + submit every tile of a metadata-only uint16 store of shape ``big``, the way
+    ``submit_tiles`` does (the job as the task function, tile-id groups as items), with the
+    real ``ImageTileJob`` payload and a no-op body (each task rebuilds its tiles from their ids)."""
     from kernels import KernelSpec
     from pipeline.io import create_image, default_axes, open_image
     from pipeline.engine.manifest import RunManifest
@@ -184,7 +193,7 @@ def part_plan_1tb(work: Path, shape) -> dict:
     from pipeline.engine.runner import ImageTileJob, TileReader, tiles_per_task
     from pipeline.engine.submit import run_tasks
 
-    big = (2048, 16384, 16384)
+    big = tuple(big)
     cluster, client = _cluster()
     client.wait_for_workers(2)
     client.run(lambda: 0)  # workers up and idle before the clock starts
@@ -197,28 +206,34 @@ def part_plan_1tb(work: Path, shape) -> dict:
     plan = make_plan(big, "zyx", TILE, {"z": 4, "y": 4, "x": 4})  # run_kernel's default tile size
     source = open_image(src.url)
     manifest = RunManifest(str(work / "tb-out.ome.zarr"))
-    todo = [t for t in range(len(plan)) if t not in manifest.done()]
+    done = manifest.done()
+    todo = [t for t in range(len(plan)) if t not in done]
     reader = TileReader(source, 0, False, plan.pad_mode, "raw", None)
-    task = ImageTileJob(KernelSpec.of("identity"), reader, plan, out, manifest)
+    job = NoopJob(ImageTileJob(KernelSpec.of("identity"), reader, plan, out, manifest))
     per_task = tiles_per_task(len(todo), 1)
     plan_s = time.perf_counter() - t0
     groups = (tuple(todo[i:i + per_task]) for i in range(0, len(todo), per_task))
-    n = 0
-    for _ in run_tasks(client, _noop_tile, ((task, g) for g in groups), total=len(plan), progress=False):
-        n += 1
+    n = sum(1 for _ in run_tasks(client, job, groups, total=-(-len(todo) // per_task), progress=False))
     total_s = time.perf_counter() - t0
     peak = _client_peak()
     client.close()
     cluster.close()
+    shutil.rmtree(work / "tb.ome.zarr", ignore_errors=True)
+    shutil.rmtree(work / "tb-out.ome.zarr", ignore_errors=True)
     return {"shape": list(big), "bytes": int(np.prod(big)) * 2, "tile": list(plan.tile_shape), "halo": list(plan.halo),
-            "tiles": len(plan), "tiles_per_task": per_task, "tasks": n, "plan_s": plan_s, "plan_and_submit_s": total_s, "tasks_per_s": n / total_s,
-            "client_peak_rss_bytes": peak, "client_rss_before_bytes": base,
-            "note": "every task ships the real ImageTileJob payload and rebuilds its Tiles from their ids; no I/O"}
+            "tiles": len(plan), "tiles_per_task": per_task, "tasks": n, "plan_s": plan_s, "plan_submit_s": total_s,
+            "tasks_per_s": n / total_s, "client_rss_bytes": peak, "client_rss_before_bytes": base,
+            "job_pickle_bytes": len(__import__("pickle").dumps(job))}
 
 
-def _noop_tile(args) -> int:
-    task, ids = args
-    return sum(len(task.plan.tile(i).read) for i in ids)
+@dataclass(frozen=True)
+class NoopJob:
+    """The engine's task shape with no I/O: the real job's payload travels, its tiles are rebuilt."""
+
+    job: Any
+
+    def __call__(self, ids) -> int:
+        return sum(len(self.job.plan.tile(i).read) for i in ids)
 
 
 def part_memory(work: Path, size_gb: float) -> dict:
@@ -283,7 +298,7 @@ def part_resume_checks(work: Path, shape) -> dict:
                     "every finished tile's output read back and hashed (BLAKE2b) on 2 workers; uint16 data"}
 
 
-PARTS = {"efficiency": part_efficiency, "map_overlap": part_map_overlap, "plan_1tb": part_plan_1tb,
+PARTS = {"efficiency": part_efficiency, "map_overlap": part_map_overlap, "planning": part_planning,
          "resume_checks": part_resume_checks}
 
 
@@ -301,7 +316,7 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shape", default="64,1024,1024", help="volume for efficiency and map_overlap")
     parser.add_argument("--sizes-gb", default="1,4,16", help="input sizes for the memory part")
-    parser.add_argument("--parts", default="efficiency,map_overlap,plan_1tb,resume_checks,memory")
+    parser.add_argument("--parts", default="efficiency,map_overlap,planning,resume_checks,memory")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--part", help=argparse.SUPPRESS)
     parser.add_argument("--arg", help=argparse.SUPPRESS)
@@ -345,6 +360,14 @@ def main(argv=None) -> dict:
                 kept.update({tuple(r["shape"]): r for r in rows})
                 results["memory"] = {"kernel": "gaussian sigma 1 (halo 4), uint16 out, with pyramid; 2 workers x 1 "
                                                "thread", "rows": sorted(kept.values(), key=lambda r: r["input_gb"])}
+            elif name == "planning":  # one process per volume: each row's client memory is its own
+                rows = []
+                for label, big in PLANNING_SHAPES.items():
+                    rows.append({"volume": label, **_run_part(name, work, ",".join(map(str, big)))})
+                    print(json.dumps(rows[-1], default=str)[:600], flush=True)
+                results["planning"] = {"note": "plan + windowed submission of every tile of a metadata-only uint16 "
+                                               "store, real ImageTileJob payload, no-op task body; 2 workers",
+                                       "rows": rows}
             else:
                 results[name] = _run_part(name, work, args.shape)
                 print(json.dumps(results[name], default=str)[:600], flush=True)

@@ -36,7 +36,9 @@ from pipeline.io.write import ImageSink
 
 log = logging.getLogger(__name__)
 
-MAX_TASKS = 2048
+# a task's round trip through the scheduler costs ~2-4 ms on 2 busy cores whatever it carries (bench_engine
+# planning): 1,024 tasks keep a 1 TB pass's submission under 5 s and still give 8 tasks per thread to 128 threads
+MAX_TASKS = 1024
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,7 @@ class EngineOptions:
         capped by the kernel's ``max_batch``.
     blend : weight-blend lattice windows instead of crop-stitching halos (dense outputs only).
     max_tasks : tiles are grouped so a pass has at most about this many tasks; the
-        scheduler's per-task cost (~1 ms) then stays seconds at 10^5 tiles.
+        scheduler's per-task cost (a few ms) then stays seconds at 10^5 tiles and more.
     window : tasks in flight at once (default: from the cluster's size).
     resources : Dask resources per task; default ``{"GPU": 1}`` for GPU kernels when the
         cluster's workers advertise GPUs.
