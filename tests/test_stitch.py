@@ -270,13 +270,14 @@ def test_time_lapse_labels_are_stitched_per_time_point(tmp_path, client):
 
 
 @pytest.mark.parametrize("name, axes, shape, tile, halo", CASES, ids=[c[0] for c in CASES])
-def test_match_reads_neighbours_from_rim_files_as_from_raw(tmp_path, client, name, axes, shape, tile, halo):
-    """Pass 2 reads each neighbour's core ids from its rim file (one small file instead of
-    sharded zarr slabs); the edges equal those read from ``raw``, which a run begun before rim
-    files falls back to."""
+def test_match_reads_neighbours_from_rim_files_as_from_their_whole_shells(tmp_path, client, name, axes, shape, tile,
+                                                                          halo):
+    """Pass 2 reads each neighbour's core ids from the one rim slab it needs (a small file, one
+    member decompressed); they equal the core ids in the neighbour's whole-block shell, which
+    pass 3 relabels from, and the edges equal those matched against the shells' cores."""
     from pipeline.engine.plan import make_plan
     from pipeline.io.store import Folder
-    from pipeline.steps.stitch import MatchTask, StitchFiles, from_rims, intersect, local_of, neighbours
+    from pipeline.steps.stitch import MatchTask, StitchFiles, from_rims, intersect, neighbours, rim_key, rim_slabs, shift
 
     truth = straddling_labels(shape, tile, np.random.default_rng(7))
     url = _store(tmp_path, "labels.ome.zarr", truth, axes, tile)
@@ -285,17 +286,57 @@ def test_match_reads_neighbours_from_rim_files_as_from_raw(tmp_path, client, nam
                    progress=False, keep_intermediate=True)
     files = StitchFiles(out, {})
     plan = make_plan(shape, axes, tile, dict(zip(axes, (halo,) * len(shape))), tile_shape=tile)
-    task = MatchTask(plan, files)
     ids = list(range(len(plan)))
-    assert len(files.folder.names("rim")) == len(plan)
+    assert len(files.folder.names("rim")) == len(files.folder.names("shell")) == len(plan)
+    assert not files.folder.exists("raw")  # no shared id array: each pass reads per-tile files
+
+    def core_of(t):
+        shell = files.load("shell", t.id)
+        return shell["labels"][shift(t.core, shell["start"])]
+
     tile = plan.tile(0)
-    other = next(neighbours(plan, tile))
-    step = tuple(o - t for o, t in zip(other.index, tile.index))
-    region = intersect(tile.read, other.core)
-    cut = from_rims(files.load("rim", other.id), region, other.core, step, plan.halo)
-    assert cut is not None and np.array_equal(cut, local_of(files.raw()[region]))  # the rim holds the raw ids
-    with_rims = task(ids)
-    Folder(files.folder.url, {}).remove("rim")
-    from_raw = task(ids)
+    for other in neighbours(plan, tile):
+        step = tuple(o - t for o, t in zip(other.index, tile.index))
+        region = intersect(tile.read, other.core)
+        rims = files.load("rim", other.id, [rim_key(step)])
+        assert list(rims) == [rim_key(step)]  # only the slab it needs
+        cut = from_rims(rims, region, other.core, step, plan.halo)
+        assert np.array_equal(cut, core_of(other)[shift(region, [sl.start for sl in other.core])])
+    with_rims = MatchTask(plan, files)(ids)
+    # the same rims rebuilt from the shells' cores give the same edges
+    rims = Folder(files.folder.url, {})
+    rims.remove("rim")
+    rims.makedirs("rim")
+    for t in ids:
+        files.save("rim", t, **rim_slabs(core_of(plan.tile(t)), plan.halo))
+    again = MatchTask(plan, files)(ids)
     assert sum(len(e) for e in with_rims) > 10
-    assert all(np.array_equal(a, b) for a, b in zip(with_rims, from_raw))
+    assert all(np.array_equal(a, b) for a, b in zip(with_rims, again))
+
+
+def test_a_run_begun_with_earlier_stitching_files_is_refused(tmp_path, client):
+    """A segmentation interrupted under an earlier tilewise (cores in a shared raw array) is not
+    resumed with files this version does not read: a clear error naming the fix, nothing touched."""
+    import json
+
+    from pipeline.core.errors import OutputExistsError
+    from tests.conftest import tree_digest
+
+    truth = straddling_labels((40, 52), (16, 16), np.random.default_rng(3))
+    url = _store(tmp_path, "labels.ome.zarr", truth, "yx", (16, 16))
+    out = tmp_path / "out.ome.zarr"
+
+    def run():
+        return segment_labels(url, str(out), KernelSpec.of("relabel", ndim=2, halo=4), client, tile_shape=(16, 16),
+                              progress=False)
+
+    run()
+    manifest = out / "_tilewise" / "run.json"
+    params = json.loads(manifest.read_text())
+    del params["stitch"]["files"]  # as an earlier version wrote it
+    manifest.write_text(json.dumps(params))
+    (out / "_tilewise" / "summary.json").unlink()  # as if interrupted
+    before = tree_digest(str(out))
+    with pytest.raises(OutputExistsError, match="earlier tilewise.*--overwrite"):
+        run()
+    assert tree_digest(str(out)) == before

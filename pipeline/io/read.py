@@ -110,6 +110,7 @@ class ImageSource(ImageMeta):
         """Grid positions of the stored chunks (shards) that ``region`` touches but the store does
         not hold. zarr leaves out chunks that hold only the fill value, so a missing chunk is not
         always a lost one; callers decide (``EngineOptions.missing_chunks``)."""
+        import asyncio
         from itertools import product
 
         from zarr.core.sync import sync
@@ -121,7 +122,12 @@ class ImageSource(ImageMeta):
             start, stop, _ = sl.indices(n)
             ranges.append(range(start // g, -(-stop // g)) if stop > start else range(0))
         path, encode = arr.store_path, arr.metadata.encode_chunk_key
-        return [idx for idx in product(*ranges) if not sync((path / encode(idx)).exists())]
+        chunks = list(product(*ranges))
+
+        async def present() -> list[bool]:  # one hand-off to zarr's event loop, not one per chunk
+            return await asyncio.gather(*[(path / encode(idx)).exists() for idx in chunks])
+
+        return [idx for idx, there in zip(chunks, sync(present())) if not there]
 
     def dask(self, level: int = 0):
         """A lazy dask array of a level, one dask chunk per zarr chunk."""

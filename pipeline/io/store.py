@@ -13,7 +13,7 @@ import io
 import json
 import os
 from dataclasses import dataclass, field
-from typing import IO, Any, Iterator, Mapping
+from typing import IO, Any, Iterator, Mapping, Sequence
 
 import fsspec
 import zarr
@@ -266,12 +266,13 @@ class Folder:
         with self.open(name, "wb") as fh:
             fh.write(buf.getvalue())
 
-    def read_arrays(self, name: str) -> dict[str, Any]:
+    def read_arrays(self, name: str, keys: Sequence[str] | None = None) -> dict[str, Any]:
+        """The arrays of an ``.npz`` (one request); ``keys``: only these are decompressed."""
         import numpy as np
 
         with self.open(name, "rb") as fh:
             with np.load(io.BytesIO(fh.read())) as data:
-                return {k: data[k] for k in data.files}
+                return {k: data[k] for k in data.files if keys is None or k in keys}
 
     def iter_files(self, name: str = "") -> Iterator[str]:
         """Relative names (``name/<entry>``) of the files in a sub-folder."""

@@ -29,7 +29,7 @@ import numpy as np
 
 from kernels import KernelSpec
 from kernels.brightfield import ObjectSignal, otsu_gap
-from pipeline.core.errors import OptionError
+from pipeline.core.errors import OptionError, OutputExistsError
 from pipeline.engine.manifest import RunLock, RunManifest, check_compatible
 from pipeline.engine.maps import MapSinks
 from pipeline.engine.pyramid import finalize_image
@@ -86,14 +86,17 @@ class SegmentSummary:
         return asdict(self)
 
 
-def inner_chunks(tile_shape: Sequence[int], halo: Sequence[int]) -> tuple[int, ...]:
-    """Inner chunks of the raw-id shards: about the halo's depth (>= 16), dividing the tile, so a
-    neighbour reading a halo-deep slab decompresses little more than the slab."""
-    out = []
-    for t, h in zip(tile_shape, halo):
-        want = max(16, h)
-        out.append(max(d for d in range(1, t + 1) if t % d == 0 and d <= max(want, 1)))
-    return tuple(out)
+# what the passes leave for each other under _tilewise/stitch: 2 = whole-block shells + rim files
+# (1, unnamed: cores in a shared zarr array); a run begun with other files cannot be resumed
+STITCH_FILES = 2
+
+
+def check_stitch_files(output_url: str, old: dict[str, Any] | None) -> None:
+    """Refuse, in one line, to resume a run whose stitching files an earlier tilewise wrote."""
+    stitch = (old or {}).get("stitch")
+    if isinstance(stitch, dict) and stitch.get("files") != STITCH_FILES:
+        raise OutputExistsError(f"Output '{output_url}' was begun by an earlier tilewise whose stitching files this "
+                                "version does not read; pass --overwrite to start it again, or choose another output.")
 
 
 def _groups(ids: Sequence[int], per_task: int) -> list[tuple[int, ...]]:
@@ -144,7 +147,7 @@ def segment_labels(input_url: str | ImageSource, output_url: str, kernel: Kernel
     consecutive : final ids 1..N (default); otherwise the sparse ``tile << 32 | local`` ids of
         each object's root are kept (no prefix sum needed, uint64).
     table : write ``tables/<name>`` (one row per object).
-    keep_intermediate : keep ``_tilewise/stitch`` (raw ids, shells, partial sums) after success.
+    keep_intermediate : keep ``_tilewise/stitch`` (shells, rims, partial sums) after success.
     image : ``copy`` (default) writes the input image (the processed level and coarser) at the
         output's root, so the output is self-contained; ``link`` writes only labels and table and
         links the labels to the input by a relative path (no second copy of a large volume);
@@ -172,8 +175,8 @@ def segment_labels(input_url: str | ImageSource, output_url: str, kernel: Kernel
         raise OptionError(f"image must be 'copy' or 'link', got {image!r}.")
     if image == "in-place" and not (options.shared_output and output_url == input_url):
         raise OptionError("image='in-place' is for a workflow step segmenting the image its output already holds.")
-    params = {**setup.params, "name": name, "stitch": {"iou": iou, "consecutive": consecutive}, "table": table,
-              "image": image}
+    params = {**setup.params, "name": name, "stitch": {"iou": iou, "consecutive": consecutive, "files": STITCH_FILES},
+              "table": table, "image": image}
     so, workspace = options.storage_options or {}, options.workspace
     run = SegmentRun(input_url, output_url, name, image, kernel, setup, options,
                      RunManifest(output_url, so, workspace=workspace), StitchFiles(output_url, so, workspace))
@@ -183,6 +186,7 @@ def segment_labels(input_url: str | ImageSource, output_url: str, kernel: Kernel
         lock.check()  # before resuming into it, or deleting it with overwrite
     fresh = not exists or options.overwrite
     if not fresh:
+        check_stitch_files(output_url, run.manifest.read_params())
         check_compatible(output_url, run.manifest.read_params(), params)
         finished = run.manifest.read_json("summary")
         if finished is not None:
@@ -279,7 +283,7 @@ def _finished_output_intact(run: SegmentRun, client: Any, summary: SegmentSummar
 
 def _begin_output(run: SegmentRun, params: dict[str, Any], *, overwrite: bool) -> None:
     """A fresh output: the root (the input image's layout, or a plain group when linking), the
-    manifest, the stitch folder and the raw id array."""
+    manifest and the stitch folder."""
     plan = run.setup.plan
     shared = run.options.shared_output  # a workflow's output: write beside its other steps, record nothing at the root
     if run.image == "copy":
@@ -292,9 +296,6 @@ def _begin_output(run: SegmentRun, params: dict[str, Any], *, overwrite: bool) -
                           storage_options=run.options.storage_options, attributes={"tilewise": {"run": params}})
     run.manifest.write_params(params)
     run.files.begin()
-    one = (1,) * len(run.setup.batch_shape)  # one time point per shard and chunk
-    run.files.create_raw(run.setup.batch_shape + plan.shape, one + plan.tile_shape,
-                         one + inner_chunks(plan.tile_shape, plan.halo))
     if run.setup.traits.maps:
         MapSinks.create(run.output_url, run.setup.traits.maps, run.setup.output_geometry(), version=run.setup.ngff,
                         n_levels=len(run.setup.source.levels) - run.setup.level,
@@ -330,7 +331,7 @@ def match_tiles(run: SegmentRun, client: Any, tiles: Sequence[int], *, iou: floa
                 consecutive: bool) -> tuple[Resolution, int]:
     """Pass 2: match objects across the borders of ``tiles``, then union-find on the client.
     Returns the resolution and the number of match edges. Cheap, so it runs again on resume.
-    A neighbour outside ``tiles`` has no objects (its rim file is absent, its raw ids zero)."""
+    A neighbour outside ``tiles`` has no objects (its rim file is absent)."""
     plan, n = run.setup.plan, len(tiles)
     per_task = tiles_per_task(n, 1, run.options.max_tasks)
     edges = [np.empty((0, 2), np.uint64)]

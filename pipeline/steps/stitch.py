@@ -6,14 +6,14 @@ Three passes over the tiles, each a set of independent tasks that talk only thro
 
 1. **Segment** (:class:`LabelTileJob`). A tile's kernel labels its whole core + halo. Objects
    present in the core are numbered ``1..n`` first, so a tile's ids are consecutive; the global
-   id is ``tile_id << 32 | local``: unique with no coordination. The core is written to an
-   internal ``raw`` array (uint64, sharded by tile with small inner chunks so that neighbours
-   can read thin slabs of it cheaply), the halo shell (labels outside the core) to a small
-   per-tile file, the halo-wide rims of its core (what neighbours match against) to another,
-   and per-object partial sums for the table (``pipeline.steps.measure``).
+   id is ``tile_id << 32 | local``: unique with no coordination. The block's local ids go to a
+   small per-tile file (the "shell": its halo part is matched, its core relabelled), the
+   halo-wide rims of its core (what neighbours match against) to another, and per-object
+   partial sums for the table (``pipeline.steps.measure``). No shared array is written: a zarr
+   call costs milliseconds of event-loop hand-off, and these files are read whole by one task.
 2. **Match** (:class:`MatchTask`). For each neighbour B of tile A, inside the region where A's
-   halo overlaps B's core, A's labels are compared with what B wrote (B's rim file; ``raw`` for
-   runs begun before rim files): object pairs with IoU >=
+   halo overlaps B's core, A's labels are compared with what B wrote (B's rim file): object
+   pairs with IoU >=
    ``iou`` (0.5 makes matches one-to-one) become edges. Objects are matched by overlap *inside
    the halo*, not by touching faces, so two different objects that touch across a tile border
    are never merged. The edges (a few per object on tile borders) go to the client.
@@ -125,7 +125,7 @@ def shift(region: Region, origin: Sequence[int]) -> Region:
 
 @dataclass(frozen=True)
 class StitchFiles:
-    """The per-tile files and the ``raw`` id array the passes share, under ``_tilewise/stitch``."""
+    """The per-tile files the passes share, under ``_tilewise/stitch``."""
 
     output_url: str
     storage_options: Mapping[str, Any]
@@ -135,31 +135,15 @@ class StitchFiles:
     def folder(self) -> Folder:
         return Folder(store.join(self.output_url, self.workspace, "stitch"), self.storage_options)
 
-    @property
-    def raw_url(self) -> str:
-        return store.join(self.folder.url, "raw")
-
     def begin(self) -> None:
         for kind in ("shell", "partial", "merged", "rim"):
             self.folder.makedirs(kind)
 
-    def create_raw(self, shape: Sequence[int], tile_shape: Sequence[int], inner: Sequence[int]) -> None:
-        """uint64 ids, one shard per tile core (single writer), small inner chunks (cheap slabs)."""
-        group = store.open_group(self.folder.url, "a", self.storage_options, zarr_format=3)
-        from zarr.codecs import BloscCodec
-
-        group.create_array("raw", shape=tuple(shape), shards=tuple(tile_shape), chunks=tuple(inner), dtype=np.uint64,
-                           fill_value=0, compressors=BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle"),
-                           overwrite=True)
-
-    def raw(self, mode: str = "r"):
-        return store.open_array(self.raw_url, mode, self.storage_options)
-
     def save(self, kind: str, tile_id: int, **arrays: np.ndarray) -> None:
         self.folder.write_arrays(f"{kind}/{int(tile_id)}.npz", **arrays)
 
-    def load(self, kind: str, tile_id: int) -> dict[str, np.ndarray]:
-        return self.folder.read_arrays(f"{kind}/{int(tile_id)}.npz")
+    def load(self, kind: str, tile_id: int, keys: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        return self.folder.read_arrays(f"{kind}/{int(tile_id)}.npz", keys)
 
     def save_merged_rows(self, tile_id: int, rows) -> None:
         """Partial table rows of a tile's stitched objects, for the client to sum."""
@@ -176,8 +160,8 @@ class StitchFiles:
 def rim_slabs(core: np.ndarray, halo: Sequence[int]) -> dict[str, np.ndarray]:
     """The ``halo``-wide slabs of a tile's core on each face (``<axis>_lo``, ``<axis>_hi``):
     everything of this core that a neighbour's halo can overlap, so the match pass reads them
-    from one small file instead of the sharded ``raw`` array (measured: ~4 ms per zarr slab
-    read, 61 % of a stitch run waiting on zarr calls)."""
+    from one small file (zarr slabs of a shared array cost ~4 ms a read: 61 % of a stitch run
+    once waited on zarr calls)."""
     out = {}
     for axis, h in enumerate(halo):
         n = core.shape[axis]
@@ -186,21 +170,30 @@ def rim_slabs(core: np.ndarray, halo: Sequence[int]) -> dict[str, np.ndarray]:
     return out
 
 
+def rim_face(step: Sequence[int]) -> tuple[int, str]:
+    """The rim slab a neighbour at ``-step`` reads: the face along the first axis it differs on
+    (the low face when the neighbour lies before the core on that axis)."""
+    axis = next(k for k, s in enumerate(step) if s)
+    return axis, "lo" if step[axis] > 0 else "hi"
+
+
+def rim_key(step: Sequence[int]) -> str:
+    axis, side = rim_face(step)
+    return f"{axis}_{side}"
+
+
 def from_rims(rims: Mapping[str, np.ndarray], region: Region, core: Region, step: Sequence[int],
               halo: Sequence[int]) -> np.ndarray | None:
     """``region`` (global coordinates, inside ``core``) cut from the rim slabs of the tile that
-    owns ``core``, seen from the neighbour at ``-step``; None when the slab does not hold it."""
-    axis = next(k for k, s in enumerate(step) if s)
-    side = "lo" if step[axis] > 0 else "hi"  # the neighbour lies before this core along the axis: its low face
-    slab = rims.get(f"{axis}_{side}")
-    if slab is None:
-        return None
+    owns ``core``, seen from the neighbour at ``-step``."""
+    slab = rims[rim_key(step)]
+    axis, side = rim_face(step)
     n, h = core[axis].stop - core[axis].start, halo[axis]
     start = [sl.start for sl in core]
     start[axis] = core[axis].start if side == "lo" else core[axis].start + max(0, n - h)
     local = shift(region, start)
     if any(sl.start < 0 or sl.stop > size for sl, size in zip(local, slab.shape)):
-        return None
+        raise ValueError(f"region {region} is not inside the {rim_key(step)} rim of core {core} (halo {halo})")
     return slab[local]
 
 
@@ -271,21 +264,18 @@ class LabelTileJob:
     def finish_tile(self, g: int, at: tuple[int, ...], tile: Tile, pad: tuple[tuple[int, int], ...],
                     block: np.ndarray, labels: np.ndarray, seconds: float, missing: int = 0,
                     maps: np.ndarray | None = None) -> dict[str, Any]:
-        """One tile's labels (global tile id ``g``, batch index ``at``) into the raw ids, its shell
+        """One tile's labels (global tile id ``g``, batch index ``at``) into its shell, its rims
         and its partial table rows; its maps' core into the map images."""
         unpadded = valid_region(tile.read, pad)
         core_in_read = shift(tile.core, [sl.start for sl in tile.read])
         local, n_core = renumber_core_first(labels[unpadded], core_in_read)
         core = local[core_in_read]
-        ids = global_ids(g, core)
-        self.files.raw("r+")[batch_slices(at) + tile.core] = ids.reshape((1,) * len(at) + ids.shape)
         core_maps = None
         if self.maps is not None and maps is not None:
             core_maps = maps[(slice(None),) + shift(tile.core, block_origin(tile.read, pad))]
             self.maps.write(batch_slices(at), tile.core, core_maps)
-        shell = local.copy()
-        shell[core_in_read] = 0
-        self.files.save("shell", g, labels=shell, start=np.array([sl.start for sl in tile.read]),
+        # the whole read block's local ids: the halo for matching, the core for relabelling
+        self.files.save("shell", g, labels=local, start=np.array([sl.start for sl in tile.read]),
                         n_core=np.array(n_core))
         self.files.save("rim", g, **rim_slabs(core, self.plan.halo))
         intensity = None
@@ -333,14 +323,15 @@ class MatchTask:
     iou: float = 0.5
     batch_shape: tuple[int, ...] = ()  # objects are matched within one time point, never across
 
-    def _rims(self, tile_id: int) -> Mapping[str, np.ndarray]:
+    def _rims(self, tile_id: int, step: Sequence[int]) -> Mapping[str, np.ndarray]:
+        """The one rim slab of ``tile_id`` that the neighbour at ``-step`` overlaps (the others
+        stay compressed: decompressing all 2·d was most of the match pass)."""
         try:
-            return self.files.load("rim", tile_id)
+            return self.files.load("rim", tile_id, [rim_key(step)])
         except FileNotFoundError:
             return {}
 
     def __call__(self, tile_ids: Sequence[int]) -> list[np.ndarray]:
-        raw = self.files.raw("r")
         space = TileSpace(self.plan, self.batch_shape)
         out = []
         for g in tile_ids:
@@ -356,9 +347,8 @@ class MatchTask:
                 mine = labels[shift(region, start)]
                 mine = np.where(mine <= n_core, mine, 0)  # halo-only objects belong to other tiles' cores
                 step = tuple(o - t for o, t in zip(other.index, tile.index))
-                theirs = from_rims(self._rims(base + other.id), region, other.core, step, self.plan.halo)
-                if theirs is None:  # a run begun before rim files: read the neighbour's core ids from raw
-                    theirs = local_of(raw[batch_slices(at) + region])
+                rims = self._rims(base + other.id, step)  # none: a tile not computed (outside the mask)
+                theirs = from_rims(rims, region, other.core, step, self.plan.halo) if rims else np.zeros_like(mine)
                 pairs = match_pairs(mine, theirs.reshape(mine.shape).astype(np.int64), self.iou)
                 edges.append(np.stack([global_ids(g, pairs[:, 0]), global_ids(base + other.id, pairs[:, 1])], axis=1))
             out.append(np.unique(np.concatenate(edges), axis=0))
@@ -448,7 +438,6 @@ class RelabelTask:
         import pandas as pd
 
         tile_ids, parts = item
-        raw = self.files.raw("r")
         dtype = np.dtype(self.sink.levels[0].dtype)
         space = TileSpace(self.plan, self.batch_shape)
         results = []
@@ -457,7 +446,9 @@ class RelabelTask:
             partial = self.files.load("partial", g)
             n_core = len(partial["voxels"])
             lut = tile_lut(int(g), n_core, part)
-            final = lut[local_of(raw[batch_slices(at) + tile.core])].astype(dtype)
+            shell = self.files.load("shell", g, ["labels", "start"])
+            local = shell["labels"][shift(tile.core, shell["start"])]
+            final = lut[local].astype(dtype).reshape((1,) * len(at) + local.shape)
             self.sink.write(batch_slices(at) + tile.core, final)
             if self.table_url is not None and n_core:
                 rows = pd.DataFrame({INSTANCE_KEY: lut[1:].astype(np.int64), **partial})
