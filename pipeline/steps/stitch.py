@@ -275,9 +275,11 @@ class LabelTileJob:
             core_maps = maps[(slice(None),) + shift(tile.core, block_origin(tile.read, pad))]
             self.maps.write(batch_slices(at), tile.core, core_maps)
         # the whole read block's local ids: the halo for matching, the core for relabelling
-        self.files.save("shell", g, labels=local, start=np.array([sl.start for sl in tile.read]),
+        # (stored in the smallest unsigned type that holds them: half the bytes to compress)
+        small = local.astype(np.min_scalar_type(int(local.max(initial=0))), copy=False)
+        self.files.save("shell", g, labels=small, start=np.array([sl.start for sl in tile.read]),
                         n_core=np.array(n_core))
-        self.files.save("rim", g, **rim_slabs(core, self.plan.halo))
+        self.files.save("rim", g, **rim_slabs(small[core_in_read], self.plan.halo))
         intensity = None
         if self.measure_intensity:
             intensity = block[(slice(None),) + shift(tile.core, block_origin(tile.read, pad))]
@@ -323,16 +325,21 @@ class MatchTask:
     iou: float = 0.5
     batch_shape: tuple[int, ...] = ()  # objects are matched within one time point, never across
 
-    def _rims(self, tile_id: int, step: Sequence[int]) -> Mapping[str, np.ndarray]:
+    def _rims(self, tile_id: int, step: Sequence[int], seen: dict) -> Mapping[str, np.ndarray]:
         """The one rim slab of ``tile_id`` that the neighbour at ``-step`` overlaps (the others
-        stay compressed: decompressing all 2·d was most of the match pass)."""
-        try:
-            return self.files.load("rim", tile_id, [rim_key(step)])
-        except FileNotFoundError:
-            return {}
+        stay compressed: decompressing all 2·d was most of the match pass), loaded once per
+        task (``seen``: tiles of one task share neighbours)."""
+        key = (tile_id, rim_key(step))
+        if key not in seen:
+            try:
+                seen[key] = self.files.load("rim", tile_id, [key[1]])
+            except FileNotFoundError:
+                seen[key] = {}
+        return seen[key]
 
     def __call__(self, tile_ids: Sequence[int]) -> list[np.ndarray]:
         space = TileSpace(self.plan, self.batch_shape)
+        seen: dict = {}
         out = []
         for g in tile_ids:
             at, tile = space.locate(g)
@@ -347,7 +354,7 @@ class MatchTask:
                 mine = labels[shift(region, start)]
                 mine = np.where(mine <= n_core, mine, 0)  # halo-only objects belong to other tiles' cores
                 step = tuple(o - t for o, t in zip(other.index, tile.index))
-                rims = self._rims(base + other.id, step)  # none: a tile not computed (outside the mask)
+                rims = self._rims(base + other.id, step, seen)  # none: a tile not computed (outside the mask)
                 theirs = from_rims(rims, region, other.core, step, self.plan.halo) if rims else np.zeros_like(mine)
                 pairs = match_pairs(mine, theirs.reshape(mine.shape).astype(np.int64), self.iou)
                 edges.append(np.stack([global_ids(g, pairs[:, 0]), global_ids(base + other.id, pairs[:, 1])], axis=1))
