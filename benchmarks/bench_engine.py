@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.measure import previous, run_measured, save
+from benchmarks.measure import invocation, previous, run_measured, save
 
 CONVNET = dict(ndim=3, depth=4, width=16, seed=0)
 TILE = (64, 256, 256)
@@ -367,7 +367,7 @@ def main(argv=None) -> dict:
                     print(json.dumps(rows[-1], default=str)[:600], flush=True)
                 results["planning"] = {"note": "plan + windowed submission of every tile of a metadata-only uint16 "
                                                "store, real ImageTileJob payload, no-op task body; 2 workers",
-                                       "rows": rows}
+                                       "command": invocation(), "rows": rows}
             else:
                 results[name] = _run_part(name, work, args.shape)
                 print(json.dumps(results[name], default=str)[:600], flush=True)

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.measure import previous, run_measured, save
+from benchmarks.measure import invocation, previous, run_measured, save
 
 CELL = 5
 
@@ -324,6 +324,30 @@ def part_stitch(work: Path, cells: tuple[int, ...]) -> dict:
             "table_rows_spanning_tiles": int((table["tiles"] > 1).sum())}
 
 
+def part_stitch_scaling(work: Path, lattices: str, result: dict) -> dict:
+    """The stitch part at growing object counts (same density and tile), each on a fresh
+    lattice that is deleted once measured; saved after every row (a 10^7 run is long)."""
+    rows = []
+    for text in lattices.split(";"):
+        cells = tuple(int(c) for c in text.split(","))
+        folder = work / ("scaling-" + "x".join(map(str, cells)))
+        folder.mkdir(parents=True, exist_ok=True)
+        r = part_stitch(folder, cells)
+        shutil.rmtree(folder, ignore_errors=True)
+        rows.append({"objects": r["objects"], "tiles": r["tiles"], "seconds": round(r["seconds_total"], 1),
+                     "s_per_million": round(r["seconds_per_million_objects"], 1),
+                     "peak_client_rss_bytes": int(r["peak_rss_client_mb"] * 2**20),
+                     "peak_worker_rss_bytes": int(r["peak_rss_worker_mb"] * 2**20),
+                     "seconds_by_pass": {k: round(v, 1) for k, v in r["seconds_by_pass"].items()},
+                     "stitched_objects": r["stitched_objects"], "object_for_object_identical":
+                         r["object_for_object_identical"], "shape": r["shape"]})
+        print(f"stitch_scaling: {json.dumps(rows[-1])}", flush=True)
+        result["stitch_scaling"] = {"tile": [32, 64, 64], "halo": 4, "kernel": "relabel (stitching alone)",
+                                    "workers": "2 x 1 thread", "command": invocation(), "rows": rows}
+        save("segment", {k: v for k, v in result.items() if k not in ("benchmark", "machine", "date")})
+    return result["stitch_scaling"]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", default="dsb,scale,stitch")
@@ -331,6 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale-steps", type=int, default=800, help="scale part: U-Net training steps at most")
     parser.add_argument("--steps", type=int, default=2000, help="U-Net training steps at most")
     parser.add_argument("--cells", default="24,200,200", help="object lattice (objects per axis)")
+    parser.add_argument("--scaling-cells", default="24,64,64;24,200,200;24,640,640",
+                        help="stitch_scaling part: object lattices, ';'-separated (10^5, 10^6, 10^7 objects)")
     parser.add_argument("--workdir", help="keep intermediate stores here (default: a temporary folder)")
     parser.add_argument("--stitch-run", metavar="WORK", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -352,6 +378,8 @@ def main(argv: list[str] | None = None) -> int:
         if "stitch" in parts:
             result["stitch"] = part_stitch(work, tuple(int(c) for c in args.cells.split(",")))
             print(f"stitch: {json.dumps(result['stitch'])}", flush=True)
+        if "stitch_scaling" in parts:
+            result["stitch_scaling"] = part_stitch_scaling(work, args.scaling_cells, result)
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)

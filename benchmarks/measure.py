@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import platform
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -69,9 +70,16 @@ def previous(name: str) -> dict[str, Any]:
     return {k: v for k, v in saved.items() if k not in ("benchmark", "machine", "date")}
 
 
+def invocation() -> str:
+    """How this benchmark process was started, as a command to run from the repository root."""
+    module = Path(sys.argv[0]).with_suffix("").name
+    return " ".join(["python -m benchmarks." + module, *sys.argv[1:]])
+
+
 def save(name: str, payload: dict[str, Any]) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    payload = {"benchmark": name, "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M"), **payload}
+    payload = {"benchmark": name, "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M"), **payload,
+               "last_command": invocation()}
     path.write_text(json.dumps(payload, indent=2))
     return path

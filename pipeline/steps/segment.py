@@ -284,7 +284,6 @@ def _finished_output_intact(run: SegmentRun, client: Any, summary: SegmentSummar
 def _begin_output(run: SegmentRun, params: dict[str, Any], *, overwrite: bool) -> None:
     """A fresh output: the root (the input image's layout, or a plain group when linking), the
     manifest and the stitch folder."""
-    plan = run.setup.plan
     shared = run.options.shared_output  # a workflow's output: write beside its other steps, record nothing at the root
     if run.image == "copy":
         image_like(run.setup.source, run.output_url, from_level=run.setup.level, version=run.setup.ngff,
