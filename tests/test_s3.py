@@ -5,6 +5,7 @@ environment, which every worker process inherits."""
 from __future__ import annotations
 
 import socket
+import uuid
 
 import numpy as np
 import pytest
@@ -31,8 +32,9 @@ def s3(monkeypatch):
 
     s3fs.S3FileSystem.clear_instance_cache()
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint})
-    fs.mkdir("tilewise-test")
-    yield "s3://tilewise-test", fs
+    bucket = f"tilewise-test-{uuid.uuid4().hex[:8]}"  # moto keeps its buckets across servers in one process
+    fs.mkdir(bucket)
+    yield f"s3://{bucket}", fs
     s3fs.S3FileSystem.clear_instance_cache()
     server.stop()
 

@@ -79,8 +79,10 @@ class RunManifest:
             self.folder.remove(f"{self.done_folder}/{int(tile_id)}")
 
     def tile_metadata(self) -> dict[int, dict[str, Any]]:
-        """The metadata every finished tile left in its marker (one small file per tile)."""
-        return {t: self.folder.read_json(f"{self.done_folder}/{t}", {}) for t in sorted(self.done())}
+        """The metadata every finished tile left in its marker (one small file per tile, fetched
+        concurrently from object stores)."""
+        tiles = sorted(self.done())
+        return dict(zip(tiles, self.folder.read_json_many([f"{self.done_folder}/{t}" for t in tiles], {})))
 
     def done(self) -> set[int]:
         return {int(name) for name in self.folder.names(self.done_folder)}
