@@ -11,6 +11,8 @@
   10 TiB (5120 x 32768 x 32768) uint16 store that hold metadata only, with the real job payload
   and a no-op body (each task rebuilds its tiles from their ids and returns).
 - memory: peak worker RSS running a Gaussian (halo 4) over 1, 4 and 16 GB uint16 inputs.
+- markers_s3: listing and reading 10^4 and 10^5 tile markers in a local S3 server (moto), one
+  request each against one concurrent fetch.
 - resume_checks: what a resume pays to trust finished work: the input's content fingerprint and
   the checksum verification of every finished tile's output.
 """
@@ -226,6 +228,66 @@ def part_planning(work: Path, big) -> dict:
             "job_pickle_bytes": len(__import__("pickle").dumps(job))}
 
 
+def part_markers_s3(work: Path, counts) -> dict:
+    """Small files at scale on an object store: ``n`` tile markers in a bucket of a local S3
+    server (moto, its own process), then what the client pays to list them and to read them
+    all, one request each (as before) and in one concurrent fetch (``Folder.read_json_many``)."""
+    import os
+    import socket
+    import subprocess
+
+    import s3fs
+
+    from pipeline.engine.manifest import RunManifest
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1",
+                      AWS_ENDPOINT_URL=endpoint)
+    rows = []
+    try:
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint})
+        for n in counts:
+            bucket = f"markers-{n}"
+            fs.mkdir(bucket)
+            manifest = RunManifest(f"s3://{bucket}/out.ome.zarr")
+            meta = {"tile": 0, "voxels": 2**22, "seconds": 0.5, "missing_input_chunks": 0, "checksum": "0" * 16}
+            t0 = time.perf_counter()
+            fs.pipe({f"{bucket}/out.ome.zarr/_tilewise/done/{t}": json.dumps({**meta, "tile": t}).encode()
+                     for t in range(n)})  # concurrent puts
+            write_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            done = manifest.done()
+            list_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            concurrent = manifest.tile_metadata()
+            concurrent_s = time.perf_counter() - t0
+            sample = sorted(done)[:min(n, 2000)]  # one request each: timed on a sample, scaled
+            t0 = time.perf_counter()
+            serial = {t: manifest.folder.read_json(f"done/{t}", {}) for t in sample}
+            serial_s = (time.perf_counter() - t0) * n / len(sample)
+            assert len(done) == n and all(concurrent[t] == serial[t] for t in sample)
+            rows.append({"markers": n, "write_concurrent_s": round(write_s, 2), "list_s": round(list_s, 2),
+                         "read_one_request_each_s": round(serial_s, 1), "read_concurrent_s": round(concurrent_s, 2),
+                         "speedup": round(serial_s / concurrent_s, 1)})
+            print(json.dumps(rows[-1]), flush=True)
+    finally:
+        server.terminate()
+        server.wait()
+    return {"server": "moto_server (moto 5) on loopback, its own process", "rows": rows,
+            "note": "one-request-each time measured on up to 2,000 markers and scaled to all"}
+
+
 @dataclass(frozen=True)
 class NoopJob:
     """The engine's task shape with no I/O: the real job's payload travels, its tiles are rebuilt."""
@@ -299,7 +361,7 @@ def part_resume_checks(work: Path, shape) -> dict:
 
 
 PARTS = {"efficiency": part_efficiency, "map_overlap": part_map_overlap, "planning": part_planning,
-         "resume_checks": part_resume_checks}
+         "resume_checks": part_resume_checks, "markers_s3": part_markers_s3}
 
 
 def _run_part(name: str, work: Path, arg: str) -> dict:
@@ -317,6 +379,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--shape", default="64,1024,1024", help="volume for efficiency and map_overlap")
     parser.add_argument("--sizes-gb", default="1,4,16", help="input sizes for the memory part")
     parser.add_argument("--parts", default="efficiency,map_overlap,planning,resume_checks,memory")
+    parser.add_argument("--markers", default="10000,100000", help="markers_s3 part: marker counts")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--part", help=argparse.SUPPRESS)
     parser.add_argument("--arg", help=argparse.SUPPRESS)
@@ -368,6 +431,8 @@ def main(argv=None) -> dict:
                 results["planning"] = {"note": "plan + windowed submission of every tile of a metadata-only uint16 "
                                                "store, real ImageTileJob payload, no-op task body; 2 workers",
                                        "command": invocation(), "rows": rows}
+            elif name == "markers_s3":
+                results[name] = {**_run_part(name, work, args.markers), "command": invocation()}
             else:
                 results[name] = _run_part(name, work, args.shape)
                 print(json.dumps(results[name], default=str)[:600], flush=True)

@@ -78,10 +78,10 @@ class RunManifest:
         for tile_id in tile_ids:
             self.folder.remove(f"{self.done_folder}/{int(tile_id)}")
 
-    def tile_metadata(self) -> dict[int, dict[str, Any]]:
-        """The metadata every finished tile left in its marker (one small file per tile, fetched
-        concurrently from object stores)."""
-        tiles = sorted(self.done())
+    def tile_metadata(self, tiles: Iterable[int] | None = None) -> dict[int, dict[str, Any]]:
+        """The metadata every finished tile (or each of ``tiles``, finished) left in its marker
+        (one small file per tile, fetched concurrently from object stores)."""
+        tiles = sorted(self.done() if tiles is None else tiles)
         return dict(zip(tiles, self.folder.read_json_many([f"{self.done_folder}/{t}" for t in tiles], {})))
 
     def done(self) -> set[int]:

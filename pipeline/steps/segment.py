@@ -318,7 +318,7 @@ def label_tiles(run: SegmentRun, client: Any, tiles: Sequence[int], *, measure: 
                                 desc=run.kernel.name):
         metas += results
     if done:  # tiles finished by an earlier, interrupted run: their counts are in their markers
-        metas += [m for t, m in run.manifest.tile_metadata().items() if t in done]
+        metas += list(run.manifest.tile_metadata([t for t in tiles if t in done]).values())
     report_missing(metas, setup.source)
     objects = np.zeros(len(setup.space), np.int64)
     for meta in metas:
