@@ -13,6 +13,8 @@
 - memory: peak worker RSS running a Gaussian (halo 4) over 1, 4 and 16 GB uint16 inputs.
 - markers_s3: listing and reading 10^4 and 10^5 tile markers in a local S3 server (moto), one
   request each against one concurrent fetch.
+- scheduler: a real ``dask scheduler`` process under 10^4 .. 10^6 tiles (grouped into tasks as
+  the engine does; one ungrouped row): its peak RSS and tasks/s.
 - resume_checks: what a resume pays to trust finished work: the input's content fingerprint and
   the checksum verification of every finished tile's output.
 """
@@ -288,6 +290,91 @@ def part_markers_s3(work: Path, counts) -> dict:
             "note": "one-request-each time measured on up to 2,000 markers and scaled to all"}
 
 
+def part_scheduler(work: Path, tile_counts) -> dict:
+    """A real ``dask scheduler`` process and two ``dask worker`` processes (1 thread each):
+    the engine's submission of 10^4 .. 10^6 tiles (grouped into at most ``MAX_TASKS`` tasks, the
+    real job payload, no-op body), the scheduler's peak RSS sampled every 50 ms, and tasks/s.
+    One row submits 10^4 tiles one task each, as an ungrouped engine would."""
+    import subprocess
+    import threading
+
+    import psutil
+    from distributed import Client
+
+    from kernels import KernelSpec
+    from pipeline.engine.manifest import RunManifest
+    from pipeline.engine.plan import make_plan
+    from pipeline.engine.runner import ImageTileJob, TileReader, tiles_per_task
+    from pipeline.engine.submit import run_tasks
+    from pipeline.io import create_image, default_axes, open_image
+
+    bin_dir = Path(sys.executable).parent
+    sched_file = work / "scheduler.json"
+    sched_file.unlink(missing_ok=True)
+    scheduler = subprocess.Popen([str(bin_dir / "dask"), "scheduler", "--scheduler-file", str(sched_file),
+                                  "--no-dashboard", "--port", "0"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers = []
+    rows = []
+    try:
+        for _ in range(200):
+            if sched_file.exists():
+                break
+            time.sleep(0.1)
+        workers = [subprocess.Popen([str(bin_dir / "dask"), "worker", "--scheduler-file", str(sched_file),
+                                     "--nthreads", "1", "--nworkers", "1", "--no-dashboard"],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(2)]
+        client = Client(scheduler_file=str(sched_file))
+        client.wait_for_workers(2)
+        client.run(lambda: 0)
+        proc = psutil.Process(scheduler.pid)
+        for n_tiles, grouped in [(n, True) for n in tile_counts] + [(tile_counts[0], False)]:
+            # a 2D plane of 1024-wide tiles: the tile count is what grows
+            big = (1, 1024 * 10, 1024 * -(-n_tiles // 10))
+            tile = (1, 1024, 1024)
+            src = create_image(str(work / "sched.ome.zarr"), shape=big, dtype=np.uint16, axes=default_axes("zyx"),
+                               chunks=tile, n_levels=1, overwrite=True)
+            out = create_image(str(work / "sched-out.ome.zarr"), shape=big, dtype=np.uint16, axes=default_axes("zyx"),
+                               chunks=tile, n_levels=1, overwrite=True)
+            plan = make_plan(big, "zyx", tile, {"z": 0, "y": 4, "x": 4}, tile_shape=tile)
+            job = NoopJob(ImageTileJob(KernelSpec.of("identity"), TileReader(open_image(src.url), 0, False,
+                                                                             plan.pad_mode, "raw", None),
+                                       plan, out, RunManifest(str(work / "sched-out.ome.zarr"))))
+            todo = list(range(len(plan)))
+            per_task = tiles_per_task(len(todo), 1) if grouped else 1
+            before = proc.memory_info().rss
+            peak = [before]
+            stop = threading.Event()
+
+            def sample() -> None:
+                while not stop.is_set():
+                    peak[0] = max(peak[0], proc.memory_info().rss)
+                    time.sleep(0.05)
+
+            sampler = threading.Thread(target=sample, daemon=True)
+            sampler.start()
+            t0 = time.perf_counter()
+            groups = (tuple(todo[i:i + per_task]) for i in range(0, len(todo), per_task))
+            n = sum(1 for _ in run_tasks(client, job, groups, total=-(-len(todo) // per_task), progress=False))
+            seconds = time.perf_counter() - t0
+            stop.set()
+            sampler.join()
+            rows.append({"tiles": len(plan), "grouped": grouped, "tasks": n, "seconds": round(seconds, 2),
+                         "tasks_per_s": round(n / seconds, 1), "tiles_per_s": round(len(plan) / seconds, 1),
+                         "scheduler_rss_before_bytes": before, "scheduler_peak_rss_bytes": peak[0]})
+            print(json.dumps(rows[-1]), flush=True)
+        client.close()
+    finally:
+        for w in workers:
+            w.terminate()
+        for w in workers:
+            w.wait()
+        scheduler.terminate()
+        scheduler.wait()
+        shutil.rmtree(work / "sched.ome.zarr", ignore_errors=True)
+        shutil.rmtree(work / "sched-out.ome.zarr", ignore_errors=True)
+    return {"scheduler": "dask scheduler + 2 dask worker processes (1 thread each), this machine", "rows": rows}
+
+
 @dataclass(frozen=True)
 class NoopJob:
     """The engine's task shape with no I/O: the real job's payload travels, its tiles are rebuilt."""
@@ -361,7 +448,7 @@ def part_resume_checks(work: Path, shape) -> dict:
 
 
 PARTS = {"efficiency": part_efficiency, "map_overlap": part_map_overlap, "planning": part_planning,
-         "resume_checks": part_resume_checks, "markers_s3": part_markers_s3}
+         "resume_checks": part_resume_checks, "markers_s3": part_markers_s3, "scheduler": part_scheduler}
 
 
 def _run_part(name: str, work: Path, arg: str) -> dict:
@@ -380,6 +467,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--sizes-gb", default="1,4,16", help="input sizes for the memory part")
     parser.add_argument("--parts", default="efficiency,map_overlap,planning,resume_checks,memory")
     parser.add_argument("--markers", default="10000,100000", help="markers_s3 part: marker counts")
+    parser.add_argument("--scheduler-tiles", default="10000,100000,1000000", help="scheduler part: tile counts")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--part", help=argparse.SUPPRESS)
     parser.add_argument("--arg", help=argparse.SUPPRESS)
@@ -431,8 +519,10 @@ def main(argv=None) -> dict:
                 results["planning"] = {"note": "plan + windowed submission of every tile of a metadata-only uint16 "
                                                "store, real ImageTileJob payload, no-op task body; 2 workers",
                                        "command": invocation(), "rows": rows}
-            elif name == "markers_s3":
-                results[name] = {**_run_part(name, work, args.markers), "command": invocation()}
+            elif name in ("markers_s3", "scheduler"):
+                arg = args.markers if name == "markers_s3" else args.scheduler_tiles
+                results[name] = {**_run_part(name, work, arg), "command": invocation()}
+                print(json.dumps(results[name], default=str)[:1500], flush=True)
             else:
                 results[name] = _run_part(name, work, args.shape)
                 print(json.dumps(results[name], default=str)[:600], flush=True)
