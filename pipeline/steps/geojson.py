@@ -3,8 +3,9 @@
 Each object's outline is traced from the stitched labels image of a segmentation output, by
 the task of the tile that holds its centroid: the task reads its objects' rows from the
 table's Parquet parts (the client only locates them: 16 bytes per object) and one region of
-the labels (the union of its objects' bounding boxes), traces each object (scikit-image's marching squares, collinear
-vertices dropped) and writes its features, one per line, to a part file. The client then streams
+the labels (the union of its objects' bounding boxes), traces each object (scikit-image's
+marching squares, collinear vertices dropped) and writes its features, one per line, to a part
+file. The client then streams
 the parts into one ``FeatureCollection`` in tile order, one part at a time: no process ever
 holds more than one tile's polygons. Finished parts survive an interruption (a rerun writes
 only the missing ones).
