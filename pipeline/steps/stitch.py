@@ -13,8 +13,7 @@ Three passes over the tiles, each a set of independent tasks that talk only thro
    call costs milliseconds of event-loop hand-off, and these files are read whole by one task.
 2. **Match** (:class:`MatchTask`). For each neighbour B of tile A, inside the region where A's
    halo overlaps B's core, A's labels are compared with what B wrote (B's rim file): object
-   pairs with IoU >=
-   ``iou`` (0.5 makes matches one-to-one) become edges. Objects are matched by overlap *inside
+   pairs with IoU >= ``iou`` (0.5 makes matches one-to-one) become edges. Objects are matched by overlap *inside
    the halo*, not by touching faces, so two different objects that touch across a tile border
    are never merged. The edges (a few per object on tile borders) go to the client.
 3. **Relabel** (:class:`RelabelTask`). The client runs union-find over the edges
@@ -183,7 +182,7 @@ def rim_key(step: Sequence[int]) -> str:
 
 
 def from_rims(rims: Mapping[str, np.ndarray], region: Region, core: Region, step: Sequence[int],
-              halo: Sequence[int]) -> np.ndarray | None:
+              halo: Sequence[int]) -> np.ndarray:
     """``region`` (global coordinates, inside ``core``) cut from the rim slabs of the tile that
     owns ``core``, seen from the neighbour at ``-step``."""
     slab = rims[rim_key(step)]
