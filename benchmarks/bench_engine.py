@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import resource
 import shutil
 import sys
@@ -227,7 +228,7 @@ def part_planning(work: Path, big) -> dict:
     return {"shape": list(big), "bytes": int(np.prod(big)) * 2, "tile": list(plan.tile_shape), "halo": list(plan.halo),
             "tiles": len(plan), "tiles_per_task": per_task, "tasks": n, "plan_s": plan_s, "plan_submit_s": total_s,
             "tasks_per_s": n / total_s, "client_rss_bytes": peak, "client_rss_before_bytes": base,
-            "job_pickle_bytes": len(__import__("pickle").dumps(job))}
+            "job_pickle_bytes": len(pickle.dumps(job))}
 
 
 def part_markers_s3(work: Path, counts) -> dict:

@@ -195,6 +195,11 @@ def prepare_output(url: str, overwrite: bool, storage_options: Mapping[str, Any]
         remove(url, storage_options)
 
 
+def _parse_json(text: str | bytes) -> Any:
+    """A small JSON document; an empty file reads as ``{}``."""
+    return json.loads(text) if text.strip() else {}
+
+
 @dataclass(frozen=True)
 class Folder:
     """A folder in a store, for small files addressed by relative name (``"done/12"``).
@@ -252,20 +257,28 @@ class Folder:
         """The parsed file, ``default`` when it does not exist, ``{}`` when it is empty."""
         try:
             with self.open(name, "r") as fh:
-                text = fh.read()
+                return _parse_json(fh.read())
         except FileNotFoundError:
             return default
-        return json.loads(text) if text.strip() else {}
 
     def read_json_many(self, names: Sequence[str], default: Any = None) -> list[Any]:
         """Many small JSON files in one call: an object store fetches them concurrently (fsspec's
         ``cat`` of a list; s3fs batches the requests) where one ``read_json`` each would be one
-        round trip each (10^5 tile markers: minutes). A file gone meanwhile reads as ``default``."""
+        round trip each (10^5 tile markers: minutes). As :meth:`read_json`, a file gone reads as
+        ``default`` and any other failure is raised."""
         fs, root = self.filesystem()
         paths = [f"{root}/{n}" for n in names]
-        got = fs.cat(paths, on_error="omit") if paths else {}
-        texts = [got.get(p) for p in paths]
-        return [default if t is None else (json.loads(t) if t.strip() else {}) for t in texts]
+        got = fs.cat(paths, on_error="return") if paths else {}
+        out = []
+        for path in paths:
+            value = got.get(path, FileNotFoundError(path))
+            if isinstance(value, FileNotFoundError):
+                out.append(default)
+            elif isinstance(value, BaseException):
+                raise value
+            else:
+                out.append(_parse_json(value))
+        return out
 
     def write_arrays(self, name: str, **arrays: Any) -> None:
         """Compressed ``.npz`` (numpy's own format), written in one request."""

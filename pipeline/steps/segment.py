@@ -186,8 +186,9 @@ def segment_labels(input_url: str | ImageSource, output_url: str, kernel: Kernel
         lock.check()  # before resuming into it, or deleting it with overwrite
     fresh = not exists or options.overwrite
     if not fresh:
-        check_stitch_files(output_url, run.manifest.read_params())
-        check_compatible(output_url, run.manifest.read_params(), params)
+        old = run.manifest.read_params()
+        check_stitch_files(output_url, old)
+        check_compatible(output_url, old, params)
         finished = run.manifest.read_json("summary")
         if finished is not None:
             if _finished_output_intact(run, client, SegmentSummary(**finished)):
