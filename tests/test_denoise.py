@@ -214,6 +214,27 @@ def test_training_draws_patches_from_every_time_point(tmp_path):
     assert pool.sample(3, np.random.default_rng(0)).shape == (3, 1, 4, 16, 16)
 
 
+def test_self_supervised_pool_trains_on_every_block_of_a_small_image(tmp_path):
+    """A single small image is a self-supervised denoiser's own test image: no block is held out
+    (validation patches come from the training blocks); a volume larger than the pool, or a
+    supervised pair, still holds out a share of its blocks."""
+    from pipeline.engine.stats import Normalisation
+    from pipeline.steps.train import PatchPool
+
+    url = str(tmp_path / "img.ome.zarr")
+    data = np.arange(128 * 160, dtype=np.uint16).reshape(128, 160)
+    create_image(url, shape=data.shape, dtype=np.uint16, axes=list(default_axes("yx")), chunks=(32, 32),
+                 n_levels=1).write((slice(None),) * 2, data)
+    source, norm = open_image(url), Normalisation((0.0,), (1.0,))
+    whole = PatchPool(source, (16, 16), norm, pool_blocks=32, seed=0, hold_out=False)  # 4 x 5 = 20 blocks
+    assert len(whole.training_ids) == 20 and len(whole.pool) == 20
+    assert set(whole.validation_ids) <= set(whole.training_ids)
+    held = PatchPool(source, (16, 16), norm, pool_blocks=32, seed=0)
+    assert len(held.validation_ids) == 2 and not set(held.validation_ids) & set(held.training_ids)
+    larger = PatchPool(source, (16, 16), norm, pool_blocks=8, seed=0, hold_out=False)
+    assert len(larger.validation_ids) == 2 and len(larger.training_ids) == 18
+
+
 def _trained_psnr(method: str, clean: np.ndarray, noisy: np.ndarray, target: np.ndarray | None, steps: int) -> float:
     """PSNR against ``clean`` of a small U-Net trained by ``method`` for ``steps`` steps."""
     import torch

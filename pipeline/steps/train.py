@@ -4,7 +4,8 @@ Kernels train on numpy patches and know nothing of stores; this module is the se
 ``PatchPool`` holds a few blocks (twice the patch size) read from random places of the image and
 swaps one for a fresh random block every few steps, so memory is a few blocks whatever the
 volume size while training sees the whole volume over time. A fixed share of the blocks is held
-out for validation. Inputs are normalised with the same global percentiles the engine uses at
+out for validation, except where a self-supervised denoiser trains on an image small enough to
+sit in the pool whole: it is its own test image, so every block trains. Inputs are normalised with the same global percentiles the engine uses at
 inference, and the model card records them.
 """
 
@@ -44,7 +45,7 @@ class PatchPool:
 
     def __init__(self, source: ImageSource, patch: Sequence[int], norm: Normalisation, *, level: int = 0,
                  pool_blocks: int = 16, refresh_every: int = 4, validation_share: float = 0.1, seed: int = 0,
-                 labels: ImageSource | None = None, target: ImageSource | None = None):
+                 labels: ImageSource | None = None, target: ImageSource | None = None, hold_out: bool = True):
         batch, self.has_c, spatial = image_layout(source)  # time points are drawn from like blocks
         self.source, self.level, self.norm, self.labels, self.target = source, level, norm, labels, target
         if target is not None:
@@ -66,9 +67,15 @@ class PatchPool:
         n_blocks = int(np.prod(grid_shape(self.shape, self.block))) * int(np.prod(self.batch_shape, dtype=np.int64))
         order = np.random.default_rng(seed).permutation(n_blocks)
         n_val = int(round(validation_share * n_blocks)) if n_blocks >= 5 else 0
+        if not hold_out and n_blocks <= pool_blocks:
+            # A self-supervised denoiser of one small image denoises the image it trains on: a
+            # held-out block (2 of 16 on a 512^2 image) would be pixels it never learnt from.
+            # Validation patches are then fixed draws (fixed masks) from
+            # the training blocks; they still rank checkpoints, as the blind spot hides their pixels.
+            n_val = 0
         self.validation_ids, self.training_ids = order[:n_val], order[n_val:]
         if n_val == 0:
-            self.validation_ids = order[:1]  # too small to hold out a block: validate on a fixed draw
+            self.validation_ids = order[:8]  # nothing held out: validate on a fixed draw from the training blocks
         self.rng = np.random.default_rng(seed + 7)
         self.pool = [self._read(int(i)) for i in self.rng.choice(self.training_ids, min(pool_blocks, len(self.training_ids)),
                                                                   replace=False)]
@@ -204,7 +211,7 @@ class TrainingData:
     def prepare(cls, image_url: str, model_dir: str, *, task: str, patch: Sequence[int] | None, level: int,
                 depth: int, seed: int, overwrite: bool, storage_options: dict | None, labels: str | None = None,
                 labels_from: str | None = None, target: str | None = None, val_patches: int,
-                shared_output: bool = False, resume: bool = False) -> "TrainingData":
+                shared_output: bool = False, resume: bool = False, hold_out: bool = True) -> "TrainingData":
         if not shared_output:  # a workflow's model folder lies inside its output, which holds the image
             check_output_location(model_dir, image_url, storage_options)
         prepare_model_folder(model_dir, overwrite, resume)
@@ -218,7 +225,8 @@ class TrainingData:
         norm = Normalisation.of(source)
         pool = PatchPool(source, patch, norm, level=level, seed=seed,
                          labels=labels_source(source, labels, labels_from, storage_options),
-                         target=open_image(target, storage_options) if target is not None else None)
+                         target=open_image(target, storage_options) if target is not None else None,
+                         hold_out=hold_out)
         pool_axes = _pool_axes(pool.patch, scale, depth)  # coarse (anisotropic z) or thin axes are not pooled
         _check_patch(pool.patch, pool_axes, depth)
         validation = pool.validation(val_patches, np.random.default_rng(seed + 1))
@@ -322,7 +330,8 @@ def train_denoise(image_url: str, model_dir: str, *, method: str = "n2v2", targe
                           "(the N2V papers use 0.002; tilewise defaults to 0.1).")
     data = TrainingData.prepare(image_url, model_dir, task="denoising", patch=patch, level=level, depth=depth,
                                 seed=seed, overwrite=overwrite, storage_options=storage_options, target=target,
-                                val_patches=TrainConfig.val_patches, resume=resume)
+                                val_patches=TrainConfig.val_patches, resume=resume,
+                                hold_out=method not in SELF_SUPERVISED)
     extra = {} if mask_fraction is None else {"mask_fraction": float(mask_fraction)}
     cfg = TrainConfig(method=method, patch=data.pool.patch, batch=batch, steps=steps, seed=seed, depth=depth,
                       width=width, pool=data.pool_axes, uncertainty=u, loss=loss, **extra)
