@@ -251,3 +251,58 @@ def test_time_lapse_is_processed_per_time_point_in_one_run(tmp_path, client):
     again = run_kernel(url, str(tmp_path / "out.ome.zarr"), spec, client, tile_shape=(8, 16, 16), batch=4,
                        progress=False)
     assert again.computed == 0 and again.skipped == summary.tiles
+
+
+def test_tiles_read_as_row_windows_equal_tiles_read_alone(tmp_path, client):
+    """A task's tiles side by side along x are read as one window (their shared halo chunks
+    decoded once): runs break at row ends, time points and the window's size limit, and the
+    output equals one tile per task exactly, here with time points, channels and a halo that
+    reaches past the volume's edges."""
+    from pipeline.engine.plan import make_plan
+    from pipeline.engine.runner import TileReader, TileRows, TileSpace
+    from pipeline.io import Axis
+
+    data = np.random.default_rng(4).integers(0, 1000, size=(2, 2, 11, 37, 45)).astype(np.uint16)  # t, c, z, y, x
+    url = str(tmp_path / "tl.ome.zarr")
+    create_image(url, shape=data.shape, dtype=np.uint16, axes=[Axis("t", "time", "second")] + list(default_axes("czyx")),
+                 chunks=(1, 1, 8, 16, 16), n_levels=1).write((slice(None),) * 5, data)
+    spec = KernelSpec.of("gaussian", sigma=[1.0, 1.5, 1.5], channels=2)
+    one = run_kernel(url, str(tmp_path / "one.ome.zarr"), spec, client, tile_shape=(8, 16, 16), progress=False)
+    rows = run_kernel(url, str(tmp_path / "rows.ome.zarr"), spec, client, tile_shape=(8, 16, 16), progress=False,
+                      max_tasks=1)  # every tile in one task: runs of neighbours share windows
+    assert one.tiles == rows.tiles == 2 * 2 * 3 * 3
+    a = open_image(str(tmp_path / "one.ome.zarr")).read((slice(None),) * 5)
+    b = open_image(str(tmp_path / "rows.ome.zarr")).read((slice(None),) * 5)
+    assert np.array_equal(a, b)
+
+    source = open_image(url)
+    plan = make_plan(data.shape[2:], "zyx", (8, 16, 16), {"z": 3, "y": 5, "x": 5}, tile_shape=(8, 16, 16))
+    space = TileSpace(plan, (2,))
+    reader = TileReader(source, 0, True, "reflect", "raw", None)
+    runs = TileRows(reader, space).runs(range(len(space)))
+    assert [len(r) for r in runs] == [3] * 12  # grid 2 x 3 x 3 per time point: a run per row of x
+    assert all(len({space.locate(g)[0] for g in r}) == 1 for r in runs)
+    first, second = space.locate(0)[1].read, space.locate(1)[1].read
+    two = 2 * 2 * int(np.prod([sl.stop - sl.start for sl in first[:-1]])) * (second[-1].stop - first[-1].start)
+    small = TileRows(reader, space, max_bytes=two).runs(range(len(space)))  # uint16, 2 channels
+    assert small[:2] == [[0, 1], [2]]  # the first row: two tiles' union fits that budget, three do not
+
+
+def test_read_window_serves_reads_inside_it_and_only_those(tmp_path, monkeypatch):
+    from pipeline.io.read import ImageSource, read_window
+
+    data = np.arange(20 * 30, dtype=np.uint16).reshape(20, 30)
+    url = _image(tmp_path, "w.ome.zarr", data, "yx", (8, 8))
+    source = open_image(url)
+    calls = []
+    original = ImageSource.array
+    monkeypatch.setattr(ImageSource, "array", lambda self, level=0: calls.append(level) or original(self, level))
+    with read_window(source, (slice(2, 18), slice(0, 25))):
+        assert len(calls) == 1
+        inside = source.read((slice(4, 10), slice(3, 20)))
+        assert np.array_equal(inside, data[4:10, 3:20]) and len(calls) == 1
+        inside[:] = 0  # a copy: the window is not changed through it
+        assert np.array_equal(source.read((slice(4, 10), slice(3, 20))), data[4:10, 3:20])
+        assert np.array_equal(source.read((slice(0, 10), slice(3, 20))), data[0:10, 3:20]) and len(calls) == 2
+    source.read((slice(4, 10), slice(3, 20)))
+    assert len(calls) == 3  # the window is gone with the block

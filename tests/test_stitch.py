@@ -85,6 +85,10 @@ def test_stitched_labels_equal_untiled(tmp_path, client, name, axes, shape, tile
     assert_same_objects(truth, result)
     assert result.dtype == np.uint32 and result.max() == summary.objects == len(np.unique(truth)) - 1
     assert sorted(np.unique(result)[1:]) == list(range(1, summary.objects + 1))  # consecutive ids
+    # every tile in one task: neighbours along x are read as one window (shared halo chunks)
+    windowed = segment_labels(url, str(tmp_path / "rows.ome.zarr"), KernelSpec.of("relabel", ndim=len(shape), halo=halo),
+                              client, name="cells", tile_shape=tile, progress=False, max_tasks=1)
+    assert np.array_equal(open_image(windowed.labels).read((slice(None),) * len(shape)), result)
 
 
 def test_sparse_ids_and_resume(tmp_path, client):

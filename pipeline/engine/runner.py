@@ -16,6 +16,7 @@ import hashlib
 import logging
 import time
 from dataclasses import dataclass, fields, replace
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -31,7 +32,7 @@ from pipeline.engine.stats import Normalisation, nonfinite_message
 from pipeline.engine.submit import run_tasks
 from pipeline.io.ngff import SPACE, Axis
 from pipeline.io.store import check_output_location, content_fingerprint, exists
-from pipeline.io.read import ImageSource, as_source, ngff_problems
+from pipeline.io.read import ImageSource, SlideSource, as_source, ngff_problems, read_window
 from pipeline.io.write import ImageSink
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,12 @@ log = logging.getLogger(__name__)
 # a task's round trip through the scheduler costs ~2-4 ms on 2 busy cores whatever it carries (bench_engine
 # planning): 1,024 tasks keep a 1 TB pass's submission under 5 s and still give 8 tasks per thread to 128 threads
 MAX_TASKS = 1024
+# A task's tiles side by side along the last axis are read as one window (``TileRows``) of at most
+# this many tiles and stored bytes: the chunks their halos share are decoded once, not per tile.
+READ_WINDOW_TILES = 8
+READ_WINDOW_BYTES = 128 * 2**20
+# a pass keeps at least this many tasks per worker thread (load balance) when it groups tiles
+TASKS_PER_THREAD = 8
 
 
 @dataclass(frozen=True)
@@ -172,12 +179,68 @@ def batch_slices(at: Sequence[int]) -> tuple[slice, ...]:
     return tuple(slice(i, i + 1) for i in at)
 
 
-def tiles_per_task(n_tiles: int, batch: int, max_tasks: int = MAX_TASKS) -> int:
+def tiles_per_task(n_tiles: int, batch: int, max_tasks: int = MAX_TASKS, *, threads: int | None = None) -> int:
     """Tiles per task: a whole number of batches, and enough that the run has <= ``max_tasks``
     tasks. Small runs get one batch per task (best balance); 10^5-tile runs get a few dozen
-    tiles per task, so scheduling overhead stays small while memory stays one batch."""
+    tiles per task, so scheduling overhead stays small while memory stays one batch. Given the
+    cluster's ``threads``, a run with many tiles per thread groups up to ``READ_WINDOW_TILES``
+    per task (neighbours share their halo reads), keeping ``TASKS_PER_THREAD`` tasks a thread."""
     per_task = max(batch, -(-n_tiles // max(max_tasks, 1)))
+    if threads:
+        per_task = max(per_task, min(READ_WINDOW_TILES, n_tiles // (TASKS_PER_THREAD * threads)))
     return -(-per_task // batch) * batch
+
+
+def cluster_threads(client: Any) -> int | None:
+    """Worker threads of the cluster behind ``client`` (None when it cannot say)."""
+    try:
+        return sum(client.nthreads().values()) or None
+    except AttributeError:
+        return None
+
+
+@dataclass(frozen=True)
+class TileRows:
+    """Splits a task's tiles into runs of neighbours along the last spatial axis (same batch
+    index, same place on the other axes), each read as one window (``read_window``): a chunk
+    their halos share is decoded once per run instead of once per tile. A run holds at most
+    ``max_tiles`` tiles and ``max_bytes`` of stored input, so a worker's memory stays bounded
+    by a few tiles (see ``docs/architecture.md``, invariant 3)."""
+
+    reader: "TileReader"
+    space: TileSpace
+    max_tiles: int = READ_WINDOW_TILES
+    max_bytes: int = READ_WINDOW_BYTES
+
+    def runs(self, ids: Sequence[int]) -> list[list[int]]:
+        if type(self.reader.source) not in (ImageSource, SlideSource):  # a fused chain computes its input
+            return [[int(g)] for g in ids]
+        lv = self.reader.source.level(self.reader.level)
+        per_voxel = np.dtype(lv.dtype).itemsize * (self.reader.source.n_channels if self.reader.has_channels else 1)
+        runs: list[list[int]] = []
+        last: tuple[tuple[int, ...], Region] | None = None
+        for g in ids:
+            at, tile = self.space.locate(g)
+            read = tile.read
+            if runs and last is not None and last[0] == at and read[:-1] == last[1][:-1] \
+                    and read[-1].start <= last[1][-1].stop and len(runs[-1]) < self.max_tiles:
+                union = last[1][:-1] + (slice(last[1][-1].start, read[-1].stop),)
+                if per_voxel * int(np.prod([sl.stop - sl.start for sl in union])) <= self.max_bytes:
+                    runs[-1].append(int(g))
+                    last = (at, union)
+                    continue
+            runs.append([int(g)])
+            last = (at, read)
+        return runs
+
+    def window(self, run: Sequence[int]) -> AbstractContextManager:
+        """The read window of a run (nothing for a lone tile)."""
+        if len(run) < 2:
+            return nullcontext()
+        first, end = self.space.locate(run[0]), self.space.locate(run[-1])
+        at, read = first[0], first[1].read
+        union = read[:-1] + (slice(read[-1].start, end[1].read[-1].stop),)
+        return read_window(self.reader.source, self.reader.index(union, at), self.reader.level)
 
 
 def gpu_resources(client: Any, traits: KernelTraits) -> dict[str, float]:
@@ -424,13 +487,17 @@ def apply_kernel_with_maps(model: Kernel, blocks: Sequence[np.ndarray], *, valid
 
 
 def run_batches(kernel: KernelSpec, tile_ids: Sequence[int], batch: int,
-                run_batch: Callable[[Kernel, list[int]], list[dict[str, Any]]]) -> list[dict[str, Any]]:
+                run_batch: Callable[[Kernel, list[int]], list[dict[str, Any]]], *,
+                rows: TileRows | None = None) -> list[dict[str, Any]]:
     """A task's body: the resident kernel, then ``run_batch`` on the task's tile ids ``batch`` at
-    a time (memory: one batch of blocks); returns every tile's metadata."""
+    a time (memory: one batch of blocks, and with ``rows`` one run's read window); returns every
+    tile's metadata."""
     model = resident(kernel)
     results: list[dict[str, Any]] = []
-    for k in range(0, len(tile_ids), batch):
-        results += run_batch(model, [int(t) for t in tile_ids[k:k + batch]])
+    for run in rows.runs(tile_ids) if rows is not None else [[int(t) for t in tile_ids]]:
+        with rows.window(run) if rows is not None else nullcontext():
+            for k in range(0, len(run), batch):
+                results += run_batch(model, run[k:k + batch])
     return results
 
 
@@ -452,7 +519,8 @@ class ImageTileJob:
     maps: MapSinks | None = None  # the kernel's maps (traits.maps), cropped or blended like the output
 
     def __call__(self, tile_ids: Sequence[int]) -> list[dict[str, Any]]:
-        return run_batches(self.kernel, tile_ids, self.batch, self.run_batch)
+        return run_batches(self.kernel, tile_ids, self.batch, self.run_batch,
+                           rows=TileRows(self.reader, TileSpace(self.plan, self.batch_shape)))
 
     def run_batch(self, model: Kernel, ids: list[int]) -> list[dict[str, Any]]:
         started = time.perf_counter()
@@ -607,7 +675,7 @@ def submit_tiles(client: Any, job: Any, todo: Sequence[int], *, setup: EngineSet
     """Run ``job`` over the ``todo`` tiles as tasks of a whole number of batches, with GPU
     resources for GPU kernels; yields each task's per-tile metadata as it finishes."""
     plan = setup.plan
-    per_task = tiles_per_task(len(todo), batch, options.max_tasks)
+    per_task = tiles_per_task(len(todo), batch, options.max_tasks, threads=cluster_threads(client))
     groups = (tuple(todo[i:i + per_task]) for i in range(0, len(todo), per_task))
     resources = options.resources if options.resources is not None else gpu_resources(client, setup.traits)
     log.info("%s: %d tiles, %d to run (halo %s, %d per task, %d per call%s)", desc, len(plan), len(todo), plan.halo,

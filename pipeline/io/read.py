@@ -6,8 +6,10 @@ to every task and each task reads its own region straight from the store.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar, Iterator, Mapping
 
@@ -27,6 +29,54 @@ from pipeline.io.ngff import (
 )
 
 log = logging.getLogger(__name__)
+
+# The region of one source read once and served to the reads inside it (see read_window);
+# per thread (each worker thread runs one task at a time), None outside a window.
+_WINDOW: contextvars.ContextVar[tuple[Any, int, tuple[slice, ...], np.ndarray] | None] = \
+    contextvars.ContextVar("read_window", default=None)
+
+
+@contextmanager
+def read_window(source: "ImageSource", region: tuple[slice, ...], level: int = 0) -> Iterator[None]:
+    """Within the block, this thread's reads of ``source`` (``level``) that lie inside ``region``
+    are cut from one read of ``region``.
+
+    Why: a tile's halo reaches into its neighbours' chunks, and a chunk is decoded whole, so
+    a tile read on its own decodes up to 3^d chunks (27 in 3D) for one chunk's worth of data
+    (a 40 x 72 x 72 halo block of 32 x 64 x 64 chunks: 17.8 ms against 1.6 ms for its core).
+    Tiles side by side along the last axis, read as one window, decode the chunks they share
+    once. zarr caches no decoded chunks, so the window does it, for one run of tiles at a time.
+    """
+    full = _full_region(source, region, level)
+    token = _WINDOW.set((_source_key(source), level, full, source.read(full, level)))
+    try:
+        yield
+    finally:
+        _WINDOW.reset(token)
+
+
+def _source_key(source: "ImageSource") -> tuple[str, str]:
+    return type(source).__name__, source.url
+
+
+def _full_region(source: "ImageSource", region: tuple[slice, ...], level: int) -> tuple[slice, ...]:
+    """``region`` with every axis as an explicit ``start:stop`` (steps of 1)."""
+    shape = source.level(level).shape
+    region = tuple(region) + (slice(None),) * (len(shape) - len(region))
+    return tuple(slice(*sl.indices(n)[:2]) for sl, n in zip(region, shape))
+
+
+def _from_window(source: "ImageSource", region: tuple[slice, ...], level: int) -> np.ndarray | None:
+    """The part of the open window ``region`` is, as a new array; None when outside it."""
+    window = _WINDOW.get()
+    if window is None or window[0] != _source_key(source) or window[1] != level:
+        return None
+    if any(sl.step not in (None, 1) for sl in region):
+        return None
+    full = _full_region(source, region, level)
+    if not all(w.start <= r.start and r.stop <= w.stop for r, w in zip(full, window[2])):
+        return None
+    return window[3][tuple(slice(r.start - w.start, r.stop - w.start) for r, w in zip(full, window[2]))].copy()
 
 
 @dataclass(frozen=True)
@@ -98,7 +148,11 @@ class ImageSource(ImageMeta):
 
         A chunk that cannot be decoded (truncated, overwritten, wrong codec) is an
         :class:`InputError` naming the array and region; I/O errors pass through (retried).
+        Inside a :func:`read_window` that holds ``region``, it is cut from the window.
         """
+        cut = _from_window(self, region, level)
+        if cut is not None:
+            return cut
         try:
             return np.asarray(self.array(level)[region])
         except (RuntimeError, ValueError, TypeError) as exc:
@@ -208,6 +262,9 @@ class SlideSource(ImageSource):
         from pipeline.io.slide import read_level
 
         region = tuple(region) + (slice(None),) * (len(self.dims) - len(region))
+        cut = _from_window(self, region, level)
+        if cut is not None:
+            return cut
         try:
             return read_level(self.url, self.level(level).path, self.order, region, self.storage_options)
         except (RuntimeError, ValueError, TypeError) as exc:

@@ -281,11 +281,20 @@ class Folder:
         return out
 
     def write_arrays(self, name: str, **arrays: Any) -> None:
-        """Compressed ``.npz`` (numpy's own format), written in one request."""
+        """Compressed ``.npz`` (numpy's own format, ``np.load`` reads it), written in one request.
+
+        Written by hand at deflate level 1: ``np.savez_compressed`` has no level and uses 6,
+        which took 2.7 ms of a label tile's ~30 ms per file (a 40 x 72 x 72 uint16 shell); level
+        1 takes 1.1 ms for a file 1.5x the size."""
+        import zipfile
+
         import numpy as np
 
         buf = io.BytesIO()
-        np.savez_compressed(buf, **arrays)
+        with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
+            for key, value in arrays.items():
+                with archive.open(f"{key}.npy", "w", force_zip64=True) as fh:
+                    np.lib.format.write_array(fh, np.asanyarray(value), allow_pickle=False)
         with self.open(name, "wb") as fh:
             fh.write(buf.getvalue())
 

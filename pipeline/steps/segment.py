@@ -38,6 +38,7 @@ from pipeline.engine.runner import (
     EngineSetup,
     build_checked,
     check_location,
+    cluster_threads,
     image_layout,
     output_started,
     prepare_engine,
@@ -333,7 +334,7 @@ def match_tiles(run: SegmentRun, client: Any, tiles: Sequence[int], *, iou: floa
     Returns the resolution and the number of match edges. Cheap, so it runs again on resume.
     A neighbour outside ``tiles`` has no objects (its rim file is absent)."""
     plan, n = run.setup.plan, len(tiles)
-    per_task = tiles_per_task(n, 1, run.options.max_tasks)
+    per_task = tiles_per_task(n, 1, run.options.max_tasks, threads=cluster_threads(client))
     edges = [np.empty((0, 2), np.uint64)]
     task = MatchTask(plan, run.files, iou, run.setup.batch_shape)
     for result in run_tasks(client, task, _groups(list(tiles), per_task), total=-(-n // per_task),
@@ -353,7 +354,7 @@ def relabel_tiles(run: SegmentRun, client: Any, tiles: Sequence[int], *, resolut
     if relabel.done():  # an interrupted pass 3: what it wrote must still be there
         verify_done(client, sink, plan, relabel, progress=run.options.progress, batch_shape=run.setup.batch_shape)
     todo = sorted(set(tiles) - relabel.done())
-    per_task = tiles_per_task(len(todo), 1, run.options.max_tasks)
+    per_task = tiles_per_task(len(todo), 1, run.options.max_tasks, threads=cluster_threads(client))
     items = ((group, [resolution.for_tile(t) for t in group]) for group in _groups(todo, per_task))
     t_url = table_url(run.output_url, run.name) if table_spec is not None else None
     task = RelabelTask(plan, run.files, sink, relabel, t_url, table_spec, run.setup.batch_shape)

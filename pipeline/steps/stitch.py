@@ -45,6 +45,7 @@ from pipeline.engine.maps import MapSinks
 from pipeline.engine.plan import Tile, TilePlan
 from pipeline.engine.runner import (
     TileReader,
+    TileRows,
     TileSpace,
     apply_kernel_with_maps,
     batch_slices,
@@ -227,7 +228,8 @@ class LabelTileJob:
     maps: MapSinks | None = None  # the kernel's maps (uncertainty): written per core, measured per object
 
     def __call__(self, tile_ids: Sequence[int]) -> list[dict[str, Any]]:
-        return run_batches(self.kernel, tile_ids, self.batch, self.run_batch)
+        return run_batches(self.kernel, tile_ids, self.batch, self.run_batch,
+                           rows=TileRows(self.reader, TileSpace(self.plan, self.batch_shape)))
 
     def edge_pad(self, tile: Tile) -> tuple[tuple[int, int], ...]:
         """A full halo of padding wherever the read block meets the volume edge.
