@@ -5,7 +5,8 @@ Kernels train on numpy patches and know nothing of stores; this module is the se
 swaps one for a fresh random block every few steps, so memory is a few blocks whatever the
 volume size while training sees the whole volume over time. A fixed share of the blocks is held
 out for validation, except where a self-supervised denoiser trains on an image small enough to
-sit in the pool whole: it is its own test image, so every block trains. Inputs are normalised with the same global percentiles the engine uses at
+sit in the pool whole: it is its own test image, so the pool holds it whole, patches are cropped
+anywhere in it and nothing is held out. Inputs are normalised with the same global percentiles the engine uses at
 inference, and the model card records them.
 """
 
@@ -64,15 +65,18 @@ class PatchPool:
         self.shape = tuple(shape)
         self.block = tuple(min(n, 2 * p) for n, p in zip(shape, self.patch))
         # a block id names a spatial block at one index of the batch axes (a time point)
-        n_blocks = int(np.prod(grid_shape(self.shape, self.block))) * int(np.prod(self.batch_shape, dtype=np.int64))
-        order = np.random.default_rng(seed).permutation(n_blocks)
+        n_time = int(np.prod(self.batch_shape, dtype=np.int64))
+        n_blocks = int(np.prod(grid_shape(self.shape, self.block))) * n_time
         n_val = int(round(validation_share * n_blocks)) if n_blocks >= 5 else 0
         if not hold_out and n_blocks <= pool_blocks:
             # A self-supervised denoiser of one small image denoises the image it trains on: a
-            # held-out block (2 of 16 on a 512^2 image) would be pixels it never learnt from.
-            # Validation patches are then fixed draws (fixed masks) from
-            # the training blocks; they still rank checkpoints, as the blind spot hides their pixels.
-            n_val = 0
+            # held-out block (2 of 16 on a 512^2 image) would be pixels it never learnt from, and
+            # crops confined to blocks would rarely centre on pixels near block borders. The pool
+            # holds the whole image (as many bytes as its blocks would), patches are cropped
+            # anywhere in it, and validation patches are fixed draws (fixed masks) from it: they
+            # still rank checkpoints, as the blind spot hides the pixels they score.
+            self.block, n_blocks, n_val = self.shape, n_time, 0
+        order = np.random.default_rng(seed).permutation(n_blocks)
         self.validation_ids, self.training_ids = order[:n_val], order[n_val:]
         if n_val == 0:
             self.validation_ids = order[:8]  # nothing held out: validate on a fixed draw from the training blocks
