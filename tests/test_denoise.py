@@ -310,3 +310,27 @@ def test_cli_trains_care_and_n2n_on_pairs(tmp_path, client, capsys, caplog):
     assert main(["-q", "train", "denoise", urls["noisy"], str(tmp_path / "m3"), "--method", "n2n", "--target",
                  urls["second"], "--loss", "mae", *common]) == 2
     assert "n2n needs mse" in capsys.readouterr().err
+
+
+def test_residual_report_reads_back_only_tiles_it_was_not_given(tmp_path, client, monkeypatch):
+    """The residual guard covers every finished tile: those this run computed from what their
+    tasks returned, the others (an earlier, interrupted run) from their markers."""
+    from kernels import KernelSpec
+    from pipeline.engine.manifest import RunManifest
+    from pipeline.engine.runner import EngineOptions
+    from pipeline.steps.apply import run_kernel
+    from pipeline.steps.denoise import residual_report
+
+    url = str(tmp_path / "in.ome.zarr")
+    create_image(url, shape=(40, 40), dtype=np.uint16, axes=list(default_axes("yx")), chunks=(16, 16),
+                 n_levels=1).write((slice(None),) * 2, np.arange(1600, dtype=np.uint16).reshape(40, 40))
+    out = str(tmp_path / "out.ome.zarr")
+    summary = run_kernel(url, out, KernelSpec.of("gaussian", sigma=[1.0, 1.0]), client, tile_shape=(16, 16),
+                         progress=False)
+    read = []
+    original = RunManifest.tile_metadata
+    monkeypatch.setattr(RunManifest, "tile_metadata",
+                        lambda self, tiles=None: read.append(sorted(tiles)) or original(self, tiles))
+    report = residual_report(out, EngineOptions(), known={0: {"tile": 0, "flagged": True, "residual_std": 1.0}})
+    assert report.tiles == summary.tiles == 9 and report.flagged == [0]
+    assert read == [list(range(1, 9))]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -107,6 +107,9 @@ class DenseRun:
     every: list[int]  # the tiles this run's output is made of (all, or the foreground's)
     wanted: list[int]  # those this call runs (tile_ids)
     todo: list[int]  # those not done when it began
+    # per-tile metadata of the tiles ``finish`` computed (what their markers hold), so reports
+    # need not read those markers back
+    computed: dict[int, dict[str, Any]] = field(default_factory=dict)
 
     def finish(self, client: Any, *, kept_elsewhere: bool = False) -> RunSummary:
         """Compute the tiles not done when the run began (``kept_elsewhere``: those still not
@@ -124,6 +127,7 @@ class DenseRun:
                                         desc=self.kernel.name):
                 voxels += sum(meta["voxels"] for meta in results)
                 metas += results
+            self.computed.update((int(meta["tile"]), meta) for meta in metas)
             seconds = time.perf_counter() - started
             report_missing(metas, setup.source)
             if self.wanted == self.every or set(self.every) <= manifest.done():  # every tile is done

@@ -70,7 +70,8 @@ def denoise_then_segment(input_url: str, output_url: str, model_dir: str,
         seg = segment_labels(output_url, output_url, segment_spec(output_url), client,
                              replace(segment_options, level=0), name=name, iou=iou, image="in-place")
         seconds["segment"] = time.perf_counter() - started - seconds["denoise"]
-    return ChainSummary(denoised, residual_report(output_url, denoise_options), seg, why is None, seconds)
+    return ChainSummary(denoised, residual_report(output_url, denoise_options, known=dense.computed), seg, why is None,
+                        seconds)
 
 
 def _unfusable(blend: Any, options: EngineOptions) -> str | None:

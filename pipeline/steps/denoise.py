@@ -78,7 +78,8 @@ def denoise(input_url: str, output_url: str, model_dir: str, client: Any, option
     options = EngineOptions.of(options, **settings)
     run = begin_denoise(input_url, output_url, model_dir, client, options, out_dtype=out_dtype, precision=precision,
                         tta=tta)
-    return run.finish(client), residual_report(output_url, options)
+    summary = run.finish(client)
+    return summary, residual_report(output_url, options, known=run.computed)
 
 
 def begin_denoise(input_url: str, output_url: str, model_dir: str, client: Any, options: EngineOptions, *,
@@ -91,11 +92,15 @@ def begin_denoise(input_url: str, output_url: str, model_dir: str, client: Any, 
                        name="denoised", out_dtype=out_dtype)
 
 
-def residual_report(output_url: str, options: EngineOptions) -> ResidualReport:
-    """The residual guard over a finished denoise run's tiles (their markers); flagged tiles are
-    logged."""
-    report = ResidualReport.of(RunManifest(output_url, options.storage_options or {},
-                                          workspace=options.workspace).tile_metadata())
+def residual_report(output_url: str, options: EngineOptions,
+                    known: dict[int, dict[str, Any]] | None = None) -> ResidualReport:
+    """The residual guard over a finished denoise run's tiles; flagged tiles are logged. Tiles in
+    ``known`` (the metadata this run's tasks returned) are not read back; the others (done by an
+    earlier, interrupted run, or by a fused step) come from their markers."""
+    manifest = RunManifest(output_url, options.storage_options or {}, workspace=options.workspace)
+    metas = dict(known or {})
+    metas.update(manifest.tile_metadata(sorted(manifest.done() - set(metas))))
+    report = ResidualReport.of(metas)
     if report.flagged:
         log.warning("%d of %d tiles have a residual that is not noise-like (neighbour correlation > %.1f; tiles "
                     "%s): the denoiser removed structure there; inspect them before trusting the output",
