@@ -30,6 +30,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -172,14 +173,14 @@ def pair_images(clean: np.ndarray, peak: float = 20.0):
     return clean, noisy[0], noisy[1]
 
 
-def pairs(work: Path, client, results: dict, steps: int) -> None:
+def pairs(work: Path, client, results: dict, steps: int, which: Sequence[str] = ("dsb2018", "lightsheet")) -> None:
     from pipeline.data.fetch import load_sample_arrays
     from pipeline.data.synthetic import make_lightsheet
 
     image, _, _ = load_sample_arrays("dsb2018")
     ls = str(work / "lightsheet.ome.zarr")
     make_lightsheet(ls, client, shape=(32, 128, 128), seed=0, overwrite=True, progress=False)
-    datasets = {"dsb2018": image, "lightsheet": read(ls + "/clean")}
+    datasets = {k: v for k, v in (("dsb2018", image), ("lightsheet", read(ls + "/clean"))) if k in which}
     rows = results["rows"] = [r for r in results.get("rows", []) if r["dataset"] not in datasets]
     for dataset, base in datasets.items():
         clean, first, second = pair_images(base)
@@ -224,6 +225,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--parts", default="single,pairs,attribution")
     parser.add_argument("--images", default="astronaut,coins,moon")
     parser.add_argument("--steps-pairs", type=int, default=1500)
+    parser.add_argument("--pair-datasets", default="dsb2018,lightsheet", help="pairs part: datasets to (re)measure")
     parser.add_argument("--workdir")
     parser.add_argument("--results", default="restore",
                         help="results name (benchmarks/results/NAME.json); parts run side by side need their own")
@@ -245,7 +247,7 @@ def main(argv=None) -> dict:
         if "single" in parts:
             single(names, work, client, results)
         if "pairs" in parts:
-            pairs(work, client, results, args.steps_pairs)
+            pairs(work, client, results, args.steps_pairs, args.pair_datasets.split(","))
         if "attribution" in parts:
             attribution(work, client, results)
         if "ensemble" in parts:
