@@ -306,3 +306,21 @@ def test_read_window_serves_reads_inside_it_and_only_those(tmp_path, monkeypatch
         assert np.array_equal(source.read((slice(0, 10), slice(3, 20))), data[0:10, 3:20]) and len(calls) == 2
     source.read((slice(4, 10), slice(3, 20)))
     assert len(calls) == 3  # the window is gone with the block
+
+
+def test_missing_chunks_inside_a_read_window_are_those_outside_it(tmp_path):
+    import shutil
+
+    from pipeline.io.read import read_window
+
+    data = np.ones((20, 30), np.uint16)
+    url = _image(tmp_path, "m.ome.zarr", data, "yx", (8, 8))
+    source = open_image(url)
+    chunk_dir = next(p for p in (tmp_path / "m.ome.zarr" / "0").rglob("*") if p.is_file() and p.name == "2"
+                     and p.parent.name == "1")  # chunk (1, 2) of a zarr v3 array: c/1/2
+    shutil.move(chunk_dir, tmp_path / "moved")
+    regions = [(slice(2, 18), slice(10, 25)), (slice(0, 8), slice(0, 8)), (slice(9, 10), slice(16, 17))]
+    alone = [source.missing_chunks(r) for r in regions]
+    assert alone == [[(1, 2)], [], [(1, 2)]]
+    with read_window(source, (slice(0, 20), slice(0, 30))):
+        assert [source.missing_chunks(r) for r in regions] == alone

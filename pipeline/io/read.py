@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 # The region of one source read once and served to the reads inside it (see read_window);
 # per thread (each worker thread runs one task at a time), None outside a window.
-_WINDOW: contextvars.ContextVar[tuple[Any, int, tuple[slice, ...], np.ndarray] | None] = \
+_WINDOW: contextvars.ContextVar[tuple[Any, int, tuple[slice, ...], np.ndarray, dict] | None] = \
     contextvars.ContextVar("read_window", default=None)
 
 
@@ -48,7 +48,7 @@ def read_window(source: "ImageSource", region: tuple[slice, ...], level: int = 0
     once. zarr caches no decoded chunks, so the window does it, for one run of tiles at a time.
     """
     full = _full_region(source, region, level)
-    token = _WINDOW.set((_source_key(source), level, full, source.read(full, level)))
+    token = _WINDOW.set((_source_key(source), level, full, source.read(full, level), {}))
     try:
         yield
     finally:
@@ -66,8 +66,9 @@ def _full_region(source: "ImageSource", region: tuple[slice, ...], level: int) -
     return tuple(slice(*sl.indices(n)[:2]) for sl, n in zip(region, shape))
 
 
-def _from_window(source: "ImageSource", region: tuple[slice, ...], level: int) -> np.ndarray | None:
-    """The part of the open window ``region`` is, as a new array; None when outside it."""
+def _window_holding(source: "ImageSource", region: tuple[slice, ...], level: int):
+    """The open window if it holds ``region`` of ``source`` at ``level`` (and that region with
+    explicit bounds), else None."""
     window = _WINDOW.get()
     if window is None or window[0] != _source_key(source) or window[1] != level:
         return None
@@ -76,7 +77,16 @@ def _from_window(source: "ImageSource", region: tuple[slice, ...], level: int) -
     full = _full_region(source, region, level)
     if not all(w.start <= r.start and r.stop <= w.stop for r, w in zip(full, window[2])):
         return None
-    return window[3][tuple(slice(r.start - w.start, r.stop - w.start) for r, w in zip(full, window[2]))].copy()
+    return window, full
+
+
+def _from_window(source: "ImageSource", region: tuple[slice, ...], level: int) -> np.ndarray | None:
+    """The part of the open window ``region`` is, as a new array; None when outside it."""
+    held = _window_holding(source, region, level)
+    if held is None:
+        return None
+    (_, _, bounds, data, _), full = held
+    return data[tuple(slice(r.start - w.start, r.stop - w.start) for r, w in zip(full, bounds))].copy()
 
 
 @dataclass(frozen=True)
@@ -164,6 +174,18 @@ class ImageSource(ImageMeta):
         """Grid positions of the stored chunks (shards) that ``region`` touches but the store does
         not hold. zarr leaves out chunks that hold only the fill value, so a missing chunk is not
         always a lost one; callers decide (``EngineOptions.missing_chunks``)."""
+        held = _window_holding(self, region, level)
+        if held is not None:  # the window's chunks are checked once, for every tile inside it
+            (_, _, bounds, _, memo), full = held
+            if "absent" not in memo:
+                memo["absent"] = self._absent_chunks(bounds, level)
+            grid = memo["absent"][1]
+            touched = [range(r.start // g, -(-r.stop // g)) for r, g in zip(full, grid)]
+            return [idx for idx in memo["absent"][0] if all(i in t for i, t in zip(idx, touched))]
+        return self._absent_chunks(region, level)[0]
+
+    def _absent_chunks(self, region: tuple[slice, ...], level: int) -> tuple[list[tuple[int, ...]], tuple[int, ...]]:
+        """(grid positions of the absent chunks ``region`` touches, the chunk grid)."""
         import asyncio
         from itertools import product
 
@@ -181,7 +203,7 @@ class ImageSource(ImageMeta):
         async def present() -> list[bool]:  # one hand-off to zarr's event loop, not one per chunk
             return await asyncio.gather(*[(path / encode(idx)).exists() for idx in chunks])
 
-        return [idx for idx, there in zip(chunks, sync(present())) if not there]
+        return [idx for idx, there in zip(chunks, sync(present())) if not there], tuple(grid)
 
     def dask(self, level: int = 0):
         """A lazy dask array of a level, one dask chunk per zarr chunk."""
