@@ -40,8 +40,9 @@ class ResidualReport:
 
 
 # ``tta="auto"`` averages the 8 flips / rotations for inputs up to this many pixels per time
-# point: on a single image it costs seconds and gains 0.3 dB (astronaut, sigma 25: 29.44 ->
-# 29.76 dB); on a light-sheet volume it would multiply hours by 8.
+# point: on a single image it costs seconds and gains 0.1-0.3 dB (sigma 25, benchmarks/results/
+# restore.json: astronaut 29.21 -> 29.54, coins 27.54 -> 27.71, moon 36.55 -> 36.66 dB); on a
+# light-sheet volume it would multiply hours by 8.
 TTA_AUTO_PIXELS = 2**26
 
 
