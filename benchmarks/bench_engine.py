@@ -597,7 +597,7 @@ def main(argv=None) -> dict:
                 results[name] = {**_run_part(name, work, arg), "command": invocation()}
                 print(json.dumps(results[name], default=str)[:1500], flush=True)
             else:
-                results[name] = _run_part(name, work, args.shape)
+                results[name] = {**_run_part(name, work, args.shape), "command": invocation()}
                 print(json.dumps(results[name], default=str)[:600], flush=True)
             save("engine", results)
     finally:
