@@ -4,8 +4,8 @@ objects are known.
 A tile measures the objects in its core as *partial* rows (voxel count, coordinate sums,
 bounding box, intensity sums, min and max), which add up exactly when an object is split over
 several tiles. After stitching, an object that lives in one tile is finished by that tile's
-task; the partial rows of stitched objects are summed per final id by a few tasks, each owning
-a bucket of final ids (their number grows with the tile *surface*, not with the volume). How tables are
+task; only the partial rows of stitched objects travel to the client, where they are summed per
+final id (their number grows with the tile *surface*, not with the volume). How tables are
 stored is ``pipeline.io.tables``.
 """
 

@@ -51,9 +51,10 @@ from pipeline.engine.stats import Normalisation
 from pipeline.engine.submit import run_tasks
 from pipeline.io import store
 from pipeline.io.read import ImageSource, as_source
-from pipeline.io.tables import TableSpec, begin_table, table_url
+from pipeline.io.tables import TableSpec, begin_table, table_url, write_part
 from pipeline.io.write import ImageSink, create_collection, create_label_image
 from pipeline.steps.convert import copy_image_data, image_like
+from pipeline.steps.measure import combine, finish
 from pipeline.steps.models import model_spec as _model_spec
 from pipeline.steps.stitch import (
     MAX_TILES,
@@ -62,8 +63,6 @@ from pipeline.steps.stitch import (
     RelabelTask,
     Resolution,
     StitchFiles,
-    SumStitchedRows,
-    merged_buckets,
     resolve,
 )
 from pipeline.steps.tissue import select_tiles
@@ -88,10 +87,9 @@ class SegmentSummary:
         return asdict(self)
 
 
-# what the passes leave for each other under _tilewise/stitch: 3 = whole-block shells + rim files +
-# stitched rows by bucket of final ids (2: one merged-rows file per tile; 1, unnamed: cores in a
-# shared zarr array); a run begun with other files cannot be resumed
-STITCH_FILES = 3
+# what the passes leave for each other under _tilewise/stitch: 2 = whole-block shells + rim files
+# (1, unnamed: cores in a shared zarr array); a run begun with other files cannot be resumed
+STITCH_FILES = 2
 
 
 def check_stitch_files(output_url: str, old: dict[str, Any] | None) -> None:
@@ -257,7 +255,7 @@ def _run_passes(run: SegmentRun, client: Any, tiles: list[int], *, iou: float, c
     seconds["relabel"] = time.perf_counter() - started
     started = time.perf_counter()
     if table_spec is not None:
-        _finish_stitched_rows(run, client, table_spec, merged_buckets(resolution))
+        _finish_stitched_rows(run, table_spec)
     finalize_image(sink, client, labels=True, progress=run.options.progress)
     maps = run.maps()
     if maps is not None:
@@ -359,8 +357,7 @@ def relabel_tiles(run: SegmentRun, client: Any, tiles: Sequence[int], *, resolut
     per_task = tiles_per_task(len(todo), 1, run.options.max_tasks, threads=cluster_threads(client))
     items = ((group, [resolution.for_tile(t) for t in group]) for group in _groups(todo, per_task))
     t_url = table_url(run.output_url, run.name) if table_spec is not None else None
-    task = RelabelTask(plan, run.files, sink, relabel, t_url, table_spec, run.setup.batch_shape,
-                       buckets=merged_buckets(resolution))
+    task = RelabelTask(plan, run.files, sink, relabel, t_url, table_spec, run.setup.batch_shape)
     for _ in run_tasks(client, task, items, total=-(-len(todo) // per_task), desc=f"{run.name}: relabel",
                        progress=run.options.progress):
         pass
@@ -547,10 +544,9 @@ def model_zoom(input_url: str | ImageSource, model_dir: str, *, level: int = 0, 
                             f"training: tiles are resampled x{zoom:.3g} to the model's scale")
 
 
-def _finish_stitched_rows(run: SegmentRun, client: Any, spec: TableSpec, buckets: int) -> None:
-    """Sum the partial rows of objects that span tiles, one task per bucket of final ids: the
-    client never holds them (1.27 M stitched objects at 10^7 objects took it to 1.9 GB)."""
-    task = SumStitchedRows(run.files, table_url(run.output_url, run.name), spec)
-    for _ in run_tasks(client, task, range(buckets), total=buckets, desc=f"{run.name}: stitched rows",
-                       progress=run.options.progress):
-        pass
+def _finish_stitched_rows(run: SegmentRun, spec: TableSpec) -> None:
+    """Sum the partial rows of objects that span tiles (few: they lie on tile borders)."""
+    rows = run.files.merged_rows()
+    if rows is not None:
+        write_part(table_url(run.output_url, run.name), "stitched", finish(combine(rows), spec), spec,
+                   run.storage_options)

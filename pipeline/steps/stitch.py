@@ -20,8 +20,7 @@ Three passes over the tiles, each a set of independent tasks that talk only thro
    (:func:`resolve`) - cost near-linear in *stitched* objects - and gives each tile task only its
    own part of the answer: the final ids of its merged objects and the offset of its consecutive
    range. The task rewrites its core chunks, finishes the table rows of objects that live only in
-   that tile, and leaves the partial rows of stitched objects in buckets of final ids, each
-   summed into one table part by its own task (:class:`SumStitchedRows`).
+   that tile, and leaves the partial rows of stitched objects for the client to sum.
 
 A tile's objects that reach the outer edge of its halo are counted and reported: such objects
 are larger than the halo, and their shape can differ between tiles (raise the halo).
@@ -58,7 +57,7 @@ from pipeline.engine.runner import (
 from pipeline.io import store
 from pipeline.io.store import Folder
 from pipeline.io.tables import INSTANCE_KEY, TableSpec, read_parquet_files, write_parquet_file, write_part
-from pipeline.steps.measure import combine, finish, partial_stats
+from pipeline.steps.measure import finish, partial_stats
 
 log = logging.getLogger(__name__)
 
@@ -146,49 +145,16 @@ class StitchFiles:
     def load(self, kind: str, tile_id: int, keys: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         return self.folder.read_arrays(f"{kind}/{int(tile_id)}.npz", keys)
 
-    def save_merged_rows(self, tile_id: int, rows, buckets: int) -> None:
-        """Partial table rows of a tile's stitched objects, one file per bucket of final ids
-        (``label % buckets``): each bucket is summed by its own task."""
-        bucket = rows[INSTANCE_KEY].to_numpy() % buckets
-        for b in np.unique(bucket):
-            write_parquet_file(self.folder, f"merged/{int(b)}-{int(tile_id)}.parquet", rows[bucket == b])
+    def save_merged_rows(self, tile_id: int, rows) -> None:
+        """Partial table rows of a tile's stitched objects, for the client to sum."""
+        write_parquet_file(self.folder, f"merged/{int(tile_id)}.parquet", rows)
 
-    def merged_rows(self, bucket: int):
-        """Every tile's partial rows of the stitched objects in one bucket (None if none)."""
-        return read_parquet_files(self.folder, [f"merged/{name}" for name in self.folder.names("merged")
-                                                if name.startswith(f"{int(bucket)}-")])
+    def merged_rows(self):
+        """Every tile's partial rows of stitched objects, as one DataFrame (None if none)."""
+        return read_parquet_files(self.folder, list(self.folder.iter_files("merged")))
 
     def remove(self) -> None:
         self.folder.remove()
-
-
-# partial rows of stitched objects summed per task: ~50 MB of rows, a few times that in pandas
-MERGED_ROWS_PER_TASK = 2**18
-
-
-def merged_buckets(resolution: "Resolution") -> int:
-    """How many tasks sum the stitched objects' partial rows (one row per id on a stitched
-    object): a function of the resolution alone, so a resumed pass splits them the same way."""
-    return max(1, -(-len(resolution.ids) // MERGED_ROWS_PER_TASK))
-
-
-@dataclass(frozen=True)
-class SumStitchedRows:
-    """The table rows of the stitched objects whose final id falls in one bucket: their tiles'
-    partial rows summed (``pipeline.steps.measure.combine``) and written as one table part.
-    Rewrites the same part when run again."""
-
-    files: StitchFiles
-    table_url: str
-    table_spec: TableSpec
-
-    def __call__(self, bucket: int) -> int:
-        rows = self.files.merged_rows(bucket)
-        if rows is None:
-            return 0
-        rows = finish(combine(rows), self.table_spec)
-        write_part(self.table_url, f"stitched-{int(bucket)}", rows, self.table_spec, self.files.storage_options)
-        return len(rows)
 
 
 def rim_slabs(core: np.ndarray, halo: Sequence[int]) -> dict[str, np.ndarray]:
@@ -475,7 +441,6 @@ class RelabelTask:
     table_url: str | None
     table_spec: TableSpec | None
     batch_shape: tuple[int, ...] = ()
-    buckets: int = 1  # stitched objects' partial rows are summed in this many tasks (by final id)
 
     def __call__(self, item: tuple[Sequence[int], Sequence[Mapping[str, Any]]]) -> list[dict[str, Any]]:
         import pandas as pd
@@ -501,7 +466,7 @@ class RelabelTask:
                     write_part(self.table_url, str(g), finish(rows[~stitched], self.table_spec),
                                self.table_spec, self.files.storage_options)
                 if stitched.any():
-                    self.files.save_merged_rows(int(g), rows[stitched], self.buckets)
+                    self.files.save_merged_rows(int(g), rows[stitched])
             meta = {"tile": int(g), "objects": n_core, "stitched": int(len(part["merged"])),
                     "checksum": checksum(final)}
             self.manifest.mark_done(int(g), meta)
