@@ -15,8 +15,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from dataclasses import dataclass, fields, replace
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, fields, replace
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -205,16 +205,21 @@ class TileRows:
     index, same place on the other axes), each read as one window (``read_window``): a chunk
     their halos share is decoded once per run instead of once per tile. A run holds at most
     ``max_tiles`` tiles and ``max_bytes`` of stored input, so a worker's memory stays bounded
-    by a few tiles (see ``docs/architecture.md``, invariant 3)."""
+    by a few tiles (see ``docs/architecture.md``, invariant 6). A fused chain's source computes
+    its input: its tiles form one run without a window, batched as before."""
 
     reader: "TileReader"
     space: TileSpace
     max_tiles: int = READ_WINDOW_TILES
     max_bytes: int = READ_WINDOW_BYTES
 
+    @property
+    def windowed(self) -> bool:
+        return type(self.reader.source) in (ImageSource, SlideSource)
+
     def runs(self, ids: Sequence[int]) -> list[list[int]]:
-        if type(self.reader.source) not in (ImageSource, SlideSource):  # a fused chain computes its input
-            return [[int(g)] for g in ids]
+        if not self.windowed:
+            return [[int(g) for g in ids]]
         lv = self.reader.source.level(self.reader.level)
         per_voxel = np.dtype(lv.dtype).itemsize * (self.reader.source.n_channels if self.reader.has_channels else 1)
         runs: list[list[int]] = []
@@ -234,8 +239,8 @@ class TileRows:
         return runs
 
     def window(self, run: Sequence[int]) -> AbstractContextManager:
-        """The read window of a run (nothing for a lone tile)."""
-        if len(run) < 2:
+        """The read window of a run (nothing for a lone tile or a computed source)."""
+        if len(run) < 2 or not self.windowed:
             return nullcontext()
         first, end = self.space.locate(run[0]), self.space.locate(run[-1])
         at, read = first[0], first[1].read
