@@ -264,8 +264,9 @@ def test_tiles_read_as_row_windows_equal_tiles_read_alone(tmp_path, client):
 
     data = np.random.default_rng(4).integers(0, 1000, size=(2, 2, 11, 37, 45)).astype(np.uint16)  # t, c, z, y, x
     url = str(tmp_path / "tl.ome.zarr")
-    create_image(url, shape=data.shape, dtype=np.uint16, axes=[Axis("t", "time", "second")] + list(default_axes("czyx")),
-                 chunks=(1, 1, 8, 16, 16), n_levels=1).write((slice(None),) * 5, data)
+    axes = [Axis("t", "time", "second")] + list(default_axes("czyx"))
+    create_image(url, shape=data.shape, dtype=np.uint16, axes=axes, chunks=(1, 1, 8, 16, 16),
+                 n_levels=1).write((slice(None),) * 5, data)
     spec = KernelSpec.of("gaussian", sigma=[1.0, 1.5, 1.5], channels=2)
     one = run_kernel(url, str(tmp_path / "one.ome.zarr"), spec, client, tile_shape=(8, 16, 16), progress=False)
     rows = run_kernel(url, str(tmp_path / "rows.ome.zarr"), spec, client, tile_shape=(8, 16, 16), progress=False,

@@ -6,8 +6,8 @@ swaps one for a fresh random block every few steps, so memory is a few blocks wh
 volume size while training sees the whole volume over time. A fixed share of the blocks is held
 out for validation, except where a self-supervised denoiser trains on an image small enough to
 sit in the pool whole: it is its own test image, so the pool holds it whole, patches are cropped
-anywhere in it and nothing is held out. Inputs are normalised with the same global percentiles the engine uses at
-inference, and the model card records them.
+anywhere in it and nothing is held out. Inputs are normalised with the same global percentiles
+the engine uses at inference, and the model card records them.
 """
 
 from __future__ import annotations
