@@ -214,32 +214,6 @@ def test_training_draws_patches_from_every_time_point(tmp_path):
     assert pool.sample(3, np.random.default_rng(0)).shape == (3, 1, 4, 16, 16)
 
 
-def test_self_supervised_pool_trains_on_every_block_of_a_small_image(tmp_path):
-    """A single small image is a self-supervised denoiser's own test image: nothing is held out
-    and patches are cropped anywhere in it (validation patches are fixed draws from it); a
-    volume larger than the pool, or a supervised pair, still holds out a share of its blocks."""
-    from pipeline.engine.stats import Normalisation
-    from pipeline.steps.train import PatchPool
-
-    url = str(tmp_path / "img.ome.zarr")
-    data = np.arange(128 * 160, dtype=np.uint16).reshape(128, 160)
-    create_image(url, shape=data.shape, dtype=np.uint16, axes=list(default_axes("yx")), chunks=(32, 32),
-                 n_levels=1).write((slice(None),) * 2, data)
-    source, norm = open_image(url), Normalisation((0.0,), (1.0,))
-    whole = PatchPool(source, (16, 16), norm, pool_blocks=32, seed=0, hold_out=False)  # 4 x 5 = 20 blocks fit
-    assert len(whole.pool) == 1 and whole.pool[0].shape == (1, 128, 160)  # the image, cropped anywhere
-    assert list(whole.validation_ids) == list(whole.training_ids) == [0]
-    crops = whole.sample(400, np.random.default_rng(1))[:, 0]
-    corners = {(int(c[0, 0]) // 160, int(c[0, 0]) % 160) for c in crops}
-    assert any(y % 32 > 16 and x % 32 > 16 for y, x in corners)  # a crop inside a 32^2 block starts at <= 16
-    held = PatchPool(source, (16, 16), norm, pool_blocks=32, seed=0)
-    assert len(held.validation_ids) == 2 and not set(held.validation_ids) & set(held.training_ids)
-    assert not any(y % 32 > 16 and x % 32 > 16 for y, x in
-                   {(int(c[0, 0, 0]) // 160, int(c[0, 0, 0]) % 160) for c in held.sample(400, np.random.default_rng(1))})
-    larger = PatchPool(source, (16, 16), norm, pool_blocks=8, seed=0, hold_out=False)
-    assert len(larger.validation_ids) == 2 and len(larger.training_ids) == 18
-
-
 def _trained_psnr(method: str, clean: np.ndarray, noisy: np.ndarray, target: np.ndarray | None, steps: int) -> float:
     """PSNR against ``clean`` of a small U-Net trained by ``method`` for ``steps`` steps."""
     import torch

@@ -40,8 +40,8 @@ class ResidualReport:
 
 
 # ``tta="auto"`` averages the 8 flips / rotations for inputs up to this many pixels per time
-# point: on a single image it costs seconds and gains 0.1-0.3 dB (sigma 25, benchmarks/results/
-# restore.json: astronaut 29.21 -> 29.54, coins 27.54 -> 27.71, moon 36.55 -> 36.66 dB); on a
+# point: on a single image it costs seconds and gains 0.06-0.25 dB (sigma 25, benchmarks/results/
+# restore.json: astronaut 28.89 -> 29.14, coins 27.62 -> 27.78, moon 36.25 -> 36.31 dB); on a
 # light-sheet volume it would multiply hours by 8.
 TTA_AUTO_PIXELS = 2**26
 

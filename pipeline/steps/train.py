@@ -4,10 +4,8 @@ Kernels train on numpy patches and know nothing of stores; this module is the se
 ``PatchPool`` holds a few blocks (twice the patch size) read from random places of the image and
 swaps one for a fresh random block every few steps, so memory is a few blocks whatever the
 volume size while training sees the whole volume over time. A fixed share of the blocks is held
-out for validation, except where a self-supervised denoiser trains on an image small enough to
-sit in the pool whole: it is its own test image, so the pool holds it whole, patches are cropped
-anywhere in it and nothing is held out. Inputs are normalised with the same global percentiles
-the engine uses at inference, and the model card records them.
+out for validation. Inputs are normalised with the same global percentiles the engine uses at
+inference, and the model card records them.
 """
 
 from __future__ import annotations
@@ -46,7 +44,7 @@ class PatchPool:
 
     def __init__(self, source: ImageSource, patch: Sequence[int], norm: Normalisation, *, level: int = 0,
                  pool_blocks: int = 16, refresh_every: int = 4, validation_share: float = 0.1, seed: int = 0,
-                 labels: ImageSource | None = None, target: ImageSource | None = None, hold_out: bool = True):
+                 labels: ImageSource | None = None, target: ImageSource | None = None):
         batch, self.has_c, spatial = image_layout(source)  # time points are drawn from like blocks
         self.source, self.level, self.norm, self.labels, self.target = source, level, norm, labels, target
         if target is not None:
@@ -65,21 +63,12 @@ class PatchPool:
         self.shape = tuple(shape)
         self.block = tuple(min(n, 2 * p) for n, p in zip(shape, self.patch))
         # a block id names a spatial block at one index of the batch axes (a time point)
-        n_time = int(np.prod(self.batch_shape, dtype=np.int64))
-        n_blocks = int(np.prod(grid_shape(self.shape, self.block))) * n_time
-        n_val = int(round(validation_share * n_blocks)) if n_blocks >= 5 else 0
-        if not hold_out and n_blocks <= pool_blocks:
-            # A self-supervised denoiser of one small image denoises the image it trains on: a
-            # held-out block (2 of 16 on a 512^2 image) would be pixels it never learnt from, and
-            # crops confined to blocks would rarely centre on pixels near block borders. The pool
-            # holds the whole image (as many bytes as its blocks would), patches are cropped
-            # anywhere in it, and validation patches are fixed draws (fixed masks) from it: they
-            # still rank checkpoints, as the blind spot hides the pixels they score.
-            self.block, n_blocks, n_val = self.shape, n_time, 0
+        n_blocks = int(np.prod(grid_shape(self.shape, self.block))) * int(np.prod(self.batch_shape, dtype=np.int64))
         order = np.random.default_rng(seed).permutation(n_blocks)
+        n_val = int(round(validation_share * n_blocks)) if n_blocks >= 5 else 0
         self.validation_ids, self.training_ids = order[:n_val], order[n_val:]
         if n_val == 0:
-            self.validation_ids = order[:8]  # nothing held out: validate on a fixed draw from the training blocks
+            self.validation_ids = order[:1]  # too small to hold out a block: validate on a fixed draw
         self.rng = np.random.default_rng(seed + 7)
         self.pool = [self._read(int(i)) for i in self.rng.choice(self.training_ids, min(pool_blocks, len(self.training_ids)),
                                                                   replace=False)]
@@ -215,7 +204,7 @@ class TrainingData:
     def prepare(cls, image_url: str, model_dir: str, *, task: str, patch: Sequence[int] | None, level: int,
                 depth: int, seed: int, overwrite: bool, storage_options: dict | None, labels: str | None = None,
                 labels_from: str | None = None, target: str | None = None, val_patches: int,
-                shared_output: bool = False, resume: bool = False, hold_out: bool = True) -> "TrainingData":
+                shared_output: bool = False, resume: bool = False) -> "TrainingData":
         if not shared_output:  # a workflow's model folder lies inside its output, which holds the image
             check_output_location(model_dir, image_url, storage_options)
         prepare_model_folder(model_dir, overwrite, resume)
@@ -229,8 +218,7 @@ class TrainingData:
         norm = Normalisation.of(source)
         pool = PatchPool(source, patch, norm, level=level, seed=seed,
                          labels=labels_source(source, labels, labels_from, storage_options),
-                         target=open_image(target, storage_options) if target is not None else None,
-                         hold_out=hold_out)
+                         target=open_image(target, storage_options) if target is not None else None)
         pool_axes = _pool_axes(pool.patch, scale, depth)  # coarse (anisotropic z) or thin axes are not pooled
         _check_patch(pool.patch, pool_axes, depth)
         validation = pool.validation(val_patches, np.random.default_rng(seed + 1))
@@ -334,8 +322,7 @@ def train_denoise(image_url: str, model_dir: str, *, method: str = "n2v2", targe
                           "(the N2V papers use 0.002; tilewise defaults to 0.1).")
     data = TrainingData.prepare(image_url, model_dir, task="denoising", patch=patch, level=level, depth=depth,
                                 seed=seed, overwrite=overwrite, storage_options=storage_options, target=target,
-                                val_patches=TrainConfig.val_patches, resume=resume,
-                                hold_out=method not in SELF_SUPERVISED)
+                                val_patches=TrainConfig.val_patches, resume=resume)
     extra = {} if mask_fraction is None else {"mask_fraction": float(mask_fraction)}
     cfg = TrainConfig(method=method, patch=data.pool.patch, batch=batch, steps=steps, seed=seed, depth=depth,
                       width=width, pool=data.pool_axes, uncertainty=u, loss=loss, **extra)
