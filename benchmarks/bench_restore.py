@@ -177,10 +177,13 @@ def pairs(work: Path, client, results: dict, steps: int, which: Sequence[str] = 
     from pipeline.data.fetch import load_sample_arrays
     from pipeline.data.synthetic import make_lightsheet
 
-    image, _, _ = load_sample_arrays("dsb2018")
-    ls = str(work / "lightsheet.ome.zarr")
-    make_lightsheet(ls, client, shape=(32, 128, 128), seed=0, overwrite=True, progress=False)
-    datasets = {k: v for k, v in (("dsb2018", image), ("lightsheet", read(ls + "/clean"))) if k in which}
+    datasets = {}
+    if "dsb2018" in which:
+        datasets["dsb2018"] = load_sample_arrays("dsb2018")[0]
+    if "lightsheet" in which:
+        ls = str(work / "lightsheet.ome.zarr")
+        make_lightsheet(ls, client, shape=(32, 128, 128), seed=0, overwrite=True, progress=False)
+        datasets["lightsheet"] = read(ls + "/clean")
     rows = results["rows"] = [r for r in results.get("rows", []) if r["dataset"] not in datasets]
     for dataset, base in datasets.items():
         clean, first, second = pair_images(base)

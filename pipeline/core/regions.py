@@ -49,6 +49,13 @@ def n_regions(shape: Sequence[int], block: Sequence[int]) -> int:
     return int(np.prod(grid_shape(shape, block)))
 
 
+def explicit(region: Sequence[slice], shape: Sequence[int]) -> Region:
+    """``region`` with one ``start:stop`` slice per axis of ``shape`` (missing trailing axes are
+    whole, ``None`` bounds resolved, steps dropped)."""
+    region = tuple(region) + (slice(None),) * (len(shape) - len(region))
+    return tuple(slice(*sl.indices(n)[:2]) for sl, n in zip(region, shape))
+
+
 def is_aligned(region: Region, shape: Sequence[int], unit: Sequence[int]) -> bool:
     """True when ``region`` covers whole write units (edges may stop at the array end)."""
     for sl, s, u in zip(region, shape, unit):

@@ -26,7 +26,7 @@ import numpy as np
 
 from kernels import resident
 from pipeline.core.errors import InputError
-from pipeline.core.regions import Region, iter_regions
+from pipeline.core.regions import Region, explicit, iter_regions
 from pipeline.engine.plan import Tile, span
 from pipeline.engine.runner import ImageTileJob, apply_kernel_with_maps, block_origin, valid_region
 from pipeline.io.ngff import Level
@@ -45,6 +45,7 @@ class FusedSource(ImageSource):
     job: ImageTileJob | None = None
     _cache: dict = field(default_factory=dict, compare=False, repr=False)
     is_ngff_store: ClassVar[bool] = False
+    windowable: ClassVar[bool] = False  # computed on read: a read window would compute its whole region
 
     @classmethod
     def of(cls, job: ImageTileJob) -> "FusedSource":
@@ -97,8 +98,7 @@ class FusedSource(ImageSource):
         if level != 0:
             raise InputError(f"'{self.url}' is computed on read (a fused chain) at one level; level {level} "
                              "does not exist yet.")
-        full = tuple(slice(*sl.indices(n)[:2]) for sl, n in zip(tuple(region) + (slice(None),) * len(self.dims),
-                                                                self.levels[0].shape))
+        full = explicit(region, self.levels[0].shape)
         key = tuple((sl.start, sl.stop) for sl in full)
         if key in self._cache:
             return self._cache[key].copy()

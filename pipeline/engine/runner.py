@@ -29,10 +29,10 @@ from pipeline.engine.manifest import WORKSPACE, RunManifest
 from pipeline.engine.maps import MapSinks
 from pipeline.engine.plan import Tile, TilePlan, make_plan, pad_block
 from pipeline.engine.stats import Normalisation, nonfinite_message
-from pipeline.engine.submit import run_tasks
+from pipeline.engine.submit import cluster_threads, run_tasks
 from pipeline.io.ngff import SPACE, Axis
 from pipeline.io.store import check_output_location, content_fingerprint, exists
-from pipeline.io.read import ImageSource, SlideSource, as_source, ngff_problems, read_window
+from pipeline.io.read import ImageSource, as_source, ngff_problems, read_window
 from pipeline.io.write import ImageSink
 
 log = logging.getLogger(__name__)
@@ -191,34 +191,22 @@ def tiles_per_task(n_tiles: int, batch: int, max_tasks: int = MAX_TASKS, *, thre
     return -(-per_task // batch) * batch
 
 
-def cluster_threads(client: Any) -> int | None:
-    """Worker threads of the cluster behind ``client`` (None when it cannot say)."""
-    try:
-        return sum(client.nthreads().values()) or None
-    except AttributeError:
-        return None
-
-
 @dataclass(frozen=True)
 class TileRows:
     """Splits a task's tiles into runs of neighbours along the last spatial axis (same batch
     index, same place on the other axes), each read as one window (``read_window``): a chunk
     their halos share is decoded once per run instead of once per tile. A run holds at most
     ``max_tiles`` tiles and ``max_bytes`` of stored input, so a worker's memory stays bounded
-    by a few tiles (see ``docs/architecture.md``, invariant 6). A fused chain's source computes
-    its input: its tiles form one run without a window, batched as before."""
+    by a few tiles (see ``docs/architecture.md``, invariant 6). A source that is not
+    ``windowable`` (a fused chain computes its input on read) gives one run without a window."""
 
     reader: "TileReader"
     space: TileSpace
     max_tiles: int = READ_WINDOW_TILES
     max_bytes: int = READ_WINDOW_BYTES
 
-    @property
-    def windowed(self) -> bool:
-        return type(self.reader.source) in (ImageSource, SlideSource)
-
     def runs(self, ids: Sequence[int]) -> list[list[int]]:
-        if not self.windowed:
+        if not self.reader.source.windowable:
             return [[int(g) for g in ids]]
         lv = self.reader.source.level(self.reader.level)
         per_voxel = np.dtype(lv.dtype).itemsize * (self.reader.source.n_channels if self.reader.has_channels else 1)
@@ -240,7 +228,7 @@ class TileRows:
 
     def window(self, run: Sequence[int]) -> AbstractContextManager:
         """The read window of a run (nothing for a lone tile or a computed source)."""
-        if len(run) < 2 or not self.windowed:
+        if len(run) < 2 or not self.reader.source.windowable:
             return nullcontext()
         first, end = self.space.locate(run[0]), self.space.locate(run[-1])
         at, read = first[0], first[1].read

@@ -16,6 +16,14 @@ R = TypeVar("R")
 log = logging.getLogger(__name__)
 
 
+def cluster_threads(client: Any) -> int | None:
+    """Worker threads of the cluster behind ``client`` (None when it cannot say)."""
+    try:
+        return sum(client.nthreads().values()) or None
+    except AttributeError:
+        return None
+
+
 def default_window(client: Any) -> int:
     """Enough tasks in flight to keep every worker thread busy through a client round trip.
 
@@ -23,8 +31,7 @@ def default_window(client: Any) -> int:
     window costs the scheduler a few KB per task, not worker memory; too shallow a window makes
     short tasks wait on client round trips (measured: 131 vs ~300 no-op tasks/s on 2 cores).
     """
-    threads = sum(client.nthreads().values()) or 1
-    return max(32, 8 * threads)
+    return max(32, 8 * (cluster_threads(client) or 1))
 
 
 def run_tasks(

@@ -11,12 +11,13 @@ import logging
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterator, Mapping
+from typing import Any, ClassVar, Iterator, Mapping, NamedTuple
 
 import numpy as np
 import zarr
 
 from pipeline.core.errors import InputError
+from pipeline.core.regions import explicit
 from pipeline.io import store
 from pipeline.io.ngff import (
     CHANNEL,
@@ -30,10 +31,18 @@ from pipeline.io.ngff import (
 
 log = logging.getLogger(__name__)
 
-# The region of one source read once and served to the reads inside it (see read_window);
-# per thread (each worker thread runs one task at a time), None outside a window.
-_WINDOW: contextvars.ContextVar[tuple[Any, int, tuple[slice, ...], np.ndarray, dict] | None] = \
-    contextvars.ContextVar("read_window", default=None)
+class _Window(NamedTuple):
+    """One region of a source read once, served to the reads inside it (see read_window)."""
+
+    source: tuple[str, str]  # _source_key
+    level: int
+    bounds: tuple[slice, ...]  # explicit start:stop on every axis
+    data: np.ndarray
+    memo: dict  # what was worked out once for the whole window (its absent chunks)
+
+
+# per thread (each worker thread runs one task at a time), None outside a window
+_WINDOW: contextvars.ContextVar[_Window | None] = contextvars.ContextVar("read_window", default=None)
 
 
 @contextmanager
@@ -47,8 +56,8 @@ def read_window(source: "ImageSource", region: tuple[slice, ...], level: int = 0
     Tiles side by side along the last axis, read as one window, decode the chunks they share
     once. zarr caches no decoded chunks, so the window does it, for one run of tiles at a time.
     """
-    full = _full_region(source, region, level)
-    token = _WINDOW.set((_source_key(source), level, full, source.read(full, level), {}))
+    bounds = explicit(region, source.level(level).shape)
+    token = _WINDOW.set(_Window(_source_key(source), level, bounds, source.read(bounds, level), {}))
     try:
         yield
     finally:
@@ -59,23 +68,17 @@ def _source_key(source: "ImageSource") -> tuple[str, str]:
     return type(source).__name__, source.url
 
 
-def _full_region(source: "ImageSource", region: tuple[slice, ...], level: int) -> tuple[slice, ...]:
-    """``region`` with every axis as an explicit ``start:stop`` (steps of 1)."""
-    shape = source.level(level).shape
-    region = tuple(region) + (slice(None),) * (len(shape) - len(region))
-    return tuple(slice(*sl.indices(n)[:2]) for sl, n in zip(region, shape))
-
-
-def _window_holding(source: "ImageSource", region: tuple[slice, ...], level: int):
-    """The open window if it holds ``region`` of ``source`` at ``level`` (and that region with
-    explicit bounds), else None."""
+def _window_holding(source: "ImageSource", region: tuple[slice, ...],
+                    level: int) -> tuple[_Window, tuple[slice, ...]] | None:
+    """The open window and ``region`` made explicit, if the window holds ``region`` of
+    ``source`` at ``level``; else None."""
     window = _WINDOW.get()
-    if window is None or window[0] != _source_key(source) or window[1] != level:
+    if window is None or window.source != _source_key(source) or window.level != level:
         return None
     if any(sl.step not in (None, 1) for sl in region):
         return None
-    full = _full_region(source, region, level)
-    if not all(w.start <= r.start and r.stop <= w.stop for r, w in zip(full, window[2])):
+    full = explicit(region, source.level(level).shape)
+    if not all(w.start <= r.start and r.stop <= w.stop for r, w in zip(full, window.bounds)):
         return None
     return window, full
 
@@ -85,8 +88,8 @@ def _from_window(source: "ImageSource", region: tuple[slice, ...], level: int) -
     held = _window_holding(source, region, level)
     if held is None:
         return None
-    (_, _, bounds, data, _), full = held
-    return data[tuple(slice(r.start - w.start, r.stop - w.start) for r, w in zip(full, bounds))].copy()
+    window, full = held
+    return window.data[tuple(slice(r.start - w.start, r.stop - w.start) for r, w in zip(full, window.bounds))].copy()
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,8 @@ class ImageSource(ImageMeta):
     # whether the image lives in an NGFF store whose metadata can be validated (a slide file,
     # or an image computed on read, does not)
     is_ngff_store: ClassVar[bool] = True
+    # reads can be cut from a read_window (the data is stored, not computed on read)
+    windowable: ClassVar[bool] = True
 
     @property
     def readable_levels(self) -> tuple[Level, ...]:
@@ -176,12 +181,12 @@ class ImageSource(ImageMeta):
         always a lost one; callers decide (``EngineOptions.missing_chunks``)."""
         held = _window_holding(self, region, level)
         if held is not None:  # the window's chunks are checked once, for every tile inside it
-            (_, _, bounds, _, memo), full = held
-            if "absent" not in memo:
-                memo["absent"] = self._absent_chunks(bounds, level)
-            grid = memo["absent"][1]
+            window, full = held
+            if "absent" not in window.memo:
+                window.memo["absent"] = self._absent_chunks(window.bounds, level)
+            absent, grid = window.memo["absent"]
             touched = [range(r.start // g, -(-r.stop // g)) for r, g in zip(full, grid)]
-            return [idx for idx in memo["absent"][0] if all(i in t for i, t in zip(idx, touched))]
+            return [idx for idx in absent if all(i in t for i, t in zip(idx, touched))]
         return self._absent_chunks(region, level)[0]
 
     def _absent_chunks(self, region: tuple[slice, ...], level: int) -> tuple[list[tuple[int, ...]], tuple[int, ...]]:

@@ -38,7 +38,6 @@ from pipeline.engine.runner import (
     EngineSetup,
     build_checked,
     check_location,
-    cluster_threads,
     image_layout,
     output_started,
     prepare_engine,
@@ -48,7 +47,7 @@ from pipeline.engine.runner import (
     verify_done,
 )
 from pipeline.engine.stats import Normalisation
-from pipeline.engine.submit import run_tasks
+from pipeline.engine.submit import cluster_threads, run_tasks
 from pipeline.io import store
 from pipeline.io.read import ImageSource, as_source
 from pipeline.io.tables import TableSpec, begin_table, table_url, write_part
