@@ -71,31 +71,61 @@ def window_starts(origin: int, length: int, window: int, stride: int) -> list[in
     return [s - origin for s in range(first, origin + length, stride)]
 
 
+def reach_of(mask: np.ndarray, low: tuple[int, ...], high: tuple[int, ...],
+             factor: tuple[int, ...]) -> tuple[slice, ...]:
+    """The part of a crop that a target over ``mask`` depends on: the mask's bounding box grown
+    by the receptive field (an output pixel sees ``low`` before and ``high`` after it), on the
+    crop's down-sampling grid so the network computes there what it computes on the whole crop.
+    The whole crop when the mask is empty."""
+    if not mask.any():
+        return tuple(slice(0, n) for n in mask.shape)
+    part = []
+    for axis, (lo, hi, f, n) in enumerate(zip(low, high, factor, mask.shape)):
+        hits = np.flatnonzero(mask.any(tuple(a for a in range(mask.ndim) if a != axis)))
+        start = max(0, int(hits[0]) - lo) // f * f
+        part.append(slice(start, min(n, int(hits[-1]) + 1 + hi)))
+    return tuple(part)
+
+
 def occlusion(target: Callable[[Any], Any], x, baseline, window: tuple[int, ...], stride: tuple[int, ...],
-              origin: tuple[int, ...], chunk: int = 16):
-    """``(attribution (1, *s), target(x))``: per pixel, the mean target drop over the windows
-    covering it when each is replaced by the baseline."""
+              origin: tuple[int, ...], *, reach: tuple[slice, ...] | None = None, chunk: int = 32):
+    """``(attribution (1, *s), target(x[reach]))``: per pixel, the mean target drop over the
+    windows covering it when each is replaced by the baseline.
+
+    ``target`` takes batches of ``x[reach]`` (default: the whole crop), the part of the crop the
+    target depends on (:func:`reach_of`). A window that misses it changes nothing: its drop is
+    zero, so it is counted but never evaluated, and one that overlaps it is occluded there only.
+    On a small object this evaluates a few hundred small inputs instead of a thousand or more
+    crops."""
     import torch
 
-    spatial = x.shape[2:]
+    spatial = tuple(x.shape[2:])
+    reach = reach or tuple(slice(0, n) for n in spatial)
     starts = [window_starts(o, n, w, s) for o, n, w, s in zip(origin, spatial, window, stride)]
     boxes = [tuple(slice(max(0, a), min(n, a + w)) for a, n, w in zip(corner, spatial, window))
              for corner in itertools.product(*starts)]
+    count = np.zeros(spatial, np.float32)
+    for box in boxes:
+        count[box] += 1
+    live = []  # (the window in the crop, its part inside the reach, relative to the reach)
+    for box in boxes:
+        inside = tuple(slice(max(b.start, r.start) - r.start, min(b.stop, r.stop) - r.start) for b, r in zip(box, reach))
+        if all(s.start < s.stop for s in inside):
+            live.append((box, inside))
+    lead = (slice(None), slice(None))
+    xs, bs = x[lead + reach], baseline[lead + reach]
     total = torch.zeros(spatial, dtype=x.dtype, device=x.device)
-    count = torch.zeros(spatial, dtype=x.dtype, device=x.device)
     with torch.no_grad():
-        full = target(x)[0]
-        for k in range(0, len(boxes), chunk):
-            part = boxes[k:k + chunk]
-            batch = x.repeat(len(part), *([1] * (x.ndim - 1)))
-            for i, box in enumerate(part):
-                sel = (i, slice(None)) + box
-                batch[sel] = baseline[(0, slice(None)) + box]
+        full = target(xs)[0]
+        for k in range(0, len(live), chunk):
+            part = live[k:k + chunk]
+            batch = xs.repeat(len(part), *([1] * (x.ndim - 1)))
+            for i, (_, inside) in enumerate(part):
+                batch[(i, slice(None)) + inside] = bs[(0, slice(None)) + inside]
             drops = full - target(batch)
-            for box, drop in zip(part, drops):
+            for (box, _), drop in zip(part, drops):
                 total[box] += drop
-                count[box] += 1
-    return (total / count.clamp_min(1))[None], float(full)
+    return (total / torch.from_numpy(count).to(total.device).clamp_min(1))[None], float(full)
 
 
 class AttributionKernel(UNetModelKernel):
@@ -132,7 +162,8 @@ class AttributionKernel(UNetModelKernel):
         if not 0 <= self.level <= c.depth:
             raise ValueError(f"Grad-CAM level must be 0..{c.depth} (encoder blocks, then the bottleneck), "
                              f"got {self.level}")
-        rf = receptive_field(c).halo
+        self.reach = receptive_field(c)
+        rf = self.reach.halo
         self.margin = tuple(h + (w if params.method == "occlusion" else 0) for h, w in zip(rf, self.window))
         self.traits = KernelTraits(ndim=c.ndim, in_channels=c.in_channels, out_channels=1, halo=self.margin,
                                    align=c.factor, percentiles=self.traits.percentiles, max_batch=1, device="gpu")
@@ -180,19 +211,30 @@ class AttributionKernel(UNetModelKernel):
                 area = m.sum().clamp_min(1.0)
                 return (self.output_map(batch) * m).flatten(1).sum(1) / area
 
+            reach = reach_of(mask, self.reach.low, self.reach.high, self.config.factor)
+            lead = (slice(None), slice(None))
+
+            def target_in_reach(batch, m=m[(slice(None),) + reach]):
+                return (self.output_map(batch) * m).flatten(1).sum(1) / m.sum().clamp_min(1.0)
+
             with torch.no_grad():
                 output = self.output_map(x)[0]
                 base_value = float(target(base)[0])
             error = float("nan")
-            if self.params.method == "ig":
-                attr, value, base_value = integrated_gradients(target, x, base, self.params.steps)
-                attr = attr[0].sum(0)
+            if self.params.method == "ig":  # gradients outside the reach are zero: not computed
+                part, value, base_value = integrated_gradients(target_in_reach, x[lead + reach], base[lead + reach],
+                                                               self.params.steps)
+                attr = torch.zeros_like(x[0, 0])
+                attr[reach] = part[0].sum(0)
                 error = abs(float(attr.sum()) - (value - base_value))
             elif self.params.method == "occlusion":
-                attr, value = occlusion(target, x, base, self.window, self.stride, tuple(int(o) for o in origin))
+                attr, value = occlusion(target_in_reach, x, base, self.window, self.stride,
+                                        tuple(int(o) for o in origin), reach=reach)
                 attr = attr[0]
             else:
-                attr, value = self._gradcam(x, m), float(target(x)[0])
+                attr = self._gradcam(x, m)
+                with torch.no_grad():
+                    value = float(target(x)[0])
             out["attribution"].append(attr.float().cpu().numpy())
             out["output"].append(output.float().cpu().numpy())
             out["value"].append(value)
