@@ -27,7 +27,8 @@ from pydantic import Field
 from kernels.brightfield import ObjectSignal
 from kernels.contract import BatchContext, Kernel, KernelParams, KernelTraits, per_axis
 from kernels.errors import KernelError
-from kernels.instances import BACKGROUND, INTERIOR, distance_seeds, instances_from_probabilities, seeded_watershed
+from kernels.instances import (BACKGROUND, INTERIOR, distance_seeds, instances_from_probabilities, rank_ids,
+                               seeded_watershed)
 from kernels.modelfile import UNetModelKernel
 
 
@@ -161,8 +162,7 @@ class RelabelKernel(Kernel):
     def __call__(self, batch: np.ndarray, context: BatchContext) -> np.ndarray:
         out = np.empty(batch.shape, np.int64)
         for n in range(batch.shape[0]):
-            _, inverse = np.unique(batch[n], return_inverse=True)
-            out[n] = inverse.reshape(batch[n].shape)
+            out[n] = rank_ids(batch[n])
             if batch[n].min() > 0:  # no background in this block: 0 is an object id, shift up
                 out[n] += 1
         return out

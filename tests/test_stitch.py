@@ -143,6 +143,17 @@ def test_renumber_core_first():
     assert set(np.unique(new[:, 2:])) == {0, 3, 4}  # halo-only objects follow
 
 
+@pytest.mark.parametrize("dtype, low, high", [(np.uint32, 320_000, 321_000), (np.int16, -50, 150), (np.uint8, 0, 255),
+                                              (np.uint64, 0, 2**40), (np.float32, 0, 5)])
+def test_rank_ids_is_the_inverse_of_unique(dtype, low, high):
+    """The relabel kernel's renumbering: a lookup table over a narrow id range, a sort over a
+    wide one (or non-integer values); both give what np.unique's inverse gives."""
+    from kernels.instances import rank_ids
+
+    values = np.random.default_rng(1).integers(low, high, (6, 20, 30), dtype=np.int64).astype(dtype)
+    np.testing.assert_array_equal(rank_ids(values), np.unique(values, return_inverse=True)[1].reshape(values.shape))
+
+
 def test_resolve_consecutive_numbering():
     # tile 0 has 3 objects, tile 1 has 2, tile 2 has 2; (0,2)~(1,1) and (1,2)~(2,1)~(0,3)
     g = lambda t, l: int(global_ids(t, np.array([l]))[0])  # noqa: E731
