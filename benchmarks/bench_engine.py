@@ -13,7 +13,8 @@
   and a no-op body (each task rebuilds its tiles from their ids and returns).
 - memory: peak worker RSS running a Gaussian (halo 4) over 1, 4 and 16 GB uint16 inputs.
 - markers_s3: listing and reading 10^4 and 10^5 tile markers in a local S3 server (moto), one
-  request each against one concurrent fetch.
+  request each against one concurrent fetch; markers_s3_batched: the same tiles' markers as
+  tasks of 8 tiles write them (one file per task).
 - scheduler: a real ``dask scheduler`` process under 10^4 .. 10^6 tiles (grouped into tasks as
   the engine does; one ungrouped row): its peak RSS and tasks/s.
 - resume_checks: what a resume pays to trust finished work: the input's content fingerprint and
@@ -31,6 +32,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -303,17 +305,19 @@ def part_planning(work: Path, big) -> dict:
             "job_pickle_bytes": len(pickle.dumps(job))}
 
 
-def part_markers_s3(work: Path, counts) -> dict:
+def part_markers_s3(work: Path, counts, per_file: int = 1) -> dict:
     """Small files at scale on an object store: ``n`` tile markers in a bucket of a local S3
     server (moto, its own process), then what the client pays to list them and to read them
-    all, one request each (as before) and in one concurrent fetch (``Folder.read_json_many``)."""
+    all, one request each (as before) and in one concurrent fetch (``Folder.read_json_many``).
+    ``per_file`` > 1: the markers as tasks of that many consecutive tiles write them
+    (``RunManifest.batched``: one file per task), read back through the manifest."""
     import os
     import socket
     import subprocess
 
     import s3fs
 
-    from pipeline.engine.manifest import RunManifest
+    from pipeline.engine.manifest import RunManifest, marker_name
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -333,13 +337,18 @@ def part_markers_s3(work: Path, counts) -> dict:
                 time.sleep(0.1)
         fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint})
         for n in counts:
-            bucket = f"markers-{n}"
+            bucket = f"markers-{n}-{per_file}"
             fs.mkdir(bucket)
             manifest = RunManifest(f"s3://{bucket}/out.ome.zarr")
             meta = {"tile": 0, "voxels": 2**22, "seconds": 0.5, "missing_input_chunks": 0, "checksum": "0" * 16}
             t0 = time.perf_counter()
-            fs.pipe({f"{bucket}/out.ome.zarr/_tilewise/done/{t}": json.dumps({**meta, "tile": t}).encode()
-                     for t in range(n)})  # concurrent puts
+            if per_file == 1:
+                fs.pipe({f"{bucket}/out.ome.zarr/_tilewise/done/{t}": json.dumps({**meta, "tile": t}).encode()
+                         for t in range(n)})  # concurrent puts
+            else:
+                fs.pipe({f"{bucket}/out.ome.zarr/_tilewise/done/{marker_name(range(a, min(n, a + per_file)))}":
+                         json.dumps({str(t): {**meta, "tile": t} for t in range(a, min(n, a + per_file))}).encode()
+                         for a in range(0, n, per_file)})
             write_s = time.perf_counter() - t0
             t0 = time.perf_counter()
             done = manifest.done()
@@ -347,14 +356,20 @@ def part_markers_s3(work: Path, counts) -> dict:
             t0 = time.perf_counter()
             concurrent = manifest.tile_metadata()
             concurrent_s = time.perf_counter() - t0
-            sample = sorted(done)[:min(n, 2000)]  # one request each: timed on a sample, scaled
+            files = -(-n // per_file)
+            sample = sorted(done)[:min(n, 2000 * per_file):per_file]  # one request each: a sample, scaled
             t0 = time.perf_counter()
-            serial = {t: manifest.folder.read_json(f"done/{t}", {}) for t in sample}
-            serial_s = (time.perf_counter() - t0) * n / len(sample)
+            serial = {}
+            for t in sample:  # the file holding tile t, read alone
+                if per_file == 1:
+                    serial[t] = manifest.folder.read_json(f"done/{t}", {})
+                else:
+                    serial[t] = manifest.folder.read_json(f"done/{marker_name(range(t, min(n, t + per_file)))}")[str(t)]
+            serial_s = (time.perf_counter() - t0) * files / len(sample)
             assert len(done) == n and all(concurrent[t] == serial[t] for t in sample)
-            rows.append({"markers": n, "write_concurrent_s": round(write_s, 2), "list_s": round(list_s, 2),
-                         "read_one_request_each_s": round(serial_s, 1), "read_concurrent_s": round(concurrent_s, 2),
-                         "speedup": round(serial_s / concurrent_s, 1)})
+            rows.append({"markers": n, "tiles_per_file": per_file, "files": files, "write_concurrent_s": round(write_s, 2),
+                         "list_s": round(list_s, 2), "read_one_request_each_s": round(serial_s, 1),
+                         "read_concurrent_s": round(concurrent_s, 2), "speedup": round(serial_s / concurrent_s, 1)})
             print(json.dumps(rows[-1]), flush=True)
     finally:
         server.terminate()
@@ -521,7 +536,8 @@ def part_resume_checks(work: Path, shape) -> dict:
 
 
 PARTS = {"efficiency": part_efficiency, "map_overlap": part_map_overlap, "planning": part_planning,
-         "resume_checks": part_resume_checks, "markers_s3": part_markers_s3, "scheduler": part_scheduler}
+         "resume_checks": part_resume_checks, "markers_s3": part_markers_s3, "scheduler": part_scheduler,
+         "markers_s3_batched": partial(part_markers_s3, per_file=8)}
 
 
 def _run_part(name: str, work: Path, arg: str) -> dict:
@@ -592,8 +608,8 @@ def main(argv=None) -> dict:
                 results["planning"] = {"note": "plan + windowed submission of every tile of a metadata-only uint16 "
                                                "store, real ImageTileJob payload, no-op task body; 2 workers",
                                        "command": invocation(), "rows": rows}
-            elif name in ("markers_s3", "scheduler"):
-                arg = args.markers if name == "markers_s3" else args.scheduler_tiles
+            elif name in ("markers_s3", "markers_s3_batched", "scheduler"):
+                arg = args.scheduler_tiles if name == "scheduler" else args.markers
                 results[name] = {**_run_part(name, work, arg), "command": invocation()}
                 print(json.dumps(results[name], default=str)[:1500], flush=True)
             else:

@@ -325,3 +325,41 @@ def test_missing_chunks_inside_a_read_window_are_those_outside_it(tmp_path):
     assert alone == [[(1, 2)], [], [(1, 2)]]
     with read_window(source, (slice(0, 20), slice(0, 30))):
         assert [source.missing_chunks(r) for r in regions] == alone
+
+
+def test_batched_markers_keep_the_tile_as_the_resume_unit(tmp_path):
+    """Markers of a task's tiles go into one file per run of consecutive ids; done(),
+    tile_metadata() and unmark() see tiles; a block that raises still marks what it finished;
+    a long list of scattered ids is cut into names a file system takes."""
+    import os
+
+    from pipeline.engine.manifest import MAX_MARKER_NAME, RunManifest, marker_name, marker_tiles
+
+    assert marker_name([7, 3, 4, 5, 9]) == "3-5_7-7_9-9" and marker_tiles("3-5_7-7_9-9") == [3, 4, 5, 7, 9]
+    assert marker_tiles("12") == [12]
+    manifest = RunManifest(str(tmp_path / "out.ome.zarr"))
+    manifest.begin()
+    manifest.at("relabel").begin()
+    folder = tmp_path / "out.ome.zarr" / "_tilewise" / "done"
+    with manifest.batched():
+        for t in (16, 17, 18, 19, 30):
+            manifest.mark_done(t, {"tile": t})
+        manifest.at("relabel").mark_done(5, {"tile": 5})  # another pass's marker is not held back
+        assert os.listdir(folder) == [] and (tmp_path / "out.ome.zarr" / "_tilewise" / "done-relabel" / "5").exists()
+    manifest.mark_done(2, {"tile": 2})  # outside a batch: its own file at once
+    assert sorted(os.listdir(folder)) == ["16-19_30-30", "2"]
+    assert manifest.done() == {2, 16, 17, 18, 19, 30}
+    assert manifest.tile_metadata([17, 2, 99]) == {2: {"tile": 2}, 17: {"tile": 17}}
+    with pytest.raises(RuntimeError), manifest.batched():
+        manifest.mark_done(40, {"tile": 40})
+        raise RuntimeError("the task failed after tile 40")
+    assert 40 in manifest.done()
+    manifest.unmark([18])  # the whole batch file goes: its tiles are computed again
+    assert manifest.done() == {2, 40}
+    with manifest.batched():
+        for t in range(0, 2000, 2):  # 1,000 runs of one tile: several files
+            manifest.mark_done(t + 1000, {"tile": t + 1000})
+    names = os.listdir(folder)
+    assert max(len(n) for n in names) <= MAX_MARKER_NAME and len(names) > 3
+    assert manifest.done() == {2, 40} | set(range(1000, 3000, 2))
+    assert manifest.tile_metadata()[2998] == {"tile": 2998}

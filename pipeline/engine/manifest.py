@@ -1,10 +1,17 @@
 """The run manifest in the output store: parameters of the run and which tiles are done.
 
 Everything a run needs to resume lives in the output (``docs/architecture.md``, invariant 7): ``_tilewise/run.json``
-holds the parameters (input, kernel spec, tiling, statistics); ``_tilewise/done/<tile id>`` is
-written by a task after its output chunks, so a marker always means "written completely". A
-marker holds the tile's small JSON metadata (timings, and whatever the kernel reports, e.g. the
-residual statistics of a denoiser), so run reports survive interruptions too.
+holds the parameters (input, kernel spec, tiling, statistics); a *marker* under ``_tilewise/done/``
+is written after a tile's output chunks, so a marker always means "written completely". It holds
+the tile's small JSON metadata (timings, and whatever the kernel reports, e.g. the residual
+statistics of a denoiser), so run reports survive interruptions too.
+
+The resume unit is the tile, but a marker file need not be: inside :meth:`RunManifest.batched`
+(a task's body) the tiles' markers are kept and written when the task ends as one file per run
+of consecutive tile ids, named by its ranges (``done/16-23``, ``done/40-47_56-63``; a lone tile
+that is not batched: ``done/12``). Listing the folder still says which tiles are done, and a
+run of 10^5 tiles in tasks of 8 writes and reads 12,500 small files instead of 10^5 (on an
+object store each is a request). A task that fails writes the markers of the tiles it finished.
 """
 
 from __future__ import annotations
@@ -14,8 +21,10 @@ import os
 import socket
 import time
 import uuid
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 from pipeline.core.errors import OutputExistsError
 from pipeline.io import store
@@ -26,6 +35,47 @@ log = logging.getLogger(__name__)
 # The folder under an output that holds a run's manifest, lock and intermediates. A workflow gives
 # each of its steps its own (``_tilewise/steps/<step>``), so several steps write into one store.
 WORKSPACE = "_tilewise"
+MAX_MARKER_NAME = 200  # characters of one batched marker's name (file systems allow 255)
+
+# markers kept by the innermost ``RunManifest.batched()`` of this thread / task: (manifest, {tile: metadata})
+_BATCH: ContextVar[tuple["RunManifest", dict[int, dict[str, Any]]] | None] = ContextVar("tilewise_markers",
+                                                                                         default=None)
+
+
+def marker_name(tiles: Iterable[int]) -> str:
+    """``"16-23_40-40"``: the runs of consecutive ids of ``tiles`` (sorted)."""
+    runs: list[list[int]] = []
+    for t in sorted(tiles):
+        if runs and t == runs[-1][1] + 1:
+            runs[-1][1] = t
+        else:
+            runs.append([t, t])
+    return "_".join(f"{a}-{b}" for a, b in runs)
+
+
+def marker_tiles(name: str) -> list[int]:
+    """The tile ids a marker file stands for (see :func:`marker_name`; a plain number: one tile)."""
+    if "-" not in name:
+        return [int(name)]
+    out: list[int] = []
+    for part in name.split("_"):
+        a, b = part.split("-")
+        out += range(int(a), int(b) + 1)
+    return out
+
+
+def batch_names(tiles: Iterable[int]) -> list[tuple[str, list[int]]]:
+    """``tiles`` cut into marker files whose names stay under ``MAX_MARKER_NAME`` characters."""
+    out: list[tuple[str, list[int]]] = []
+    current: list[int] = []
+    for t in sorted(tiles):
+        if current and len(marker_name(current + [t])) > MAX_MARKER_NAME:
+            out.append((marker_name(current), current))
+            current = []
+        current.append(t)
+    if current:
+        out.append((marker_name(current), current))
+    return out
 
 
 @dataclass(frozen=True)
@@ -71,21 +121,54 @@ class RunManifest:
         self.folder.makedirs(self.done_folder)
 
     def mark_done(self, tile_id: int, metadata: Mapping[str, Any] | None = None) -> None:
-        self.folder.write_json(f"{self.done_folder}/{int(tile_id)}", dict(metadata or {}), indent=None)
+        """Tile ``tile_id`` is written completely: its marker now, or when the enclosing
+        :meth:`batched` ends."""
+        kept = _BATCH.get()
+        if kept is not None and kept[0] == self:
+            kept[1][int(tile_id)] = dict(metadata or {})
+        else:
+            self.folder.write_json(f"{self.done_folder}/{int(tile_id)}", dict(metadata or {}), indent=None)
+
+    @contextmanager
+    def batched(self) -> Iterator[None]:
+        """Keep the markers of this block's tiles and write them as few files when it ends
+        (also when it raises: the tiles finished before are done)."""
+        kept: dict[int, dict[str, Any]] = {}
+        token = _BATCH.set((self, kept))
+        try:
+            yield
+        finally:
+            _BATCH.reset(token)
+            for name, tiles in batch_names(kept):
+                self.folder.write_json(f"{self.done_folder}/{name}", {str(t): kept[t] for t in tiles}, indent=None)
+
+    def _files(self) -> dict[str, list[int]]:
+        return {name: marker_tiles(name) for name in self.folder.names(self.done_folder)}
 
     def unmark(self, tile_ids: Iterable[int]) -> None:
-        """Forget tiles (their output did not verify): the next pass computes them again."""
-        for tile_id in tile_ids:
-            self.folder.remove(f"{self.done_folder}/{int(tile_id)}")
+        """Forget tiles (their output did not verify): the next pass computes them again. A
+        batched marker goes whole, so the other tiles it names are computed again too."""
+        wanted = {int(t) for t in tile_ids}
+        for name, tiles in self._files().items():
+            if wanted.intersection(tiles):
+                self.folder.remove(f"{self.done_folder}/{name}")
 
     def tile_metadata(self, tiles: Iterable[int] | None = None) -> dict[int, dict[str, Any]]:
         """The metadata every finished tile (or each of ``tiles``, finished) left in its marker
-        (one small file per tile, fetched concurrently from object stores)."""
-        tiles = sorted(self.done() if tiles is None else tiles)
-        return dict(zip(tiles, self.folder.read_json_many([f"{self.done_folder}/{t}" for t in tiles], {})))
+        (the marker files are fetched concurrently from object stores)."""
+        files = self._files()
+        where = {t: name for name, ids in files.items() for t in ids}
+        wanted = sorted(where if tiles is None else (int(t) for t in tiles if int(t) in where))
+        names = sorted({where[t] for t in wanted})
+        found = dict(zip(names, self.folder.read_json_many([f"{self.done_folder}/{n}" for n in names], {})))
+        out = {}
+        for t in wanted:
+            content = found[where[t]]
+            out[t] = content if "-" not in where[t] else content.get(str(t), {})
+        return out
 
     def done(self) -> set[int]:
-        return {int(name) for name in self.folder.names(self.done_folder)}
+        return {t for tiles in self._files().values() for t in tiles}
 
 
 LOCK = "lock.json"

@@ -512,8 +512,9 @@ class ImageTileJob:
     maps: MapSinks | None = None  # the kernel's maps (traits.maps), cropped or blended like the output
 
     def __call__(self, tile_ids: Sequence[int]) -> list[dict[str, Any]]:
-        return run_batches(self.kernel, tile_ids, self.batch, self.run_batch,
-                           rows=TileRows(self.reader, TileSpace(self.plan, self.batch_shape)))
+        with self.manifest.batched():  # one marker file per run of consecutive tiles
+            return run_batches(self.kernel, tile_ids, self.batch, self.run_batch,
+                               rows=TileRows(self.reader, TileSpace(self.plan, self.batch_shape)))
 
     def run_batch(self, model: Kernel, ids: list[int]) -> list[dict[str, Any]]:
         started = time.perf_counter()

@@ -168,7 +168,8 @@ class EmbedTileJob:
 
     def __call__(self, item: tuple[Sequence[int], Sequence[np.ndarray]]) -> list[dict[str, Any]]:
         tile_ids, objects = item
-        return [self.run_tile(int(t), rows) for t, rows in zip(tile_ids, objects)]
+        with self.manifest.batched():  # one marker file per run of consecutive tiles
+            return [self.run_tile(int(t), rows) for t, rows in zip(tile_ids, objects)]
 
     def crops(self, tile_id: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(n, C, *crop)`` normalised image crops and ``(n, *crop)`` object masks (empty

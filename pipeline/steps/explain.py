@@ -108,7 +108,8 @@ class ExplainJob:
 
     def __call__(self, item: tuple[Sequence[int], Sequence[np.ndarray]]) -> list[dict[str, Any]]:
         tile_ids, targets = item
-        return [self.run_tile(int(t), rows) for t, rows in zip(tile_ids, targets)]
+        with self.manifest.batched():  # one marker file per run of consecutive tiles
+            return [self.run_tile(int(t), rows) for t, rows in zip(tile_ids, targets)]
 
     def read(self, reader: TileReader, crop: Sequence[slice]) -> np.ndarray:
         read = tuple(slice(max(0, c.start), min(n, c.stop)) for c, n in zip(crop, self.shape))

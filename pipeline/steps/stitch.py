@@ -228,8 +228,9 @@ class LabelTileJob:
     maps: MapSinks | None = None  # the kernel's maps (uncertainty): written per core, measured per object
 
     def __call__(self, tile_ids: Sequence[int]) -> list[dict[str, Any]]:
-        return run_batches(self.kernel, tile_ids, self.batch, self.run_batch,
-                           rows=TileRows(self.reader, TileSpace(self.plan, self.batch_shape)))
+        with self.manifest.batched():  # one marker file per run of consecutive tiles
+            return run_batches(self.kernel, tile_ids, self.batch, self.run_batch,
+                               rows=TileRows(self.reader, TileSpace(self.plan, self.batch_shape)))
 
     def edge_pad(self, tile: Tile) -> tuple[tuple[int, int], ...]:
         """A full halo of padding wherever the read block meets the volume edge.
@@ -443,9 +444,12 @@ class RelabelTask:
     batch_shape: tuple[int, ...] = ()
 
     def __call__(self, item: tuple[Sequence[int], Sequence[Mapping[str, Any]]]) -> list[dict[str, Any]]:
+        with self.manifest.batched():  # one marker file per run of consecutive tiles
+            return self.relabel(*item)
+
+    def relabel(self, tile_ids: Sequence[int], parts: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         import pandas as pd
 
-        tile_ids, parts = item
         dtype = np.dtype(self.sink.levels[0].dtype)
         space = TileSpace(self.plan, self.batch_shape)
         results = []
