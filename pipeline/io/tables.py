@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -96,22 +96,6 @@ def count_rows(output_url: str, name: str, storage_options: Mapping[str, Any] | 
 
     fs, path = Folder(table_url(output_url, name), storage_options or {}).filesystem()
     return ds.dataset(path, filesystem=fs, format="parquet").count_rows()
-
-
-def read_parquet_files(folder: Folder, names: Sequence[str]):
-    """Parquet files of a folder as one pandas DataFrame (None when there are none)."""
-    import pandas as pd
-
-    frames = []
-    for name in names:
-        with folder.open(name, "rb") as fh:
-            frames.append(pd.read_parquet(fh))
-    return pd.concat(frames, ignore_index=True) if frames else None
-
-
-def write_parquet_file(folder: Folder, name: str, rows) -> None:
-    with folder.open(name, "wb") as fh:
-        rows.to_parquet(fh, index=False)
 
 
 EMBED_PREFIX = "embed_"

@@ -86,9 +86,10 @@ class SegmentSummary:
         return asdict(self)
 
 
-# what the passes leave for each other under _tilewise/stitch: 2 = whole-block shells + rim files
-# (1, unnamed: cores in a shared zarr array); a run begun with other files cannot be resumed
-STITCH_FILES = 2
+# what the passes leave for each other under _tilewise/stitch: 3 = whole-block shells + rim files,
+# stitched objects' rows as .npz (2: as Parquet; 1, unnamed: cores in a shared zarr array); a run
+# begun with other files cannot be resumed
+STITCH_FILES = 3
 
 
 def check_stitch_files(output_url: str, old: dict[str, Any] | None) -> None:

@@ -56,7 +56,7 @@ from pipeline.engine.runner import (
 )
 from pipeline.io import store
 from pipeline.io.store import Folder
-from pipeline.io.tables import INSTANCE_KEY, TableSpec, read_parquet_files, write_parquet_file, write_part
+from pipeline.io.tables import INSTANCE_KEY, TableSpec, write_part
 from pipeline.steps.measure import finish, partial_stats
 
 log = logging.getLogger(__name__)
@@ -145,13 +145,23 @@ class StitchFiles:
     def load(self, kind: str, tile_id: int, keys: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         return self.folder.read_arrays(f"{kind}/{int(tile_id)}.npz", keys)
 
-    def save_merged_rows(self, tile_id: int, rows) -> None:
-        """Partial table rows of a tile's stitched objects, for the client to sum."""
-        write_parquet_file(self.folder, f"merged/{int(tile_id)}.parquet", rows)
+    def save_merged_rows(self, tile_id: int, rows: Mapping[str, np.ndarray]) -> None:
+        """Partial table rows of a tile's stitched objects (columns of one length), for the
+        client to sum."""
+        self.folder.write_arrays(f"merged/{int(tile_id)}.npz", **rows)
 
     def merged_rows(self):
-        """Every tile's partial rows of stitched objects, as one DataFrame (None if none)."""
-        return read_parquet_files(self.folder, list(self.folder.iter_files("merged")))
+        """Every tile's partial rows of stitched objects, as one DataFrame (None if none).
+
+        Column arrays joined once, not a small Parquet file per tile through pandas: at 10^6
+        objects reading 1,024 of those grew the client by 82 MB for a 23 MB frame, and it took
+        2.3 ms of each relabel task's tile to write one."""
+        import pandas as pd
+
+        parts = [self.folder.read_arrays(name) for name in self.folder.iter_files("merged")]
+        if not parts:
+            return None
+        return pd.DataFrame({key: np.concatenate([p[key] for p in parts]) for key in parts[0]})
 
     def remove(self) -> None:
         self.folder.remove()
@@ -463,14 +473,15 @@ class RelabelTask:
             final = lut[local].astype(dtype).reshape((1,) * len(at) + local.shape)
             self.sink.write(batch_slices(at) + tile.core, final)
             if self.table_url is not None and n_core:
-                rows = pd.DataFrame({INSTANCE_KEY: lut[1:].astype(np.int64), **partial})
+                columns = {INSTANCE_KEY: lut[1:].astype(np.int64), **partial}
                 stitched = np.zeros(n_core, bool)
                 stitched[np.asarray(part["merged"], np.int64) - 1] = True
                 if (~stitched).any():
-                    write_part(self.table_url, str(g), finish(rows[~stitched], self.table_spec),
-                               self.table_spec, self.files.storage_options)
+                    rows = pd.DataFrame({key: values[~stitched] for key, values in columns.items()})
+                    write_part(self.table_url, str(g), finish(rows, self.table_spec), self.table_spec,
+                               self.files.storage_options)
                 if stitched.any():
-                    self.files.save_merged_rows(int(g), rows[stitched])
+                    self.files.save_merged_rows(int(g), {key: values[stitched] for key, values in columns.items()})
             meta = {"tile": int(g), "objects": n_core, "stitched": int(len(part["merged"])),
                     "checksum": checksum(final)}
             self.manifest.mark_done(int(g), meta)
