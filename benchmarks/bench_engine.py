@@ -375,7 +375,7 @@ def part_markers_s3(work: Path, counts, per_file: int = 1) -> dict:
         server.terminate()
         server.wait()
     return {"server": "moto_server (moto 5) on loopback, its own process", "rows": rows,
-            "note": "one-request-each time measured on up to 2,000 markers and scaled to all"}
+            "note": "one-request-each time measured on up to 2,000 marker files and scaled to all"}
 
 
 def part_scheduler(work: Path, tile_counts) -> dict:
