@@ -188,11 +188,18 @@ SEG_CASES = [
 
 
 @pytest.mark.parametrize("name, axes, shape, tile, scale, n, radius", SEG_CASES, ids=[c[0] for c in SEG_CASES])
-def test_classical_tiled_equals_untiled_and_table(tmp_path, client, name, axes, shape, tile, scale, n, radius):
+def test_classical_tiled_equals_untiled_and_table(tmp_path, client, monkeypatch, name, axes, shape, tile, scale, n,
+                                                   radius):
+    """... with the stitched objects' rows summed a few fragments at a time and written in
+    parts of 4 rows (as at 10^7 objects, in miniature): the table still equals regionprops."""
     from skimage.measure import regionprops
 
+    import pipeline.steps.segment as segment_step
     from pipeline.steps.segment import classical_spec
     from pipeline.io.tables import read_table, to_anndata
+
+    monkeypatch.setattr(segment_step, "STITCHED_BATCH_ROWS", 3)
+    monkeypatch.setattr(segment_step, "STITCHED_PART_ROWS", 4)
 
     image = blob_image(shape, n, radius, np.random.default_rng(11), scale)
     url = str(tmp_path / "img.ome.zarr")
@@ -220,6 +227,8 @@ def test_classical_tiled_equals_untiled_and_table(tmp_path, client, name, axes, 
     bbox = table[[f"bbox_min_{d}" for d in dims] + [f"bbox_max_{d}" for d in dims]].to_numpy()
     assert (bbox == np.array([p.bbox for p in props])).all()
     assert (table["tiles"] > 1).sum() == tiled.stitched_objects  # stitched rows were merged
+    parts = list((tmp_path / "tiled.ome.zarr").rglob("part-stitched-*.parquet"))
+    assert tiled.stitched_objects > 8 and len(parts) == -(-tiled.stitched_objects // 4)
     physical = table[f"centroid_{dims[0]}_micrometer"].to_numpy()
     assert np.allclose(physical, centroids[:, 0] * (scale or (1.0,) * len(shape))[0])
 
@@ -355,3 +364,34 @@ def test_a_run_begun_with_earlier_stitching_files_is_refused(tmp_path, client):
     with pytest.raises(OutputExistsError, match="earlier tilewise.*--overwrite"):
         run()
     assert tree_digest(str(out)) == before
+
+
+def test_size_check_reads_a_sample_of_a_large_table(tmp_path):
+    """The object-size check reads a column of every part of a small table, and of evenly
+    spaced per-tile parts only (never the big stitched parts) of a large one."""
+    import pandas as pd
+
+    from pipeline.io.tables import begin_table, sample_column, write_part
+
+    url = begin_table(str(tmp_path / "out.ome.zarr"), "nuclei", {"region": "nuclei"})
+    for t in range(300):
+        write_part(url, str(t), pd.DataFrame({"label": [2 * t + 1, 2 * t + 2], "voxels": [t, t]}), {})
+    write_part(url, "stitched-0", pd.DataFrame({"label": np.arange(10**4) + 10**6, "voxels": -1}), {})
+    whole = sample_column(str(tmp_path / "out.ome.zarr"), "nuclei", "voxels", max_parts=1000)
+    assert len(whole) == 600 + 10**4
+    part = sample_column(str(tmp_path / "out.ome.zarr"), "nuclei", "voxels", max_parts=50)
+    assert 80 <= len(part) <= 100 and (part >= 0).all() and len(set(part.tolist())) >= 40
+
+
+def test_objects_split_into_fragments_are_reported(tmp_path, client, caplog):
+    """Object sizes in two groups far apart (large objects and small fragments) get one warning."""
+    labels = np.zeros((48, 96), np.uint16)
+    for i in range(24):
+        r, c = divmod(i, 8)
+        labels[16 * r:16 * r + 8, 12 * c:12 * c + 8] = 2 * i + 1  # 64 pixels
+        labels[16 * r + 11:16 * r + 13, 12 * c:12 * c + 2] = 2 * i + 2  # 4 pixels
+    url = _store(tmp_path, "fragments.ome.zarr", labels, "yx", (16, 32))
+    with caplog.at_level("WARNING"):
+        segment_labels(url, str(tmp_path / "out.ome.zarr"), KernelSpec.of("relabel", ndim=2, halo=4), client,
+                       tile_shape=(16, 32), progress=False)
+    assert "two groups far apart" in caplog.text

@@ -136,6 +136,25 @@ def read_table(output_url: str, name: str, storage_options: Mapping[str, Any] | 
     return frame.sort_values(INSTANCE_KEY, kind="stable").reset_index(drop=True)
 
 
+def sample_column(output_url: str, name: str, column: str, *, max_parts: int = 256,
+                  storage_options: Mapping[str, Any] | None = None) -> np.ndarray:
+    """One column of a table, from every part when it has at most ``max_parts`` (exact), else
+    from ``max_parts`` of its per-tile parts evenly spaced (the parts of objects stitched across
+    tiles hold 2^18 rows each, all from tile borders, so they would outweigh the sample). For
+    statistics a sample answers: a 10^7-object table is 10^4 parts, and reading a column of
+    every row sorted on the client costs hundreds of MB."""
+    import pyarrow.dataset as ds
+
+    fs, path = Folder(table_url(output_url, name), storage_options or {}).filesystem()
+    files = ds.dataset(path, filesystem=fs, format="parquet").files
+    if len(files) > max_parts:
+        per_tile = [f for f in files if not f.rsplit("/", 1)[-1].startswith("part-stitched")]
+        files = per_tile[::-(-len(per_tile) // max_parts)]
+    if not files:
+        return np.zeros(0)
+    return ds.dataset(files, filesystem=fs, format="parquet").to_table(columns=[column]).column(column).to_numpy()
+
+
 def to_anndata(output_url: str, name: str, storage_options: Mapping[str, Any] | None = None):
     """The table as AnnData: numeric measurements in ``X``, ids and region in ``obs``, physical
     centroids in ``obsm["spatial"]``, the labels link in ``uns["spatialdata_attrs"]``."""

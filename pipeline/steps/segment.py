@@ -50,7 +50,7 @@ from pipeline.engine.stats import Normalisation
 from pipeline.engine.submit import cluster_threads, run_tasks
 from pipeline.io import store
 from pipeline.io.read import ImageSource, as_source
-from pipeline.io.tables import TableSpec, begin_table, table_url, write_part
+from pipeline.io.tables import INSTANCE_KEY, TableSpec, begin_table, table_url, write_part
 from pipeline.io.write import ImageSink, create_collection, create_label_image
 from pipeline.steps.convert import copy_image_data, image_like
 from pipeline.steps.measure import combine, finish
@@ -90,6 +90,8 @@ class SegmentSummary:
 # stitched objects' rows as .npz (2: as Parquet; 1, unnamed: cores in a shared zarr array); a run
 # begun with other files cannot be resumed
 STITCH_FILES = 3
+STITCHED_BATCH_ROWS = 2**20  # fragments of stitched objects summed at once on the client, at least
+STITCHED_PART_ROWS = 2**18  # table rows of stitched objects per Parquet part
 
 
 def check_stitch_files(output_url: str, old: dict[str, Any] | None) -> None:
@@ -221,14 +223,14 @@ def size_warnings(run: SegmentRun, summary: SegmentSummary) -> list[str]:
     """One line each for what a user should look at before trusting the labels: no objects at
     all, or object sizes in two groups far apart (fragments of split objects)."""
     from kernels.objectscale import bimodal_sizes
-    from pipeline.io.tables import read_table
+    from pipeline.io.tables import sample_column
 
     if summary.objects == 0:
         return [f"{summary.labels}: 0 objects: nothing was above the threshold, or every object was smaller "
                 "than min_size; check --threshold, --diameter and --min-size"]
     if summary.table is None:
         return []
-    volumes = read_table(run.output_url, run.name, run.storage_options, columns=["label", "voxels"])["voxels"].to_numpy()
+    volumes = sample_column(run.output_url, run.name, "voxels", storage_options=run.storage_options)
     if bimodal_sizes(volumes):
         return [f"{summary.labels}: object sizes fall into two groups far apart (likely objects split into "
                 "fragments, or debris): check the object diameter (--diameter) and --min-size"]
@@ -545,8 +547,30 @@ def model_zoom(input_url: str | ImageSource, model_dir: str, *, level: int = 0, 
 
 
 def _finish_stitched_rows(run: SegmentRun, spec: TableSpec) -> None:
-    """Sum the partial rows of objects that span tiles (few: they lie on tile borders)."""
-    rows = run.files.merged_rows()
-    if rows is not None:
-        write_part(table_url(run.output_url, run.name), "stitched", finish(combine(rows), spec), spec,
-                   run.storage_options)
+    """Sum the partial rows of objects that span tiles (they lie on tile borders: ~13 % of the
+    objects of a 10^7-object lattice in 32 x 64 x 64 tiles) and write their table rows.
+
+    The sums run as the tiles' rows arrive (sums of sums, minima of minima: the order does not
+    matter), in batches at least as long as the running totals, so the client holds the totals
+    and one batch instead of every fragment at once; rows are finished and written a part of
+    ``STITCHED_PART_ROWS`` at a time."""
+    import pandas as pd
+
+    totals, pending, pending_rows = None, [], 0
+
+    def fold() -> Any:
+        batch = pd.DataFrame({key: np.concatenate([p[key] for p in pending]) for key in pending[0]})
+        return combine(batch if totals is None else pd.concat([totals, batch], ignore_index=True))
+
+    for part in run.files.merged_rows():
+        pending.append(part)
+        pending_rows += len(part[INSTANCE_KEY])
+        if pending_rows >= max(STITCHED_BATCH_ROWS, 0 if totals is None else len(totals)):
+            totals, pending, pending_rows = fold(), [], 0
+    if pending:
+        totals = fold()
+    if totals is None:
+        return
+    for k, start in enumerate(range(0, len(totals), STITCHED_PART_ROWS)):
+        write_part(table_url(run.output_url, run.name), f"stitched-{k}",
+                   finish(totals.iloc[start:start + STITCHED_PART_ROWS], spec), spec, run.storage_options)
