@@ -367,7 +367,8 @@ def part_markers_s3(work: Path, counts, per_file: int = 1) -> dict:
                     serial[t] = manifest.folder.read_json(f"done/{marker_name(range(t, min(n, t + per_file)))}")[str(t)]
             serial_s = (time.perf_counter() - t0) * files / len(sample)
             assert len(done) == n and all(concurrent[t] == serial[t] for t in sample)
-            rows.append({"markers": n, "tiles_per_file": per_file, "files": files, "write_concurrent_s": round(write_s, 2),
+            rows.append({"markers": n, "tiles_per_file": per_file, "files": files,
+                         "write_concurrent_s": round(write_s, 2),
                          "list_s": round(list_s, 2), "read_one_request_each_s": round(serial_s, 1),
                          "read_concurrent_s": round(concurrent_s, 2), "speedup": round(serial_s / concurrent_s, 1)})
             print(json.dumps(rows[-1]), flush=True)

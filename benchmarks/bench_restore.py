@@ -217,7 +217,8 @@ def attribution(work: Path, client, results: dict) -> None:
         rows[method] = {"objects": summary.targets, "seconds_per_object": summary.seconds_per_target,
                         "completeness_error_max": summary.completeness_error_max}
         print("attribution", method, rows[method], flush=True)
-    results["attribution"] = {"model": "DSB-2018 CARE (pairs part; its --steps-pairs), target: mean denoised value of the object",
+    results["attribution"] = {"model": "DSB-2018 CARE (pairs part; its --steps-pairs), "
+                                       "target: mean denoised value of the object",
                               "defaults": "ig 32 steps, zero baseline; occlusion 8-pixel window, stride 4; "
                                           "gradcam deepest encoder block", **rows}
     save(RESULTS_NAME, results)

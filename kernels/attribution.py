@@ -109,7 +109,8 @@ def occlusion(target: Callable[[Any], Any], x, baseline, window: tuple[int, ...]
         count[box] += 1
     live = []  # (the window in the crop, its part inside the reach, relative to the reach)
     for box in boxes:
-        inside = tuple(slice(max(b.start, r.start) - r.start, min(b.stop, r.stop) - r.start) for b, r in zip(box, reach))
+        inside = tuple(slice(max(b.start, r.start) - r.start, min(b.stop, r.stop) - r.start)
+                       for b, r in zip(box, reach))
         if all(s.start < s.stop for s in inside):
             live.append((box, inside))
     lead = (slice(None), slice(None))
