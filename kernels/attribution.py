@@ -208,34 +208,33 @@ class AttributionKernel(UNetModelKernel):
             base = torch.from_numpy(baseline_of(crop.astype(np.float32), self.params.baseline,
                                                 self.params.blur_sigma)[None]).to(self.device)
 
-            def target(batch, m=m):
-                area = m.sum().clamp_min(1.0)
-                return (self.output_map(batch) * m).flatten(1).sum(1) / area
-
+            # the target depends on its reach alone (reach_of): every method evaluates it there
             reach = reach_of(mask, self.reach.low, self.reach.high, self.config.factor)
-            lead = (slice(None), slice(None))
+            inside = (slice(None), slice(None)) + reach
+            xr, br, mr = x[inside], base[inside], m[inside[1:]]
 
-            def target_in_reach(batch, m=m[(slice(None),) + reach]):
+            def target(batch, m=mr):
                 return (self.output_map(batch) * m).flatten(1).sum(1) / m.sum().clamp_min(1.0)
 
             with torch.no_grad():
                 output = self.output_map(x)[0]
-                base_value = float(target(base)[0])
             error = float("nan")
             if self.params.method == "ig":  # gradients outside the reach are zero: not computed
-                part, value, base_value = integrated_gradients(target_in_reach, x[lead + reach], base[lead + reach],
-                                                               self.params.steps)
+                part, value, base_value = integrated_gradients(target, xr, br, self.params.steps)
                 attr = torch.zeros_like(x[0, 0])
                 attr[reach] = part[0].sum(0)
                 error = abs(float(attr.sum()) - (value - base_value))
-            elif self.params.method == "occlusion":
-                attr, value = occlusion(target_in_reach, x, base, self.window, self.stride,
-                                        tuple(int(o) for o in origin), reach=reach)
-                attr = attr[0]
             else:
-                attr = self._gradcam(x, m)
                 with torch.no_grad():
-                    value = float(target(x)[0])
+                    base_value = float(target(br)[0])
+                if self.params.method == "occlusion":
+                    attr, value = occlusion(target, x, base, self.window, self.stride, tuple(int(o) for o in origin),
+                                            reach=reach)
+                    attr = attr[0]
+                else:
+                    attr = self._gradcam(x, m)
+                    with torch.no_grad():
+                        value = float(target(xr)[0])
             out["attribution"].append(attr.float().cpu().numpy())
             out["output"].append(output.float().cpu().numpy())
             out["value"].append(value)

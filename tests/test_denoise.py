@@ -304,7 +304,7 @@ def test_residual_report_reads_back_only_tiles_it_was_not_given(tmp_path, client
     read = []
     original = RunManifest.tile_metadata
     monkeypatch.setattr(RunManifest, "tile_metadata",
-                        lambda self, tiles=None: read.append(sorted(tiles)) or original(self, tiles))
+                        lambda self, tiles=None, **kw: read.append(sorted(tiles)) or original(self, tiles, **kw))
     report = residual_report(out, EngineOptions(), known={0: {"tile": 0, "flagged": True, "residual_std": 1.0}})
     assert report.tiles == summary.tiles == 9 and report.flagged == [0]
     assert read == [list(range(1, 9))]

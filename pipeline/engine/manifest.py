@@ -42,15 +42,20 @@ _BATCH: ContextVar[tuple["RunManifest", dict[int, dict[str, Any]]] | None] = Con
                                                                                          default=None)
 
 
-def marker_name(tiles: Iterable[int]) -> str:
-    """``"16-23_40-40"``: the runs of consecutive ids of ``tiles`` (sorted)."""
+def _runs(tiles: Iterable[int]) -> list[list[int]]:
+    """``[first, last]`` of each run of consecutive ids of ``tiles`` (sorted)."""
     runs: list[list[int]] = []
     for t in sorted(tiles):
         if runs and t == runs[-1][1] + 1:
             runs[-1][1] = t
         else:
             runs.append([t, t])
-    return "_".join(f"{a}-{b}" for a, b in runs)
+    return runs
+
+
+def marker_name(tiles: Iterable[int]) -> str:
+    """``"16-23_40-40"``: the runs of consecutive ids of ``tiles`` (sorted)."""
+    return "_".join(f"{a}-{b}" for a, b in _runs(tiles))
 
 
 def marker_tiles(name: str) -> list[int]:
@@ -65,17 +70,15 @@ def marker_tiles(name: str) -> list[int]:
 
 
 def batch_names(tiles: Iterable[int]) -> list[tuple[str, list[int]]]:
-    """``tiles`` cut into marker files whose names stay under ``MAX_MARKER_NAME`` characters."""
-    out: list[tuple[str, list[int]]] = []
-    current: list[int] = []
-    for t in sorted(tiles):
-        if current and len(marker_name(current + [t])) > MAX_MARKER_NAME:
-            out.append((marker_name(current), current))
-            current = []
-        current.append(t)
-    if current:
-        out.append((marker_name(current), current))
-    return out
+    """``tiles`` cut into marker files whose names stay under ``MAX_MARKER_NAME`` characters
+    (whole runs to a file; a run's part of a name is far shorter than the limit)."""
+    files: list[list[str]] = [[]]
+    for a, b in _runs(tiles):
+        part = f"{a}-{b}"
+        if files[-1] and len("_".join(files[-1] + [part])) > MAX_MARKER_NAME:
+            files.append([])
+        files[-1].append(part)
+    return [("_".join(parts), marker_tiles("_".join(parts))) for parts in files if parts]
 
 
 @dataclass(frozen=True)
@@ -142,33 +145,32 @@ class RunManifest:
             for name, tiles in batch_names(kept):
                 self.folder.write_json(f"{self.done_folder}/{name}", {str(t): kept[t] for t in tiles}, indent=None)
 
-    def _files(self) -> dict[str, list[int]]:
-        return {name: marker_tiles(name) for name in self.folder.names(self.done_folder)}
+    def marker_files(self) -> dict[int, str]:
+        """Each finished tile and the name of the marker file that holds it (one listing; pass
+        it to :meth:`tile_metadata` to read markers of tiles found done without listing again)."""
+        return {t: name for name in self.folder.names(self.done_folder) for t in marker_tiles(name)}
 
     def unmark(self, tile_ids: Iterable[int]) -> None:
         """Forget tiles (their output did not verify): the next pass computes them again. A
         batched marker goes whole, so the other tiles it names are computed again too."""
-        wanted = {int(t) for t in tile_ids}
-        for name, tiles in self._files().items():
-            if wanted.intersection(tiles):
-                self.folder.remove(f"{self.done_folder}/{name}")
+        files = self.marker_files()
+        for name in {files[int(t)] for t in tile_ids if int(t) in files}:
+            self.folder.remove(f"{self.done_folder}/{name}")
 
-    def tile_metadata(self, tiles: Iterable[int] | None = None) -> dict[int, dict[str, Any]]:
+    def tile_metadata(self, tiles: Iterable[int] | None = None, *,
+                      files: Mapping[int, str] | None = None) -> dict[int, dict[str, Any]]:
         """The metadata every finished tile (or each of ``tiles``, finished) left in its marker
-        (the marker files are fetched concurrently from object stores)."""
-        files = self._files()
-        where = {t: name for name, ids in files.items() for t in ids}
+        (the marker files are fetched concurrently from object stores); ``files``: a listing
+        from :meth:`marker_files`."""
+        where = self.marker_files() if files is None else files
         wanted = sorted(where if tiles is None else (int(t) for t in tiles if int(t) in where))
         names = sorted({where[t] for t in wanted})
         found = dict(zip(names, self.folder.read_json_many([f"{self.done_folder}/{n}" for n in names], {})))
-        out = {}
-        for t in wanted:
-            content = found[where[t]]
-            out[t] = content if "-" not in where[t] else content.get(str(t), {})
-        return out
+        # a batched file maps tile ids to metadata; a lone tile's file is its metadata
+        return {t: found[where[t]].get(str(t), {}) if "-" in where[t] else found[where[t]] for t in wanted}
 
     def done(self) -> set[int]:
-        return {t for tiles in self._files().values() for t in tiles}
+        return set(self.marker_files())
 
 
 LOCK = "lock.json"

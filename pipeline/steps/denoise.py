@@ -100,7 +100,8 @@ def residual_report(output_url: str, options: EngineOptions,
     earlier, interrupted run, or by a fused step) come from their markers."""
     manifest = RunManifest(output_url, options.storage_options or {}, workspace=options.workspace)
     metas = dict(known or {})
-    metas.update(manifest.tile_metadata(sorted(manifest.done() - set(metas))))
+    files = manifest.marker_files()
+    metas.update(manifest.tile_metadata(sorted(set(files) - set(metas)), files=files))
     report = ResidualReport.of(metas)
     if report.flagged:
         log.warning("%d of %d tiles have a residual that is not noise-like (neighbour correlation > %.1f; tiles "

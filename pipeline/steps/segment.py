@@ -311,8 +311,8 @@ def label_tiles(run: SegmentRun, client: Any, tiles: Sequence[int], *, measure: 
     Returns objects per tile (0 for tiles not computed) and how many objects reached a tile's
     halo edge."""
     setup, plan = run.setup, run.setup.plan
-    done = run.manifest.done()
-    todo = [t for t in tiles if t not in done]
+    markers = run.manifest.marker_files()  # the tiles done by an earlier, interrupted run
+    todo = [t for t in tiles if t not in markers]
     batch = setup.batch(run.options.batch)
     job = LabelTileJob(kernel=run.kernel, reader=setup.reader(), plan=plan, manifest=run.manifest, files=run.files,
                        dims=tuple(setup.spatial_dims), batch=batch, measure_intensity=measure and setup.traits.measures,
@@ -321,8 +321,8 @@ def label_tiles(run: SegmentRun, client: Any, tiles: Sequence[int], *, measure: 
     for results in submit_tiles(client, job, todo, setup=setup, options=run.options, batch=batch,
                                 desc=run.kernel.name):
         metas += results
-    if done:  # tiles finished by an earlier, interrupted run: their counts are in their markers
-        metas += list(run.manifest.tile_metadata([t for t in tiles if t in done]).values())
+    if markers:  # tiles finished by an earlier, interrupted run: their counts are in their markers
+        metas += list(run.manifest.tile_metadata([t for t in tiles if t in markers], files=markers).values())
     report_missing(metas, setup.source)
     objects = np.zeros(len(setup.space), np.int64)
     for meta in metas:
