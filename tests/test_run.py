@@ -363,3 +363,30 @@ def test_batched_markers_keep_the_tile_as_the_resume_unit(tmp_path):
     assert max(len(n) for n in names) <= MAX_MARKER_NAME and len(names) > 3
     assert manifest.done() == {2, 40} | set(range(1000, 3000, 2))
     assert manifest.tile_metadata()[2998] == {"tile": 2998}
+
+
+def test_a_damaged_tile_in_a_batched_marker_is_redone_with_its_batch(tmp_path, client):
+    """A task's tiles share one marker file: when one of them no longer verifies, the file goes
+    and every tile it named is computed again; the run ends complete and equal to a clean one."""
+    from pathlib import Path
+
+    from pipeline.engine.manifest import RunManifest, marker_tiles
+
+    data = np.random.default_rng(8).integers(0, 1000, size=(48, 48)).astype(np.uint16)
+    url = _image(tmp_path, "in.ome.zarr", data, "yx", (4, 4))
+    spec = KernelSpec.of("gaussian", sigma=[1.0, 1.0])
+    kw = dict(progress=False, tile_shape=(4, 4))
+    out = tmp_path / "r.ome.zarr"
+    first = run_kernel(url, str(out), spec, client, **kw)
+    names = sorted(p.name for p in (out / "_tilewise" / "done").iterdir())
+    holding = next(n for n in names if 0 in marker_tiles(n))
+    assert first.computed == 144 and len(marker_tiles(holding)) > 1
+    chunk = Path(out / "0" / "c" / "0" / "0")
+    chunk.write_bytes(chunk.read_bytes()[:10])  # tile 0's output damaged
+    again = run_kernel(url, str(out), spec, client, **kw)
+    assert again.computed == len(marker_tiles(holding)) and RunManifest(str(out)).done() == set(range(144))
+    clean = run_kernel(url, str(tmp_path / "clean.ome.zarr"), spec, client, **kw)
+    a, b = open_image(str(tmp_path / "clean.ome.zarr")), open_image(str(out))
+    for k in range(len(a.levels)):
+        np.testing.assert_array_equal(a.read((slice(None),) * 2, k), b.read((slice(None),) * 2, k))
+    assert clean.computed == 144

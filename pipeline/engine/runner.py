@@ -638,7 +638,9 @@ class VerifyTiles:
 def verify_done(client: Any, sink: ImageSink, plan: TilePlan, manifest: RunManifest, *, progress: bool,
                 batch_shape: tuple[int, ...] = ()) -> set[int]:
     """The finished tiles whose output still matches its checksum; the others are unmarked
-    (and so recomputed). Costs one read of the finished output, no recomputation."""
+    (and so recomputed), and with them the other tiles of their batched marker files, so what
+    is returned is the manifest's done set after unmarking. Costs one read of the finished
+    output, no recomputation."""
     metas = manifest.tile_metadata()
     items = [(t, m["checksum"]) for t, m in metas.items() if "checksum" in m]
     per_task = max(1, -(-len(items) // MAX_TASKS))
@@ -651,7 +653,8 @@ def verify_done(client: Any, sink: ImageSink, plan: TilePlan, manifest: RunManif
         log.warning("%d finished tiles no longer match what was written (tiles %s): computing them again",
                     len(bad), sorted(bad)[:10])
         manifest.unmark(bad)
-    return set(metas) - set(bad)
+        return manifest.done()
+    return set(metas)
 
 
 def report_missing(metas: Sequence[dict[str, Any]], source: ImageSource) -> int:
