@@ -54,6 +54,9 @@ def run_tasks(
     from distributed import as_completed
     from tqdm.auto import tqdm
 
+    from pipeline.engine.allocator import prepare_workers
+
+    prepare_workers(client)
     window = window or default_window(client)
     iterator = iter(items)
 
