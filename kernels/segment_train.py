@@ -40,6 +40,9 @@ class SegmentTrainConfig:
     width: int = 32
     pool: tuple[int, ...] = ()
     dice_weight: float = 1.0
+    # share of training patches seen as if imaged coarser, up to this factor (``degrade_resolution``)
+    low_resolution: float = 0.5
+    low_resolution_max: float = 2.5
     # predictive uncertainty (``kernels.uncertainty.UncertaintyConfig`` as a dict); None: deterministic
     uncertainty: dict | None = None
 
@@ -124,6 +127,35 @@ def augment_intensity(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return x * gain + offset
 
 
+def degrade_resolution(x: np.ndarray, rng: np.random.Generator, *, share: float, max_factor: float) -> np.ndarray:
+    """``(n, C, *spatial)`` patches, a ``share`` of them as if imaged ``f`` times coarser (``f``
+    uniform in ``[1, max_factor]``; optical blur up to an anti-aliased detector's) and brought
+    back to the model's scale by linear interpolation, as the engine's resampling does.
+
+    Why: an image taken at a lower magnification is up-sampled to the model's training scale at
+    inference (``kernels.resample``), which gives objects of the right size but soft edges a
+    model trained on sharp patches has never seen (a DSB-2018 U-Net fell from 0.76 to 0.42
+    accuracy@0.5 on the same nuclei at x0.5 brought back to x1). The class maps stay as they
+    are: the model learns where the sharp boundary lies under the blur. cellpose trains with
+    scale augmentation for the same reason."""
+    from scipy import ndimage
+
+    out = np.array(x, np.float32, copy=True)
+    for i in range(len(out)):
+        if share <= 0 or rng.random() >= share:
+            continue
+        factor = rng.uniform(1.0, max_factor)
+        sigma = rng.uniform(0.0, (factor - 1.0) / 2.0)  # (f - 1) / 2: skimage's anti-aliasing for a 1/f rescale
+        for c in range(out.shape[1]):
+            image = ndimage.gaussian_filter(out[i, c], sigma, mode="reflect") if sigma > 0 else out[i, c]
+            coarse = tuple(max(2, round(n / factor)) for n in image.shape)
+            small = ndimage.zoom(image, [m / n for m, n in zip(coarse, image.shape)], order=1, mode="nearest",
+                                 grid_mode=True)
+            out[i, c] = ndimage.zoom(small, [n / m for n, m in zip(image.shape, small.shape)], order=1, mode="nearest",
+                                     grid_mode=True)
+    return out
+
+
 def train_segmenter(sample: PairSampler, validation: np.ndarray, cfg: SegmentTrainConfig, *, channels: int = 1,
                     device: str | None = None, progress: bool = True, checkpoint: str | None = None) -> TrainResult:
     """Train on ``(n, C + 1, *patch)`` pairs (image channels, then the class map); returns the
@@ -179,7 +211,8 @@ def _train_one(sample: PairSampler, validation: np.ndarray, cfg: SegmentTrainCon
 
     def train_loss(step: int):
         pairs = augment(sample(cfg.batch, rng), rng)  # flips/rotations move image and classes together
-        x = augment_intensity(pairs[:, :channels], rng)
+        x = degrade_resolution(pairs[:, :channels], rng, share=cfg.low_resolution, max_factor=cfg.low_resolution_max)
+        x = augment_intensity(x, rng)
         return loss(to_x(x), to_y(pairs[:, channels:]), step)
 
     result = fit(net, train_loss, lambda: loss(val_x, val_y), steps=cfg.steps, lr=cfg.lr, val_every=cfg.val_every,

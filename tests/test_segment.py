@@ -129,6 +129,27 @@ def test_training_lowers_validation_loss(unet_model):
     assert card.validation_loss < 0.8 * history[0]["val_loss"]
 
 
+def test_low_resolution_augmentation_blurs_a_share_of_patches_and_keeps_their_shape():
+    """Training patches seen as if imaged coarser: same shape and level, softer edges (less
+    gradient energy); with share 0 nothing changes, and a constant patch stays constant."""
+    from kernels.segment_train import degrade_resolution
+
+    rng = np.random.default_rng(0)
+    _, labels = blobs_with_labels((12, 32, 32), 6, 5.0, seed=1)
+    x = np.stack([(labels > 0).astype(np.float32)[None]] * 6)
+    assert np.array_equal(degrade_resolution(x, rng, share=0.0, max_factor=2.5), x)
+    y = degrade_resolution(x, np.random.default_rng(3), share=1.0, max_factor=2.5)
+    assert y.shape == x.shape and y.dtype == np.float32
+    energy = lambda a: sum(np.square(np.diff(a, axis=k)).sum() for k in range(1, a.ndim))  # noqa: E731
+    for a, b in zip(x, y):
+        assert energy(b) < 0.9 * energy(a)
+        assert abs(b.mean() - a.mean()) < 0.1 * a.mean()
+    flat = np.full((2, 1, 16, 16), 3.0, np.float32)
+    assert np.allclose(degrade_resolution(flat, rng, share=1.0, max_factor=2.5), 3.0)
+    some = degrade_resolution(x, np.random.default_rng(5), share=0.5, max_factor=2.5)
+    assert 0 < sum(not np.array_equal(a, b) for a, b in zip(x, some)) < len(x)
+
+
 def _rescaled(tmp_path, name, image, labels, factor):
     from scipy import ndimage
 
