@@ -60,6 +60,9 @@ def hematoxylin(rgb: np.ndarray, white: tuple[float, ...] | None) -> np.ndarray:
     return rgb2hed(np.moveaxis(transmitted, 0, -1))[..., 0].astype(np.float32)
 
 
+FILL_FRACTION = 0.1  # the lowest value on at most this share of the voxels, apart from the rest: a fill
+
+
 def otsu_gap(values: np.ndarray) -> float:
     """Otsu's threshold of ``values``, moved to the middle of the empty gap it may fall in.
 
@@ -67,10 +70,25 @@ def otsu_gap(values: np.ndarray) -> float:
     returns the gap's lowest value; a smoothed edge then crosses it far out on the background
     side, growing every object. The middle is where a blurred step edge is crossed at its true
     position. Without a gap this is Otsu's threshold.
+
+    The values are those of an object signal (objects bright). Their lowest value, when it
+    holds at most ``FILL_FRACTION`` of them and lies well apart from the rest (further below
+    them than a quarter of their interquartile range), is a fill, not background, and is left
+    out: a zero-padded margin of a stitched volume, a rescaled image's empty edge, a slide's
+    white padding seen as a dark-object signal. One zero row on 3 % of the 3D nuclei sample at
+    x0.5 put Otsu at 0.65, between it and everything else: 97 % "foreground", no object scale.
+    Background clipped at zero is no fill: its zeros sit next to the ones and twos.
     """
     from skimage.filters import threshold_otsu
 
     values = np.asarray(values, np.float64).ravel()
+    low = values.min(initial=np.inf) if values.size else 0.0
+    filled = values == low
+    if 0 < filled.sum() <= FILL_FRACTION * values.size:
+        rest = values[~filled]
+        q1, q3 = np.percentile(rest, [25, 75])
+        if rest.min() - low > (q3 - q1) / 4:
+            values = rest
     t = float(threshold_otsu(values))
     below, above = values[values <= t], values[values > t]
     return (float(below.max()) + float(above.min())) / 2 if below.size and above.size else t
