@@ -63,20 +63,48 @@ def test_an_empty_mask_has_no_scale():
     assert scale_of_mask([np.zeros((32, 32), bool)], (1.0, 1.0)) is None
 
 
-def test_otsu_ignores_a_fill_value_on_a_few_voxels():
+def test_otsu_and_polarity_ignore_a_fill_value_on_a_few_voxels():
     """A zero row (a rescaled image's empty edge, a zero-padded margin) on 3 % of the voxels is
-    not the background: the threshold is the one without it (the 3D nuclei sample at x0.5 had
-    its Otsu threshold pulled to 0.65 by one such row: 97 % foreground, no object scale).
-    Two real one-value classes keep their split."""
-    from kernels.brightfield import otsu_gap
+    neither background nor a dark tail: the threshold is the one without it, and the objects
+    stay bright (the 3D nuclei sample at x0.5 had its Otsu threshold pulled to 0.65 and its
+    objects taken for dark ones by one such row). Saturated objects are no fill; two real
+    one-value classes keep their split."""
+    from scipy.stats import skew
+
+    from kernels.brightfield import otsu_gap, without_fill
 
     rng = np.random.default_rng(0)
     # the 3D nuclei sample's background and nuclei: overlapping, as real ones are
     background, objects = rng.normal(180, 26, 6300), rng.normal(235, 34, 3400)
     plain = otsu_gap(np.concatenate([background, objects]))
     assert 200 < plain < 215
-    assert abs(otsu_gap(np.concatenate([background, objects, np.zeros(300)])) - plain) < 0.5
+    padded = np.concatenate([background, objects, np.zeros(300)])
+    assert abs(otsu_gap(padded) - plain) < 0.5
+    assert skew(padded) < 0 < skew(without_fill(padded))  # the fill alone made them look dark
+    white = np.concatenate([background, objects, np.full(300, 4095.0)])  # a bright padding
+    assert abs(otsu_gap(white) - plain) < 0.5
+    saturated = np.concatenate([background, np.minimum(objects, 250.0)])
+    assert len(without_fill(saturated)) == len(saturated)
     assert 100 < otsu_gap(np.r_[np.full(950, 100.0), np.full(50, 1000.0)]) < 1000  # two one-value classes
+
+
+def test_normalisation_ignores_a_zero_padded_margin(tmp_path):
+    """A zero row on 3 % of an image leaves its percentile range as it is without the row (the
+    3D nuclei sample at x0.5: p1 fell from ~140 to 0, and a U-Net saw everything as nucleus)."""
+    from pipeline.engine.stats import Normalisation
+    from pipeline.io import create_image, default_axes, open_image
+
+    rng = np.random.default_rng(0)
+    image = rng.normal(180, 26, (8, 30, 28)).clip(100, None).astype(np.float32)
+    ranges = []
+    for name, data in (("plain", image[:, :29]), ("padded", np.concatenate([image[:, :29], np.zeros((8, 1, 28),
+                                                                                                     np.float32)], 1))):
+        url = str(tmp_path / f"{name}.ome.zarr")
+        sink = create_image(url, shape=data.shape, dtype=np.float32, axes=default_axes("zyx"), n_levels=1)
+        sink.write((slice(None),) * 3, data)
+        ranges.append(Normalisation.of(open_image(url)))
+    assert abs(ranges[1].low[0] - ranges[0].low[0]) < 5 and ranges[0].low[0] > 100
+    assert abs(ranges[1].high[0] - ranges[0].high[0]) < 5
 
 
 def test_bimodal_sizes_flags_fragments_not_natural_spread():

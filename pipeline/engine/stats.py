@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 from kernels import Scaling
+from kernels.brightfield import without_fill
 from pipeline.core.errors import InputError
 from pipeline.core.regions import grid_shape, region_of
 from pipeline.io.read import ImageSource
@@ -119,13 +120,16 @@ class Normalisation(Scaling):
     @classmethod
     def of(cls, source: ImageSource, percentiles: tuple[float, float] = DEFAULT_PERCENTILES) -> "Normalisation":
         """From the global statistics of an ``ImageSource`` (one bounded sample, see
-        :func:`sample_values`), at the given percentile levels."""
+        :func:`sample_values`), at the given percentile levels of each channel's values without
+        a fill (:func:`kernels.brightfield.without_fill`)."""
         lo, hi = (float(p) for p in percentiles)
         data, level = sample_values(source)  # one bounded sample for the check and the percentiles
         if data.dtype.kind == "f" and not np.isfinite(data).all():
             # NaN or Inf would make the percentiles, and every output of a network, NaN
             raise InputError(nonfinite_message(source.url, f"level {level}"))
-        values = np.percentile(data.astype(np.float64), [lo, hi], axis=1)
+        # a fill (a zero-padded margin, an empty edge) is no part of the image's range: 3 % of
+        # zeros put the 3D nuclei sample's p1 at 0 and its background at 0.55 instead of ~0.15
+        values = np.array([np.percentile(without_fill(row.astype(np.float64)), [lo, hi]) for row in data]).T
         return cls(tuple(float(v) for v in values[0]), tuple(float(v) for v in values[1]), (lo, hi))
 
     def pairs(self) -> list[list[float]]:

@@ -28,7 +28,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from kernels import KernelSpec
-from kernels.brightfield import ObjectSignal, otsu_gap
+from kernels.brightfield import ObjectSignal, otsu_gap, without_fill
 from pipeline.core.errors import OptionError, OutputExistsError
 from pipeline.engine.manifest import RunLock, RunManifest, check_compatible
 from pipeline.engine.maps import MapSinks
@@ -467,9 +467,9 @@ def object_signal(source: ImageSource, norm: Normalisation, sample: np.ndarray, 
     if stain not in STAINS + ("auto",):
         raise OptionError(f"--stain must be none, hematoxylin or auto, got {stain!r}.")
     if polarity == "auto":
-        mean = ObjectSignal()(sample, norm)
         from scipy.stats import skew
 
+        mean = without_fill(ObjectSignal()(sample, norm))  # a zero-padded margin is no dark tail
         polarity = "dark" if float(skew(mean)) < 0 else "bright"
         log.info("objects are %s on %s background (decided once from a full-resolution sample; set --polarity to "
                  "choose)", "darker" if polarity == "dark" else "brighter", "a bright" if polarity == "dark" else "a dark")
