@@ -20,7 +20,6 @@ can no longer change. A no-op where the C library is not glibc.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 from typing import Any
 
@@ -37,7 +36,7 @@ _prepared: set[str] = set()  # ids of the clients whose workers have the plugin
 def set_thresholds(nbytes: int = THRESHOLD_BYTES) -> bool:
     """glibc's mmap and trim thresholds (``mallopt``) in this process; False where glibc is absent."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = ctypes.CDLL(None)  # the symbols already loaded: no ``find_library`` subprocess per worker
         return all(libc.mallopt(option, int(nbytes)) == 1 for option in (M_MMAP_THRESHOLD, M_TRIM_THRESHOLD))
     except (OSError, AttributeError):  # not glibc (macOS, musl without mallopt)
         return False

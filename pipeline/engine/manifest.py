@@ -24,7 +24,7 @@ import uuid
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from pipeline.core.errors import OutputExistsError
 from pipeline.io import store
@@ -53,9 +53,13 @@ def _runs(tiles: Iterable[int]) -> list[list[int]]:
     return runs
 
 
+def marker_name_of_runs(runs: Iterable[Sequence[int]]) -> str:
+    return "_".join(f"{a}-{b}" for a, b in runs)
+
+
 def marker_name(tiles: Iterable[int]) -> str:
     """``"16-23_40-40"``: the runs of consecutive ids of ``tiles`` (sorted)."""
-    return "_".join(f"{a}-{b}" for a, b in _runs(tiles))
+    return marker_name_of_runs(_runs(tiles))
 
 
 def marker_tiles(name: str) -> list[int]:
@@ -72,13 +76,12 @@ def marker_tiles(name: str) -> list[int]:
 def batch_names(tiles: Iterable[int]) -> list[tuple[str, list[int]]]:
     """``tiles`` cut into marker files whose names stay under ``MAX_MARKER_NAME`` characters
     (whole runs to a file; a run's part of a name is far shorter than the limit)."""
-    files: list[list[str]] = [[]]
-    for a, b in _runs(tiles):
-        part = f"{a}-{b}"
-        if files[-1] and len("_".join(files[-1] + [part])) > MAX_MARKER_NAME:
+    files: list[list[list[int]]] = [[]]
+    for run in _runs(tiles):
+        if files[-1] and len(marker_name_of_runs(files[-1] + [run])) > MAX_MARKER_NAME:
             files.append([])
-        files[-1].append(part)
-    return [("_".join(parts), marker_tiles("_".join(parts))) for parts in files if parts]
+        files[-1].append(run)
+    return [(marker_name_of_runs(runs), [t for a, b in runs for t in range(a, b + 1)]) for runs in files if runs]
 
 
 @dataclass(frozen=True)
