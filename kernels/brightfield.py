@@ -63,16 +63,17 @@ def hematoxylin(rgb: np.ndarray, white: tuple[float, ...] | None) -> np.ndarray:
 FILL_FRACTION = 0.1  # one value at either end on at most this share of the voxels, apart from the rest: a fill
 
 
-def without_fill(values: np.ndarray) -> np.ndarray:
-    """``values`` (flat) without a fill: the lowest or the highest value when it holds at most
-    ``FILL_FRACTION`` of them and lies well apart from the rest (further than a quarter of their
-    interquartile range). A zero-padded margin of a stitched volume, a rescaled image's empty
-    edge, a slide's white padding: not background, not objects. One zero row on 3 % of the 3D
-    nuclei sample at x0.5 made its grey levels skew dark (objects taken for dark ones) and put
-    Otsu at 0.65, between the row and everything else: 97 % "foreground", no object scale.
-    Background clipped at zero is no fill (its zeros sit next to the ones and twos), nor are
-    saturated objects."""
+def fill_values(values: np.ndarray) -> tuple[float, ...]:
+    """The fills among ``values`` (none, one or two): the lowest or the highest value when it
+    holds at most ``FILL_FRACTION`` of them and lies well apart from the rest (further than a
+    quarter of their interquartile range). A zero-padded margin of a stitched volume, a rescaled
+    image's empty edge, a slide's white padding: not background, not objects. One zero row on
+    3 % of the 3D nuclei sample at x0.5 made its grey levels skew dark (objects taken for dark
+    ones) and put Otsu at 0.65, between the row and everything else: 97 % "foreground", no
+    object scale. Background clipped at zero is no fill (its zeros sit next to the ones and
+    twos), nor are saturated objects."""
     values = np.asarray(values).ravel()
+    fills = []
     for end in ("low", "high"):
         if values.size < 2:
             break
@@ -87,7 +88,15 @@ def without_fill(values: np.ndarray) -> np.ndarray:
         gap = rest.min() - value if end == "low" else value - rest.max()
         if gap > (q3 - q1) / 4:
             values = rest
-    return values
+            fills.append(float(value))
+    return tuple(fills)
+
+
+def without_fill(values: np.ndarray) -> np.ndarray:
+    """``values`` (flat) without their fills (:func:`fill_values`)."""
+    values = np.asarray(values).ravel()
+    fills = fill_values(values)
+    return values[~np.isin(values, fills)] if fills else values
 
 
 def otsu_gap(values: np.ndarray) -> float:

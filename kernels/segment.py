@@ -7,7 +7,8 @@ beyond its receptive field.
 
 - ``segment-classical``: Gaussian smoothing, a global threshold (computed once from the image's
   statistics, never per tile, so tiles agree), distance-transform seeded watershed; distances
-  use the physical pixel size, so anisotropic stacks are handled.
+  use the physical pixel size, so anisotropic stacks are handled; past the volume edge it sees
+  the block mirrored, and labels only inside.
 - ``segment-unet``: a 3-class U-Net (background / interior / boundary, see
   ``kernels.instances``) whose interior probability seeds a watershed; with an uncertainty
   method it also returns per-pixel uncertainty maps (``KernelTraits.maps``).
@@ -111,9 +112,12 @@ class ClassicalSegmentKernel(Kernel):
             halo = tuple(max(16, math.ceil(HALO_PER_DIAMETER * d / s), 2 * r) for s, r in zip(self.scale, smooth_reach))
         else:
             halo = tuple(max(32, 2 * r) for r in smooth_reach)
-        # a mirrored edge would make mirrored objects whose fronts tie with their originals
+        # past the volume edge the block is mirrored: smoothing and the distance transform then
+        # see an object cut by the edge go on as it would, where zeros there shrank every object
+        # touching the edge (on the 15-slice 3D nuclei sample nearly all: accuracy 0.06 against
+        # 0.33). Seeds and labels stay inside the volume, so no mirrored copy is labelled.
         self.traits = KernelTraits(ndim=ndim, in_channels=params.channels, out_channels=1, halo=halo,
-                                   pad_mode="constant", output="labels", max_batch=8)
+                                   pad_mode="reflect", output="labels", max_batch=8)
 
     def __call__(self, batch: np.ndarray, context: BatchContext) -> np.ndarray:
         from scipy import ndimage
@@ -126,19 +130,17 @@ class ClassicalSegmentKernel(Kernel):
                 image = self.signal(block, None)
             else:  # deconvolution works on transmitted light: undo the normalisation
                 image = self.signal(context.scaling.invert(block) if context.scaling is not None else block, None)
-            # the engine pads with zeros, which for dark objects reads as object: background
-            # (no signal) past the edge instead, so the image's edge is not one long object
             inside = np.zeros(image.shape, bool)
             inside[tuple(context.valid[n])] = True
-            image = np.where(inside, image, 0.0).astype(np.float32)
             smooth = ndimage.gaussian_filter(image.astype(np.float32), [self.sigma / s for s in self.scale])
             mask = smooth > p.threshold
-            if not mask.any():
+            if not mask[inside].any():
                 continue
             dist, seeds = distance_seeds(mask, self.scale, self.min_distance, smooth=self.sigma)
+            seeds[~inside] = 0  # the mirror image past the edge is seen, never labelled
             # the watershed breaks exact ties by flooding order, which depends on the whole
             # block; a faint intensity term makes ties rare, so tiles agree with the whole image
-            out[n, 0] = seeded_watershed(-(dist + 1e-3 * smooth), seeds, mask, self.min_size)
+            out[n, 0] = seeded_watershed(-(dist + 1e-3 * smooth), seeds, mask & inside, self.min_size)
         return out
 
 

@@ -6,6 +6,7 @@ of the coarsest level when no level is that small; never from the whole of level
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Callable
@@ -205,6 +206,48 @@ def estimate_object_scale(source: ImageSource, *, level: int = 0, threshold: flo
     return _scale_of_level(source, level, value, spatial, max_voxels, read)
 
 
+def _signal_windows(source: ImageSource, level: int, spatial: list[int], max_voxels: int,
+                    read: Callable[..., np.ndarray]) -> list[np.ndarray]:
+    """The windows of one level (:func:`_windows`), each read and made a spatial block by ``read``."""
+    lv = source.level(level)
+    dims = source.dims
+    blocks = []
+    for window in _windows(tuple(lv.shape[i] for i in spatial), source.spatial_scale(level), max_voxels):
+        region, it = [], iter(window)
+        for i, d in enumerate(dims):
+            region.append(next(it) if i in spatial else (slice(None) if d == "c" else slice(0, 1)))
+        blocks.append(read(source.read(tuple(region), level), dims, spatial))
+    return blocks
+
+
+def smoothed_threshold(source: ImageSource, *, sigma: float, signal: ObjectSignal, scaling: Scaling | None,
+                       level: int = 0, max_voxels: int = 2**22) -> float:
+    """Otsu's threshold (:func:`kernels.brightfield.otsu_gap`) of the object signal smoothed by
+    ``sigma`` (physical units), on the windows of ``level``: the values the classical kernel
+    thresholds. Noise widens the raw histogram's two classes unequally, so Otsu on raw values
+    sits off the smoothed image's valley (on the left half of DSB-2018, 0.204 against 0.199
+    normalised). Fills (:func:`kernels.brightfield.fill_values`, found on all windows together)
+    are left out with the voxels their smoothing reaches."""
+    from scipy import ndimage
+
+    from kernels.brightfield import fill_values, otsu_gap
+
+    dims = source.dims
+    spatial = [i for i, d in enumerate(dims) if d in source.spatial_dims]
+    spacing = source.spatial_scale(level)
+    blocks = _signal_windows(source, level, spatial, max_voxels, partial(_signal_block, signal=signal, scaling=scaling))
+    fills = fill_values(np.concatenate([b.ravel() for b in blocks]))
+    reach = [2 * math.ceil(2 * sigma / s) + 1 for s in spacing]
+    values = []
+    for block in blocks:
+        smooth = ndimage.gaussian_filter(block, [sigma / s for s in spacing])
+        if fills:
+            near = ndimage.maximum_filter(np.isin(block, fills), size=reach)
+            smooth = smooth[~near]
+        values.append(smooth.ravel())
+    return otsu_gap(np.concatenate(values))
+
+
 WELL_RESOLVED_PX = 12  # an object this many pixels across is measured as well as at full resolution
 
 
@@ -228,15 +271,9 @@ def _scale_of_level(source: ImageSource, level: int, value: float, spatial: list
 
     from kernels.objectscale import SMOOTHING_PER_DIAMETER, scale_of_mask
 
-    lv = source.level(level)
-    dims = source.dims
     spacing = source.spatial_scale(level)
-    blocks = []
-    for window in _windows(tuple(lv.shape[i] for i in spatial), spacing, max_voxels):
-        region, it = [], iter(window)
-        for i, d in enumerate(dims):
-            region.append(next(it) if i in spatial else (slice(None) if d == "c" else slice(0, 1)))
-        blocks.append(read(source.read(tuple(region), level), dims, spatial))
+    blocks = _signal_windows(source, level, spatial, max_voxels, read)
+
     def measure(sigma: float) -> ObjectScale | None:
         return scale_of_mask([ndimage.gaussian_filter(b, [sigma / s for s in spacing]) > value for b in blocks],
                              spacing)

@@ -404,7 +404,8 @@ def classical_spec(input_url: str | ImageSource, *, level: int = 0, diameter: fl
                    threshold: float | None = None, polarity: str = "auto", stain: str = "auto",
                    storage_options: dict | None = None) -> KernelSpec:
     """The ``segment-classical`` kernel for an image: Otsu's threshold computed once from the
-    image's global statistics (normalised the way the engine normalises tiles), distances in
+    image's global statistics (normalised the way the engine normalises tiles; once the
+    diameter is known, on the signal smoothed as the kernel smooths it), distances in
     the image's physical units, and its lengths (smoothing, seed distance, smallest object,
     halo) from the typical object ``diameter`` (physical units), estimated once from the whole
     image (:func:`~pipeline.engine.stats.estimate_object_scale`) unless given. Explicit
@@ -415,7 +416,8 @@ def classical_spec(input_url: str | ImageSource, *, level: int = 0, diameter: fl
     ``auto``) say what an object looks like (:mod:`kernels.brightfield`); ``auto`` decides once
     per image from the global sample (:func:`object_signal`), never per tile."""
     from kernels.objectscale import ObjectScale
-    from pipeline.engine.stats import estimate_object_scale, window_values
+    from kernels.segment import SIGMA_PER_DIAMETER
+    from pipeline.engine.stats import estimate_object_scale, smoothed_threshold, window_values
 
     if diameter is not None and not (math.isfinite(diameter) and diameter > 0):
         raise OptionError(f"--diameter must be a positive length in the image's units, got {diameter}.")
@@ -440,6 +442,9 @@ def classical_spec(input_url: str | ImageSource, *, level: int = 0, diameter: fl
     else:
         found = replace(found, unit=source.spatial_unit)
         log.info("object diameter %s", found.describe())
+        if threshold is None:  # Otsu again, on what the kernel thresholds: the signal smoothed by its sigma
+            value = smoothed_threshold(source, level=level, signal=signal, scaling=norm,
+                                       sigma=sigma if sigma is not None else SIGMA_PER_DIAMETER * found.diameter)
     return KernelSpec.of("segment-classical", threshold=round(value, 6), scale=scale,
                          diameter=round(found.diameter, 6) if found else None,
                          object_scale=found.to_dict() if found else None,
