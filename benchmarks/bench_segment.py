@@ -92,12 +92,12 @@ def part_dsb(work: Path, steps: int) -> dict:
         choice = {}
         for d in (3.0, 5.0, 7.0, 9.0, 11.0):
             res = segment_labels(left, str(work / f"cl-left-{d}.ome.zarr"), classical_spec(left, min_distance=d), client,
-                                 tile_shape=(128, 128), progress=False, table=False)
+                                 tile_shape=(128, 128), progress=False, table=False, overwrite=True)
             choice[d] = _scores(left_truth, res.labels)["0.50"]["accuracy"]
         best_d = max(choice, key=choice.get)
         started = time.perf_counter()
         res = segment_labels(right, str(work / "cl-right.ome.zarr"), classical_spec(right, min_distance=best_d), client,
-                             tile_shape=(128, 128), progress=False)
+                             tile_shape=(128, 128), progress=False, overwrite=True)
         out["classical"] = {"min_distance_px": best_d, "left_half_accuracy_by_min_distance": choice,
                             "seconds": time.perf_counter() - started, "objects": res.objects,
                             "scores": _scores(right_truth, res.labels)}
