@@ -209,7 +209,7 @@ def test_the_threshold_is_otsu_of_the_smoothed_signal_without_the_fill(tmp_path)
     from scipy import ndimage
 
     from kernels.brightfield import ObjectSignal, otsu_gap
-    from pipeline.engine.stats import Normalisation, smoothed_threshold
+    from pipeline.engine.stats import Normalisation, smoothed_threshold, window_blocks
     from pipeline.io import create_image, default_axes, open_image
 
     image, _ = touching_nuclei((24, 64, 64), 12, seed=4, noise=0.3)
@@ -221,7 +221,8 @@ def test_the_threshold_is_otsu_of_the_smoothed_signal_without_the_fill(tmp_path)
         sink.write((slice(None),) * 3, data)
         source = open_image(url)
         norm = Normalisation.of(source)
-        found[name] = smoothed_threshold(source, sigma=1.2, signal=ObjectSignal(), scaling=norm)
+        found[name] = smoothed_threshold(window_blocks(source), source.spatial_scale(0), sigma=1.2, signal=ObjectSignal(),
+                                         scaling=norm)
         if name == "plain":
             smooth = ndimage.gaussian_filter(norm.apply(image[None])[0], 1.2)
             assert abs(found[name] - otsu_gap(smooth.ravel())) < 1e-3

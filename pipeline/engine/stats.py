@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
@@ -141,24 +141,14 @@ class Normalisation(Scaling):
         return {"low": list(self.low), "high": list(self.high), "percentiles": list(self.percentiles)}
 
 
-def window_values(source: ImageSource, *, level: int = 0, max_voxels: int = 2**22) -> np.ndarray:
-    """``(C, n)`` values of windows spread evenly over one level at its own resolution (together
-    about ``max_voxels`` pixels; the first index of any batch axis). Decisions that depend on
-    the objects themselves (polarity, stain, a threshold between objects and background) are
-    made on these: at a whole slide's coarse levels the nuclei are below a pixel, and only
-    glass and tissue are left."""
-    dims = source.dims
-    spatial = [i for i, d in enumerate(dims) if d in source.spatial_dims]
-    lv = source.level(level)
-    pieces = []
-    for window in _windows(tuple(lv.shape[i] for i in spatial), source.spatial_scale(level), max_voxels):
-        region, it = [], iter(window)
-        for i, d in enumerate(dims):
-            region.append(next(it) if i in spatial else (slice(None) if d == "c" else slice(0, 1)))
-        block = source.read(tuple(region), level)
-        block = np.moveaxis(block, dims.index("c"), 0) if "c" in dims else block[None]
-        pieces.append(block.reshape(block.shape[0], -1))
-    return np.concatenate(pieces, axis=1)
+def window_blocks(source: ImageSource, *, level: int = 0, max_voxels: int = 2**22) -> list[np.ndarray]:
+    """``(C, *spatial)`` blocks (input units) of windows spread evenly over one level at its own
+    resolution (together about ``max_voxels`` pixels; the first index of any batch axis).
+    Decisions that depend on the objects themselves (polarity, stain, a threshold between
+    objects and background) are made on these: at a whole slide's coarse levels the nuclei are
+    below a pixel, and only glass and tissue are left."""
+    spatial = [i for i, d in enumerate(source.dims) if d in source.spatial_dims]
+    return _read_windows(source, level, spatial, max_voxels, _channels)
 
 
 def _windows(shape: tuple[int, ...], spacing: tuple[float, ...], max_voxels: int) -> list[tuple[slice, ...]]:
@@ -206,8 +196,8 @@ def estimate_object_scale(source: ImageSource, *, level: int = 0, threshold: flo
     return _scale_of_level(source, level, value, spatial, max_voxels, read)
 
 
-def _signal_windows(source: ImageSource, level: int, spatial: list[int], max_voxels: int,
-                    read: Callable[..., np.ndarray]) -> list[np.ndarray]:
+def _read_windows(source: ImageSource, level: int, spatial: list[int], max_voxels: int,
+                  read: Callable[..., np.ndarray]) -> list[np.ndarray]:
     """The windows of one level (:func:`_windows`), each read and made a spatial block by ``read``."""
     lv = source.level(level)
     dims = source.dims
@@ -220,26 +210,23 @@ def _signal_windows(source: ImageSource, level: int, spatial: list[int], max_vox
     return blocks
 
 
-def smoothed_threshold(source: ImageSource, *, sigma: float, signal: ObjectSignal, scaling: Scaling | None,
-                       level: int = 0, max_voxels: int = 2**22) -> float:
-    """Otsu's threshold (:func:`kernels.brightfield.otsu_gap`) of the object signal smoothed by
-    ``sigma`` (physical units), on the windows of ``level``: the values the classical kernel
-    thresholds. Noise widens the raw histogram's two classes unequally, so Otsu on raw values
-    sits off the smoothed image's valley (on the left half of DSB-2018, 0.204 against 0.199
-    normalised). Fills (:func:`kernels.brightfield.fill_values`, found on all windows together)
-    are left out with the voxels their smoothing reaches."""
+def smoothed_threshold(blocks: list[np.ndarray], spacing: Sequence[float], *, sigma: float, signal: ObjectSignal,
+                       scaling: Scaling | None) -> float:
+    """Otsu's threshold (:func:`kernels.brightfield.otsu_gap`) of the object signal of ``blocks``
+    (:func:`window_blocks`, pixel size ``spacing``) smoothed by ``sigma`` (physical units): the
+    values the classical kernel thresholds. Noise widens the raw histogram's two classes
+    unequally, so Otsu on raw values sits off the smoothed image's valley (on the left half of
+    DSB-2018, 0.204 against 0.199 normalised). Fills (:func:`kernels.brightfield.fill_values`,
+    found on all blocks together) are left out with the voxels their smoothing reaches."""
     from scipy import ndimage
 
     from kernels.brightfield import fill_values, otsu_gap
 
-    dims = source.dims
-    spatial = [i for i, d in enumerate(dims) if d in source.spatial_dims]
-    spacing = source.spatial_scale(level)
-    blocks = _signal_windows(source, level, spatial, max_voxels, partial(_signal_block, signal=signal, scaling=scaling))
-    fills = fill_values(np.concatenate([b.ravel() for b in blocks]))
+    signals = [signal(block, scaling) for block in blocks]
+    fills = fill_values(np.concatenate([b.ravel() for b in signals]))
     reach = [2 * math.ceil(2 * sigma / s) + 1 for s in spacing]
     values = []
-    for block in blocks:
+    for block in signals:
         smooth = ndimage.gaussian_filter(block, [sigma / s for s in spacing])
         if fills:
             near = ndimage.maximum_filter(np.isin(block, fills), size=reach)
@@ -251,12 +238,17 @@ def smoothed_threshold(source: ImageSource, *, sigma: float, signal: ObjectSigna
 WELL_RESOLVED_PX = 12  # an object this many pixels across is measured as well as at full resolution
 
 
+def _channels(block: np.ndarray, dims: tuple[str, ...], spatial: list[int]) -> np.ndarray:
+    """One read window (batch axes at one index) as ``(C, *spatial)``, input units."""
+    channels = np.moveaxis(block, dims.index("c"), 0) if "c" in dims else block[None]
+    return channels.reshape((channels.shape[0],) + tuple(block.shape[i] for i in spatial))
+
+
 def _signal_block(block: np.ndarray, dims: tuple[str, ...], spatial: list[int], *, signal: ObjectSignal | None,
                   scaling: Scaling | None) -> np.ndarray:
     """One read window (batch axes at one index) as a spatial float32 block: the channel mean,
     or the object signal."""
-    channels = np.moveaxis(block, dims.index("c"), 0) if "c" in dims else block[None]
-    channels = channels.reshape((channels.shape[0],) + tuple(block.shape[i] for i in spatial))
+    channels = _channels(block, dims, spatial)
     if signal is not None:
         return signal(channels, scaling)
     return channels.astype(np.float32).mean(axis=0)
@@ -272,7 +264,7 @@ def _scale_of_level(source: ImageSource, level: int, value: float, spatial: list
     from kernels.objectscale import SMOOTHING_PER_DIAMETER, scale_of_mask
 
     spacing = source.spatial_scale(level)
-    blocks = _signal_windows(source, level, spatial, max_voxels, read)
+    blocks = _read_windows(source, level, spatial, max_voxels, read)
 
     def measure(sigma: float) -> ObjectScale | None:
         return scale_of_mask([ndimage.gaussian_filter(b, [sigma / s for s in spacing]) > value for b in blocks],

@@ -417,7 +417,7 @@ def classical_spec(input_url: str | ImageSource, *, level: int = 0, diameter: fl
     per image from the global sample (:func:`object_signal`), never per tile."""
     from kernels.objectscale import ObjectScale
     from kernels.segment import SIGMA_PER_DIAMETER
-    from pipeline.engine.stats import estimate_object_scale, smoothed_threshold, window_values
+    from pipeline.engine.stats import estimate_object_scale, smoothed_threshold, window_blocks
 
     if diameter is not None and not (math.isfinite(diameter) and diameter > 0):
         raise OptionError(f"--diameter must be a positive length in the image's units, got {diameter}.")
@@ -426,7 +426,8 @@ def classical_spec(input_url: str | ImageSource, *, level: int = 0, diameter: fl
     image_layout(source)  # refuses axes in an order the engine cannot tile
     scale = list(source.spatial_scale(level))
     norm = Normalisation.of(source)
-    sample = window_values(source, level=level)  # full resolution: the objects must be in it
+    blocks = window_blocks(source, level=level)  # full resolution: the objects must be in it
+    sample = np.concatenate([b.reshape(b.shape[0], -1) for b in blocks], axis=1)
     signal = object_signal(source, norm, sample, polarity=polarity, stain=stain)
     if threshold is None:
         value = otsu_gap(signal(sample, norm))
@@ -443,7 +444,7 @@ def classical_spec(input_url: str | ImageSource, *, level: int = 0, diameter: fl
         found = replace(found, unit=source.spatial_unit)
         log.info("object diameter %s", found.describe())
         if threshold is None:  # Otsu again, on what the kernel thresholds: the signal smoothed by its sigma
-            value = smoothed_threshold(source, level=level, signal=signal, scaling=norm,
+            value = smoothed_threshold(blocks, scale, signal=signal, scaling=norm,
                                        sigma=sigma if sigma is not None else SIGMA_PER_DIAMETER * found.diameter)
     return KernelSpec.of("segment-classical", threshold=round(value, 6), scale=scale,
                          diameter=round(found.diameter, 6) if found else None,
@@ -457,7 +458,7 @@ def classical_spec(input_url: str | ImageSource, *, level: int = 0, diameter: fl
 def object_signal(source: ImageSource, norm: Normalisation, sample: np.ndarray, *, polarity: str = "auto",
                   stain: str = "auto") -> ObjectSignal:
     """What an object looks like in this image, decided once from a ``sample`` at full
-    resolution (``(C, n)`` input units, :func:`~pipeline.engine.stats.window_values`). ``auto`` polarity: ``dark`` when the channel mean's distribution
+    resolution (``(C, n)`` input units, the values of :func:`~pipeline.engine.stats.window_blocks`). ``auto`` polarity: ``dark`` when the channel mean's distribution
     has its long tail on the dark side (negative skewness: a bright background, glass or
     stroma, with dark nuclei; brightfield), else ``bright`` (fluorescence: a dark background
     with a long bright tail). Chosen on the project's samples: skewness -1.2 on the synthetic
