@@ -188,11 +188,7 @@ def part_scale(work: Path, factors: tuple[float, ...], steps: int) -> list[dict]
         model3d = str(work / "scale-unet3d")
         train_segment(top, model3d, labels="nuclei", patch=(8, 32, 32), steps=steps, batch=8, depth=2, width=16,
                       progress=False, overwrite=True)
-        data_sets = (("dsb2018", "yx", (128, 128), np.ascontiguousarray(image[:, half:]),
-                      relabel_sequential(labels[:, half:])[0], model),
-                     ("nuclei3d", "zyx", (32, 64, 64), np.ascontiguousarray(vol[mid + 1:]),
-                      relabel_sequential(vol_labels[mid + 1:])[0], model3d))
-        for data, axes, tile, image, labels, unet in data_sets:
+        for data, axes, tile, image, labels, unet in scale_sets(work):
             for factor in factors:
                 img = ndimage.zoom(image.astype(np.float32), factor, order=1)
                 truth = ndimage.zoom(labels, factor, order=0)
@@ -245,6 +241,76 @@ def tuning_sets() -> list[tuple]:
     return sets
 
 
+def scale_sets(work: Path) -> list[tuple]:
+    """The reported halves of the scale part, each as (name, axes, tile, image, labels, U-Net
+    trained on the other half in ``work``): DSB-2018's right half, the 3D sample's lower half
+    (its middle slice left out)."""
+    from skimage.segmentation import relabel_sequential
+
+    from pipeline.data.fetch import load_sample_arrays
+
+    image, labels, _ = load_sample_arrays("dsb2018")
+    vol, vol_labels, _ = load_sample_arrays("nuclei3d")
+    half, mid = image.shape[1] // 2, vol.shape[0] // 2
+    return [("dsb2018", "yx", (128, 128), np.ascontiguousarray(image[:, half:]),
+             relabel_sequential(labels[:, half:])[0], str(work / "scale-unet")),
+            ("nuclei3d", "zyx", (32, 64, 64), np.ascontiguousarray(vol[mid + 1:]),
+             relabel_sequential(vol_labels[mid + 1:])[0], str(work / "scale-unet3d"))]
+
+
+def part_scale_diagnosis(work: Path, factors: tuple[float, ...]) -> list[dict]:
+    """Why a U-Net row of the scale part falls short, on the stores and models the scale part
+    left in ``work`` (run it first with the same ``--workdir``). Per data and factor:
+
+    - ``zoom from the training labels``: the U-Net resampled by the zoom the card's *measured*
+      training diameter implies (labels, not the estimate on the training image that
+      ``model_zoom`` compares like with like) against this image's estimate;
+    - ``x1 labels on this grid``: the U-Net's own labels at x1 (at its training scale) brought to
+      this factor's grid (nearest neighbour), scored against this grid's truth: what rasterising
+      the objects at this factor costs a segmentation that was as good as at x1.
+    Diagnosis only: nothing is chosen from it."""
+    from distributed import Client, LocalCluster
+    from scipy import ndimage
+
+    from kernels.metrics import summary
+    from kernels.modelfile import read_card
+    from pipeline.engine.stats import estimate_object_scale
+    from pipeline.io import open_image
+    from pipeline.steps.segment import model_spec, model_zoom, segment_labels
+
+    rows = []
+    with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0", silence_logs=40) as cluster, \
+            Client(cluster) as client:
+        for data, _axes, tile, image, labels, unet in scale_sets(work):
+            def run(url: str, zoom: float, out: str) -> np.ndarray:
+                res = segment_labels(url, str(work / out), model_spec(unet, zoom=zoom), client, tile_shape=tile,
+                                     progress=False, table=False, image="link", overwrite=True)
+                return open_image(res.labels).read((slice(None),) * image.ndim)
+
+            x1 = run(str(work / f"{data}-1.0.ome.zarr"), model_zoom(str(work / f"{data}-1.0.ome.zarr"), unet)[0],
+                     f"diag-{data}-x1.ome.zarr")
+            trained = read_card(unet).training["object_scale"]
+            for factor in factors:
+                url = str(work / f"{data}-{factor}.ome.zarr")
+                if not Path(url).exists():
+                    raise SystemExit(f"{url} is missing: run --parts scale with this --workdir first")
+                truth = ndimage.zoom(labels, factor, order=0)
+                est_zoom, _ = model_zoom(url, unet)
+                here = estimate_object_scale(open_image(url)).diameter  # px: the stores' pixel is 1
+                label_zoom = round(trained["labels"]["diameter"] / trained["image"]["pixel"] / here, 3)
+                by_labels = run(url, label_zoom, f"diag-{data}-{factor}.ome.zarr")
+                on_grid = ndimage.zoom(x1, factor, order=0)
+                for method, pred, zoom in (("U-Net, zoom from the training labels", by_labels, label_zoom),
+                                           ("U-Net x1 labels on this grid", on_grid, None)):
+                    sc = summary(truth, pred)["0.50"]
+                    rows.append({"data": data, "factor": factor, "method": method, "acc50": sc["accuracy"],
+                                 "f1": sc["f1"], "zoom": zoom, "zoom_from_estimates": est_zoom,
+                                 "training_diameter_labels": trained["labels"]["diameter"],
+                                 "training_diameter_estimated": trained["image"]["diameter"]})
+                    print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def part_classical_tuning(work: Path, factors: tuple[float, ...]) -> dict:
     """accuracy@0.5 of the classical kernel with the estimated scale on :func:`tuning_sets` at
     each factor, through the engine: what a change to its rules is judged on before the
@@ -254,6 +320,7 @@ def part_classical_tuning(work: Path, factors: tuple[float, ...]) -> dict:
     from skimage.segmentation import relabel_sequential
 
     from kernels.metrics import summary
+    from kernels.objectscale import scale_of_labels
     from pipeline.io import open_image
     from pipeline.steps.segment import classical_spec, segment_labels
 
@@ -273,7 +340,8 @@ def part_classical_tuning(work: Path, factors: tuple[float, ...]) -> dict:
                                      progress=False, table=False, image="link", overwrite=True)
                 sc = summary(truth, open_image(res.labels).read((slice(None),) * img.ndim))["0.50"]
                 rows.append({"data": name, "factor": factor, "acc50": sc["accuracy"], "f1": sc["f1"],
-                             "threshold": spec.params["threshold"], "estimated_diameter": spec.params["diameter"]})
+                             "threshold": spec.params["threshold"], "estimated_diameter": spec.params["diameter"],
+                             "true_diameter": scale_of_labels(truth, (1.0,) * img.ndim).diameter})
                 print(json.dumps(rows[-1]), flush=True)
     return {"rows": rows, "mean_acc50": float(np.mean([r["acc50"] for r in rows]))}
 
@@ -433,6 +501,8 @@ def main(argv: list[str] | None = None) -> int:
                                               args.scale_steps)
             result["scale_spread"] = scale_spread(result["scale_rows"])
             result["scale_goal"] = "no rescaling factor below 0.9 x the best accuracy@0.5 of that method"
+        if "scale_diagnosis" in parts:
+            result["scale_diagnosis"] = part_scale_diagnosis(work, tuple(float(f) for f in args.factors.split(",")))
         if "classical_tuning" in parts:
             result["classical_tuning"] = part_classical_tuning(work, tuple(float(f) for f in args.factors.split(",")))
         if "stitch" in parts:
