@@ -530,7 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--model: run at the image's own scale even when its objects differ in size from the "
                         "model's training objects (a warning says by how much)")
     g.add_argument("--sigma", type=float, help="smoothing (default 0.1 diameter)")
-    g.add_argument("--min-distance", type=float, help="closest two object centres (default 0.5 diameter)")
+    g.add_argument("--min-distance", type=float, help="closest two object centres (default 0.3 diameter)")
     g.add_argument("--min-size", type=int,
                    help="smallest object in voxels (default 5%% of a ball one diameter across; U-Net: 12); "
                         "also for --model")

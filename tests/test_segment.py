@@ -176,6 +176,61 @@ def test_the_card_records_the_training_objects_and_finds_the_zoom_for_other_imag
     assert model_zoom(big, unet_model[0], diameter=seen["image"]["diameter"]) == (1.0, None)  # --diameter wins
 
 
+def test_a_given_diameter_is_compared_with_the_training_labels_measure(annotated, unet_model, tmp_path):
+    """--diameter is a measure, so the zoom compares it with the labels' measure of the training
+    objects, not with the estimate on the training image (which may be off: it was +39 % on a
+    crowded 3D sample); without it the two estimates are compared."""
+    from pipeline.steps.segment import model_zoom
+
+    path, image, labels = annotated
+    seen = unet_model[1].training["object_scale"]
+    measured, estimated = seen["labels"]["diameter"], seen["image"]["diameter"]
+    assert measured != estimated
+    big, _ = _rescaled(tmp_path, "big", image, labels, 3)
+    zoom, _ = model_zoom(big, unet_model[0], diameter=3 * measured)
+    assert zoom == round(1 / 3, 3)
+    zoom, _ = model_zoom(big, unet_model[0], diameter=3 * estimated)
+    assert zoom == round(measured / (3 * estimated), 3) != round(1 / 3, 3)
+
+
+def test_an_estimate_far_from_the_training_labels_is_a_one_line_warning(annotated, client, tmp_path, caplog):
+    """Training records the labels' measure and the image's estimate; where they differ by more
+    than the estimates' own error the user is told once, in one line naming the remedy."""
+    import logging
+
+    from kernels.objectscale import estimate_error
+    from pipeline.engine.pyramid import finalize_image
+    from pipeline.steps.train import training_object_scale
+
+    assert estimate_error(10.0, 12.0) is None and estimate_error(10.0, None) is None
+    assert estimate_error(10.0, 13.9) == pytest.approx(0.39)
+    assert estimate_error(10.0, 7.0) == pytest.approx(-0.3)
+    path, image, labels = annotated
+    url = str(tmp_path / "small.ome.zarr")
+    sink = create_image(url, shape=image.shape, dtype=np.uint16, axes=default_axes("yx"), chunks=(16, 16), n_levels=1)
+    sink.write((slice(None), slice(None)), image)
+    # the same objects, labelled as discs of radius 3 px about their centres: a measure ~2x smaller
+    yy, xx = np.indices(labels.shape)
+    small = np.zeros_like(labels)
+    for i in range(1, labels.max() + 1):
+        cy, cx = np.argwhere(labels == i).mean(axis=0)
+        small[((yy - cy) ** 2 + (xx - cx) ** 2 <= 9) & (labels == i)] = i
+    for name, lab in (("truth", labels), ("small", small)):
+        sink_l = create_labels(sink, name, n_labels=int(labels.max()))
+        sink_l.write((slice(None), slice(None)), lab)
+        finalize_image(sink_l, client, labels=True, progress=False)
+    source = open_image(url)
+    with caplog.at_level(logging.WARNING, logger="pipeline.steps.train"):
+        training_object_scale(source, source.label("truth"), 0)
+    assert not caplog.records
+    with caplog.at_level(logging.WARNING, logger="pipeline.steps.train"):
+        found = training_object_scale(source, source.label("small"), 0)
+    (record,) = caplog.records
+    message = record.getMessage()
+    assert "--diameter" in message and "\n" not in message and "labels measure" in message
+    assert found["image"]["diameter"] > 1.5 * found["labels"]["diameter"]
+
+
 @pytest.mark.parametrize("factor", [0.5, 2.0])
 def test_unet_at_its_training_scale_keeps_its_accuracy_and_tiles_agree(annotated, unet_model, client, tmp_path,
                                                                        factor):

@@ -523,14 +523,18 @@ MAX_ZOOM = 8.0  # an estimate this far from the training objects is more likely 
 def model_zoom(input_url: str | ImageSource, model_dir: str, *, level: int = 0, diameter: float | None = None,
                storage_options: dict | None = None) -> tuple[float, str | None]:
     """``(zoom, note)``: how much to resample an image so its objects are as many pixels across
-    as the model's training objects (both estimated the same way, or ``diameter`` given in the
-    image's physical units), and one line saying so; ``(1.0, None)`` when they already match or
-    the model's card has no record of its training objects."""
+    as the model's training objects, and one line saying so; ``(1.0, None)`` when they already
+    match or the model's card has no record of its training objects.
+
+    Like is compared with like: this image's estimate with the estimate on the training image
+    (the estimator's bias on similar images cancels), or a ``diameter`` given in the image's
+    physical units (a measure) with the training labels' measure."""
     from kernels.modelfile import read_card
-    from kernels.objectscale import ObjectScale
+    from kernels.objectscale import ObjectScale, estimate_error
     from pipeline.engine.stats import estimate_object_scale
 
-    seen = (read_card(model_dir).training.get("object_scale") or {}).get("image")
+    objects = read_card(model_dir).training.get("object_scale") or {}
+    seen, measured = objects.get("image"), (objects.get("labels") or {}).get("diameter")
     if not seen or "pixel" not in seen:
         return 1.0, None
     source = as_source(input_url, storage_options)
@@ -540,7 +544,8 @@ def model_zoom(input_url: str | ImageSource, model_dir: str, *, level: int = 0, 
     if found is None:
         return 1.0, (f"'{input_url}': no objects above the threshold to compare with the model's training "
                      "objects; running at the image's own scale (set --diameter)")
-    here, trained = found.diameter / pixel, seen["diameter"] / seen["pixel"]
+    here = found.diameter / pixel
+    trained = (measured if diameter is not None and measured else seen["diameter"]) / seen["pixel"]
     zoom = trained / here
     if 1 / RESCALE_TOLERANCE <= zoom <= RESCALE_TOLERANCE:
         return 1.0, None
@@ -548,8 +553,13 @@ def model_zoom(input_url: str | ImageSource, model_dir: str, *, level: int = 0, 
         return 1.0, (f"'{input_url}': objects estimated {here:.3g} px across against {trained:.3g} px in the "
                      f"model's training, a factor past {MAX_ZOOM:g}: not trusted, running at the image's own scale "
                      "(set --diameter)")
-    return round(zoom, 3), (f"objects are about {here:.3g} px across here and {trained:.3g} px in the model's "
-                            f"training: tiles are resampled x{zoom:.3g} to the model's scale")
+    note = (f"objects are about {here:.3g} px across here and {trained:.3g} px in the model's training: tiles are "
+            f"resampled x{zoom:.3g} to the model's scale")
+    off = estimate_error(measured, seen["diameter"])
+    if off is not None and diameter is None:  # the estimates compared, and the training one was off
+        note += (f" (the estimate on the training image was {100 * off:+.0f} % off its labels: if objects come out "
+                 "too large or too small, give --diameter)")
+    return round(zoom, 3), note
 
 
 def _finish_stitched_rows(run: SegmentRun, spec: TableSpec) -> None:
