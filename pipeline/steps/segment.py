@@ -29,6 +29,7 @@ import numpy as np
 
 from kernels import KernelSpec
 from kernels.brightfield import ObjectSignal, otsu_gap, without_fill
+from kernels.objectscale import ESTIMATE_TOLERANCE
 from pipeline.core.errors import OptionError, OutputExistsError
 from pipeline.engine.manifest import RunLock, RunManifest, check_compatible
 from pipeline.engine.maps import MapSinks
@@ -516,7 +517,7 @@ def model_spec(model_dir: str, min_size: int | None = None, *, zoom: float = 1.0
     return spec
 
 
-RESCALE_TOLERANCE = 1.25  # within 25 % (about the estimates' own error) a model runs as is: resampling has a cost
+RESCALE_TOLERANCE = ESTIMATE_TOLERANCE  # within the estimates' own error a model runs as is: resampling has a cost
 MAX_ZOOM = 8.0  # an estimate this far from the training objects is more likely wrong than right
 
 
