@@ -178,17 +178,17 @@ def part_scale(work: Path, factors: tuple[float, ...], steps: int) -> list[dict]
         half = image.shape[1] // 2
         left = _store(str(work / "scale-left.ome.zarr"), np.ascontiguousarray(image[:, :half]), "yx", (128, 128),
                       relabel_sequential(labels[:, :half])[0].astype(np.uint32), client)
-        model = str(work / "scale-unet")
+        sets = scale_sets(work)  # the reported halves, and where their U-Nets are kept
+        model, model3d = sets[0][5], sets[1][5]
         train_segment(left, model, labels="nuclei", patch=(64, 64), steps=steps, batch=16, depth=3, width=16,
                       progress=False, overwrite=True)
         vol, vol_labels, _ = load_sample_arrays("nuclei3d")
         mid = vol.shape[0] // 2
         top = _store(str(work / "scale-top.ome.zarr"), np.ascontiguousarray(vol[:mid]), "zyx", (16, 64, 64),
                      relabel_sequential(vol_labels[:mid])[0].astype(np.uint32), client)
-        model3d = str(work / "scale-unet3d")
         train_segment(top, model3d, labels="nuclei", patch=(8, 32, 32), steps=steps, batch=8, depth=2, width=16,
                       progress=False, overwrite=True)
-        for data, axes, tile, image, labels, unet in scale_sets(work):
+        for data, axes, tile, image, labels, unet in sets:
             for factor in factors:
                 img = ndimage.zoom(image.astype(np.float32), factor, order=1)
                 truth = ndimage.zoom(labels, factor, order=0)
