@@ -29,7 +29,7 @@ import numpy as np
 
 from kernels import KernelSpec
 from kernels.brightfield import ObjectSignal, otsu_gap, without_fill
-from kernels.objectscale import ESTIMATE_TOLERANCE
+from kernels.objectscale import ESTIMATE_TOLERANCE, ObjectScale, bimodal_sizes, estimate_error
 from pipeline.core.errors import OptionError, OutputExistsError
 from pipeline.engine.manifest import RunLock, RunManifest, check_compatible
 from pipeline.engine.maps import MapSinks
@@ -223,7 +223,6 @@ def segment_labels(input_url: str | ImageSource, output_url: str, kernel: Kernel
 def size_warnings(run: SegmentRun, summary: SegmentSummary) -> list[str]:
     """One line each for what a user should look at before trusting the labels: no objects at
     all, or object sizes in two groups far apart (fragments of split objects)."""
-    from kernels.objectscale import bimodal_sizes
     from pipeline.io.tables import sample_column
 
     if summary.objects == 0:
@@ -416,7 +415,6 @@ def classical_spec(input_url: str | ImageSource, *, level: int = 0, diameter: fl
     ``polarity`` (``bright``, ``dark``, ``auto``) and ``stain`` (``none``, ``hematoxylin``,
     ``auto``) say what an object looks like (:mod:`kernels.brightfield`); ``auto`` decides once
     per image from the global sample (:func:`object_signal`), never per tile."""
-    from kernels.objectscale import ObjectScale
     from kernels.segment import SIGMA_PER_DIAMETER
     from pipeline.engine.stats import estimate_object_scale, smoothed_threshold, window_blocks
 
@@ -531,7 +529,6 @@ def model_zoom(input_url: str | ImageSource, model_dir: str, *, level: int = 0, 
     (the estimator's bias on similar images cancels), or a ``diameter`` given in the image's
     physical units (a measure) with the training labels' measure."""
     from kernels.modelfile import read_card
-    from kernels.objectscale import ObjectScale, estimate_error
     from pipeline.engine.stats import estimate_object_scale
 
     objects = read_card(model_dir).training.get("object_scale") or {}
