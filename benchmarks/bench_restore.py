@@ -7,11 +7,13 @@ self-supervised training, and what attribution costs (``benchmarks/results/resto
 ``single``: scikit-image's astronaut (as grey), coins and moon, 0..255, Gaussian noise sigma 25
 (seed 0, not clipped). Each row is the default ``tilewise train denoise`` (N2V2) then
 ``tilewise denoise`` through the engine (test-time augmentation ``auto``: on for images this
-small), the same model without augmentation, non-local means at its best ``h`` (oracle-tuned
+small) with the posterior step (``kernels.posterior``: the noisy pixel blended back in), the same
+model without augmentation, and with augmentation but without the posterior step, non-local means at its best ``h`` (oracle-tuned
 against the clean image: fast mode over h/sigma 0.3..1.4, the slow mode at three h around the
 best values found in development) and BM3D (the ``bm3d`` package, true sigma) where it installs.
-The training defaults were chosen on astronaut (``kernels.denoise.TrainConfig``); coins and
-moon were not used to choose them.
+The training defaults were chosen on astronaut (``kernels.denoise.TrainConfig``), the posterior
+step on scikit-image's camera (``--images camera --results restore_tuning``); coins and moon
+were used to choose neither.
 ``ensemble``: the MC-dropout model (``--uncertainty mc-dropout``: dropout in every block, kept
 at inference, 20 passes averaged) on the same images: its PSNR and its cost.
 ``pairs``: the real DSB-2018 nuclei image and the synthetic light-sheet volume (its clean
@@ -105,9 +107,10 @@ def bm3d_row(noisy: np.ndarray, clean: np.ndarray) -> dict | None:
 
 def learned(noisy_url: str, clean: np.ndarray, data_range: float, work: Path, client, name: str, *,
             method: str = "n2v2", target: str | None = None, steps: int | None = None, patch=None,
-            uncertainty: str | None = None, ttas=("auto",)) -> dict:
+            uncertainty: str | None = None, ttas=("auto",), posterior_off: bool = False) -> dict:
     """Train with the library's defaults (``steps``/``patch`` only where given), denoise through
-    the engine once per ``tta`` setting; PSNR / SSIM against ``clean``."""
+    the engine once per ``tta`` setting (``posterior_off``: and once more with ``tta`` auto and
+    the posterior step off); PSNR / SSIM against ``clean``."""
     from pipeline.steps.denoise import denoise
     from pipeline.steps.train import train_denoise
 
@@ -118,12 +121,13 @@ def learned(noisy_url: str, clean: np.ndarray, data_range: float, work: Path, cl
     card = train_denoise(noisy_url, model, method=method, overwrite=True, progress=False, device="cpu", **extra)
     row = {"method": method, "train_s": time.perf_counter() - t0, "steps_run": card.training["history"][-1]["step"],
            "width": card.architecture["width"], "validation_loss": card.validation_loss}
-    for tta in ttas:
-        out = str(work / f"out-{name}-{tta}.ome.zarr")
+    for tta, posterior in [(tta, True) for tta in ttas] + ([("auto", False)] if posterior_off else []):
+        out = str(work / f"out-{name}-{tta}-{posterior}.ome.zarr")
         t0 = time.perf_counter()
-        summary, _ = denoise(noisy_url, out, model, client, progress=False, overwrite=True, tta=tta)
+        summary, _ = denoise(noisy_url, out, model, client, progress=False, overwrite=True, tta=tta,
+                             posterior=posterior)
         result = read(out)
-        key = "" if tta == "auto" else f"_tta_{tta}"
+        key = ("" if tta == "auto" else f"_tta_{tta}") + ("" if posterior else "_posterior_off")
         row.update({f"psnr{key}": psnr(result, clean, data_range), f"ssim{key}": ssim(result, clean, data_range),
                     f"inference_s{key}": time.perf_counter() - t0})
     row["total_s"] = row["train_s"] + row["inference_s"]
@@ -142,7 +146,7 @@ def single(names, work: Path, client, results: dict) -> None:
     for name in names:
         clean, noisy, url = noisy_single(name, work)
         row = {"dataset": name, "shape": list(clean.shape), "noisy": psnr(noisy, clean, 255.0)}
-        row["n2v2"] = learned(url, clean, 255.0, work, client, name, ttas=("auto", "off"))
+        row["n2v2"] = learned(url, clean, 255.0, work, client, name, ttas=("auto", "off"), posterior_off=True)
         row.update(nl_means(noisy, clean, name))
         row["bm3d"] = bm3d_row(noisy, clean)
         row["n2v2_minus_nl_means_db"] = row["n2v2"]["psnr"] - row["nl_means_best"]["psnr"]

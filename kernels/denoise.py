@@ -20,11 +20,12 @@ from typing import Any, Callable, Literal
 
 import numpy as np
 
+from kernels import posterior
 from kernels.contract import BatchContext, Scaling
 from kernels.masking import augment, grid_mask, n2v_mask
 from kernels.modelfile import UNetModelKernel
 from kernels.training import TrainResult, train_ensemble
-from kernels.unet import UNetConfig
+from kernels.unet import ReceptiveField, UNetConfig, receptive_field
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +189,36 @@ def _train_one(sample: PatchSampler, validation: np.ndarray, cfg: TrainConfig, d
     return TrainResult(result.state_dict, net_cfg, result.best_val_loss, result.history, result.seconds, device)
 
 
+def fit_posterior(result: TrainResult, patches: np.ndarray, *, method: Method, batch: int = 8
+                  ) -> dict[str, Any] | None:
+    """The posterior step's weights (``kernels.posterior``) for a trained blind-spot denoiser,
+    fitted on noisy ``patches`` of its image (normalised, ``(N, C, *patch)``), once for
+    plain inference and once for test-time augmentation (its prediction is better, so it
+    needs less of the noisy pixel). None for supervised methods (their network already sees
+    the pixel) and for uncertainty models (their output is a mean over networks)."""
+    import torch
+
+    from kernels.unet import UNet
+
+    if method not in SELF_SUPERVISED or not len(patches):
+        return None
+    net = UNet(result.config)
+    net.load_state_dict(result.state_dict)
+    net.eval()
+    val = np.asarray(patches, np.float32)
+    out: dict[str, Any] = {"method": "sure-linear", "window": posterior.WINDOW}
+    for mode, tta in (("plain", False), ("tta", True)):
+        def predict(inputs: np.ndarray, tta: bool = tta) -> np.ndarray:
+            with torch.inference_mode():
+                return np.concatenate([net.forward_padded(torch.from_numpy(inputs[i:i + batch]), tta=tta).numpy()
+                                       for i in range(0, len(inputs), batch)])
+
+        mu, divergence = posterior.divergence_probe(predict, val)
+        fits = [posterior.fit_channel(val[:, c], mu[:, c], divergence[:, c]) for c in range(val.shape[1])]
+        out[mode] = {key: [f[key] for f in fits] for key in fits[0]}
+    return out
+
+
 class DenoiseKernel(UNetModelKernel):
     """A trained denoiser from a model folder (see ``kernels.modelfile``); keyed by its hash.
 
@@ -205,10 +236,19 @@ class DenoiseKernel(UNetModelKernel):
     class Params(UNetModelKernel.Params):
         # test-time augmentation: the mean over the 8 flips / rotations of the last two axes (8x the cost)
         tta: bool = False
+        # blind-spot models: blend the noisy pixel back in (``kernels.posterior``) when the card has weights
+        posterior: bool = True
 
     def __init__(self, params: Params):
         super().__init__(params)
         self.tta = params.tta
+        tables = self.card.posterior if params.posterior and self.uncertainty is None else None
+        self.posterior_table = tables["tta" if self.tta else "plain"] if tables else None
+        if self.posterior_table is not None:  # the step reads a window of the prediction around each pixel
+            rf = receptive_field(self.config)
+            grown = ReceptiveField(tuple(n + posterior.RADIUS for n in rf.low),
+                                   tuple(n + posterior.RADIUS for n in rf.high), rf.factor)
+            self.traits = replace(self.traits, halo=grown.halo)
         if self.uncertainty is not None:
             c = self.config.out_channels
             maps = ("variance",) if c == 1 else tuple(f"variance_{k}" for k in range(c))
@@ -217,6 +257,8 @@ class DenoiseKernel(UNetModelKernel):
     def with_maps(self, batch: np.ndarray, context: BatchContext) -> tuple[np.ndarray, np.ndarray | None]:
         if self.uncertainty is None:
             mean, var = self.predict(batch), None
+            if self.posterior_table is not None:
+                mean = np.stack([posterior.apply(block, pred, self.posterior_table) for block, pred in zip(batch, mean)])
         elif self.uncertainty.method == "adf":
             mean, var = self.predict_moments(batch)
         else:

@@ -43,6 +43,8 @@ class ModelCard(BaseModel):
     validation_loss: float | None = None
     # predictive uncertainty (``kernels.uncertainty.UncertaintyConfig``); None: a deterministic model
     uncertainty: dict[str, Any] | None = None
+    # blind-spot denoisers: the weights that blend the noisy pixel back in (``kernels.posterior``)
+    posterior: dict[str, Any] | None = None
     code_version: str = ""
     weights_sha256: str = ""
 

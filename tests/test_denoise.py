@@ -10,7 +10,7 @@ import pytest
 
 from kernels.denoise import DenoiseKernel, TrainConfig, mask_batch, train_denoiser
 from kernels.masking import grid_mask, n2v_mask, stratified_coords
-from kernels.modelfile import ModelCard, ModelFileError, load_model, save_model
+from kernels.modelfile import ModelCard, ModelFileError, load_model, read_card, save_model
 from pipeline.cli import main
 from pipeline.io import create_image, default_axes, open_image
 
@@ -153,6 +153,60 @@ def test_tiled_denoising_equals_whole_image_denoising(tmp_path, client, tiny_mod
     assert np.abs(c - a).max() > 1e-4 * np.abs(b).max()  # the augmentation changed the output (10x the tolerance)
 
 
+@pytest.mark.parametrize("ndim, shape, chunks, pool", [(2, (75, 61), (10, 12), ()),
+                                                       (3, (11, 45, 38), (4, 16, 16), (1, 2, 2))])
+def test_tiled_posterior_equals_untiled_and_changes_the_output(tmp_path, client, ndim, shape, chunks, pool):
+    """Weights made up here, spread over the quartiles of the model's local structure so that
+    they vary pixel by pixel (the tiny models' output is too flat for that: float rounding
+    would decide the weights); the model trains briefly on smooth blobs so its output has
+    structure."""
+    from kernels import posterior
+    from pipeline.steps.denoise import denoise
+
+    clean, noisy = _noisy_blobs(shape)
+    patch = (4, 16, 16) if ndim == 3 else (16, 16)
+
+    def sample(n, rng):
+        corner = [rng.integers(0, s - p + 1, size=n) for s, p in zip(shape, patch)]
+        return np.stack([noisy[None][(slice(None),) + tuple(slice(c[k], c[k] + p) for c, p in zip(corner, patch))]
+                         for k in range(n)])
+
+    cfg = TrainConfig(method="n2v2", patch=patch, batch=4, steps=30, val_every=30, width=8, pool=pool, lr=3e-3)
+    result = train_denoiser(sample, sample(4, np.random.default_rng(1)), cfg, progress=False, device="cpu")
+    card = ModelCard(task="denoise", method="n2v2", architecture=result.config.to_dict(),
+                     normalisation={"low": [0.0], "high": [1.0]}, validation_loss=result.best_val_loss)
+    save_model(tmp_path / "m", result.state_dict, card)
+    data = (noisy * 1000 + 500).clip(0, 3000).astype(np.uint16)
+    kernel = DenoiseKernel(DenoiseKernel.Params(model=str(tmp_path / "m")))
+    kernel.load("cpu")
+    lo, hi = np.percentile(data, (1, 99.9))
+    halo = kernel.traits.halo  # the prediction as the engine makes it: a reflected margin, then cropped
+    padded = np.pad((data - lo) / (hi - lo), [(h, h) for h in halo], mode="reflect")
+    feature = posterior.structure(kernel.predict(padded[None, None])[0, 0])[tuple(slice(h, -h) for h in halo)]
+    table = {"centres": [list(np.quantile(feature, (0.1, 0.4, 0.6, 0.9)))], "weights": [[0.0, 0.3, 0.6, 0.9]],
+             "noise": [[0.01, 0.0]], "divergence": [0.0]}
+    model = tmp_path / "with-posterior"
+    save_model(model, result.state_dict, card.model_copy(update={"posterior": {"method": "sure-linear", "window": 5,
+                                                                              "plain": table, "tta": table}}))
+    url = str(tmp_path / "in.ome.zarr")
+    sink = create_image(url, shape=shape, dtype=np.uint16, axes=default_axes("zyx"[-ndim:]), chunks=chunks, n_levels=1)
+    sink.write((slice(None),) * ndim, data)
+    results = {}
+    for name, tile, post in (("t", chunks, True), ("w", shape, True), ("off", shape, False)):
+        denoise(url, str(tmp_path / f"{name}.ome.zarr"), str(model), client, progress=False, tile_shape=tile,
+                posterior=post, tta="off")
+        results[name] = open_image(str(tmp_path / f"{name}.ome.zarr")).read((slice(None),) * ndim)
+    a, b, off = results["t"], results["w"], results["off"]
+    assert np.abs(a - b).max() <= 1e-5 * max(1.0, np.abs(b).max())
+    assert np.abs(b - off).max() > 100 * 1e-5 * np.abs(b).max()
+    run = json.load(open(tmp_path / "t.ome.zarr" / "_tilewise" / "run.json"))
+    from kernels.unet import receptive_field
+
+    rf = receptive_field(kernel.config)
+    assert all(h >= max(lo, hi) + posterior.RADIUS for h, lo, hi in zip(run["halo"][-ndim:], rf.low, rf.high))
+    assert json.load(open(tmp_path / "off.ome.zarr" / "_tilewise" / "run.json"))["kernel_params"]["posterior"] is False
+
+
 def test_residual_guard_flags_structure_but_not_noise(tiny_models):
     kernel = DenoiseKernel(DenoiseKernel.Params(model=str(tiny_models[2])))
     clean, noisy = _noisy_blobs((1, 96, 96))
@@ -172,6 +226,9 @@ def test_cli_train_and_denoise(tmp_path, client, capsys):
     args = ["-q", "train", "denoise", url, model, "--patch", "16,16", "--steps", "4", "--batch", "2", "--width", "4"]
     assert main(args) == 0 and "validation loss" in capsys.readouterr().out
     assert main(args) == 2 and "--overwrite" in capsys.readouterr().err
+    blend = read_card(model).posterior  # the posterior step's weights, fitted on its patches
+    assert set(blend) == {"method", "window", "plain", "tta"}
+    assert all(0 <= w <= 1 for mode in ("plain", "tta") for w in blend[mode]["weights"][0])
     out = str(tmp_path / "out.ome.zarr")
     assert main(["-q", "denoise", url, out, "--model", model, "--workers", "1"]) == 0
     assert "tiles flagged" in capsys.readouterr().out
@@ -252,8 +309,6 @@ def test_care_beats_n2v2_and_noise2noise_approaches_care():
 
 
 def test_cli_trains_care_and_n2n_on_pairs(tmp_path, client, capsys, caplog):
-    from kernels.modelfile import read_card
-
     rng = np.random.default_rng(5)
     clean = rng.poisson(50, size=(64, 48)).astype(np.float32)
     urls = {}
@@ -271,6 +326,7 @@ def test_cli_trains_care_and_n2n_on_pairs(tmp_path, client, capsys, caplog):
         card = read_card(model)
         assert card.method == method and card.training["target"] == urls[target]
         assert not card.architecture["blurpool"] and card.training["target_noise_variance"] >= 0
+        assert card.posterior is None  # the network already sees the pixel: nothing to blend back
         out = str(tmp_path / f"out-{method}.ome.zarr")
         assert main(["-q", "denoise", urls["noisy"], out, "--model", model, "--workers", "1"]) == 0
         assert open_image(out).levels[0].shape == (64, 48)
