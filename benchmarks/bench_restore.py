@@ -3,6 +3,7 @@ self-supervised training, and what attribution costs (``benchmarks/results/resto
 
     python -m benchmarks.bench_restore [--parts single,pairs,attribution,ensemble]
                                        [--images astronaut,coins,moon] [--steps-pairs 1500]
+                                       [--pair-datasets dsb2018,lightsheet] [--pair-methods n2v2,n2s,n2n,care]
 
 ``single``: scikit-image's astronaut (as grey), coins and moon, 0..255, Gaussian noise sigma 25
 (seed 0, not clipped). Each row is the default ``tilewise train denoise`` (N2V2) then
@@ -19,7 +20,8 @@ at inference, 20 passes averaged) on the same images: its PSNR and its cost.
 ``pairs``: the real DSB-2018 nuclei image and the synthetic light-sheet volume (its clean
 image), scaled to 20 photons at the brightest pixel, two independent Poisson realisations plus
 Gaussian read noise (2 % of the peak): N2V2 and N2S train on the first, N2N on (first, second),
-CARE on (first, clean); PSNR / SSIM against the clean image, training seconds.
+CARE on (first, clean); PSNR / SSIM against the clean image, training seconds (N2V2 and N2S:
+also without the posterior step, ``psnr_posterior_off``).
 ``attribution``: seconds per object of integrated gradients, occlusion and Grad-CAM through
 the engine (the DSB CARE model, objects from the classical segmenter), and the largest IG
 completeness error.
@@ -83,7 +85,8 @@ def nl_means(noisy: np.ndarray, clean: np.ndarray, name: str) -> dict:
 
     x, s = noisy / 255.0, SIGMA / 255.0
     rows = {}
-    for fast, grid in ((True, np.round(np.arange(0.3, 1.45, 0.1), 2)), (False, NLM_SLOW_H[name])):
+    slow = NLM_SLOW_H.get(name, (0.8, 0.9, 1.0))  # other images (camera, the tuning image): astronaut's
+    for fast, grid in ((True, np.round(np.arange(0.3, 1.45, 0.1), 2)), (False, slow)):
         t0 = time.perf_counter()
         scores = {float(h): psnr(denoise_nl_means(x, h=h * s, sigma=s, fast_mode=fast) * 255.0, clean, 255.0)
                   for h in grid}
@@ -177,7 +180,8 @@ def pair_images(clean: np.ndarray, peak: float = 20.0):
     return clean, noisy[0], noisy[1]
 
 
-def pairs(work: Path, client, results: dict, steps: int, which: Sequence[str] = ("dsb2018", "lightsheet")) -> None:
+def pairs(work: Path, client, results: dict, steps: int, which: Sequence[str] = ("dsb2018", "lightsheet"),
+          methods: Sequence[str] = ("n2v2", "n2s", "n2n", "care")) -> None:
     from pipeline.data.fetch import load_sample_arrays
     from pipeline.data.synthetic import make_lightsheet
 
@@ -188,15 +192,19 @@ def pairs(work: Path, client, results: dict, steps: int, which: Sequence[str] = 
         ls = str(work / "lightsheet.ome.zarr")
         make_lightsheet(ls, client, shape=(32, 128, 128), seed=0, overwrite=True, progress=False)
         datasets["lightsheet"] = read(ls + "/clean")
-    rows = results["rows"] = [r for r in results.get("rows", []) if r["dataset"] not in datasets]
+    rows = results["rows"] = [r for r in results.get("rows", [])
+                              if r["dataset"] not in datasets or r["method"] not in methods]
     for dataset, base in datasets.items():
         clean, first, second = pair_images(base)
         urls = {k: write(str(work / f"{dataset}-{k}.ome.zarr"), v)
                 for k, v in (("first", first), ("second", second), ("clean", clean))}
         patch = None if base.ndim == 2 else (16, 32, 32)
         for method, target in (("n2v2", None), ("n2s", None), ("n2n", urls["second"]), ("care", urls["clean"])):
+            if method not in methods:
+                continue
             row = learned(urls["first"], clean, float(clean.max()), work, client, f"{dataset}-{method}",
-                          method=method, target=target, steps=steps, patch=patch)
+                          method=method, target=target, steps=steps, patch=patch,
+                          posterior_off=method in ("n2v2", "n2s"))
             rows.append({"dataset": dataset, "shape": list(clean.shape), "noisy_psnr": psnr(first, clean, clean.max()),
                          **row})
             print(dataset, method, round(row["psnr"], 2), round(row["ssim"], 3), f"{row['train_s']:.0f} s", flush=True)
@@ -234,6 +242,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--images", default="astronaut,coins,moon")
     parser.add_argument("--steps-pairs", type=int, default=1500)
     parser.add_argument("--pair-datasets", default="dsb2018,lightsheet", help="pairs part: datasets to (re)measure")
+    parser.add_argument("--pair-methods", default="n2v2,n2s,n2n,care", help="pairs part: methods to (re)measure")
     parser.add_argument("--workdir")
     parser.add_argument("--results", default="restore",
                         help="results name (benchmarks/results/NAME.json); parts run side by side need their own")
@@ -255,7 +264,7 @@ def main(argv=None) -> dict:
         if "single" in parts:
             single(names, work, client, results)
         if "pairs" in parts:
-            pairs(work, client, results, args.steps_pairs, args.pair_datasets.split(","))
+            pairs(work, client, results, args.steps_pairs, args.pair_datasets.split(","), args.pair_methods.split(","))
         if "attribution" in parts:
             attribution(work, client, results)
         if "ensemble" in parts:

@@ -194,8 +194,9 @@ def fit_posterior(result: TrainResult, patches: np.ndarray, *, method: Method, b
     """The posterior step's weights (``kernels.posterior``) for a trained blind-spot denoiser,
     fitted on noisy ``patches`` of its image (normalised, ``(N, C, *patch)``), once for
     plain inference and once for test-time augmentation (its prediction is better, so it
-    needs less of the noisy pixel). None for supervised methods (their network already sees
-    the pixel) and for uncertainty models (their output is a mean over networks)."""
+    needs less of the noisy pixel), on the device it trained on. None for supervised methods
+    (their network already sees the pixel). One network only: the caller leaves out
+    uncertainty models, whose output is a mean over networks."""
     import torch
 
     from kernels.unet import UNet
@@ -204,13 +205,14 @@ def fit_posterior(result: TrainResult, patches: np.ndarray, *, method: Method, b
         return None
     net = UNet(result.config)
     net.load_state_dict(result.state_dict)
-    net.eval()
+    net = net.to(result.device).eval()
     val = np.asarray(patches, np.float32)
     out: dict[str, Any] = {"method": "sure-linear", "window": posterior.WINDOW}
     for mode, tta in (("plain", False), ("tta", True)):
         def predict(inputs: np.ndarray, tta: bool = tta) -> np.ndarray:
             with torch.inference_mode():
-                return np.concatenate([net.forward_padded(torch.from_numpy(inputs[i:i + batch]), tta=tta).numpy()
+                return np.concatenate([net.forward_padded(torch.from_numpy(inputs[i:i + batch]).to(result.device),
+                                                          tta=tta).float().cpu().numpy()
                                        for i in range(0, len(inputs), batch)])
 
         mu, divergence = posterior.divergence_probe(predict, val)

@@ -350,7 +350,8 @@ def posterior_patches(data: TrainingData, seed: int, max_voxels: int = POSTERIOR
     """Patches the posterior step's weights are fitted on: held-out and training patches
     mixed, because the weights depend on how much structure the image has and the held-out
     blocks alone can be all background (camera's were: after 300 steps every weight came out
-    below 0.02 there, up to 0.47 on patches from the whole image); at most ``max_voxels`` in all, since the fit runs the network 18 times over them."""
+    below 0.02 there, up to 0.47 on patches from the whole image); at most ``max_voxels`` in
+    all, since the fit runs the network 18 times over them."""
     rng = np.random.default_rng(seed)
     patches = np.concatenate([data.validation, data.pool.sample(2 * len(data.validation), rng)])
     keep = max(1, min(len(patches), max_voxels // int(np.prod(patches.shape[2:]))))

@@ -104,7 +104,8 @@ def denoise(step: Denoise, ctx: Context) -> dict:
     from pipeline.steps.denoise import denoise as run
 
     summary, report = run(ctx.input_url, ctx.output_url, ctx.model_dir(step.model), ctx.client,
-                          ctx.options_for(step), out_dtype=step.dtype, precision=step.precision, tta=step.tta)
+                          ctx.options_for(step), out_dtype=step.dtype, precision=step.precision, tta=step.tta,
+                          posterior=step.posterior)
     return {**_summary(summary), "residual_std_median": report.residual_std_median, "flagged": len(report.flagged)}
 
 
@@ -167,8 +168,8 @@ def denoise_segment(first: Denoise, second: Segment, ctx: Context) -> tuple[dict
     chain = denoise_then_segment(ctx.input_url, ctx.output_url, ctx.model_dir(first.model),
                                  lambda image: segment_spec(step, image, level=0, storage_options=so), ctx.client,
                                  denoise_options=ctx.options_for(first), segment_options=ctx.options_for(second),
-                                 out_dtype=first.dtype, precision=first.precision, tta=first.tta, name=second.name,
-                                 iou=second.iou)
+                                 out_dtype=first.dtype, precision=first.precision, tta=first.tta,
+                                 posterior=first.posterior, name=second.name, iou=second.iou)
     fused = {"fused": chain.fused}
     return ({**_summary(chain.denoise), "residual_std_median": chain.residual.residual_std_median,
              "flagged": len(chain.residual.flagged), **fused, "seconds": chain.seconds["denoise"]},

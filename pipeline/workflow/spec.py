@@ -106,6 +106,7 @@ class Denoise(Step):
     step: Literal["denoise"] = "denoise"
     model: str
     tta: Literal["auto", "on", "off"] = "auto"
+    posterior: bool = True  # N2V2 / Noise2Self: blend the noisy pixel back in (``kernels.posterior``)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     dtype: str = "float32"
 
