@@ -40,9 +40,9 @@ class ResidualReport:
 
 
 # ``tta="auto"`` averages the 8 flips / rotations for inputs up to this many pixels per time
-# point: on a single image it costs seconds and gains 0.06-0.25 dB (sigma 25, benchmarks/results/
-# restore.json: astronaut 28.89 -> 29.14, coins 27.62 -> 27.78, moon 36.25 -> 36.31 dB); on a
-# light-sheet volume it would multiply hours by 8.
+# point: on a single image it costs seconds and gains 0.06-0.18 dB (sigma 25, benchmarks/results/
+# restore.json, with the posterior step: astronaut 29.45 -> 29.63, coins 28.26 -> 28.37, moon
+# 36.36 -> 36.41 dB); on a light-sheet volume it would multiply hours by 8.
 TTA_AUTO_PIXELS = 2**26
 
 
