@@ -25,9 +25,15 @@ def noise_variance(image: np.ndarray) -> np.ndarray:
     """
     out = []
     for channel in np.asarray(image, np.float64):
-        r = channel
-        for axis in range(channel.ndim):
-            r = ndimage.correlate1d(r, SECOND_DIFFERENCE, axis=axis, mode="reflect")
-        inner = r[tuple(slice(1, -1) if n > 2 else slice(None) for n in r.shape)]
-        out.append(float(np.median(inner**2)) / CHI2_1_MEDIAN / 6.0**channel.ndim)
+        inner = tuple(slice(1, -1) if n > 2 else slice(None) for n in channel.shape)
+        out.append(float(np.median(second_difference_variance(channel)[inner])))
     return np.asarray(out)
+
+
+def second_difference_variance(image: np.ndarray) -> np.ndarray:
+    """Per pixel of one channel, the squared second-difference response scaled so that its
+    median over noise-only pixels is the noise variance (:func:`noise_variance` unpooled)."""
+    r = np.asarray(image, np.float64)
+    for axis in range(r.ndim):
+        r = ndimage.correlate1d(r, SECOND_DIFFERENCE, axis=axis, mode="reflect")
+    return r * r / CHI2_1_MEDIAN / 6.0**r.ndim

@@ -71,6 +71,8 @@ def test_noise_line_reads_signal_dependent_noise():
     rng = np.random.default_rng(3)
     photons = 200.0
     noisy = rng.poisson(clean * photons) / photons  # variance clean / photons
-    d2 = posterior.second_difference_variance(noisy)
+    from kernels.noise import second_difference_variance
+
+    d2 = second_difference_variance(noisy)
     offset, slope = posterior.noise_line(d2.ravel(), clean.ravel())
     assert abs(slope - 1 / photons) < 0.3 / photons and abs(offset) < 0.3 * 0.2 / photons
