@@ -49,8 +49,8 @@ def structure(mu: np.ndarray) -> np.ndarray:
     return np.maximum(ndimage.uniform_filter(mu * mu, WINDOW, mode="reflect") - mean * mean, 0.0)
 
 
-def noise_line(d2: np.ndarray, mu: np.ndarray, feature: np.ndarray) -> tuple[float, float]:
-    """``(offset, slope)`` of the noise variance as a line in the predicted intensity ``mu``,
+def noise_line(d2: np.ndarray, mu: np.ndarray, feature: np.ndarray) -> tuple[float, float, float]:
+    """``(offset, slope, floor)`` of the noise variance as a line in the predicted intensity ``mu``,
     from the pixels' ``second_difference_variance`` ``d2`` and local ``structure`` (flattened
     alike): per intensity bin, the median ``d2`` of its less-structured half (edges inflate
     the second difference). The bins halve towards the bright end (the top half of the
@@ -58,7 +58,10 @@ def noise_line(d2: np.ndarray, mu: np.ndarray, feature: np.ndarray) -> tuple[flo
     background, and a line read off the background alone under-estimated the variance of a
     synthetic light-sheet volume's nuclei by 2-4x (0.0033 vs 0.0126 at intensity 0.27). A
     falling line has no physical reading (noise does not fall with signal), so it is replaced
-    by the median over the bins."""
+    by the median over the bins. ``floor``, the least variance a bin measured, bounds the line
+    from below: fitted through bright bins it can cross zero over the background (light-sheet:
+    -0.001 at the background's 0.05, which measures 0.0005), and a variance near zero would
+    hand the blend the whole noisy pixel there."""
     d2, m, f = (np.asarray(a, np.float64).ravel() for a in (d2, mu, feature))
     levels = np.concatenate([1.0 - 0.5 ** np.arange(NOISE_BINS), [1.0]])
     edges = np.unique(np.quantile(m, levels))  # a level most pixels share (background) is one bin
@@ -70,12 +73,13 @@ def noise_line(d2: np.ndarray, mu: np.ndarray, feature: np.ndarray) -> tuple[flo
             flat = f[sel] <= np.median(f[sel])
             centres.append(float(np.median(m[sel][flat])))
             variances.append(float(np.median(d2[sel][flat])))
+    floor = max(min(variances), 1e-12)
     if len(centres) < 2 or np.ptp(centres) == 0:
-        return float(np.median(variances)), 0.0
+        return float(np.median(variances)), 0.0, floor
     slope, offset = np.polyfit(centres, variances, 1)
     if slope < 0:
-        return float(np.median(variances)), 0.0
-    return float(offset), float(slope)
+        return float(np.median(variances)), 0.0, floor
+    return float(offset), float(slope), floor
 
 
 def fit_channel(y: np.ndarray, mu: np.ndarray, divergence: np.ndarray, *, bins: int = BINS) -> dict[str, Any]:
@@ -86,8 +90,7 @@ def fit_channel(y: np.ndarray, mu: np.ndarray, divergence: np.ndarray, *, bins: 
     d2 = np.stack([second_difference_variance(p) for p in y])
     inner = interior(y.shape[1:])
     y, mu, divergence, feature, d2 = (a[(slice(None),) + inner].ravel() for a in (y, mu, divergence, feature, d2))
-    offset, slope = noise_line(d2, mu, feature)
-    floor = max(offset + slope * float(np.quantile(mu, 0.01)), 1e-12)
+    offset, slope, floor = noise_line(d2, mu, feature)
     var = np.maximum(offset + slope * mu, floor)
     residual2 = (y - mu) ** 2
     edges = np.quantile(feature, np.linspace(0, 1, bins + 1))
@@ -100,7 +103,7 @@ def fit_channel(y: np.ndarray, mu: np.ndarray, divergence: np.ndarray, *, bins: 
         w = 1.0 - float((var[sel] * (1.0 - divergence[sel])).sum()) / max(float(residual2[sel].sum()), 1e-30)
         centres.append(float(np.median(feature[sel])))
         weights.append(float(np.clip(w, 0.0, 1.0)))
-    return {"centres": centres, "weights": weights, "noise": [offset, slope],
+    return {"centres": centres, "weights": weights, "noise": [offset, slope, floor],
             "divergence": float(divergence.mean())}
 
 

@@ -184,7 +184,7 @@ def test_tiled_posterior_equals_untiled_and_changes_the_output(tmp_path, client,
     padded = np.pad((data - lo) / (hi - lo), [(h, h) for h in halo], mode="reflect")
     feature = posterior.structure(kernel.predict(padded[None, None])[0, 0])[tuple(slice(h, -h) for h in halo)]
     table = {"centres": [list(np.quantile(feature, (0.1, 0.4, 0.6, 0.9)))], "weights": [[0.0, 0.3, 0.6, 0.9]],
-             "noise": [[0.01, 0.0]], "divergence": [0.0]}
+             "noise": [[0.01, 0.0, 0.01]], "divergence": [0.0]}
     model = tmp_path / "with-posterior"
     save_model(model, result.state_dict, card.model_copy(update={"posterior": {"method": "sure-linear", "window": 5,
                                                                               "plain": table, "tta": table}}))

@@ -74,5 +74,6 @@ def test_noise_line_reads_signal_dependent_noise():
     from kernels.noise import second_difference_variance
 
     d2 = second_difference_variance(noisy)
-    offset, slope = posterior.noise_line(d2, clean, posterior.structure(clean))
+    offset, slope, floor = posterior.noise_line(d2, clean, posterior.structure(clean))
     assert abs(slope - 1 / photons) < 0.3 / photons and abs(offset) < 0.3 * 0.2 / photons
+    assert abs(floor - 0.2 / photons) < 0.3 * 0.2 / photons  # the darkest level's own variance (0.2 / photons)
