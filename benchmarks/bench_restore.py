@@ -9,9 +9,9 @@ self-supervised training, and what attribution costs (``benchmarks/results/resto
 (seed 0, not clipped). Each row is the default ``tilewise train denoise`` (N2V2) then
 ``tilewise denoise`` through the engine (test-time augmentation ``auto``: on for images this
 small) with the posterior step (``kernels.posterior``: the noisy pixel blended back in), the same
-model without augmentation, and with augmentation but without the posterior step, non-local means at its best ``h`` (oracle-tuned
-against the clean image: fast mode over h/sigma 0.3..1.4, the slow mode at three h around the
-best values found in development) and BM3D (the ``bm3d`` package, true sigma) where it installs.
+model without augmentation, and with augmentation but without the posterior step; non-local
+means at its best ``h`` (oracle-tuned against the clean image: fast mode over h/sigma 0.3..1.4,
+the slow mode at three h around the best values found in development) and BM3D (the ``bm3d`` package, true sigma) where it installs.
 The training defaults were chosen on astronaut (``kernels.denoise.TrainConfig``), the posterior
 step on scikit-image's camera (``--images camera --results restore_tuning``); coins and moon
 were used to choose neither.
