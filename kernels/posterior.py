@@ -17,7 +17,7 @@ predicted intensity (Poisson-Gaussian noise, as in Foi et al. 2008), fitted to t
 difference of ``y`` (``kernels.noise``) over the flatter half of each intensity bin.
 
 Chosen on scikit-image's ``camera`` (grey, Gaussian sigma 25, the default N2V2 with TTA, through
-the engine): 28.73 dB without the step, 29.22 with it (``benchmarks/results/restore_tuning.json``);
+the engine): 28.73 dB without the step, 29.20 with it (``benchmarks/results/restore_tuning.json``);
 in-process on the whole image, the same bins with weights fitted against the clean image (an
 oracle) reach 29.25, and a 3-9 pixel window, 4-32 bins, or the spread of the 8 TTA predictions
 as the structure measure all land within 0.07 dB. The weights are fitted once, when training
