@@ -49,6 +49,11 @@ def structure(mu: np.ndarray) -> np.ndarray:
     return np.maximum(ndimage.uniform_filter(mu * mu, WINDOW, mode="reflect") - mean * mean, 0.0)
 
 
+def bin_index(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """The bin of each value between sorted ``edges`` (the last edge closes the last bin)."""
+    return np.clip(np.searchsorted(edges, values, side="right") - 1, 0, max(len(edges) - 2, 0))
+
+
 def noise_line(d2: np.ndarray, mu: np.ndarray, feature: np.ndarray) -> tuple[float, float, float]:
     """``(offset, slope, floor)`` of the noise variance as a line in the predicted intensity ``mu``,
     from the pixels' ``second_difference_variance`` ``d2`` and local ``structure`` (flattened
@@ -65,7 +70,7 @@ def noise_line(d2: np.ndarray, mu: np.ndarray, feature: np.ndarray) -> tuple[flo
     d2, m, f = (np.asarray(a, np.float64).ravel() for a in (d2, mu, feature))
     levels = np.concatenate([1.0 - 0.5 ** np.arange(NOISE_BINS), [1.0]])
     edges = np.unique(np.quantile(m, levels))  # a level most pixels share (background) is one bin
-    which = np.clip(np.searchsorted(edges, m, side="right") - 1, 0, max(len(edges) - 2, 0))
+    which = bin_index(m, edges)
     centres, variances = [], []
     for b in range(max(len(edges) - 1, 1)):
         sel = which == b
@@ -93,8 +98,7 @@ def fit_channel(y: np.ndarray, mu: np.ndarray, divergence: np.ndarray, *, bins: 
     offset, slope, floor = noise_line(d2, mu, feature)
     var = np.maximum(offset + slope * mu, floor)
     residual2 = (y - mu) ** 2
-    edges = np.quantile(feature, np.linspace(0, 1, bins + 1))
-    which = np.clip(np.searchsorted(edges, feature, side="right") - 1, 0, bins - 1)
+    which = bin_index(feature, np.quantile(feature, np.linspace(0, 1, bins + 1)))
     centres, weights = [], []
     for b in range(bins):
         sel = which == b
