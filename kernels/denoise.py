@@ -22,6 +22,7 @@ import numpy as np
 
 from kernels import posterior
 from kernels.contract import BatchContext, Scaling
+from kernels.errors import ModelFileError
 from kernels.masking import augment, grid_mask, n2v_mask
 from kernels.modelfile import UNetModelKernel
 from kernels.training import TrainResult, train_ensemble
@@ -191,10 +192,10 @@ def _train_one(sample: PatchSampler, validation: np.ndarray, cfg: TrainConfig, d
 
 def fit_posterior(result: TrainResult, patches: np.ndarray, *, method: Method, batch: int = 8
                   ) -> dict[str, Any] | None:
-    """The posterior step's weights (``kernels.posterior``) for a trained blind-spot denoiser,
-    fitted on noisy ``patches`` of its image (normalised, ``(N, C, *patch)``), once for
-    plain inference and once for test-time augmentation (its prediction is better, so it
-    needs less of the noisy pixel), on the device it trained on. None for supervised methods
+    """The posterior step's parameters (``kernels.posterior``: the noise line and the centre
+    pixel's leak) for a trained blind-spot denoiser, fitted on noisy ``patches`` of its image
+    (normalised, ``(N, C, *patch)``), once for plain inference and once for test-time
+    augmentation (its prediction differs, and so does its leak), on the device it trained on. None for supervised methods
     (their network already sees the pixel). One network only: the caller leaves out
     uncertainty models, whose output is a mean over networks."""
     import torch
@@ -207,7 +208,7 @@ def fit_posterior(result: TrainResult, patches: np.ndarray, *, method: Method, b
     net.load_state_dict(result.state_dict)
     net = net.to(result.device).eval()
     val = np.asarray(patches, np.float32)
-    out: dict[str, Any] = {"method": "sure-linear", "window": posterior.WINDOW}
+    out: dict[str, Any] = {"method": posterior.METHOD, "sigma_2d": posterior.SIGMA_2D}
     for mode, tta in (("plain", False), ("tta", True)):
         def predict(inputs: np.ndarray, tta: bool = tta) -> np.ndarray:
             with torch.inference_mode():
@@ -245,11 +246,15 @@ class DenoiseKernel(UNetModelKernel):
         super().__init__(params)
         self.tta = params.tta
         tables = self.card.posterior if params.posterior and self.uncertainty is None else None
+        if tables and tables.get("method") != posterior.METHOD:
+            raise ModelFileError(f"The model card's posterior step '{tables.get('method')}' is not the one this "
+                                 f"tilewise applies ('{posterior.METHOD}'): re-train the model, or denoise with "
+                                 "--posterior off.")
         self.posterior_table = tables["tta" if self.tta else "plain"] if tables else None
+        self.posterior_sigma = float(tables["sigma_2d"]) if tables else posterior.SIGMA_2D
         if self.posterior_table is not None:  # the step reads a window of the prediction around each pixel
-            rf = receptive_field(self.config)
-            grown = ReceptiveField(tuple(n + posterior.RADIUS for n in rf.low),
-                                   tuple(n + posterior.RADIUS for n in rf.high), rf.factor)
+            rf, extra = receptive_field(self.config), posterior.radius(self.config.ndim, self.posterior_sigma)
+            grown = ReceptiveField(tuple(n + extra for n in rf.low), tuple(n + extra for n in rf.high), rf.factor)
             self.traits = replace(self.traits, halo=grown.halo)
         if self.uncertainty is not None:
             c = self.config.out_channels
@@ -260,7 +265,8 @@ class DenoiseKernel(UNetModelKernel):
         if self.uncertainty is None:
             mean, var = self.predict(batch), None
             if self.posterior_table is not None:
-                mean = np.stack([posterior.apply(block, pred, self.posterior_table) for block, pred in zip(batch, mean)])
+                mean = np.stack([posterior.apply(block, pred, self.posterior_table, sigma_2d=self.posterior_sigma)
+                                 for block, pred in zip(batch, mean)])
         elif self.uncertainty.method == "adf":
             mean, var = self.predict_moments(batch)
         else:

@@ -4,26 +4,31 @@ A blind-spot network predicts each pixel from its neighbours, so its output ``mu
 what the pixel's own noisy value ``y`` knows. Laine et al. (2019) showed that combining the two
 as a posterior recovers most of the gap to supervised training; they train the network to
 predict a per-pixel prior variance. This module does a cheaper version that needs no change to
-the network: the output is ``mu + w * (y - mu)``, where the weight ``w`` depends on how much
-local structure the prediction has (flat regions: the prediction is good, ``w`` near 0; edges
-and texture: the prediction misses detail, ``w`` larger).
+the network: the output is ``mu + w * (y - mu)`` with a weight per pixel read off the residual
+around it. Where the prediction misses detail (edges, texture) the residual ``y - mu`` holds
+more than noise and ``w`` grows; on flat ground it is noise alone and ``w`` falls to 0.
 
-The weights are chosen without clean data by Stein's unbiased risk estimate (SURE) per
-structure bin, which has a closed form for a linear blend: ``w = 1 - sum(var * (1 - a)) /
-sum((y - mu) ** 2)``, with ``var`` the noise variance and ``a = d mu / d y`` at the same pixel
-(a network trained with masking still leaks about 5 % of its centre pixel at inference; the
-Monte-Carlo divergence of Ramani et al. 2008 measures it). The noise variance is a line in the
-predicted intensity (Poisson-Gaussian noise, as in Foi et al. 2008), fitted to the median second
+``w`` is Stein's unbiased risk estimate (SURE) minimised over a Gaussian window around the
+pixel, which has a closed form for a linear blend: ``w = 1 - G[var * (1 - a)] / G[(y - mu) ** 2]``
+clipped to [0, 1], with ``G`` the window's weighted sum, ``var`` the noise variance and ``a =
+d mu / d y`` at the same pixel (a network trained with masking still leaks about 5 % of its
+centre pixel at inference; the Monte-Carlo divergence of Ramani et al. 2008 measures it, once,
+as a mean). This is the Wiener filter of the residual: ``G[(y - mu) ** 2] - G[var]`` estimates
+the prior variance Laine et al. predict. The noise variance is a line in the predicted
+intensity (Poisson-Gaussian noise, as in Foi et al. 2008), fitted to the median second
 difference of ``y`` (``kernels.noise``) over the flatter half of each intensity bin.
 
-Chosen on scikit-image's ``camera`` (grey, Gaussian sigma 25, the default N2V2 with TTA, through
-the engine): 28.73 dB without the step, 29.20 with it (``benchmarks/results/restore_tuning.json``);
-in-process on the whole image, the same bins with weights fitted against the clean image (an
-oracle) reach 29.25, and a 3-9 pixel window, 4-32 bins, or the spread of the 8 TTA predictions
-as the structure measure all land within 0.07 dB. The weights are fitted once, when training
-ends, on patches from the whole image (``pipeline.steps.train.posterior_patches``), and stored
-on the model card; applying them is a per-pixel function of ``y`` and ``mu`` plus a 5-pixel
-window of ``mu``, so tiled still equals untiled when the halo grows by the window's radius.
+Chosen on scikit-image's ``camera`` and ``chelsea`` (grey, Gaussian sigma 25, the default N2V2
+with TTA, in-process on the whole image; none of the benchmark's astronaut, coins and moon):
+the prediction alone 28.75 / 30.03 dB; one weight per bin of local structure (8 bins, fitted by
+SURE over each bin: the step's first version) 29.23 / 30.17, within 0.03 dB of the same bins
+fitted against the clean image; the per-pixel window 29.41 / 30.36 (box windows 15-61 pixels
+wide 29.30-29.39 / 30.20-30.36, Gaussian sigma 4-20 29.30-29.41 / 30.17-30.37; truncated at 2.5
+sigma, 0.001 dB from 4). The window holds the same number of pixels in 3D (sigma 3.05 voxels),
+so its estimate is as steady. The noise line and the leak are fitted once, when training ends,
+on patches from the whole image (``pipeline.steps.train.posterior_patches``), and stored on the
+model card; applying the step reads a window of ``y`` and ``mu`` around each pixel, so tiled
+still equals untiled when the halo grows by the window's radius (:func:`radius`).
 """
 
 from __future__ import annotations
@@ -35,11 +40,26 @@ from scipy import ndimage
 
 from kernels.noise import second_difference_variance
 
-WINDOW = 5  # pixels per spatial axis of the local-variance window
-RADIUS = WINDOW // 2  # extra halo the step needs beyond the network's receptive field
-BINS = 8  # structure bins (camera: 8, 16 and 32 bins within 0.01 dB of each other)
+METHOD = "local-sure"  # the card's ``posterior["method"]``: what :func:`apply` computes
+WINDOW = 5  # pixels per spatial axis of the local-variance window (the noise line's flatter half)
 NOISE_BINS = 11  # intensity bins of the noise line: the top 1/2, 1/4, ... 1/1024 of the pixels
 EPSILON = 1e-3  # finite-difference step of the divergence probe (normalised units)
+SIGMA_2D = 10.0  # Gaussian window of the local SURE in 2D, pixels (camera / chelsea: 8-12 within 0.02 dB)
+TRUNCATE = 2.5  # the window's reach in sigmas
+
+
+def window_sigma(ndim: int, sigma_2d: float = SIGMA_2D) -> float:
+    """The window's sigma in ``ndim`` dimensions, holding as many pixels (``(2 sqrt(pi) sigma) **
+    ndim`` effectively) as the 2D one: the SURE weight is a ratio of two sums over it, as steady
+    in 3D with a window a third as wide."""
+    size = 2.0 * np.sqrt(np.pi)
+    return float((size * sigma_2d) ** (2.0 / ndim) / size)
+
+
+def radius(ndim: int, sigma_2d: float = SIGMA_2D) -> int:
+    """Pixels the step reads beyond each side of a pixel (``scipy.ndimage.gaussian_filter``'s
+    reach at ``TRUNCATE``): the extra halo it needs beyond the network's receptive field."""
+    return int(TRUNCATE * window_sigma(ndim, sigma_2d) + 0.5)
 
 
 def structure(mu: np.ndarray) -> np.ndarray:
@@ -87,28 +107,16 @@ def noise_line(d2: np.ndarray, mu: np.ndarray, feature: np.ndarray) -> tuple[flo
     return float(offset), float(slope), floor
 
 
-def fit_channel(y: np.ndarray, mu: np.ndarray, divergence: np.ndarray, *, bins: int = BINS) -> dict[str, Any]:
-    """SURE weights for one channel from ``(N, *spatial)`` patches: the noisy input, the
-    network's prediction and the per-pixel divergence probe (see :func:`divergence_probe`)."""
+def fit_channel(y: np.ndarray, mu: np.ndarray, divergence: np.ndarray) -> dict[str, Any]:
+    """The step's parameters for one channel from ``(N, *spatial)`` patches (the noisy input,
+    the network's prediction, the per-pixel divergence probe: see :func:`divergence_probe`):
+    the noise line ``[offset, slope, floor]`` and the mean centre-pixel leak."""
     y, mu, divergence = (np.asarray(a, np.float64) for a in (y, mu, divergence))
     feature = np.stack([structure(m) for m in mu])
     d2 = np.stack([second_difference_variance(p) for p in y])
-    inner = interior(y.shape[1:])
-    y, mu, divergence, feature, d2 = (a[(slice(None),) + inner].ravel() for a in (y, mu, divergence, feature, d2))
-    offset, slope, floor = noise_line(d2, mu, feature)
-    var = np.maximum(offset + slope * mu, floor)
-    residual2 = (y - mu) ** 2
-    which = bin_index(feature, np.quantile(feature, np.linspace(0, 1, bins + 1)))
-    centres, weights = [], []
-    for b in range(bins):
-        sel = which == b
-        if not sel.any():
-            continue
-        w = 1.0 - float((var[sel] * (1.0 - divergence[sel])).sum()) / max(float(residual2[sel].sum()), 1e-30)
-        centres.append(float(np.median(feature[sel])))
-        weights.append(float(np.clip(w, 0.0, 1.0)))
-    return {"centres": centres, "weights": weights, "noise": [offset, slope, floor],
-            "divergence": float(divergence.mean())}
+    inner = (slice(None),) + interior(y.shape[1:])
+    offset, slope, floor = noise_line(d2[inner].ravel(), mu[inner].ravel(), feature[inner].ravel())
+    return {"noise": [offset, slope, floor], "divergence": float(np.clip(divergence[inner].mean(), 0.0, 0.99))}
 
 
 def interior(shape: tuple[int, ...]) -> tuple[slice, ...]:
@@ -117,12 +125,25 @@ def interior(shape: tuple[int, ...]) -> tuple[slice, ...]:
     return tuple(slice(min(4, n // 4), n - min(4, n // 4)) for n in shape)
 
 
-def apply(y: np.ndarray, mu: np.ndarray, table: dict[str, Any]) -> np.ndarray:
+def weights(y: np.ndarray, mu: np.ndarray, noise: list[float], divergence: float, *,
+            sigma_2d: float = SIGMA_2D) -> np.ndarray:
+    """Per-pixel blend weights of one channel (``y``, ``mu``: its spatial arrays, normalised units):
+    the SURE optimum over a Gaussian window around each pixel (see the module docstring)."""
+    y, mu = np.asarray(y, np.float64), np.asarray(mu, np.float64)
+    offset, slope, floor = noise
+    options = {"sigma": window_sigma(mu.ndim, sigma_2d), "mode": "reflect", "truncate": TRUNCATE}
+    noise_sum = ndimage.gaussian_filter(np.maximum(offset + slope * mu, floor) * (1.0 - divergence), **options)
+    residual_sum = ndimage.gaussian_filter((y - mu) ** 2, **options)
+    return np.clip(1.0 - noise_sum / np.maximum(residual_sum, 1e-30), 0.0, 1.0)
+
+
+def apply(y: np.ndarray, mu: np.ndarray, table: dict[str, Any], *, sigma_2d: float = SIGMA_2D) -> np.ndarray:
     """The posterior output of ``(C, *spatial)`` input ``y`` and prediction ``mu`` (normalised
-    units); ``table``: the card's entry for the inference mode (one fit per channel)."""
+    units); ``table``: the card's entry for the inference mode (one noise line and leak per
+    channel)."""
     out = np.empty(np.shape(mu), np.float32)
     for c, (yc, mc) in enumerate(zip(y, mu)):
-        w = np.interp(structure(mc), table["centres"][c], table["weights"][c])
+        w = weights(yc, mc, table["noise"][c], table["divergence"][c], sigma_2d=sigma_2d)
         out[c] = mc + w * (np.asarray(yc, np.float64) - mc)
     return out
 

@@ -156,10 +156,12 @@ def test_tiled_denoising_equals_whole_image_denoising(tmp_path, client, tiny_mod
 @pytest.mark.parametrize("ndim, shape, chunks, pool", [(2, (75, 61), (10, 12), ()),
                                                        (3, (11, 45, 38), (4, 16, 16), (1, 2, 2))])
 def test_tiled_posterior_equals_untiled_and_changes_the_output(tmp_path, client, ndim, shape, chunks, pool):
-    """Weights made up here, spread over the quartiles of the model's local structure so that
-    they vary pixel by pixel (the tiny models' output is too flat for that: float rounding
-    would decide the weights); the model trains briefly on smooth blobs so its output has
-    structure."""
+    """A noise variance made up here, half the median local residual energy of the model's
+    prediction, so that the weights vary pixel by pixel (the tiny models' output is too flat
+    for that: float rounding would decide them); the model trains briefly on smooth blobs so
+    its output has structure."""
+    from scipy import ndimage
+
     from kernels import posterior
     from pipeline.steps.denoise import denoise
 
@@ -180,14 +182,17 @@ def test_tiled_posterior_equals_untiled_and_changes_the_output(tmp_path, client,
     kernel = DenoiseKernel(DenoiseKernel.Params(model=str(tmp_path / "m")))
     kernel.load("cpu")
     lo, hi = np.percentile(data, (1, 99.9))
+    y = (data - lo) / (hi - lo)
     halo = kernel.traits.halo  # the prediction as the engine makes it: a reflected margin, then cropped
-    padded = np.pad((data - lo) / (hi - lo), [(h, h) for h in halo], mode="reflect")
-    feature = posterior.structure(kernel.predict(padded[None, None])[0, 0])[tuple(slice(h, -h) for h in halo)]
-    table = {"centres": [list(np.quantile(feature, (0.1, 0.4, 0.6, 0.9)))], "weights": [[0.0, 0.3, 0.6, 0.9]],
-             "noise": [[0.01, 0.0, 0.01]], "divergence": [0.0]}
+    mu = kernel.predict(np.pad(y, [(h, h) for h in halo], mode="reflect")[None, None])[0, 0]
+    mu = mu[tuple(slice(h, -h) for h in halo)]
+    variance = 0.5 * float(np.median(ndimage.gaussian_filter((y - mu) ** 2, posterior.window_sigma(ndim))))
+    table = {"noise": [[variance, 0.0, variance]], "divergence": [0.05]}
+    weights = posterior.weights(y, mu, table["noise"][0], 0.05)
+    assert 0 < weights.min() and weights.max() < 1 and np.ptp(weights) > 0.05  # unclipped: each pixel's window counts
     model = tmp_path / "with-posterior"
-    save_model(model, result.state_dict, card.model_copy(update={"posterior": {"method": "sure-linear", "window": 5,
-                                                                              "plain": table, "tta": table}}))
+    save_model(model, result.state_dict, card.model_copy(update={"posterior": {
+        "method": posterior.METHOD, "sigma_2d": posterior.SIGMA_2D, "plain": table, "tta": table}}))
     url = str(tmp_path / "in.ome.zarr")
     sink = create_image(url, shape=shape, dtype=np.uint16, axes=default_axes("zyx"[-ndim:]), chunks=chunks, n_levels=1)
     sink.write((slice(None),) * ndim, data)
@@ -203,8 +208,13 @@ def test_tiled_posterior_equals_untiled_and_changes_the_output(tmp_path, client,
     from kernels.unet import receptive_field
 
     rf = receptive_field(kernel.config)
-    assert all(h >= max(lo, hi) + posterior.RADIUS for h, lo, hi in zip(run["halo"][-ndim:], rf.low, rf.high))
+    assert all(h >= max(lo, hi) + posterior.radius(ndim) for h, lo, hi in zip(run["halo"][-ndim:], rf.low, rf.high))
     assert json.load(open(tmp_path / "off.ome.zarr" / "_tilewise" / "run.json"))["kernel_params"]["posterior"] is False
+    older = tmp_path / "older-step"  # a card whose step this tilewise does not apply: refused, naming the way out
+    save_model(older, result.state_dict, card.model_copy(update={"posterior": {"method": "sure-linear"}}))
+    with pytest.raises(ModelFileError, match="--posterior off"):
+        DenoiseKernel(DenoiseKernel.Params(model=str(older)))
+    assert DenoiseKernel(DenoiseKernel.Params(model=str(older), posterior=False)).posterior_table is None
 
 
 def test_residual_guard_flags_structure_but_not_noise(tiny_models):
@@ -226,9 +236,9 @@ def test_cli_train_and_denoise(tmp_path, client, capsys):
     args = ["-q", "train", "denoise", url, model, "--patch", "16,16", "--steps", "4", "--batch", "2", "--width", "4"]
     assert main(args) == 0 and "validation loss" in capsys.readouterr().out
     assert main(args) == 2 and "--overwrite" in capsys.readouterr().err
-    blend = read_card(model).posterior  # the posterior step's weights, fitted on its patches
-    assert set(blend) == {"method", "window", "plain", "tta"}
-    assert all(0 <= w <= 1 for mode in ("plain", "tta") for w in blend[mode]["weights"][0])
+    blend = read_card(model).posterior  # the posterior step's noise line and leak, fitted on its patches
+    assert set(blend) == {"method", "sigma_2d", "plain", "tta"} and blend["method"] == "local-sure"
+    assert all(0 <= blend[mode]["divergence"][0] < 1 and blend[mode]["noise"][0][2] > 0 for mode in ("plain", "tta"))
     out = str(tmp_path / "out.ome.zarr")
     assert main(["-q", "denoise", url, out, "--model", model, "--workers", "1"]) == 0
     assert "tiles flagged" in capsys.readouterr().out

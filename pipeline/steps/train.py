@@ -163,8 +163,8 @@ def data_fingerprint(source: ImageSource, level: int, norm: Normalisation) -> di
 
 
 CHECKPOINT = "checkpoint.pt"  # beside the card while training; removed once the model is saved
-# voxels the posterior step's weights are fitted on: 8 bins of 32k pixels in 2D (64 patches of
-# 64^2); in 3D the 18 passes over them cost about a minute on 2 CPU cores
+# voxels the posterior step's noise line and leak are fitted on (64 patches of 64^2 in 2D); in 3D
+# the 18 passes over them cost about a minute on 2 CPU cores
 POSTERIOR_VOXELS = 2**18
 
 
@@ -339,19 +339,21 @@ def train_denoise(image_url: str, model_dir: str, *, method: str = "n2v2", targe
                                                          result.best_val_loss))
     blend = fit_posterior(result, posterior_patches(data, seed), method=method) if u is None else None
     if blend is not None:
-        log.info("posterior step (the noisy pixel blended back in by local structure): weights %s, centre-pixel "
-                 "leak %s", [[round(w, 3) for w in ws] for ws in blend["tta"]["weights"]],
+        log.info("posterior step (the noisy pixel blended back in where the residual holds more than noise): "
+                 "noise variance %s (normalised), centre-pixel leak %s",
+                 [f"{max(o, f):.3g}+{s:.3g}*mu" for o, s, f in blend["tta"]["noise"]],
                  [round(a, 3) for a in blend["tta"]["divergence"]])
     return data.save(model_dir, result, task="denoise", method=method, training=training, uncertainty=u,
                      posterior=blend)
 
 
 def posterior_patches(data: TrainingData, seed: int, max_voxels: int = POSTERIOR_VOXELS) -> np.ndarray:
-    """Patches the posterior step's weights are fitted on: held-out and training patches
-    mixed, because the weights depend on how much structure the image has and the held-out
-    blocks alone can be all background (camera's were: after 300 steps every weight came out
-    below 0.02 there, up to 0.47 on patches from the whole image); at most ``max_voxels`` in
-    all, since the fit runs the network 18 times over them."""
+    """Patches the posterior step's noise line and leak are fitted on: held-out and training
+    patches mixed, because the held-out blocks alone can be all background (camera's were: the
+    step's first version, one weight per structure bin, came out below 0.02 everywhere on them
+    after 300 steps, up to 0.47 on patches from the whole image), and a noise line read off
+    background alone misses the brighter levels; at most ``max_voxels`` in all, since the fit
+    runs the network 18 times over them."""
     rng = np.random.default_rng(seed)
     patches = np.concatenate([data.validation, data.pool.sample(2 * len(data.validation), rng)])
     keep = max(1, min(len(patches), max_voxels // int(np.prod(patches.shape[2:]))))
