@@ -195,9 +195,9 @@ def fit_posterior(result: TrainResult, patches: np.ndarray, *, method: Method, b
     """The posterior step's parameters (``kernels.posterior``: the noise line and the centre
     pixel's leak) for a trained blind-spot denoiser, fitted on noisy ``patches`` of its image
     (normalised, ``(N, C, *patch)``), once for plain inference and once for test-time
-    augmentation (its prediction differs, and so does its leak), on the device it trained on. None for supervised methods
-    (their network already sees the pixel). One network only: the caller leaves out
-    uncertainty models, whose output is a mean over networks."""
+    augmentation (its prediction differs, and so does its leak), on the device it trained on.
+    None for supervised methods (their network already sees the pixel). One network only: the
+    caller leaves out uncertainty models, whose output is a mean over networks."""
     import torch
 
     from kernels.unet import UNet
@@ -239,7 +239,7 @@ class DenoiseKernel(UNetModelKernel):
     class Params(UNetModelKernel.Params):
         # test-time augmentation: the mean over the 8 flips / rotations of the last two axes (8x the cost)
         tta: bool = False
-        # blind-spot models: blend the noisy pixel back in (``kernels.posterior``) when the card has weights
+        # blind-spot models: blend the noisy pixel back in (``kernels.posterior``) when the card has its parameters
         posterior: bool = True
 
     def __init__(self, params: Params):
@@ -249,10 +249,10 @@ class DenoiseKernel(UNetModelKernel):
         if tables and tables.get("method") != posterior.METHOD:
             raise ModelFileError(f"The model card's posterior step '{tables.get('method')}' is not the one this "
                                  f"tilewise applies ('{posterior.METHOD}'): re-train the model, or denoise with "
-                                 "--posterior off.")
+                                 "--posterior off (posterior: false in a workflow).")
         self.posterior_table = tables["tta" if self.tta else "plain"] if tables else None
         self.posterior_sigma = float(tables["sigma_2d"]) if tables else posterior.SIGMA_2D
-        if self.posterior_table is not None:  # the step reads a window of the prediction around each pixel
+        if self.posterior_table is not None:  # the step reads a window of the residual around each pixel
             rf, extra = receptive_field(self.config), posterior.radius(self.config.ndim, self.posterior_sigma)
             grown = ReceptiveField(tuple(n + extra for n in rf.low), tuple(n + extra for n in rf.high), rf.factor)
             self.traits = replace(self.traits, halo=grown.halo)

@@ -43,7 +43,7 @@ class ModelCard(BaseModel):
     validation_loss: float | None = None
     # predictive uncertainty (``kernels.uncertainty.UncertaintyConfig``); None: a deterministic model
     uncertainty: dict[str, Any] | None = None
-    # blind-spot denoisers: the weights that blend the noisy pixel back in (``kernels.posterior``)
+    # blind-spot denoisers: what blends the noisy pixel back in (``kernels.posterior``: noise line, leak)
     posterior: dict[str, Any] | None = None
     code_version: str = ""
     weights_sha256: str = ""

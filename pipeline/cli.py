@@ -669,8 +669,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="test-time augmentation: average the 8 flips / rotations (8x the cost); auto: on for "
                         "inputs up to 2^26 pixels (single images), off for larger volumes")
     p.add_argument("--posterior", choices=("on", "off"), default="on",
-                   help="N2V2 / Noise2Self models: blend each noisy pixel back into the prediction with the weights "
-                        "fitted at training (more where the image has structure); off: the network's output alone")
+                   help="N2V2 / Noise2Self models: blend each noisy pixel back into the prediction, more where "
+                        "the residual around it holds more than noise (edges, texture); off: the network's output alone")
     _add_precision_option(p)
     _add_engine_options(p)
     _add_cluster_options(p)

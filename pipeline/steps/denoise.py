@@ -50,7 +50,7 @@ def model_spec(model_dir: str, *, precision: str = "fp32", tta: bool = False, po
     """The denoise kernel spec for a model folder, keyed by its weights hash (resume-safe);
     ``precision``: ``fp32`` (default), or ``bf16`` / ``fp16`` autocast (opt-in, recorded);
     ``tta``: average the 8 flips / rotations of each tile (recorded); ``posterior``: blend the
-    noisy pixel back in where the card has the weights (``kernels.posterior``; off: recorded)."""
+    noisy pixel back in where the card has its parameters (``kernels.posterior``; off: recorded)."""
     extra = (({} if precision == "fp32" else {"precision": precision}) | ({"tta": True} if tta else {})
              | ({} if posterior else {"posterior": False}))
     return _model_spec(model_dir, "denoise", **extra)
