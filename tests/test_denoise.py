@@ -187,8 +187,8 @@ def test_tiled_posterior_equals_untiled_and_changes_the_output(tmp_path, client,
     mu = kernel.predict(np.pad(y, [(h, h) for h in halo], mode="reflect")[None, None])[0, 0]
     mu = mu[tuple(slice(h, -h) for h in halo)]
     variance = 0.5 * float(np.median(ndimage.gaussian_filter((y - mu) ** 2, posterior.window_sigma(ndim))))
-    table = {"noise": [[variance, 0.0, variance]], "divergence": [0.05]}
-    weights = posterior.weights(y, mu, table["noise"][0], 0.05)
+    table = {"noise": [[variance, 0.0, variance]], "leak_centres": [[0.0, 1.0]], "leak": [[0.0, 0.1]]}
+    weights = posterior.weights(y, mu, table["noise"][0], table["leak_centres"][0], table["leak"][0])
     assert 0 < weights.min() and weights.max() < 1 and np.ptp(weights) > 0.05  # unclipped: each pixel's window counts
     model = tmp_path / "with-posterior"
     save_model(model, result.state_dict, card.model_copy(update={"posterior": {
@@ -238,7 +238,8 @@ def test_cli_train_and_denoise(tmp_path, client, capsys):
     assert main(args) == 2 and "--overwrite" in capsys.readouterr().err
     blend = read_card(model).posterior  # the posterior step's noise line and leak, fitted on its patches
     assert set(blend) == {"method", "sigma_2d", "plain", "tta"} and blend["method"] == "local-sure"
-    assert all(0 <= blend[mode]["divergence"][0] < 1 and blend[mode]["noise"][0][2] > 0 for mode in ("plain", "tta"))
+    assert all(0 <= min(blend[mode]["leak"][0]) <= max(blend[mode]["leak"][0]) < 1 and blend[mode]["noise"][0][2] > 0
+               for mode in ("plain", "tta"))
     out = str(tmp_path / "out.ome.zarr")
     assert main(["-q", "denoise", url, out, "--model", model, "--workers", "1"]) == 0
     assert "tiles flagged" in capsys.readouterr().out

@@ -47,10 +47,10 @@ def test_local_sure_helps_a_blind_predictor_and_accounts_for_a_leaking_one():
     mu, a = posterior.divergence_probe(lambda x: np.stack([_blind_mean(p) for p in x]), noisy[None])
     assert np.allclose(mu[0], blind) and abs(a.mean()) < 0.01  # the probe sees no leak where there is none
     fit = posterior.fit_channel(*_patches(noisy, blind, a[0]))
-    assert abs(fit["noise"][0] - 0.01) < 0.002 and abs(fit["noise"][1]) < 0.005 and fit["divergence"] < 0.01
+    assert abs(fit["noise"][0] - 0.01) < 0.002 and abs(fit["noise"][1]) < 0.005 and max(fit["leak"]) < 0.01
     fused = posterior.apply(noisy[None], blind[None], {k: [v] for k, v in fit.items()})[0]
     assert _psnr(fused, clean) > _psnr(blind, clean) + 0.5
-    w = posterior.weights(noisy, blind, fit["noise"], fit["divergence"])
+    w = posterior.weights(noisy, blind, fit["noise"], fit["leak_centres"], fit["leak"])
     assert w[:, :40].mean() < 0.05 and w[:, 120:].mean() > 0.2  # edges take more of the noisy pixel than flat ground
     # no single weight does as well: the best one for the whole image, chosen against the clean image
     residual = noisy - blind
@@ -67,7 +67,8 @@ def test_local_sure_helps_a_blind_predictor_and_accounts_for_a_leaking_one():
     # the leak shrinks the residual, so more of it is needed: where the blind predictor takes over
     # 40 % the blend lands where its did (below, it cannot take the leaked 30 % back out: w >= 0);
     # with the same noise line (the two fits read it off differently structured halves)
-    w_leak = posterior.weights(noisy, leaky, fit["noise"], with_leak["divergence"])
+    assert all(abs(value - leak) < 0.03 for value in with_leak["leak"])  # read in every structure bin
+    w_leak = posterior.weights(noisy, leaky, fit["noise"], with_leak["leak_centres"], with_leak["leak"])
     sel = (w > 0.4) & (w < 0.95)
     assert sel.sum() > 1000 and np.abs(leak + (1 - leak) * w_leak[sel] - w[sel]).max() < 0.03
     out = {name: posterior.apply(noisy[None], leaky[None], {k: [v] for k, v in f.items()})[0]
@@ -78,7 +79,7 @@ def test_local_sure_helps_a_blind_predictor_and_accounts_for_a_leaking_one():
 def test_window_holds_as_many_pixels_in_3d():
     assert posterior.window_sigma(2) == posterior.SIGMA_2D
     assert abs((2 * np.sqrt(np.pi) * posterior.window_sigma(3)) ** 3 - (2 * np.sqrt(np.pi) * 10) ** 2) < 1e-6
-    assert posterior.radius(2) == 25 and posterior.radius(3) == 8
+    assert posterior.radius(2) == 25 + 2 and posterior.radius(3) == 8 + 2  # the window, then the structure's
 
 
 def test_noise_line_reads_signal_dependent_noise():

@@ -341,8 +341,8 @@ def train_denoise(image_url: str, model_dir: str, *, method: str = "n2v2", targe
     if blend is not None:
         log.info("posterior step (the noisy pixel blended back in where the residual holds more than noise): "
                  "noise variance %s (normalised), centre-pixel leak %s",
-                 [f"{max(o, f):.3g}+{s:.3g}*mu" for o, s, f in blend["tta"]["noise"]],
-                 [round(a, 3) for a in blend["tta"]["divergence"]])
+                 [f"max({f:.3g}, {o:.3g} + {s:.3g} mu)" for o, s, f in blend["tta"]["noise"]],
+                 [f"{min(leak):.3f}-{max(leak):.3f}" for leak in blend["tta"]["leak"]])
     return data.save(model_dir, result, task="denoise", method=method, training=training, uncertainty=u,
                      posterior=blend)
 
