@@ -40,9 +40,9 @@ class ResidualReport:
 
 
 # ``tta="auto"`` averages the 8 flips / rotations for inputs up to this many pixels per time
-# point: on a single image it costs seconds and gains 0.05-0.17 dB (sigma 25, benchmarks/results/
-# restore.json, with the posterior step: astronaut 29.45 -> 29.63, coins 28.20 -> 28.29, moon
-# 36.36 -> 36.41 dB); on a light-sheet volume it would multiply hours by 8.
+# point: on a single image it costs seconds and gains 0.07-0.19 dB (sigma 25, benchmarks/results/
+# restore.json, with the posterior step: astronaut 29.64 -> 29.83, coins 28.16 -> 28.27, moon
+# 36.32 -> 36.39 dB); on a light-sheet volume it would multiply hours by 8.
 TTA_AUTO_PIXELS = 2**26
 
 
