@@ -201,10 +201,11 @@ def posterior_variants(names, work: Path, results: dict) -> None:
         fit = posterior.fit_channel(y[None], mu[None], a[None])
         noise = fit["noise"]
         feature = posterior.structure(mu)
-        which = posterior.bin_index(feature, np.quantile(feature, np.linspace(0, 1, posterior.LEAK_BINS + 1)))
+        bins = 8  # the first version's structure bins
+        which = posterior.bin_index(feature, np.quantile(feature, np.linspace(0, 1, bins + 1)))
         var = np.maximum(noise[0] + noise[1] * mu, noise[2]) * (1.0 - a)
         per_bin = np.array([np.clip(1 - var[which == b].sum() / ((y - mu)[which == b] ** 2).sum(), 0, 1)
-                            for b in range(posterior.LEAK_BINS)])
+                            for b in range(bins)])
         row = {"prediction": score(0.0), "structure_bins_first_version": score(per_bin[which]),
                "window_one_leak": score(posterior.weights(y, mu, noise, [0.0], [float(a.mean())])),
                "leak_per_bin": fit["leak"]}
