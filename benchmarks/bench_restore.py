@@ -174,26 +174,17 @@ def posterior_variants(names, work: Path, results: dict) -> None:
     prediction alone, one SURE weight per bin of local structure (the step's first version,
     re-implemented here for the comparison), the per-pixel window with one leak for the image,
     and the default (the leak per structure bin) at several window sizes."""
-    import torch
-
     from kernels import posterior
-    from kernels.modelfile import build_network, card_percentiles, load_model
+    from kernels.denoise import DenoiseKernel
 
     rows = results.setdefault("posterior_variants", {})
     for name in names:
         clean, noisy = noisy_pair(name)
-        card, state = load_model(work / f"model-{name}")
-        net = build_network(card)
-        net.load_state_dict(state)
-        net.eval()
-        lo, hi = np.percentile(noisy, card_percentiles(card))
+        kernel = DenoiseKernel(DenoiseKernel.Params(model=str(work / f"model-{name}"), tta=True, posterior=False))
+        kernel.load("cpu")
+        lo, hi = np.percentile(noisy, kernel.traits.percentiles)
         y = ((noisy - lo) / (hi - lo)).astype(np.float32)
-
-        def predict(x: np.ndarray) -> np.ndarray:
-            with torch.inference_mode():
-                return net.forward_padded(torch.from_numpy(x), tta=True).float().numpy()
-
-        mu, a = (v[0, 0].astype(np.float64) for v in posterior.divergence_probe(predict, y[None, None]))
+        mu, a = (v[0, 0].astype(np.float64) for v in posterior.divergence_probe(kernel.predict, y[None, None]))
 
         def score(w) -> float:
             return psnr((mu + w * (y - mu)) * (hi - lo) + lo, clean, 255.0)
