@@ -267,8 +267,13 @@ class UNetModelKernel(Kernel):
         ensemble's: the mean of its members'; MC dropout's: the network with dropout off)."""
         if self.uncertainty is not None and self.uncertainty.method == "ensemble":
             return self.predict_samples(batch).mean(axis=0)
+        return self.predict_on_device(self._tensor(batch)).cpu().numpy()
+
+    def predict_on_device(self, x):
+        """The network's float32 output for an input tensor already on its device, left there
+        (a step that follows on the device, such as the denoiser's posterior, reads it there)."""
         with self._running():
-            return self.net.forward_padded(self._tensor(batch), tta=self.tta).float().cpu().numpy()
+            return self.net.forward_padded(x, tta=self.tta).float()
 
     def predict_samples(self, batch: np.ndarray) -> np.ndarray:
         """``(S, N, C, *spatial)``: the raw outputs of an ensemble's members, or of MC dropout's

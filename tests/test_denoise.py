@@ -203,6 +203,12 @@ def test_tiled_posterior_equals_untiled_and_changes_the_output(tmp_path, client,
         results[name] = open_image(str(tmp_path / f"{name}.ome.zarr")).read((slice(None),) * ndim)
     a, b, off = results["t"], results["w"], results["off"]
     assert np.abs(a - b).max() <= 1e-5 * max(1.0, np.abs(b).max())
+    on_gpu = DenoiseKernel(DenoiseKernel.Params(model=str(model)))  # a GPU worker's path: the step in torch
+    on_gpu.load("cpu")
+    on_gpu.posterior_on_device = lambda: True
+    block = np.pad(y, [(h, h) for h in on_gpu.traits.halo], mode="reflect")[None, None].astype(np.float32)
+    in_torch, in_scipy = on_gpu.predict_with_posterior(block), DenoiseKernel.predict_with_posterior(on_gpu, block)
+    assert np.abs(in_torch - in_scipy).max() <= 1e-6 and np.abs(in_scipy - on_gpu.predict(block)).max() > 1e-3
     assert np.abs(b - off).max() > 100 * 1e-5 * np.abs(b).max()
     run = json.load(open(tmp_path / "t.ome.zarr" / "_tilewise" / "run.json"))
     from kernels.unet import receptive_field

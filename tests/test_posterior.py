@@ -93,3 +93,29 @@ def test_noise_line_reads_signal_dependent_noise():
     offset, slope, floor = posterior.noise_line(d2, clean, posterior.structure(clean))
     assert abs(slope - 1 / photons) < 0.3 / photons and abs(offset) < 0.3 * 0.2 / photons
     assert abs(floor - 0.2 / photons) < 0.3 * 0.2 / photons  # the darkest level's own variance (0.2 / photons)
+
+
+def test_the_step_in_torch_matches_scipy():
+    """``kernels.posterior_device`` (the step beside the network on a GPU) against the scipy
+    reference, on the CPU: 2D and 3D, an axis shorter than the window's reach (mirrored more
+    than once), leak centres with repeats and values beyond them."""
+    import torch
+
+    from kernels import posterior_device
+
+    rng = np.random.default_rng(3)
+    table = {"noise": [[0.002, 0.002, 1e-4]], "leak_centres": [[0.0, 0.0, 1e-3, 0.01, 0.01]],
+             "leak": [[0.02, 0.03, 0.05, 0.12, 0.15]]}
+    for shape in ((150, 130), (4, 40, 36)):
+        clean = ndimage.gaussian_filter(rng.random(shape), 2) * 4
+        y = (clean + rng.normal(0, 0.08, shape)).astype(np.float32)[None]
+        mu = ndimage.gaussian_filter(y[0], 1.2).astype(np.float32)[None]
+        w = posterior.weights(y[0], mu[0], table["noise"][0], table["leak_centres"][0], table["leak"][0])
+        assert 0.05 < w.mean() < 0.95 and np.ptp(w) > 0.2  # weights in play, not all clipped
+        reference = posterior.apply(y, mu, table)
+        got = posterior_device.apply(torch.from_numpy(y), torch.from_numpy(mu), table).numpy()
+        assert got.dtype == np.float32 and np.abs(got - reference).max() <= 1e-6
+    x = np.concatenate([rng.uniform(-0.01, 0.02, 500), [0.0, 1e-3, 0.01, -1.0, 1.0]])
+    for xp in ([0.0, 0.0, 1e-3, 0.01, 0.01], [0.005], [0.0, 0.01]):
+        fp = list(rng.random(len(xp)))
+        assert np.abs(posterior_device.interp(torch.from_numpy(x), xp, fp).numpy() - np.interp(x, xp, fp)).max() < 1e-12
