@@ -1,24 +1,31 @@
 """GPU figures (run on a CUDA machine; CI has none, so ``make bench`` skips this without CUDA).
 
-    python -m benchmarks.bench_gpu [--shape 128,1024,1024] [--train-steps 300] [--tiles-in-flight 1,2,4]
-                                   [--parts agreement,throughput]
+    python -m benchmarks.bench_gpu [--parts model_rate,agreement,throughput] [--shape 256,1024,1024]
+                                   [--tiles 64x256x256,128x512x512] [--precisions fp32,bf16]
+                                   [--width 32] [--train-steps 40] [--tiles-in-flight 4]
 
-Uses the default cluster's GPU workers, as a user's ``tilewise run-kernel`` would: one worker
-process per GPU, model tasks asking for ``resources={"GPU": 1}``, so it exercises the CUDA path
-end to end.
-
+- model_rate: the N2V2 3D network alone on tensors already on the GPU (no engine, no copies), in
+  core voxels per second of one tile with the default denoiser's halo (the network's receptive
+  field plus the posterior step's window), at widths 32 (the network of the first GPU figure,
+  2026-11-24) and 16 (``tilewise train``'s default now), for each tile, precision (fp32 with
+  TF32 convolutions, bf16 and fp16 autocast), memory format (contiguous, ``channels_last_3d``)
+  and cuDNN autotuning (``cudnn.benchmark``) off and on; then, per tile, the posterior step in
+  torch on the same GPU and the copies of a tile to and from it.
 - agreement: the conv-net tiled through the engine on the GPU against the same kernel on the whole
   padded volume on the GPU and on the CPU (max abs difference, float32).
-- training: N2V2 3D steps per second on the GPU (default patch and batch of ``tilewise train``).
-- throughput: voxels/s through the engine (read + kernel + crop + write) against the same kernel
-  on in-memory padded tiles of the same shapes, as tasks on the same GPU worker, for the conv-net
-  and the trained denoiser; best of two interleaved rounds; for each number of tiles in flight
-  per GPU worker (``pipeline.engine.cluster.gpu_worker_specs``).
+- throughput: an N2V2 model trained on the GPU on the random volume (``--train-steps``: the
+  rate, not its quality, is measured here), then voxels/s through the engine (statistics, tiles,
+  pyramid) against the resident kernel on in-memory padded tiles of the same shapes on the same
+  GPU worker (copies, network, posterior step), for each tile and precision; best of two rounds.
+
+Without CUDA, ``--smoke`` runs every part on the CPU at the sizes given (a check of the code
+before device time is spent; no figures are saved).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -28,7 +35,89 @@ import numpy as np
 from benchmarks.bench_engine import CONVNET, _random_volume
 from benchmarks.measure import previous, save
 
-TILE = (64, 256, 256)
+CUDNN_PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.replace("x", ",").split(","))
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _median_seconds(fn, device: str, *, warmup: int = 2, repeats: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def part_model_rate(cores: list[tuple[int, ...]], widths: list[int], device: str) -> list[dict]:
+    import contextlib
+
+    import torch
+
+    from kernels import posterior, posterior_device
+    from kernels.denoise import architecture
+    from kernels.unet import UNet, receptive_field
+
+    rows = []
+    table = {"noise": [[0.01, 0.02, 1e-4]], "leak_centres": [[0.0, 1e-3, 1e-2]], "leak": [[0.02, 0.05, 0.12]]}
+    for width in widths:
+        cfg = architecture("n2v2", 3, 1, depth=2, width=width)
+        net = UNet(cfg).to(device).eval()
+        halo = [h + posterior.radius(3) for h in receptive_field(cfg).halo]
+        for core in cores:
+            padded = tuple(c + 2 * h for c, h in zip(core, halo))
+            x = torch.rand((1, 1, *padded), device=device)
+            for bench in (False, True):
+                torch.backends.cudnn.benchmark = bench
+                for fmt in ("contiguous", "channels_last_3d"):
+                    memory = torch.channels_last_3d if fmt == "channels_last_3d" else torch.contiguous_format
+                    net = net.to(memory_format=memory)
+                    xf = x.contiguous(memory_format=memory)
+                    for precision in CUDNN_PRECISIONS:
+                        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+                        def forward():
+                            with torch.inference_mode(), (torch.autocast(device_type=device.split(":")[0], dtype=dtype)
+                                                          if dtype else contextlib.nullcontext()):
+                                return net.forward_padded(xf)
+
+                        seconds = _median_seconds(forward, device)
+                        row = {"width": width, "core": list(core), "padded": list(padded), "precision": precision,
+                               "memory_format": fmt, "cudnn_benchmark": bench, "seconds": seconds,
+                               "core_voxels_per_s": float(np.prod(core)) / seconds,
+                               "padded_voxels_per_s": float(np.prod(padded)) / seconds}
+                        rows.append(row)
+                        print("model_rate", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()},
+                              flush=True)
+            torch.backends.cudnn.benchmark = False
+            if width == widths[0]:
+                with torch.inference_mode():
+                    mu = net.forward_padded(x.contiguous())[0].float()
+                    post_s = _median_seconds(lambda: posterior_device.apply(x[0], mu, table), device)
+                host = np.random.default_rng(0).random((1, 1, *padded), dtype=np.float32)
+                copy_s = _median_seconds(lambda: torch.from_numpy(host).to(device).cpu().numpy(), device)
+                row = {"core": list(core), "padded": list(padded), "posterior_seconds": post_s,
+                       "posterior_core_voxels_per_s": float(np.prod(core)) / post_s,
+                       "copy_in_out_seconds": copy_s}
+                rows.append(row)
+                print("model_rate", row, flush=True)
+        del net, x
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    return rows
 
 
 def _direct_tiles(spec, cores) -> float:
@@ -56,11 +145,11 @@ def _whole(spec_params: dict, volume: np.ndarray, device: str) -> np.ndarray:
     return out[crop]
 
 
-def part_agreement(work: Path, client) -> dict:
+def part_agreement(work: Path, client, device: str, gpu: dict | None) -> dict:
     from kernels import KernelSpec, build_kernel
+    from pipeline.engine.stats import Normalisation
     from pipeline.io import open_image
     from pipeline.steps.apply import run_kernel
-    from pipeline.engine.stats import Normalisation
 
     shape = (45, 300, 333)  # not multiples of the tile
     url = str(work / "agree.ome.zarr")
@@ -73,111 +162,118 @@ def part_agreement(work: Path, client) -> dict:
     raw = source.read((slice(None),) * 3).astype(np.float32)
     norm = Normalisation.of(source)
     x = norm.apply(raw[None])[0] if build_kernel(spec).traits.input == "normalised" else raw
-    gpu = client.submit(_whole, CONVNET, x, "cuda", resources={"GPU": 1}, pure=False).result()
+    on_device = client.submit(_whole, CONVNET, x, device, resources=gpu, pure=False).result()
     cpu = _whole(CONVNET, x, "cpu")
     return {"shape": list(shape), "tile": [32, 128, 128],
-            "max_abs_tiled_gpu_vs_whole_gpu": float(np.abs(tiled - gpu).max()),
+            "max_abs_tiled_gpu_vs_whole_gpu": float(np.abs(tiled - on_device).max()),
             "max_abs_tiled_gpu_vs_whole_cpu": float(np.abs(tiled - cpu).max()),
-            "max_abs_whole_gpu_vs_whole_cpu": float(np.abs(gpu - cpu).max()),
+            "max_abs_whole_gpu_vs_whole_cpu": float(np.abs(on_device - cpu).max()),
             "output_range": [float(cpu.min()), float(cpu.max())]}
 
 
-def _train(url: str, model: str, steps: int) -> dict:
+def _train(url: str, model: str, steps: int, width: int, device: str) -> dict:
     from pipeline.steps.train import train_denoise
 
     t0 = time.perf_counter()
-    card = train_denoise(url, model, method="n2v2", steps=steps, overwrite=True, progress=False, device="cuda")
+    card = train_denoise(url, model, method="n2v2", steps=steps, width=width, overwrite=True, progress=False,
+                         device=device)
     seconds = time.perf_counter() - t0
     steps_run = card.training["history"][-1]["step"]
     return {"steps": steps_run, "seconds": seconds, "steps_per_s": steps_run / seconds,
-            "patch": card.training["patch"], "batch": card.training["batch"], "width": card.training["width"]}
+            "patch": card.training["patch"], "batch": card.training["batch"], "width": card.training["width"],
+            "posterior": card.posterior is not None}
 
 
-def prepare_throughput(work: Path, client, shape, train_steps: int) -> tuple[str, str, dict]:
-    """The random input volume and an N2V2 model trained on it on the GPU (in the client process,
-    as ``tilewise train`` runs); returns their paths and the training figures."""
-    url = str(work / "in.ome.zarr")
-    _random_volume(url, shape, client)
-    model = str(work / "model-n2v2")
-    training = _train(url, model, train_steps)
-    print("training", training, flush=True)
-    return url, model, training
-
-
-def part_throughput(work: Path, client, url: str, model: str, shape) -> dict:
-    from kernels import KernelSpec, build_kernel
-    from pipeline.steps.denoise import denoise, model_spec
+def part_throughput(work: Path, client, url: str, model: str, shape, tiles, precisions, gpu: dict | None
+                    ) -> list[dict]:
+    from kernels import build_kernel
     from pipeline.engine.plan import make_plan
-    from pipeline.steps.apply import run_kernel
+    from pipeline.steps.denoise import denoise, model_spec
 
-    rows = {}
-    kernels = {"convnet": KernelSpec.of("convnet", **CONVNET), "denoise_n2v2": model_spec(model)}
+    rows = []
     voxels = int(np.prod(shape))
-    for name, spec in kernels.items():
-        halo = build_kernel(spec).traits.halo
-        plan = make_plan(shape, "zyx", TILE, dict(zip("zyx", halo)), tile_shape=TILE)
-        cores = [tuple(sl.stop - sl.start for sl in t.core) for t in plan]
-        client.submit(_direct_tiles, spec, cores[:1], resources={"GPU": 1}, pure=False).result()  # load + warm
-        engine_s, tile_stage_s, direct_s = [], [], []
-        for _ in range(2):
-            direct_s.append(client.submit(_direct_tiles, spec, cores, resources={"GPU": 1}, pure=False).result())
-            t0 = time.perf_counter()
-            out = str(work / f"out-{name}.ome.zarr")
-            if name == "convnet":
-                summary = run_kernel(url, out, spec, client, tile_shape=TILE, progress=False, overwrite=True)
-            else:
-                summary, _ = denoise(url, out, model, client, tile_shape=TILE, progress=False, overwrite=True)
-            engine_s.append(time.perf_counter() - t0)
-            tile_stage_s.append(summary.seconds)
-        rows[name] = {"halo": list(halo), "tiles": len(cores), "engine_end_to_end_s_by_round": engine_s,
-                      "engine_tile_stage_s_by_round": tile_stage_s, "direct_s_by_round": direct_s,
-                      "engine_voxels_per_s": voxels / min(engine_s), "direct_voxels_per_s": voxels / min(direct_s),
-                      "efficiency_tile_stage": min(direct_s) / min(tile_stage_s),
-                      "efficiency_end_to_end": min(direct_s) / min(engine_s)}
-        print(name, rows[name], flush=True)
+    for tile in tiles:
+        for precision in precisions:
+            spec = model_spec(model, precision=precision, tta=False)
+            halo = build_kernel(spec).traits.halo
+            plan = make_plan(shape, "zyx", tile, dict(zip("zyx", halo)), tile_shape=tile)
+            cores = [tuple(sl.stop - sl.start for sl in t.core) for t in plan]
+            client.submit(_direct_tiles, spec, cores[:1], resources=gpu, pure=False).result()  # load + warm
+            engine_s, tile_stage_s, direct_s = [], [], []
+            for _ in range(2):
+                direct_s.append(client.submit(_direct_tiles, spec, cores, resources=gpu, pure=False).result())
+                t0 = time.perf_counter()
+                summary, _ = denoise(url, str(work / "out.ome.zarr"), model, client, tile_shape=tile, progress=False,
+                                     overwrite=True, precision=precision, tta="off")
+                engine_s.append(time.perf_counter() - t0)
+                tile_stage_s.append(summary.seconds)
+            row = {"tile": list(tile), "precision": precision, "halo": list(halo), "tiles": len(cores),
+                   "engine_end_to_end_s_by_round": engine_s, "engine_tile_stage_s_by_round": tile_stage_s,
+                   "direct_s_by_round": direct_s, "engine_voxels_per_s": voxels / min(engine_s),
+                   "direct_voxels_per_s": voxels / min(direct_s),
+                   "efficiency_tile_stage": min(direct_s) / min(tile_stage_s),
+                   "efficiency_end_to_end": min(direct_s) / min(engine_s)}
+            rows.append(row)
+            print("throughput", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
     return rows
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--shape", default="128,1024,1024")
-    parser.add_argument("--train-steps", type=int, default=300)
-    parser.add_argument("--tiles-in-flight", default="1,2,4", help="GPU tiles in flight per worker to compare")
-    parser.add_argument("--parts", default="agreement,throughput")
+    parser.add_argument("--parts", default="model_rate,agreement,throughput")
+    parser.add_argument("--shape", default="256,1024,1024", help="throughput: the random input volume")
+    parser.add_argument("--tiles", default="64x256x256,128x512x512", help="core tile shapes to compare")
+    parser.add_argument("--precisions", default="fp32,bf16", help="throughput: precisions through the engine")
+    parser.add_argument("--widths", default="32,16", help="model_rate: network widths")
+    parser.add_argument("--width", type=int, default=32, help="throughput: width of the trained N2V2 network")
+    parser.add_argument("--train-steps", type=int, default=40)
+    parser.add_argument("--tiles-in-flight", type=int, default=4, help="GPU tiles in flight per worker")
+    parser.add_argument("--smoke", action="store_true", help="without CUDA: run on the CPU, save nothing")
     args = parser.parse_args(argv)
     import torch
 
     from pipeline.engine.cluster import connect
 
-    if not torch.cuda.is_available():
+    cuda = torch.cuda.is_available()
+    if not cuda and not args.smoke:
         print("bench_gpu: no CUDA device; skipped")
         return {}
-    parts = set(args.parts.split(","))
-    shape = tuple(int(v) for v in args.shape.split(","))
-    results: dict = previous("gpu") if parts != {"agreement", "throughput"} else {}
-    results.update({"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
+    device, gpu = ("cuda", {"GPU": 1}) if cuda else ("cpu", None)
+    parts = args.parts.split(",")
+    shape, tiles = _shape(args.shape), [_shape(t) for t in args.tiles.split(",")]
+    precisions = args.precisions.split(",")
+    results: dict = previous("gpu")
+    results.update({"device": torch.cuda.get_device_name(0) if cuda else "cpu (smoke)", "torch": torch.__version__,
                     "tf32_conv": torch.backends.cudnn.allow_tf32})
+
+    def keep(key: str, value) -> None:
+        results[key] = value
+        if cuda:
+            save("gpu", results)
+
+    if "model_rate" in parts:
+        keep("model_rate", {"rows": part_model_rate(tiles, [int(w) for w in args.widths.split(",")], device),
+                            "note": "network alone on device tensors, median of 3 after 2 warm-ups; core voxels of "
+                                    "one tile per second (padded by the denoiser's halo with the posterior step)"})
     with tempfile.TemporaryDirectory(prefix="tilewise-bench-gpu-") as tmp:
         work = Path(tmp)
-        with connect(gpu_tiles=1) as client:  # the default cluster: its GPU workers
+        with connect(gpu_tiles=args.tiles_in_flight) as client:  # the default cluster: its GPU workers
             if "agreement" in parts:
-                results["agreement"] = part_agreement(work, client)
+                keep("agreement", part_agreement(work, client, device, gpu))
                 print("agreement", results["agreement"], flush=True)
             if "throughput" in parts:
-                url, model, training = prepare_throughput(work, client, shape, args.train_steps)
-        if "throughput" in parts:
-            results["throughput"] = {"shape": list(shape), "tile": list(TILE), "training_n2v2_3d": training,
-                                     "note": "engine = end to end (statistics, tiles, pyramid) or the tile stage, on "
-                                             "the default GPU cluster; direct = the resident kernel on in-memory padded "
-                                             "tiles of the same shapes on the same GPU worker; best of 2 rounds.",
-                                     "by_tiles_in_flight": {}}
-            for k in (int(v) for v in args.tiles_in_flight.split(",")):
-                with connect(gpu_tiles=k) as client:
-                    print("tiles in flight", k, flush=True)
-                    results["throughput"]["by_tiles_in_flight"][str(k)] = part_throughput(work, client, url, model,
-                                                                                          shape)
-                save("gpu", results)
-    save("gpu", results)
+                url = str(work / "in.ome.zarr")
+                _random_volume(url, shape, client)
+                model = str(work / "model-n2v2")
+                training = _train(url, model, args.train_steps, args.width, device)
+                print("training", training, flush=True)
+                keep("throughput", {"shape": list(shape), "tiles_in_flight": args.tiles_in_flight,
+                                    "training_n2v2_3d": training,
+                                    "note": "engine = end to end (statistics, tiles, pyramid) or its tile stage, "
+                                            "on the default GPU cluster; direct = the resident kernel on in-memory "
+                                            "padded tiles of the same shapes on the same GPU worker (copies, "
+                                            "network, posterior step); best of 2 rounds; TTA off.",
+                                    "rows": part_throughput(work, client, url, model, shape, tiles, precisions, gpu)})
     return results
 
 
