@@ -114,7 +114,7 @@ def part_model_rate(cores: list[tuple[int, ...]], widths: list[int], device: str
                        "copy_in_out_seconds": copy_s}
                 rows.append(row)
                 print("model_rate", row, flush=True)
-        del net, x
+        net = x = None  # free the device before the next width
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
     return rows
