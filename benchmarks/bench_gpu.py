@@ -1,7 +1,7 @@
 """GPU figures (run on a CUDA machine; CI has none, so ``make bench`` skips this without CUDA).
 
-    python -m benchmarks.bench_gpu [--parts model_rate,agreement,throughput] [--shape 256,1024,1024]
-                                   [--tiles 64x256x256,128x512x512] [--precisions fp32,bf16]
+    python -m benchmarks.bench_gpu [--parts model_rate,agreement,throughput] [--shape 128,1024,1024]
+                                   [--tiles 64x256x256,128x256x256] [--configs 128x256x256:bf16:cl,...]
                                    [--width 32] [--train-steps 40] [--tiles-in-flight 4]
 
 - model_rate: the N2V2 3D network alone on tensors already on the GPU (no engine, no copies), in
@@ -16,7 +16,8 @@
 - throughput: an N2V2 model trained on the GPU on the random volume (``--train-steps``: the
   rate, not its quality, is measured here), then voxels/s through the engine (statistics, tiles,
   pyramid) against the resident kernel on in-memory padded tiles of the same shapes on the same
-  GPU worker (copies, network, posterior step), for each tile and precision; best of two rounds.
+  GPU worker (copies, network, posterior step), for each tile, precision and memory layout
+  (``--configs``); best of two rounds.
 
 Without CUDA, ``--smoke`` runs every part on the CPU at the sizes given (a check of the code
 before device time is spent; no figures are saved).
@@ -184,46 +185,55 @@ def _train(url: str, model: str, steps: int, width: int, device: str) -> dict:
             "posterior": card.posterior is not None}
 
 
-def part_throughput(work: Path, client, url: str, model: str, shape, tiles, precisions, gpu: dict | None
-                    ) -> list[dict]:
-    from kernels import build_kernel
+def _config(text: str) -> tuple[tuple[int, ...], str, bool]:
+    """``64x256x256:bf16`` or ``128x256x256:bf16:cl`` (channels-last) -> (tile, precision, channels_last)."""
+    tile, precision, *rest = text.split(":")
+    return _shape(tile), precision, rest == ["cl"]
+
+
+def part_throughput(work: Path, client, url: str, model: str, shape, configs, gpu: dict | None) -> list[dict]:
+    from kernels import KernelSpec, build_kernel
     from pipeline.engine.plan import make_plan
-    from pipeline.steps.denoise import denoise, model_spec
+    from pipeline.steps.apply import run_kernel
+    from pipeline.steps.denoise import model_spec
 
     rows = []
     voxels = int(np.prod(shape))
-    for tile in tiles:
-        for precision in precisions:
-            spec = model_spec(model, precision=precision, tta=False)
-            halo = build_kernel(spec).traits.halo
-            plan = make_plan(shape, "zyx", tile, dict(zip("zyx", halo)), tile_shape=tile)
-            cores = [tuple(sl.stop - sl.start for sl in t.core) for t in plan]
-            client.submit(_direct_tiles, spec, cores[:1], resources=gpu, pure=False).result()  # load + warm
-            engine_s, tile_stage_s, direct_s = [], [], []
-            for _ in range(2):
-                direct_s.append(client.submit(_direct_tiles, spec, cores, resources=gpu, pure=False).result())
-                t0 = time.perf_counter()
-                summary, _ = denoise(url, str(work / "out.ome.zarr"), model, client, tile_shape=tile, progress=False,
-                                     overwrite=True, precision=precision, tta="off")
-                engine_s.append(time.perf_counter() - t0)
-                tile_stage_s.append(summary.seconds)
-            row = {"tile": list(tile), "precision": precision, "halo": list(halo), "tiles": len(cores),
-                   "engine_end_to_end_s_by_round": engine_s, "engine_tile_stage_s_by_round": tile_stage_s,
-                   "direct_s_by_round": direct_s, "engine_voxels_per_s": voxels / min(engine_s),
-                   "direct_voxels_per_s": voxels / min(direct_s),
-                   "efficiency_tile_stage": min(direct_s) / min(tile_stage_s),
-                   "efficiency_end_to_end": min(direct_s) / min(engine_s)}
-            rows.append(row)
-            print("throughput", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+    for tile, precision, channels_last in configs:
+        spec = model_spec(model, precision=precision, tta=False)
+        if channels_last:
+            spec = KernelSpec.of(spec.name, **spec.params, channels_last=True)
+        halo = build_kernel(spec).traits.halo
+        plan = make_plan(shape, "zyx", tile, dict(zip("zyx", halo)), tile_shape=tile)
+        cores = [tuple(sl.stop - sl.start for sl in t.core) for t in plan]
+        client.submit(_direct_tiles, spec, cores[:1], resources=gpu, pure=False).result()  # load + warm
+        engine_s, tile_stage_s, direct_s = [], [], []
+        for _ in range(2):
+            direct_s.append(client.submit(_direct_tiles, spec, cores, resources=gpu, pure=False).result())
+            t0 = time.perf_counter()
+            summary = run_kernel(url, str(work / "out.ome.zarr"), spec, client, tile_shape=tile, progress=False,
+                                 overwrite=True)
+            engine_s.append(time.perf_counter() - t0)
+            tile_stage_s.append(summary.seconds)
+        row = {"tile": list(tile), "precision": precision, "channels_last": channels_last, "halo": list(halo),
+               "tiles": len(cores),
+               "engine_end_to_end_s_by_round": engine_s, "engine_tile_stage_s_by_round": tile_stage_s,
+               "direct_s_by_round": direct_s, "engine_voxels_per_s": voxels / min(engine_s),
+               "direct_voxels_per_s": voxels / min(direct_s),
+               "efficiency_tile_stage": min(direct_s) / min(tile_stage_s),
+               "efficiency_end_to_end": min(direct_s) / min(engine_s)}
+        rows.append(row)
+        print("throughput", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
     return rows
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser()
     parser.add_argument("--parts", default="model_rate,agreement,throughput")
-    parser.add_argument("--shape", default="256,1024,1024", help="throughput: the random input volume")
-    parser.add_argument("--tiles", default="64x256x256,128x512x512", help="core tile shapes to compare")
-    parser.add_argument("--precisions", default="fp32,bf16", help="throughput: precisions through the engine")
+    parser.add_argument("--shape", default="128,1024,1024", help="throughput: the random input volume")
+    parser.add_argument("--tiles", default="64x256x256,128x256x256", help="model_rate: core tile shapes")
+    parser.add_argument("--configs", default="64x256x256:fp32,128x256x256:fp32,128x256x256:bf16,128x256x256:bf16:cl",
+                        help="throughput: tile:precision[:cl] through the engine (cl: channels-last)")
     parser.add_argument("--widths", default="32,16", help="model_rate: network widths")
     parser.add_argument("--width", type=int, default=32, help="throughput: width of the trained N2V2 network")
     parser.add_argument("--train-steps", type=int, default=40)
@@ -241,7 +251,7 @@ def main(argv=None) -> dict:
     device, gpu = ("cuda", {"GPU": 1}) if cuda else ("cpu", None)
     parts = args.parts.split(",")
     shape, tiles = _shape(args.shape), [_shape(t) for t in args.tiles.split(",")]
-    precisions = args.precisions.split(",")
+    configs = [_config(c) for c in args.configs.split(",")]
     results: dict = previous("gpu")
     results.update({"device": torch.cuda.get_device_name(0) if cuda else "cpu (smoke)", "torch": torch.__version__,
                     "tf32_conv": torch.backends.cudnn.allow_tf32})
@@ -273,7 +283,7 @@ def main(argv=None) -> dict:
                                             "on the default GPU cluster; direct = the resident kernel on in-memory "
                                             "padded tiles of the same shapes on the same GPU worker (copies, "
                                             "network, posterior step); best of 2 rounds; TTA off.",
-                                    "rows": part_throughput(work, client, url, model, shape, tiles, precisions, gpu)})
+                                    "rows": part_throughput(work, client, url, model, shape, configs, gpu)})
     return results
 
 

@@ -183,6 +183,9 @@ class UNetModelKernel(Kernel):
         input_variance: float | None = Field(None, ge=0)
         # the network passes under torch.autocast in this dtype (opt-in: fp32 until its cost is measured)
         precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+        # the network's activations channels-last (NHWC / NDHWC), the layout the GPU's tensor cores
+        # read; the same numbers in either layout (``benchmarks/bench_gpu.py`` measures its speed)
+        channels_last: bool = False
 
     def __init__(self, params: Params):
         from kernels.unet import receptive_field
@@ -224,6 +227,10 @@ class UNetModelKernel(Kernel):
         _, state = load_model(self.params.model, device)
         net = build_network(self.card)
         net.load_state_dict(state)
+        if self.params.channels_last:
+            import torch
+
+            net = net.to(memory_format=torch.channels_last_3d if self.config.ndim == 3 else torch.channels_last)
         self.net, self.device = net.to(device).eval(), device
         if self.params.input_variance is not None:
             net.input_variance = float(self.params.input_variance)

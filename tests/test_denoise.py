@@ -100,6 +100,23 @@ def tiny_models(tmp_path_factory):
     return out
 
 
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_channels_last_gives_the_same_output(tiny_models, ndim):
+    """The channels-last layout (GPU tensor cores) changes where activations sit, not the result."""
+    import torch
+
+    block = np.random.default_rng(0).random((2, 1) + ((6, 20, 24) if ndim == 3 else (40, 36)), dtype=np.float32)
+    out = {}
+    for last in (False, True):
+        kernel = DenoiseKernel(DenoiseKernel.Params(model=tiny_models[ndim], channels_last=last))
+        kernel.load("cpu")
+        fmt = torch.channels_last_3d if ndim == 3 else torch.channels_last
+        weight = next(p for p in kernel.net.parameters() if p.ndim == ndim + 2 and p.shape[1] > 1)
+        assert weight.is_contiguous(memory_format=fmt) == last
+        out[last] = kernel.predict(block)
+    assert np.abs(out[True] - out[False]).max() <= 1e-5 * max(1.0, np.abs(out[False]).max())
+
+
 def test_model_round_trip_and_tampered_weights_are_refused(tiny_models, tmp_path):
     import shutil
 
