@@ -266,11 +266,44 @@ def _scale_of_level(source: ImageSource, level: int, value: float, spatial: list
     spacing = source.spatial_scale(level)
     blocks = _read_windows(source, level, spatial, max_voxels, read)
 
-    def measure(sigma: float) -> ObjectScale | None:
-        return scale_of_mask([ndimage.gaussian_filter(b, [sigma / s for s in spacing]) > value for b in blocks],
-                             spacing)
+    def measure(sigma: float, up: tuple[int, ...] = ()) -> ObjectScale | None:
+        smooth = [ndimage.gaussian_filter(b, [sigma / s for s in spacing]) for b in blocks]
+        if not up:
+            return scale_of_mask([b > value for b in smooth], spacing)
+        kept, left = [], UPSAMPLED_VOXELS // int(np.prod(up))  # input voxels the finer grid's budget holds
+        for b in smooth:
+            if left < 8**b.ndim:
+                break
+            b = b[central_window(b.shape, left)]
+            kept.append(ndimage.zoom(b, up, order=1, mode="nearest", grid_mode=True) > value)
+            left -= b.size
+        return scale_of_mask(kept, [s / u for s, u in zip(spacing, up)])
 
     first = measure(0.5 * min(spacing))
     if first is None:
         return None
-    return measure(max(0.5 * min(spacing), SMOOTHING_PER_DIAMETER * first.diameter)) or first
+    sigma = max(0.5 * min(spacing), SMOOTHING_PER_DIAMETER * first.diameter)
+    return measure(sigma, finer_grid(first.diameter, spacing)) or first
+
+
+# Small objects are measured on a finer grid: below ~12 pixels across, where a nucleus's largest
+# inscribed ball rests on the voxel grid decides a good part of its measured size, and the
+# estimate fell with the scale (synthetic packed nuclei, 2D: 0.61 of the labels' diameter at
+# 8 px, 0.80 at 16 px and above; 3D: 0.57 at 6 px, 0.90 at 25 px). Interpolating the smoothed
+# image (linearly) and thresholding it there puts the edges between voxels: 0.83 / 0.80 and
+# 0.90 / 0.90 (``bench_segment --parts classical_tuning``'s tuning sets, in-process).
+UPSAMPLED_VOXELS = 2**24  # the finer grid's budget: ~64 MB of float32, its mask and distances
+
+
+def central_window(shape: Sequence[int], voxels: int) -> tuple[slice, ...]:
+    """The centred window of ``shape`` holding at most ``voxels`` (every axis shrunk alike)."""
+    f = min(1.0, (voxels / float(np.prod(shape))) ** (1.0 / len(shape)))
+    size = [max(1, int(n * f)) for n in shape]
+    return tuple(slice((n - w) // 2, (n - w) // 2 + w) for n, w in zip(shape, size))
+
+
+def finer_grid(diameter: float, spacing: Sequence[float], *, most: int = 4) -> tuple[int, ...]:
+    """Per axis, the integer factor that puts ``WELL_RESOLVED_PX`` voxels across an object of
+    ``diameter`` (at most ``most``); ``()`` when every axis already has them."""
+    up = tuple(int(min(most, max(1, math.ceil(WELL_RESOLVED_PX * s / diameter)))) for s in spacing)
+    return up if any(u > 1 for u in up) else ()
