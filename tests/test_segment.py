@@ -193,6 +193,29 @@ def test_a_given_diameter_is_compared_with_the_training_labels_measure(annotated
     assert zoom == round(measured / (3 * estimated), 3) != round(1 / 3, 3)
 
 
+def test_a_training_estimate_off_its_labels_gives_way_to_their_measure(annotated, unet_model, tmp_path):
+    """Where the estimate on the training image missed its labels by more than the estimates'
+    own error, the zoom compares this image's estimate with the labels' measure instead."""
+    import json
+    import shutil
+
+    from pipeline.steps.segment import model_zoom
+
+    path, image, labels = annotated
+    big, _ = _rescaled(tmp_path, "big", image, labels, 3)
+    seen = unet_model[1].training["object_scale"]
+    measured = seen["labels"]["diameter"]
+    model = tmp_path / "off"
+    shutil.copytree(unet_model[0], model)
+    card = json.loads((model / "card.json").read_text())
+    card["training"]["object_scale"]["image"]["diameter"] = 1.6 * measured  # the estimate 60 % too high
+    (model / "card.json").write_text(json.dumps(card))
+    zoom_ok, _ = model_zoom(big, unet_model[0])
+    zoom, note = model_zoom(big, str(model))
+    assert abs(zoom - zoom_ok * measured / seen["image"]["diameter"]) <= 0.002 and abs(zoom * 3 - 1) < 0.2
+    assert "+60 % off its labels, so their measure is used" in note
+
+
 def test_an_estimate_far_from_the_training_labels_is_a_one_line_warning(annotated, client, tmp_path, caplog):
     """Training records the labels' measure and the image's estimate; where they differ by more
     than the estimates' own error the user is told once, in one line naming the remedy."""

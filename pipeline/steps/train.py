@@ -423,10 +423,12 @@ def training_object_scale(source: ImageSource, lab: ImageSource, level: int, max
     pixel = min(source.spatial_scale(level))  # the network's pixel, physical
     off = estimate_error(measured and measured.diameter, estimated and estimated.diameter)
     if off is not None:
-        # inference compares an image's estimate with this one: on a crowded, noisy 3D sample
-        # the estimate was 39 % above the labels, and the zoom came out 2.77 where 2.0 was right
+        # inference then compares an image's estimate with the labels' measure instead of this
+        # estimate (``pipeline.steps.segment.model_zoom``): on a crowded, noisy 3D sample the
+        # estimate was 39 % above the labels, and the zoom came out 2.6 where 2.0 was right
         log.warning("the objects of '%s' are estimated at %.3g across but its labels measure %.3g (%+.0f %%): the "
-                    "estimate is unreliable on images like this, so segmenting others may resample them wrongly; "
-                    "give segment --diameter there", source.url, estimated.diameter, measured.diameter, 100 * off)
+                    "estimate is unreliable on images like this, so other images' estimates will be compared with "
+                    "the labels' measure; if they come out resampled wrongly, give segment --diameter there",
+                    source.url, estimated.diameter, measured.diameter, 100 * off)
     return {"labels": measured.to_dict() if measured else None,
             "image": {**estimated.to_dict(), "pixel": pixel} if estimated else None}
