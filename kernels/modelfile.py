@@ -184,7 +184,8 @@ class UNetModelKernel(Kernel):
         # the network passes under torch.autocast in this dtype (opt-in: fp32 until its cost is measured)
         precision: Literal["fp32", "bf16", "fp16"] = "fp32"
         # the network's activations channels-last (NHWC / NDHWC), the layout the GPU's tensor cores
-        # read; the same numbers in either layout (``benchmarks/bench_gpu.py`` measures its speed)
+        # read; the same numbers in either layout. Off: for these U-Nets it was 0.7-0.8x as fast
+        # on an H200 in every precision (``benchmarks/results/gpu.json``)
         channels_last: bool = False
 
     def __init__(self, params: Params):

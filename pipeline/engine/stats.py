@@ -237,6 +237,15 @@ def smoothed_threshold(blocks: list[np.ndarray], spacing: Sequence[float], *, si
 
 WELL_RESOLVED_PX = 12  # an object this many pixels across is measured as well as at full resolution
 
+# Small objects are measured on a finer grid: below ~12 pixels across, where a nucleus's largest
+# inscribed ball rests on the voxel grid decides a good part of its measured size, and the
+# estimate fell with the scale (synthetic packed nuclei, 2D: 0.61 of the labels' diameter at
+# 8 px, 0.80 at 16 px and above; 3D: 0.57 at 6 px, 0.64 at 12 px, 0.90 at 25 px).
+# Interpolating the smoothed image (linearly) and thresholding it there puts the edges between
+# voxels: 2D 0.83 at 8 px, 3D 0.90 / 0.88 at 6 / 12 px (``bench_segment``'s tuning sets,
+# in-process; the 3D sample's upper half 1.31 / 1.29 at x0.5 / x1, where it was 1.03 / 1.29).
+UPSAMPLED_VOXELS = 2**24  # the finer grid's budget: ~64 MB of float32, its mask and distances
+
 
 def _channels(block: np.ndarray, dims: tuple[str, ...], spatial: list[int]) -> np.ndarray:
     """One read window (batch axes at one index) as ``(C, *spatial)``, input units."""
@@ -284,15 +293,6 @@ def _scale_of_level(source: ImageSource, level: int, value: float, spatial: list
         return None
     sigma = max(0.5 * min(spacing), SMOOTHING_PER_DIAMETER * first.diameter)
     return measure(sigma, finer_grid(first.diameter, spacing)) or first
-
-
-# Small objects are measured on a finer grid: below ~12 pixels across, where a nucleus's largest
-# inscribed ball rests on the voxel grid decides a good part of its measured size, and the
-# estimate fell with the scale (synthetic packed nuclei, 2D: 0.61 of the labels' diameter at
-# 8 px, 0.80 at 16 px and above; 3D: 0.57 at 6 px, 0.90 at 25 px). Interpolating the smoothed
-# image (linearly) and thresholding it there puts the edges between voxels: 0.83 / 0.80 and
-# 0.90 / 0.90 (``bench_segment --parts classical_tuning``'s tuning sets, in-process).
-UPSAMPLED_VOXELS = 2**24  # the finer grid's budget: ~64 MB of float32, its mask and distances
 
 
 def central_window(shape: Sequence[int], voxels: int) -> tuple[slice, ...]:
