@@ -2,7 +2,7 @@
 
     python -m benchmarks.bench_gpu [--parts model_rate,agreement,throughput] [--shape 128,1024,1024]
                                    [--tiles 64x256x256,128x256x256] [--configs 128x256x256:bf16:cl,...]
-                                   [--width 32] [--train-steps 40] [--tiles-in-flight 4]
+                                   [--widths 32,16] [--width 32] [--train-steps 40] [--tiles-in-flight 4]
 
 - model_rate: the N2V2 3D network alone on tensors already on the GPU (no engine, no copies), in
   core voxels per second of one tile with the default denoiser's halo (the network's receptive
@@ -36,7 +36,7 @@ import numpy as np
 from benchmarks.bench_engine import CONVNET, _random_volume
 from benchmarks.measure import previous, save
 
-CUDNN_PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -87,7 +87,7 @@ def part_model_rate(cores: list[tuple[int, ...]], widths: list[int], device: str
                     memory = torch.channels_last_3d if fmt == "channels_last_3d" else torch.contiguous_format
                     net = net.to(memory_format=memory)
                     xf = x.contiguous(memory_format=memory)
-                    for precision in CUDNN_PRECISIONS:
+                    for precision in PRECISIONS:
                         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
                         def forward():
