@@ -89,11 +89,11 @@ def weights(y, mu, noise: list[float], leak_centres: list[float], leak: list[flo
 def apply(y, mu, table: dict[str, Any], *, sigma_2d: float = SIGMA_2D):
     """``kernels.posterior.apply`` for ``(C, *spatial)`` tensors on the network's device; returns
     a float32 tensor there."""
+    import torch
+
     out = []
     for c in range(mu.shape[0]):
         yc, mc = y[c].double(), mu[c].double()
         w = weights(yc, mc, table["noise"][c], table["leak_centres"][c], table["leak"][c], sigma_2d=sigma_2d)
         out.append((mc + w * (yc - mc)).float())
-    import torch
-
     return torch.stack(out)

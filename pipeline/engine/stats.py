@@ -276,7 +276,8 @@ def _scale_of_level(source: ImageSource, level: int, value: float, spatial: list
     blocks = _read_windows(source, level, spatial, max_voxels, read)
 
     def measure(sigma: float, up: tuple[int, ...] = ()) -> ObjectScale | None:
-        smooth = [ndimage.gaussian_filter(b, [sigma / s for s in spacing]) for b in blocks]
+        # lazily: one smoothed block at a time, and none past the finer grid's budget
+        smooth = (ndimage.gaussian_filter(b, [sigma / s for s in spacing]) for b in blocks)
         if not up:
             return scale_of_mask([b > value for b in smooth], spacing)
         kept, left = [], UPSAMPLED_VOXELS // int(np.prod(up))  # input voxels the finer grid's budget holds
