@@ -1,7 +1,7 @@
 """Restoration quality: single images against non-local means, supervised against
 self-supervised training, and what attribution costs (``benchmarks/results/restore.json``).
 
-    python -m benchmarks.bench_restore [--parts single,pairs,attribution,ensemble,posterior_variants]
+    python -m benchmarks.bench_restore [--parts single,pairs,attribution,ensemble,posterior_variants,posterior_3d]
                                        [--images astronaut,coins,moon] [--steps-pairs 1500]
                                        [--pair-datasets dsb2018,lightsheet] [--pair-methods n2v2,n2s,n2n,care]
 
@@ -17,7 +17,8 @@ step on scikit-image's camera and chelsea (``--images camera,chelsea --results
 restore_tuning``); moon was used to choose neither, coins was looked at once, to find why a
 version of the posterior step lost there (``kernels.posterior``).
 ``posterior_variants`` (after ``single`` on the same ``--images`` and ``--workdir``): variants of
-the posterior step on the models ``single`` trained, in-process on the whole image.
+the posterior step's two stages on the models ``single`` trained, in-process on the whole image.
+``posterior_3d``: the second stage's block width in 3D, on a tuning light-sheet volume (seed 1).
 ``ensemble``: the MC-dropout model (``--uncertainty mc-dropout``: dropout in every block, kept
 at inference, 20 passes averaged) on the same images: its PSNR and its cost.
 ``pairs``: the real DSB-2018 nuclei image and the synthetic light-sheet volume (its clean
@@ -168,26 +169,55 @@ def single(names, work: Path, client, results: dict) -> None:
         save(RESULTS_NAME, results)
 
 
+def _probed(model: str, noisy: np.ndarray):
+    """``(y, mu, a, lo, hi)``: the normalised noisy image, the model's prediction with TTA and
+    its centre-pixel leak probe (``kernels.posterior.divergence_probe``), in-process."""
+    from kernels import posterior
+    from kernels.denoise import DenoiseKernel
+
+    kernel = DenoiseKernel(DenoiseKernel.Params(model=model, tta=True, posterior=False))
+    kernel.load("cpu")
+    lo, hi = np.percentile(noisy, kernel.traits.percentiles)
+    y = ((noisy - lo) / (hi - lo)).astype(np.float32)
+    mu, a = (v[0, 0].astype(np.float64) for v in posterior.divergence_probe(kernel.predict, y[None, None]))
+    return y.astype(np.float64), mu, a, lo, hi
+
+
+def _stages(y: np.ndarray, mu: np.ndarray, fit: dict, score, blocks: Sequence[int]) -> dict:
+    """The posterior step's two stages scored apart: the first (the per-pixel blend), the
+    second (``kernels.blockwiener``) at several block widths on the first's output, and at the
+    default width on the prediction alone (the other pilot)."""
+    from kernels import blockwiener, posterior
+
+    first = mu + posterior.weights(y, mu, fit["noise"], fit["leak_centres"], fit["leak"]) * (y - mu)
+    variance = posterior.noise_variance(mu, fit["noise"])
+    default = blockwiener.BLOCK[y.ndim]
+    by_block = {str(b): score(blockwiener.apply(y, first, variance, block=b)) for b in blocks}
+    return {"prediction": score(mu), "first_stage": score(first), "second_stage_by_block": by_block,
+            "second_stage_prediction_pilot": score(blockwiener.apply(y, mu, variance, block=default)),
+            "default": by_block[str(default)] if str(default) in by_block
+            else score(blockwiener.apply(y, first, variance))}
+
+
 def posterior_variants(names, work: Path, results: dict) -> None:
     """Variants of the posterior step (``kernels.posterior``) on the models ``single`` trained
     in ``work``, in-process on the whole image with TTA (how the step was chosen): the
-    prediction alone, one SURE weight per bin of local structure (the step's first version,
-    re-implemented here for the comparison), the per-pixel window with one leak for the image,
-    and the default (the leak per structure bin) at several window sizes."""
+    prediction alone; of the first stage, one SURE weight per bin of local structure (its first
+    version, re-implemented here for the comparison), the per-pixel window with one leak for
+    the image, the default (the leak per structure bin) at several window sizes; of the second
+    stage, the block widths and pilots (:func:`_stages`)."""
     from kernels import posterior
-    from kernels.denoise import DenoiseKernel
 
     rows = results.setdefault("posterior_variants", {})
     for name in names:
         clean, noisy = noisy_pair(name)
-        kernel = DenoiseKernel(DenoiseKernel.Params(model=str(work / f"model-{name}"), tta=True, posterior=False))
-        kernel.load("cpu")
-        lo, hi = np.percentile(noisy, kernel.traits.percentiles)
-        y = ((noisy - lo) / (hi - lo)).astype(np.float32)
-        mu, a = (v[0, 0].astype(np.float64) for v in posterior.divergence_probe(kernel.predict, y[None, None]))
+        y, mu, a, lo, hi = _probed(str(work / f"model-{name}"), noisy)
 
-        def score(w) -> float:
-            return psnr((mu + w * (y - mu)) * (hi - lo) + lo, clean, 255.0)
+        def score(estimate) -> float:
+            return psnr(estimate * (hi - lo) + lo, clean, 255.0)
+
+        def blend(w) -> float:
+            return score(mu + w * (y - mu))
 
         fit = posterior.fit_channel(y[None], mu[None], a[None])
         noise = fit["noise"]
@@ -197,16 +227,43 @@ def posterior_variants(names, work: Path, results: dict) -> None:
         var = np.maximum(noise[0] + noise[1] * mu, noise[2]) * (1.0 - a)
         per_bin = np.array([np.clip(1 - var[which == b].sum() / ((y - mu)[which == b] ** 2).sum(), 0, 1)
                             for b in range(bins)])
-        row = {"prediction": score(0.0), "structure_bins_first_version": score(per_bin[which]),
-               "window_one_leak": score(posterior.weights(y, mu, noise, [0.0], [float(a.mean())])),
+        row = {"structure_bins_first_version": blend(per_bin[which]),
+               "window_one_leak": blend(posterior.weights(y, mu, noise, [0.0], [float(a.mean())])),
                "leak_per_bin": fit["leak"]}
-        row["window_by_sigma"] = {str(sigma): score(posterior.weights(y, mu, noise, fit["leak_centres"], fit["leak"],
+        row["window_by_sigma"] = {str(sigma): blend(posterior.weights(y, mu, noise, fit["leak_centres"], fit["leak"],
                                                                         sigma_2d=sigma))
                                   for sigma in (4.0, 6.0, 8.0, posterior.SIGMA_2D, 14.0, 20.0)}
-        row["default"] = row["window_by_sigma"][str(posterior.SIGMA_2D)]
+        row.update(_stages(y, mu, fit, score, blocks=(4, 6, 8, 12)))
         rows[name] = row
-        print(name, {k: round(v, 2) for k, v in row.items() if isinstance(v, float)}, flush=True)
+        print(name, {k: round(v, 2) for k, v in row.items() if isinstance(v, float)}, row["second_stage_by_block"],
+              flush=True)
         save(RESULTS_NAME, results)
+
+
+def posterior_3d(work: Path, client, results: dict, steps: int) -> None:
+    """The posterior step's block width in 3D, on tuning data: the synthetic light-sheet volume
+    made as ``pairs`` makes it but with seed 1 (``pairs`` reports seed 0), its first noisy
+    realisation, N2V2 trained with ``pairs``' settings (kept in ``work`` and reused)."""
+    from kernels import posterior
+    from pipeline.data.synthetic import make_lightsheet
+    from pipeline.steps.train import train_denoise
+
+    volume = str(work / "lightsheet-tuning.ome.zarr")
+    model = work / "model-lightsheet-tuning"
+    first_url = str(work / "lightsheet-tuning-first.ome.zarr")
+    if not Path(volume).exists():
+        make_lightsheet(volume, client, shape=(32, 128, 128), seed=1, overwrite=True, progress=False)
+    clean, first, _ = pair_images(read(volume + "/clean"))
+    if not (model / "card.json").exists():
+        write(first_url, first)
+        train_denoise(first_url, str(model), steps=steps, patch=(16, 32, 32), overwrite=True, progress=False)
+    y, mu, a, lo, hi = _probed(str(model), first)
+    fit = posterior.fit_channel(y[None], mu[None], a[None])
+    row = _stages(y, mu, fit, lambda e: psnr(e * (hi - lo) + lo, clean, float(clean.max())), blocks=(4, 6, 8))
+    results["posterior_3d"] = {"dataset": "lightsheet seed 1 (tuning)", "shape": list(clean.shape), **row}
+    print("posterior_3d", {k: round(v, 2) for k, v in row.items() if isinstance(v, float)}, row["second_stage_by_block"],
+          flush=True)
+    save(RESULTS_NAME, results)
 
 
 def ensemble(names, work: Path, client, results: dict) -> None:
@@ -320,6 +377,8 @@ def main(argv=None) -> dict:
             ensemble(names, work, client, results)
         if "posterior_variants" in parts:
             posterior_variants(names, work, results)
+        if "posterior_3d" in parts:
+            posterior_3d(work, client, results, args.steps_pairs)
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
     return results

@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from kernels import blockwiener
 from kernels.noise import second_difference_variance
 
 METHOD = "local-sure"  # the card's ``posterior["method"]``: what :func:`apply` computes
@@ -66,8 +67,9 @@ def window_sigma(ndim: int, sigma_2d: float = SIGMA_2D) -> float:
 def radius(ndim: int, sigma_2d: float = SIGMA_2D) -> int:
     """Pixels the step reads beyond each side of a pixel (``scipy.ndimage.gaussian_filter``'s
     reach at ``TRUNCATE``, plus the structure window's, which sets the leak of each pixel in
-    it): the extra halo it needs beyond the network's receptive field."""
-    return int(TRUNCATE * window_sigma(ndim, sigma_2d) + 0.5) + WINDOW // 2
+    it, plus the second stage's blocks, which read the first stage's output): the extra halo
+    it needs beyond the network's receptive field."""
+    return int(TRUNCATE * window_sigma(ndim, sigma_2d) + 0.5) + WINDOW // 2 + blockwiener.reach(ndim)
 
 
 def structure(mu: np.ndarray) -> np.ndarray:
@@ -148,10 +150,9 @@ def weights(y: np.ndarray, mu: np.ndarray, noise: list[float], leak_centres: lis
     """Per-pixel blend weights of one channel (``y``, ``mu``: its spatial arrays, normalised units):
     the SURE optimum over a Gaussian window around each pixel (see the module docstring)."""
     y, mu = np.asarray(y, np.float64), np.asarray(mu, np.float64)
-    offset, slope, floor = noise
     options = {"sigma": window_sigma(mu.ndim, sigma_2d), "mode": "reflect", "truncate": TRUNCATE}
     kept = 1.0 - np.interp(structure(mu), leak_centres, leak)  # of the noise, what the prediction did not leak
-    noise_sum = ndimage.gaussian_filter(np.maximum(offset + slope * mu, floor) * kept, **options)
+    noise_sum = ndimage.gaussian_filter(noise_variance(mu, noise) * kept, **options)
     residual_sum = ndimage.gaussian_filter((y - mu) ** 2, **options)
     return np.clip(1.0 - noise_sum / np.maximum(residual_sum, 1e-30), 0.0, 1.0)
 
@@ -162,9 +163,18 @@ def apply(y: np.ndarray, mu: np.ndarray, table: dict[str, Any], *, sigma_2d: flo
     per channel)."""
     out = np.empty(np.shape(mu), np.float32)
     for c, (yc, mc) in enumerate(zip(y, mu)):
+        yc, mc = np.asarray(yc, np.float64), np.asarray(mc, np.float64)
         w = weights(yc, mc, table["noise"][c], table["leak_centres"][c], table["leak"][c], sigma_2d=sigma_2d)
-        out[c] = mc + w * (np.asarray(yc, np.float64) - mc)
+        out[c] = blockwiener.apply(yc, mc + w * (yc - mc), noise_variance(mc, table["noise"][c]))
     return out
+
+
+def noise_variance(mu: np.ndarray, noise: list[float]) -> np.ndarray:
+    """The noise variance of each pixel from the card's line ``[offset, slope, floor]`` in the
+    predicted intensity (numpy arrays or torch tensors)."""
+    offset, slope, floor = noise
+    line = offset + slope * mu
+    return line.clamp_min(floor) if hasattr(line, "clamp_min") else np.maximum(line, floor)
 
 
 def divergence_probe(predict, inputs: np.ndarray, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

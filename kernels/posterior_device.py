@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from kernels.posterior import SIGMA_2D, TRUNCATE, WINDOW, window_sigma
+from kernels import blockwiener
+from kernels.posterior import SIGMA_2D, TRUNCATE, WINDOW, noise_variance, window_sigma
 
 
 def _reflect_index(n: int, reach: int) -> np.ndarray:
@@ -78,10 +79,9 @@ def interp(x, xp: list[float], fp: list[float]):
 
 def weights(y, mu, noise: list[float], leak_centres: list[float], leak: list[float], *, sigma_2d: float = SIGMA_2D):
     """``kernels.posterior.weights`` of one channel, for float64 tensors on any device."""
-    offset, slope, floor = noise
     gauss = gaussian_weights(window_sigma(mu.ndim, sigma_2d))
     kept = 1.0 - interp(structure(mu), leak_centres, leak)
-    noise_sum = _separable((offset + slope * mu).clamp_min(floor) * kept, gauss)
+    noise_sum = _separable(noise_variance(mu, noise) * kept, gauss)
     residual_sum = _separable((y - mu) ** 2, gauss)
     return (1.0 - noise_sum / residual_sum.clamp_min(1e-30)).clamp(0.0, 1.0)
 
@@ -95,5 +95,16 @@ def apply(y, mu, table: dict[str, Any], *, sigma_2d: float = SIGMA_2D):
     for c in range(mu.shape[0]):
         yc, mc = y[c].double(), mu[c].double()
         w = weights(yc, mc, table["noise"][c], table["leak_centres"][c], table["leak"][c], sigma_2d=sigma_2d)
-        out.append((mc + w * (yc - mc)).float())
+        width = blockwiener.BLOCK[mc.ndim]
+        padded = (_reflect_pad(a, width - 1) for a in (yc, mc + w * (yc - mc), noise_variance(mc, table["noise"][c])))
+        out.append(blockwiener.filter_padded(*padded, width).float())
     return torch.stack(out)
+
+
+def _reflect_pad(x, reach: int):
+    """``numpy.pad(x, reach, mode="symmetric")`` (scipy's ``reflect``) of a tensor."""
+    import torch
+
+    for axis in range(x.ndim):
+        x = torch.index_select(x, axis, torch.from_numpy(_reflect_index(x.shape[axis], reach)).to(x.device))
+    return x
