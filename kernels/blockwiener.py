@@ -20,9 +20,10 @@ the first stage, 39.72 / 40.42 / 40.64 with blocks of 4 / 6 / 8 voxels; 6 is the
 costs 2.8x as much (216 vs 512 coefficients) for 0.2 dB. The pilot is the first stage's
 output, which is the better pilot in 2D (the network's prediction as pilot: camera 29.11,
 chelsea 30.29); on that volume the prediction alone was the better one (40.81 with blocks of
-6), because there the first stage loses to the prediction (the noise line under-reads
-low-count Poisson noise by 10-30 %, so it takes too much of the noisy voxel); that is a known
-shortfall of the first stage, not fixed here. BM3D's own Wiener step (the ``bm3d`` package,
+6), because there the first stage loses to the prediction: the prediction's error in the
+background is under 1 % of the noise variance, so the noise line's reading, 4-27 % under the
+true variance across intensity bins, makes it blend 7-13 % of the noisy voxel back in where
+almost none belongs. That is a known shortfall of the first stage, not fixed here. BM3D's own Wiener step (the ``bm3d`` package,
 the first stage's output as its pilot) scored lower on camera and chelsea (29.57 / 30.52):
 with a learned pilot, block matching bought nothing, so it is not built.
 

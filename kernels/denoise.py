@@ -244,6 +244,8 @@ class DenoiseKernel(UNetModelKernel):
         tta: bool = False
         # blind-spot models: blend the noisy pixel back in (``kernels.posterior``) when the card has its parameters
         posterior: bool = True
+        # ... then the step's second stage (``kernels.blockwiener``); off: the first stage alone (cheaper)
+        posterior_blocks: bool = True
 
     def __init__(self, params: Params):
         super().__init__(params)
@@ -255,8 +257,10 @@ class DenoiseKernel(UNetModelKernel):
                                  "--posterior off (posterior: false in a workflow).")
         self.posterior_table = tables["tta" if self.tta else "plain"] if tables else None
         self.posterior_sigma = float(tables["sigma_2d"]) if tables else posterior.SIGMA_2D
+        self.posterior_blocks = params.posterior_blocks
         if self.posterior_table is not None:  # the step reads a window of the residual around each pixel
-            rf, extra = receptive_field(self.config), posterior.radius(self.config.ndim, self.posterior_sigma)
+            rf = receptive_field(self.config)
+            extra = posterior.radius(self.config.ndim, self.posterior_sigma, blocks=self.posterior_blocks)
             grown = ReceptiveField(tuple(n + extra for n in rf.low), tuple(n + extra for n in rf.high), rf.factor)
             self.traits = replace(self.traits, halo=grown.halo)
         if self.uncertainty is not None:
@@ -288,7 +292,8 @@ class DenoiseKernel(UNetModelKernel):
     def predict_with_posterior(self, batch: np.ndarray) -> np.ndarray:
         """The prediction with the noisy pixel blended back in (``kernels.posterior``)."""
         if not self.posterior_on_device():
-            return np.stack([posterior.apply(block, pred, self.posterior_table, sigma_2d=self.posterior_sigma)
+            return np.stack([posterior.apply(block, pred, self.posterior_table, sigma_2d=self.posterior_sigma,
+                                             blocks=self.posterior_blocks)
                              for block, pred in zip(batch, self.predict(batch))])
         import torch
 
@@ -297,7 +302,8 @@ class DenoiseKernel(UNetModelKernel):
         x = self._tensor(batch)
         mu = self.predict_on_device(x)
         with torch.inference_mode():
-            return torch.stack([posterior_device.apply(block, pred, self.posterior_table, sigma_2d=self.posterior_sigma)
+            return torch.stack([posterior_device.apply(block, pred, self.posterior_table, sigma_2d=self.posterior_sigma,
+                                                       blocks=self.posterior_blocks)
                                 for block, pred in zip(x, mu)]).cpu().numpy()
 
     def __call__(self, batch: np.ndarray, context: BatchContext) -> np.ndarray:

@@ -6,7 +6,10 @@ as a posterior recovers most of the gap to supervised training; they train the n
 predict a per-pixel prior variance. This module does a cheaper version that needs no change to
 the network: the output is ``mu + w * (y - mu)`` with a weight per pixel read off the residual
 around it. Where the prediction misses detail (edges, texture) the residual ``y - mu`` holds
-more than noise and ``w`` grows; on flat ground it is noise alone and ``w`` falls to 0.
+more than noise and ``w`` grows; on flat ground it is noise alone and ``w`` falls to 0. A
+second stage (``kernels.blockwiener``) then filters ``y`` in a sliding block DCT with gains read
+off that first result, which tells texture from noise where one weight per pixel cannot; it
+needs only the noise line below, so models trained before it get it too.
 
 ``w`` is Stein's unbiased risk estimate (SURE) minimised over a Gaussian window around the
 pixel, which has a closed form for a linear blend: ``w = 1 - G[var * (1 - a)] / G[(y - mu) ** 2]``
@@ -47,7 +50,7 @@ from scipy import ndimage
 from kernels import blockwiener
 from kernels.noise import second_difference_variance
 
-METHOD = "local-sure"  # the card's ``posterior["method"]``: what :func:`apply` computes
+METHOD = "local-sure"  # the card's ``posterior["method"]``: the fitted table :func:`apply` reads
 WINDOW = 5  # pixels per spatial axis of the local-structure window (the noise line's flatter half, the leak's bins)
 LEAK_BINS = 8  # structure bins of the centre-pixel leak
 NOISE_BINS = 11  # intensity bins of the noise line: the top 1/2, 1/4, ... 1/1024 of the pixels
@@ -64,12 +67,12 @@ def window_sigma(ndim: int, sigma_2d: float = SIGMA_2D) -> float:
     return float((size * sigma_2d) ** (2.0 / ndim) / size)
 
 
-def radius(ndim: int, sigma_2d: float = SIGMA_2D) -> int:
+def radius(ndim: int, sigma_2d: float = SIGMA_2D, *, blocks: bool = True) -> int:
     """Pixels the step reads beyond each side of a pixel (``scipy.ndimage.gaussian_filter``'s
     reach at ``TRUNCATE``, plus the structure window's, which sets the leak of each pixel in
-    it, plus the second stage's blocks, which read the first stage's output): the extra halo
-    it needs beyond the network's receptive field."""
-    return int(TRUNCATE * window_sigma(ndim, sigma_2d) + 0.5) + WINDOW // 2 + blockwiener.reach(ndim)
+    it, plus the second stage's blocks (``blocks``), which read the first stage's output): the
+    extra halo it needs beyond the network's receptive field."""
+    return int(TRUNCATE * window_sigma(ndim, sigma_2d) + 0.5) + WINDOW // 2 + (blockwiener.reach(ndim) if blocks else 0)
 
 
 def structure(mu: np.ndarray) -> np.ndarray:
@@ -157,15 +160,17 @@ def weights(y: np.ndarray, mu: np.ndarray, noise: list[float], leak_centres: lis
     return np.clip(1.0 - noise_sum / np.maximum(residual_sum, 1e-30), 0.0, 1.0)
 
 
-def apply(y: np.ndarray, mu: np.ndarray, table: dict[str, Any], *, sigma_2d: float = SIGMA_2D) -> np.ndarray:
+def apply(y: np.ndarray, mu: np.ndarray, table: dict[str, Any], *, sigma_2d: float = SIGMA_2D,
+          blocks: bool = True) -> np.ndarray:
     """The posterior output of ``(C, *spatial)`` input ``y`` and prediction ``mu`` (normalised
     units); ``table``: the card's entry for the inference mode (one noise line and leak table
-    per channel)."""
+    per channel); ``blocks``: the second stage too."""
     out = np.empty(np.shape(mu), np.float32)
     for c, (yc, mc) in enumerate(zip(y, mu)):
         yc, mc = np.asarray(yc, np.float64), np.asarray(mc, np.float64)
         w = weights(yc, mc, table["noise"][c], table["leak_centres"][c], table["leak"][c], sigma_2d=sigma_2d)
-        out[c] = blockwiener.apply(yc, mc + w * (yc - mc), noise_variance(mc, table["noise"][c]))
+        first = mc + w * (yc - mc)
+        out[c] = blockwiener.apply(yc, first, noise_variance(mc, table["noise"][c])) if blocks else first
     return out
 
 

@@ -86,7 +86,7 @@ def weights(y, mu, noise: list[float], leak_centres: list[float], leak: list[flo
     return (1.0 - noise_sum / residual_sum.clamp_min(1e-30)).clamp(0.0, 1.0)
 
 
-def apply(y, mu, table: dict[str, Any], *, sigma_2d: float = SIGMA_2D):
+def apply(y, mu, table: dict[str, Any], *, sigma_2d: float = SIGMA_2D, blocks: bool = True):
     """``kernels.posterior.apply`` for ``(C, *spatial)`` tensors on the network's device; returns
     a float32 tensor there."""
     import torch
@@ -95,8 +95,12 @@ def apply(y, mu, table: dict[str, Any], *, sigma_2d: float = SIGMA_2D):
     for c in range(mu.shape[0]):
         yc, mc = y[c].double(), mu[c].double()
         w = weights(yc, mc, table["noise"][c], table["leak_centres"][c], table["leak"][c], sigma_2d=sigma_2d)
+        first = mc + w * (yc - mc)
+        if not blocks:
+            out.append(first.float())
+            continue
         width = blockwiener.BLOCK[mc.ndim]
-        padded = (_reflect_pad(a, width - 1) for a in (yc, mc + w * (yc - mc), noise_variance(mc, table["noise"][c])))
+        padded = (_reflect_pad(a, width - 1) for a in (yc, first, noise_variance(mc, table["noise"][c])))
         out.append(blockwiener.filter_padded(*padded, width).float())
     return torch.stack(out)
 

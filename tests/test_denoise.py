@@ -214,12 +214,15 @@ def test_tiled_posterior_equals_untiled_and_changes_the_output(tmp_path, client,
     sink = create_image(url, shape=shape, dtype=np.uint16, axes=default_axes("zyx"[-ndim:]), chunks=chunks, n_levels=1)
     sink.write((slice(None),) * ndim, data)
     results = {}
-    for name, tile, post in (("t", chunks, True), ("w", shape, True), ("off", shape, False)):
+    for name, tile, post in (("t", chunks, "on"), ("w", shape, "on"), ("off", shape, "off"),
+                             ("t1", chunks, "first"), ("w1", shape, "first")):  # first: the blend, not the blocks
         denoise(url, str(tmp_path / f"{name}.ome.zarr"), str(model), client, progress=False, tile_shape=tile,
-                posterior=post, tta="off")
+                posterior=post != "off", posterior_blocks=post == "on", tta="off")
         results[name] = open_image(str(tmp_path / f"{name}.ome.zarr")).read((slice(None),) * ndim)
     a, b, off = results["t"], results["w"], results["off"]
     assert np.abs(a - b).max() <= 1e-5 * max(1.0, np.abs(b).max())
+    assert np.abs(results["t1"] - results["w1"]).max() <= 1e-5 * max(1.0, np.abs(b).max())
+    assert np.abs(results["w1"] - b).max() > 100 * 1e-5 * np.abs(b).max()  # the second stage changed the output
     on_gpu = DenoiseKernel(DenoiseKernel.Params(model=str(model)))  # a GPU worker's path: the step in torch
     on_gpu.load("cpu")
     on_gpu.posterior_on_device = lambda: True
@@ -233,6 +236,10 @@ def test_tiled_posterior_equals_untiled_and_changes_the_output(tmp_path, client,
     rf = receptive_field(kernel.config)
     assert all(h >= max(lo, hi) + posterior.radius(ndim) for h, lo, hi in zip(run["halo"][-ndim:], rf.low, rf.high))
     assert json.load(open(tmp_path / "off.ome.zarr" / "_tilewise" / "run.json"))["kernel_params"]["posterior"] is False
+    first = json.load(open(tmp_path / "t1.ome.zarr" / "_tilewise" / "run.json"))
+    assert first["kernel_params"]["posterior_blocks"] is False
+    assert all(h >= max(lo, hi) + posterior.radius(ndim, blocks=False) for h, lo, hi in
+               zip(first["halo"][-ndim:], rf.low, rf.high))
     older = tmp_path / "older-step"  # a card whose step this tilewise does not apply: refused, naming the way out
     save_model(older, result.state_dict, card.model_copy(update={"posterior": {"method": "sure-linear"}}))
     with pytest.raises(ModelFileError, match="--posterior off"):

@@ -107,6 +107,7 @@ class Denoise(Step):
     model: str
     tta: Literal["auto", "on", "off"] = "auto"
     posterior: bool = True  # N2V2 / Noise2Self: blend the noisy pixel back in (``kernels.posterior``)
+    posterior_blocks: bool = True  # ... then its second stage (``kernels.blockwiener``); false: the first alone
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     dtype: str = "float32"
 
