@@ -9,7 +9,8 @@
   field plus the posterior step's window), at widths 32 (the network of the first GPU figure,
   2026-11-24) and 16 (``tilewise train``'s default now), for each tile, precision (fp32 with
   TF32 convolutions, bf16 and fp16 autocast), memory format (contiguous, ``channels_last_3d``)
-  and cuDNN autotuning (``cudnn.benchmark``) off and on; then, per tile, the posterior step in
+  and cuDNN autotuning (``cudnn.benchmark``) off and on; then, per tile, the posterior step (both
+  stages, and the first alone) in
   torch on the same GPU and the copies of a tile to and from it.
 - agreement: the conv-net tiled through the engine on the GPU against the same kernel on the whole
   padded volume on the GPU and on the CPU (max abs difference, float32).
@@ -108,11 +109,12 @@ def part_model_rate(cores: list[tuple[int, ...]], widths: list[int], device: str
                 with torch.inference_mode():
                     mu = net.forward_padded(x.contiguous())[0].float()
                     post_s = _median_seconds(lambda: posterior_device.apply(x[0], mu, table), device)
+                    first_s = _median_seconds(lambda: posterior_device.apply(x[0], mu, table, blocks=False), device)
                 host = np.random.default_rng(0).random((1, 1, *padded), dtype=np.float32)
                 copy_s = _median_seconds(lambda: torch.from_numpy(host).to(device).cpu().numpy(), device)
                 row = {"core": list(core), "padded": list(padded), "posterior_seconds": post_s,
                        "posterior_core_voxels_per_s": float(np.prod(core)) / post_s,
-                       "copy_in_out_seconds": copy_s}
+                       "posterior_first_stage_seconds": first_s, "copy_in_out_seconds": copy_s}
                 rows.append(row)
                 print("model_rate", row, flush=True)
         net = x = None  # free the device before the next width
