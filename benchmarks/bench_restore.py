@@ -192,11 +192,10 @@ def _stages(y: np.ndarray, mu: np.ndarray, fit: dict, score, blocks: Sequence[in
     first = mu + posterior.weights(y, mu, fit["noise"], fit["leak_centres"], fit["leak"]) * (y - mu)
     variance = posterior.noise_variance(mu, fit["noise"])
     default = blockwiener.BLOCK[y.ndim]
-    by_block = {str(b): score(blockwiener.apply(y, first, variance, block=b)) for b in blocks}
+    by_block = {str(b): score(blockwiener.apply(y, first, variance, block=b)) for b in sorted({*blocks, default})}
     return {"prediction": score(mu), "first_stage": score(first), "second_stage_by_block": by_block,
             "second_stage_prediction_pilot": score(blockwiener.apply(y, mu, variance, block=default)),
-            "default": by_block[str(default)] if str(default) in by_block
-            else score(blockwiener.apply(y, first, variance))}
+            "default": by_block[str(default)]}
 
 
 def posterior_variants(names, work: Path, results: dict) -> None:
@@ -224,7 +223,7 @@ def posterior_variants(names, work: Path, results: dict) -> None:
         feature = posterior.structure(mu)
         bins = 8  # the first version's structure bins
         which = posterior.bin_index(feature, np.quantile(feature, np.linspace(0, 1, bins + 1)))
-        var = np.maximum(noise[0] + noise[1] * mu, noise[2]) * (1.0 - a)
+        var = posterior.noise_variance(mu, noise) * (1.0 - a)
         per_bin = np.array([np.clip(1 - var[which == b].sum() / ((y - mu)[which == b] ** 2).sum(), 0, 1)
                             for b in range(bins)])
         row = {"structure_bins_first_version": blend(per_bin[which]),

@@ -125,11 +125,14 @@ def filter_padded(y, pilot, variance, width: int):
     def gain(p):
         return p * p / (p * p + noise)
 
-    kept = None  # the sum of squared gains per block: the share of the noise it keeps
-    for p in _coefficient_maps(pilot, basis(width)):
+    rows = basis(width)
+    # the sum of squared gains per block (the share of the noise it keeps) must be known before
+    # any block is put back, so the pilot's coefficients are made twice rather than all held
+    kept = None
+    for p in _coefficient_maps(pilot, rows):
         kept = gain(p) ** 2 if kept is None else kept + gain(p) ** 2
     block_weight = 1.0 / (kept + 1e-12)
-    out = _filtered(y, pilot, basis(width), lambda c, p: block_weight * gain(p) * c)
+    out = _filtered(y, pilot, rows, lambda c, p: block_weight * gain(p) * c)
     weight = block_weight
     for axis in range(y.ndim):
         weight = _scatter_full(weight, np.ones(width), axis)

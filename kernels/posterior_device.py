@@ -27,14 +27,20 @@ def _reflect_index(n: int, reach: int) -> np.ndarray:
     return np.where(i >= n, 2 * n - 1 - i, i)
 
 
+def _reflect_axis(x, axis: int, reach: int):
+    """``x`` extended by ``reach`` on both sides of ``axis`` with scipy's ``reflect`` border."""
+    import torch
+
+    return torch.index_select(x, axis, torch.from_numpy(_reflect_index(x.shape[axis], reach)).to(x.device))
+
+
 def _correlate1d(x, weights, axis: int):
     """``scipy.ndimage.correlate1d(x, weights, axis, mode="reflect")`` for an odd, centred kernel."""
     import torch
     import torch.nn.functional as F
 
     reach = len(weights) // 2
-    index = torch.from_numpy(_reflect_index(x.shape[axis], reach)).to(x.device)
-    padded = torch.index_select(x, axis, index).movedim(axis, -1)
+    padded = _reflect_axis(x, axis, reach).movedim(axis, -1)
     shape = padded.shape
     w = torch.as_tensor(np.asarray(weights, np.float64), dtype=x.dtype, device=x.device).view(1, 1, -1)
     out = F.conv1d(padded.reshape(-1, 1, shape[-1]), w)  # conv1d correlates (no flip)
@@ -107,8 +113,6 @@ def apply(y, mu, table: dict[str, Any], *, sigma_2d: float = SIGMA_2D, blocks: b
 
 def _reflect_pad(x, reach: int):
     """``numpy.pad(x, reach, mode="symmetric")`` (scipy's ``reflect``) of a tensor."""
-    import torch
-
     for axis in range(x.ndim):
-        x = torch.index_select(x, axis, torch.from_numpy(_reflect_index(x.shape[axis], reach)).to(x.device))
+        x = _reflect_axis(x, axis, reach)
     return x
