@@ -108,13 +108,15 @@ def part_model_rate(cores: list[tuple[int, ...]], widths: list[int], device: str
             if width == widths[0]:
                 with torch.inference_mode():
                     mu = net.forward_padded(x.contiguous())[0].float()
-                    post_s = _median_seconds(lambda: posterior_device.apply(x[0], mu, table), device)
-                    first_s = _median_seconds(lambda: posterior_device.apply(x[0], mu, table, blocks=False), device)
+                    by_choice = {how: _median_seconds(lambda how=how: posterior_device.apply(x[0], mu, table, choice=how),
+                                                      device) for how in posterior.CHOICES if how != "off"}
+                    post_s, first_s = by_choice["pixel+blocks"], by_choice["pixel"]
                 host = np.random.default_rng(0).random((1, 1, *padded), dtype=np.float32)
                 copy_s = _median_seconds(lambda: torch.from_numpy(host).to(device).cpu().numpy(), device)
                 row = {"core": list(core), "padded": list(padded), "posterior_seconds": post_s,
                        "posterior_core_voxels_per_s": float(np.prod(core)) / post_s,
-                       "posterior_first_stage_seconds": first_s, "copy_in_out_seconds": copy_s}
+                       "posterior_first_stage_seconds": first_s, "posterior_seconds_by_choice": by_choice,
+                       "copy_in_out_seconds": copy_s}
                 rows.append(row)
                 print("model_rate", row, flush=True)
         net = x = None  # free the device before the next width

@@ -128,11 +128,14 @@ def learned(noisy_url: str, clean: np.ndarray, data_range: float, work: Path, cl
     card = train_denoise(noisy_url, model, method=method, overwrite=True, progress=False, device="cpu", **extra)
     row = {"method": method, "train_s": time.perf_counter() - t0, "steps_run": card.training["history"][-1]["step"],
            "width": card.architecture["width"], "validation_loss": card.validation_loss}
+    if card.posterior:  # the stages training chose by estimated risk, and the estimates (normalised units)
+        row["posterior_choice"] = {mode: card.posterior[mode]["choice"][0] for mode in ("plain", "tta")}
+        row["posterior_risk"] = {mode: card.posterior[mode]["risk"][0] for mode in ("plain", "tta")}
     for tta, posterior in [(tta, True) for tta in ttas] + ([("auto", False)] if posterior_off else []):
         out = str(work / f"out-{name}-{tta}-{posterior}.ome.zarr")
         t0 = time.perf_counter()
         summary, _ = denoise(noisy_url, out, model, client, progress=False, overwrite=True, tta=tta,
-                             posterior=posterior)
+                             posterior="auto" if posterior else "off")
         result = read(out)
         key = ("" if tta == "auto" else f"_tta_{tta}") + ("" if posterior else "_posterior_off")
         row.update({f"psnr{key}": psnr(result, clean, data_range), f"ssim{key}": ssim(result, clean, data_range),
@@ -175,7 +178,7 @@ def _probed(model: str, noisy: np.ndarray):
     from kernels import posterior
     from kernels.denoise import DenoiseKernel
 
-    kernel = DenoiseKernel(DenoiseKernel.Params(model=model, tta=True, posterior=False))
+    kernel = DenoiseKernel(DenoiseKernel.Params(model=model, tta=True, posterior="off"))
     kernel.load("cpu")
     lo, hi = np.percentile(noisy, kernel.traits.percentiles)
     y = ((noisy - lo) / (hi - lo)).astype(np.float32)

@@ -53,42 +53,55 @@ def basis(width: int) -> np.ndarray:
     return dct(np.eye(width), norm="ortho", axis=0)
 
 
-def _zeros(like, shape: tuple[int, ...]):
-    """Zeros of ``shape`` beside ``like`` (a numpy array or a torch tensor: the filter below is
-    written once for both, with slicing and arithmetic alone)."""
-    return like.new_zeros(shape) if hasattr(like, "new_zeros") else np.zeros(shape, like.dtype)
-
-
 def _correlate_valid(x, taps: np.ndarray, axis: int):
     """``sum_a taps[a] * x[q + a]`` along ``axis`` for every ``q`` whose window lies inside
-    (length ``n - len(taps) + 1``); a plain sum of shifted slices, so each value depends only
-    on the samples it reads (what tiled == untiled needs)."""
+    (length ``n - len(taps) + 1``), for numpy arrays (scipy) and torch tensors (``conv1d``)
+    alike; each value depends only on the samples it reads (what tiled == untiled needs)."""
     n = x.shape[axis] - len(taps) + 1
-    index = [slice(None)] * x.ndim
     if isinstance(x, np.ndarray):  # scipy's correlation (one pass in C), its centred window shifted to the start
+        index = [slice(None)] * x.ndim
         index[axis] = slice(len(taps) // 2, len(taps) // 2 + n)
         return ndimage.correlate1d(x, taps, axis=axis, mode="constant")[tuple(index)]
-    out = _zeros(x, tuple(x.shape[:axis]) + (n,) + tuple(x.shape[axis + 1:]))
-    for a, t in enumerate(taps):
-        index[axis] = slice(a, a + n)
-        out += float(t) * x[tuple(index)]
-    return out
+    import torch
+    import torch.nn.functional as F
+
+    moved = x.movedim(axis, -1)
+    w = torch.as_tensor(np.ascontiguousarray(taps, np.float64), dtype=x.dtype, device=x.device).view(1, 1, -1)
+    out = F.conv1d(moved.reshape(-1, 1, moved.shape[-1]), w)  # conv1d correlates (no flip)
+    return out.reshape(*moved.shape[:-1], n).movedim(-1, axis)
+
+
+def _pad_zeros(z, axis: int, width: int):
+    """``z`` with ``width`` zeros added at both ends of ``axis`` (numpy or torch)."""
+    if isinstance(z, np.ndarray):
+        widths = [(0, 0)] * z.ndim
+        widths[axis] = (width, width)
+        return np.pad(z, widths)
+    import torch
+
+    shape = list(z.shape)
+    shape[axis] = width
+    zeros = z.new_zeros(shape)
+    return torch.cat([zeros, z, zeros], dim=axis)
 
 
 def _scatter_full(z, taps: np.ndarray, axis: int):
     """The transpose of :func:`_correlate_valid`: ``out[q + a] += taps[a] * z[q]`` (length
-    ``n + len(taps) - 1``): a block's coefficient put back onto the pixels it covers."""
-    if isinstance(z, np.ndarray):  # a correlation with the taps reversed, over zeros beyond the ends
-        widths = [(0, 0)] * z.ndim
-        widths[axis] = (len(taps) - 1, len(taps) - 1)
-        return _correlate_valid(np.pad(z, widths), np.asarray(taps)[::-1], axis)
-    n = z.shape[axis]
-    out = _zeros(z, tuple(z.shape[:axis]) + (n + len(taps) - 1,) + tuple(z.shape[axis + 1:]))
-    index = [slice(None)] * z.ndim
-    for a, t in enumerate(taps):
-        index[axis] = slice(a, a + n)
-        out[tuple(index)] += float(t) * z
-    return out
+    ``n + len(taps) - 1``): a block's coefficient put back onto the pixels it covers, as a
+    correlation with the taps reversed over zeros beyond the ends."""
+    return _correlate_valid(_pad_zeros(z, axis, len(taps) - 1), np.asarray(taps)[::-1], axis)
+
+
+def _separable(x, taps: np.ndarray):
+    """:func:`_correlate_valid` along every axis."""
+    for axis in range(x.ndim):
+        x = _correlate_valid(x, taps, axis)
+    return x
+
+
+def _crop(x, reach: int):
+    """``x`` without ``reach`` samples at both ends of every axis."""
+    return x[tuple(slice(reach, n - reach) for n in x.shape)] if reach else x
 
 
 def _coefficient_maps(x, rows: np.ndarray, axis: int = 0):
@@ -115,29 +128,49 @@ def _filtered(y, pilot, rows: np.ndarray, scale, axis: int = 0):
     return total
 
 
-def filter_padded(y, pilot, variance, width: int):
-    """The filter on arrays padded by ``width - 1`` on every side (numpy arrays or float64 torch
-    tensors alike); returns the unpadded result."""
-    noise = variance
-    for axis in range(y.ndim):  # the noise variance averaged over each block
-        noise = _correlate_valid(noise, np.full(width, 1.0 / width), axis)
-
-    def gain(p):
-        return p * p / (p * p + noise)
-
+def _aggregate(y, pilot, width: int, gain, crop: int = 0):
+    """Every block of ``y`` filtered in the DCT domain by ``gain(p)`` of the same coefficient
+    ``p`` of ``pilot``, and the blocks put back with BM3D's weights (``1 / sum(gain ** 2)`` per
+    block: a block whose gains keep less noise counts more); ``gain`` reads ``crop`` maps'
+    samples beyond each side (its output is that much shorter). Returns the result without
+    the ``width - 1`` padding the blocks need."""
     rows = basis(width)
-    # the sum of squared gains per block (the share of the noise it keeps) must be known before
-    # any block is put back, so the pilot's coefficients are made twice rather than all held
+    # the sum of squared gains per block must be known before any block is put back, so the
+    # pilot's coefficients are made twice rather than all held (B ** ndim maps of the tile)
     kept = None
     for p in _coefficient_maps(pilot, rows):
         kept = gain(p) ** 2 if kept is None else kept + gain(p) ** 2
     block_weight = 1.0 / (kept + 1e-12)
-    out = _filtered(y, pilot, rows, lambda c, p: block_weight * gain(p) * c)
+    out = _filtered(y, pilot, rows, lambda c, p: block_weight * gain(p) * _crop(c, crop))
     weight = block_weight
     for axis in range(y.ndim):
         weight = _scatter_full(weight, np.ones(width), axis)
-    pad = width - 1
-    return (out / weight)[tuple(slice(pad, n - pad) for n in out.shape)]
+    return _crop(out / weight, width - 1)
+
+
+def filter_padded(y, pilot, variance, width: int):
+    """The Wiener filter on arrays padded by ``width - 1`` on every side (numpy arrays or float64
+    torch tensors alike); returns the unpadded result."""
+    noise = _separable(variance, np.full(width, 1.0 / width))  # the noise variance averaged over each block
+    return _aggregate(y, pilot, width, lambda p: p * p / (p * p + noise))
+
+
+def shrink_padded(residual, variance, width: int, window: np.ndarray):
+    """The per-frequency form of the posterior step's first stage, on arrays padded by ``width -
+    1 + len(window) // 2`` (numpy or float64 torch): each block DCT coefficient ``c`` of the
+    ``residual`` (noisy image less prediction) kept in the share ``1 - G[var] / G[c ** 2]``
+    (clipped to [0, 1]), ``G`` the sum over the taps ``window`` around the block along every
+    axis: Stein's unbiased risk estimate of a kept share minimised over the window, for each
+    frequency apart. Returns the unpadded filtered residual."""
+    noise = _separable(_separable(variance, np.full(width, 1.0 / width)), window)
+
+    def gain(c):
+        energy = _separable(c * c, window)
+        if isinstance(energy, np.ndarray):
+            return np.clip(1.0 - noise / np.maximum(energy, 1e-30), 0.0, 1.0)
+        return (1.0 - noise / energy.clamp_min(1e-30)).clamp(0.0, 1.0)
+
+    return _aggregate(residual, residual, width, gain, crop=len(window) // 2)
 
 
 def apply(y: np.ndarray, pilot: np.ndarray, variance: np.ndarray, *, block: int | None = None) -> np.ndarray:
@@ -146,3 +179,12 @@ def apply(y: np.ndarray, pilot: np.ndarray, variance: np.ndarray, *, block: int 
     width = block or BLOCK[np.ndim(y)]
     padded = (np.pad(np.asarray(a, np.float64), width - 1, mode="symmetric") for a in (y, pilot, variance))
     return filter_padded(*padded, width)
+
+
+def shrink(residual: np.ndarray, variance: np.ndarray, window: np.ndarray, *, block: int | None = None) -> np.ndarray:
+    """:func:`shrink_padded` of one channel's whole ``residual`` (``variance``: the noise
+    variance per pixel; ``window``: the SURE window's taps along one axis)."""
+    width = block or BLOCK[np.ndim(residual)]
+    pad = width - 1 + len(window) // 2
+    padded = (np.pad(np.asarray(a, np.float64), pad, mode="symmetric") for a in (residual, variance))
+    return shrink_padded(*padded, width, np.asarray(window, np.float64))

@@ -34,6 +34,7 @@ Method = Literal["n2v2", "n2s", "care", "n2n"]
 SELF_SUPERVISED = ("n2v2", "n2s")
 SUPERVISED = ("care", "n2n")  # trained on (input, target) pairs
 Loss = Literal["mse", "mae"]
+PosteriorMode = Literal["auto"] | posterior.Choice  # ``auto``: what training chose (``kernels.posterior.choose``)
 PatchSampler = Callable[[int, np.random.Generator], np.ndarray]  # (n, rng) -> (n, C, *patch) float32
 
 
@@ -193,14 +194,16 @@ def _train_one(sample: PatchSampler, validation: np.ndarray, cfg: TrainConfig, d
     return TrainResult(result.state_dict, net_cfg, result.best_val_loss, result.history, result.seconds, device)
 
 
-def fit_posterior(result: TrainResult, patches: np.ndarray, *, method: Method, batch: int = 8
-                  ) -> dict[str, Any] | None:
+def fit_posterior(result: TrainResult, patches: np.ndarray, regions: list[np.ndarray], *, method: Method,
+                  batch: int = 8) -> dict[str, Any] | None:
     """The posterior step's parameters (``kernels.posterior``: the noise line and the centre
     pixel's leak) for a trained blind-spot denoiser, fitted on noisy ``patches`` of its image
-    (normalised, ``(N, C, *patch)``), once for plain inference and once for test-time
-    augmentation (its prediction differs, and so does its leak), on the device it trained on.
-    None for supervised methods (their network already sees the pixel). One network only: the
-    caller leaves out uncertainty models, whose output is a mean over networks."""
+    (normalised, ``(N, C, *patch)``), and its choice of stages, made on larger ``regions``
+    (``(C, *spatial)`` each, wide enough for the stages' reach), once for plain inference and
+    once for test-time augmentation (its prediction differs, and so does its leak), on the
+    device it trained on. None for supervised methods (their network already sees the pixel).
+    One network only: the caller leaves out uncertainty models, whose output is a mean over
+    networks."""
     import torch
 
     from kernels.unet import UNet
@@ -222,6 +225,7 @@ def fit_posterior(result: TrainResult, patches: np.ndarray, *, method: Method, b
         mu, divergence = posterior.divergence_probe(predict, val)
         fits = [posterior.fit_channel(val[:, c], mu[:, c], divergence[:, c]) for c in range(val.shape[1])]
         out[mode] = {key: [f[key] for f in fits] for key in fits[0]}
+        out[mode].update(posterior.choose(predict, regions, out[mode], sigma_2d=posterior.SIGMA_2D))
     return out
 
 
@@ -242,25 +246,25 @@ class DenoiseKernel(UNetModelKernel):
     class Params(UNetModelKernel.Params):
         # test-time augmentation: the mean over the 8 flips / rotations of the last two axes (8x the cost)
         tta: bool = False
-        # blind-spot models: blend the noisy pixel back in (``kernels.posterior``) when the card has its parameters
-        posterior: bool = True
-        # ... then the step's second stage (``kernels.blockwiener``); off: the first stage alone (cheaper)
-        posterior_blocks: bool = True
+        # blind-spot models: the posterior step (``kernels.posterior``) when the card has its parameters:
+        # ``auto`` does what training chose for the image, ``off`` returns the network's output
+        posterior: PosteriorMode = "auto"
 
     def __init__(self, params: Params):
         super().__init__(params)
         self.tta = params.tta
-        tables = self.card.posterior if params.posterior and self.uncertainty is None else None
+        tables = self.card.posterior if params.posterior != "off" and self.uncertainty is None else None
         if tables and tables.get("method") != posterior.METHOD:
             raise ModelFileError(f"The model card's posterior step '{tables.get('method')}' is not the one this "
                                  f"tilewise applies ('{posterior.METHOD}'): re-train the model, or denoise with "
-                                 "--posterior off (posterior: false in a workflow).")
+                                 "--posterior off (posterior: off in a workflow).")
         self.posterior_table = tables["tta" if self.tta else "plain"] if tables else None
         self.posterior_sigma = float(tables["sigma_2d"]) if tables else posterior.SIGMA_2D
-        self.posterior_blocks = params.posterior_blocks
+        self.posterior_choice = params.posterior
         if self.posterior_table is not None:  # the step reads a window of the residual around each pixel
             rf = receptive_field(self.config)
-            extra = posterior.radius(self.config.ndim, self.posterior_sigma, blocks=self.posterior_blocks)
+            extra = max(posterior.radius(self.config.ndim, self.posterior_sigma, choice=how)
+                        for how in posterior.choices(self.posterior_table, self.posterior_choice))
             grown = ReceptiveField(tuple(n + extra for n in rf.low), tuple(n + extra for n in rf.high), rf.factor)
             self.traits = replace(self.traits, halo=grown.halo)
         if self.uncertainty is not None:
@@ -293,7 +297,7 @@ class DenoiseKernel(UNetModelKernel):
         """The prediction with the noisy pixel blended back in (``kernels.posterior``)."""
         if not self.posterior_on_device():
             return np.stack([posterior.apply(block, pred, self.posterior_table, sigma_2d=self.posterior_sigma,
-                                             blocks=self.posterior_blocks)
+                                             choice=self.posterior_choice)
                              for block, pred in zip(batch, self.predict(batch))])
         import torch
 
@@ -303,7 +307,7 @@ class DenoiseKernel(UNetModelKernel):
         mu = self.predict_on_device(x)
         with torch.inference_mode():
             return torch.stack([posterior_device.apply(block, pred, self.posterior_table, sigma_2d=self.posterior_sigma,
-                                                       blocks=self.posterior_blocks)
+                                                       choice=self.posterior_choice)
                                 for block, pred in zip(x, mu)]).cpu().numpy()
 
     def __call__(self, batch: np.ndarray, context: BatchContext) -> np.ndarray:

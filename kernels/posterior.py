@@ -42,7 +42,7 @@ the halo grows by the window's reach (:func:`radius`).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 from scipy import ndimage
@@ -51,6 +51,14 @@ from kernels import blockwiener
 from kernels.noise import second_difference_variance
 
 METHOD = "local-sure"  # the card's ``posterior["method"]``: the fitted table :func:`apply` reads
+# what the step may do, per channel: ``off`` (the prediction as is), the first stage as one
+# weight per ``pixel`` or per frequency ``band`` (``kernels.blockwiener.shrink``), either followed
+# by the second stage (``+blocks``, ``kernels.blockwiener.apply``); training picks the one with the
+# least estimated risk on the image (:func:`choose`) and writes it on the card
+Choice = Literal["off", "pixel", "pixel+blocks", "band", "band+blocks"]
+CHOICES: tuple[str, ...] = get_args(Choice)
+LEGACY_CHOICE = "pixel+blocks"  # cards fitted before the choice was written on them did this
+SELECTION_SEED = 1  # the divergence probe's signs in :func:`choose` (the fit's probe uses 0)
 WINDOW = 5  # pixels per spatial axis of the local-structure window (the noise line's flatter half, the leak's bins)
 LEAK_BINS = 8  # structure bins of the centre-pixel leak
 NOISE_BINS = 11  # intensity bins of the noise line: the top 1/2, 1/4, ... 1/1024 of the pixels
@@ -67,12 +75,26 @@ def window_sigma(ndim: int, sigma_2d: float = SIGMA_2D) -> float:
     return float((size * sigma_2d) ** (2.0 / ndim) / size)
 
 
-def radius(ndim: int, sigma_2d: float = SIGMA_2D, *, blocks: bool = True) -> int:
-    """Pixels the step reads beyond each side of a pixel (``scipy.ndimage.gaussian_filter``'s
-    reach at ``TRUNCATE``, plus the structure window's, which sets the leak of each pixel in
-    it, plus the second stage's blocks (``blocks``), which read the first stage's output): the
-    extra halo it needs beyond the network's receptive field."""
-    return int(TRUNCATE * window_sigma(ndim, sigma_2d) + 0.5) + WINDOW // 2 + (blockwiener.reach(ndim) if blocks else 0)
+def gaussian_taps(sigma: float, truncate: float = TRUNCATE) -> np.ndarray:
+    """``scipy.ndimage.gaussian_filter``'s taps for ``sigma`` at ``truncate`` (radius ``int(truncate
+    * sigma + 0.5)``), for filters that scipy does not run (torch, valid-mode correlations)."""
+    r = int(truncate * sigma + 0.5)
+    x = np.arange(-r, r + 1, dtype=np.float64)
+    phi = np.exp(-0.5 * (x / sigma) ** 2)
+    return phi / phi.sum()
+
+
+def radius(ndim: int, sigma_2d: float = SIGMA_2D, *, choice: str = LEGACY_CHOICE) -> int:
+    """Pixels the step reads beyond each side of a pixel: the extra halo it needs beyond the
+    network's receptive field. The first stage reads the Gaussian window (``TRUNCATE`` sigmas)
+    around each pixel, plus the structure window's reach (it sets the leak of each pixel in
+    it) for ``pixel`` or a block's for ``band``; ``+blocks`` reads the first stage's output
+    across one more block."""
+    if choice == "off":
+        return 0
+    window = int(TRUNCATE * window_sigma(ndim, sigma_2d) + 0.5)
+    first = window + (WINDOW // 2 if choice.startswith("pixel") else blockwiener.reach(ndim))
+    return first + (blockwiener.reach(ndim) if choice.endswith("+blocks") else 0)
 
 
 def structure(mu: np.ndarray) -> np.ndarray:
@@ -160,18 +182,83 @@ def weights(y: np.ndarray, mu: np.ndarray, noise: list[float], leak_centres: lis
     return np.clip(1.0 - noise_sum / np.maximum(residual_sum, 1e-30), 0.0, 1.0)
 
 
+def channel_table(table: dict[str, Any], c: int) -> dict[str, Any]:
+    """Channel ``c``'s entries of a card table (each key holds one value per channel)."""
+    return {key: values[c] for key, values in table.items()}
+
+
+def choices(table: dict[str, Any], choice: str = "auto") -> list[str]:
+    """The step's choice per channel: ``choice`` itself, or with ``auto`` the card's (cards
+    written before it held one: what they did then, :data:`LEGACY_CHOICE`)."""
+    if choice != "auto":
+        return [choice] * len(table["noise"])
+    return list(table.get("choice") or [LEGACY_CHOICE] * len(table["noise"]))
+
+
+def stages(y: np.ndarray, mu: np.ndarray, fit: dict[str, Any], choice: str, *, sigma_2d: float = SIGMA_2D
+           ) -> np.ndarray:
+    """One channel through the step as ``choice`` says (float64 arrays, normalised units; ``fit``:
+    the channel's :func:`fit_channel` entries)."""
+    if choice == "off":
+        return mu
+    variance = noise_variance(mu, fit["noise"])
+    if choice.startswith("pixel"):
+        first = mu + weights(y, mu, fit["noise"], fit["leak_centres"], fit["leak"], sigma_2d=sigma_2d) * (y - mu)
+    else:
+        first = mu + blockwiener.shrink(y - mu, variance, gaussian_taps(window_sigma(mu.ndim, sigma_2d)))
+    return blockwiener.apply(y, first, variance) if choice.endswith("+blocks") else first
+
+
 def apply(y: np.ndarray, mu: np.ndarray, table: dict[str, Any], *, sigma_2d: float = SIGMA_2D,
-          blocks: bool = True) -> np.ndarray:
+          choice: str = "auto") -> np.ndarray:
     """The posterior output of ``(C, *spatial)`` input ``y`` and prediction ``mu`` (normalised
     units); ``table``: the card's entry for the inference mode (one noise line and leak table
-    per channel); ``blocks``: the second stage too."""
+    per channel, and the choice training made); ``choice``: ``auto`` (the card's) or one of
+    :data:`CHOICES` for every channel."""
     out = np.empty(np.shape(mu), np.float32)
-    for c, (yc, mc) in enumerate(zip(y, mu)):
-        yc, mc = np.asarray(yc, np.float64), np.asarray(mc, np.float64)
-        w = weights(yc, mc, table["noise"][c], table["leak_centres"][c], table["leak"][c], sigma_2d=sigma_2d)
-        first = mc + w * (yc - mc)
-        out[c] = blockwiener.apply(yc, first, noise_variance(mc, table["noise"][c])) if blocks else first
+    for c, (yc, mc, how) in enumerate(zip(y, mu, choices(table, choice))):
+        out[c] = stages(np.asarray(yc, np.float64), np.asarray(mc, np.float64), channel_table(table, c), how,
+                        sigma_2d=sigma_2d)
     return out
+
+
+def choose(predict, regions: list[np.ndarray], table: dict[str, Any], *, sigma_2d: float = SIGMA_2D
+           ) -> dict[str, list]:
+    """Per channel, the choice of :data:`CHOICES` with the least estimated mean squared error on
+    ``regions`` (``(C, *spatial)`` noisy crops of the image, normalised), and every choice's
+    estimate: Stein's unbiased risk estimate ``|f(y) - y|^2 - var + 2 var df/dy`` with the
+    divergence of the whole step (network included) probed by Monte Carlo, as
+    :func:`divergence_probe` does for the network alone. No clean image is needed, so every
+    image gets its own: on sparse fluorescence, where the network's prediction is already
+    within a few percent of the noise in the background, every stage costs a little (a 2D
+    light-sheet slice at 20 photons: 39.83 dB alone, 39.63 / 39.56 with the pixel stages),
+    while on textured grey images the per-band stage wins (chelsea 30.40 -> 30.76 dB with
+    blocks); the estimate ranked the best first on each tuning image (``kernels.blockwiener``).
+    Pixels within the step's reach of a region's edge are left out of the sums (less on
+    short axes), so the estimate reads what tiled inference computes."""
+    n_channels = len(table["noise"])
+    sums = {how: np.zeros(n_channels) for how in CHOICES}
+    count = 0
+    rng = np.random.default_rng(SELECTION_SEED)
+    for region in regions:
+        y = np.asarray(region, np.float32)
+        signs = rng.choice(np.array([-1.0, 1.0], np.float32), size=y.shape)
+        nudged = y + np.float32(EPSILON) * signs
+        mu, mu_nudged = predict(y[None])[0], predict(nudged[None])[0]
+        margin = radius(y.ndim - 1, sigma_2d, choice="band+blocks")
+        inner = tuple(slice(min(margin, n // 4), n - min(margin, n // 4)) for n in y.shape[1:])
+        count += int(np.prod([s.stop - s.start for s in inner]))
+        for c in range(n_channels):
+            fit = channel_table(table, c)
+            yc, yn, mc, mn = (np.asarray(a[c], np.float64) for a in (y, nudged, mu, mu_nudged))
+            variance = noise_variance(mc, fit["noise"])
+            for how in CHOICES:
+                out = stages(yc, mc, fit, how, sigma_2d=sigma_2d)
+                divergence = signs[c] * (stages(yn, mn, fit, how, sigma_2d=sigma_2d) - out) / EPSILON
+                risk = (out - yc) ** 2 - variance + 2.0 * variance * divergence
+                sums[how][c] += float(risk[inner].sum())
+    risks = [{how: sums[how][c] / max(count, 1) for how in CHOICES} for c in range(n_channels)]
+    return {"choice": [min(r, key=r.get) for r in risks], "risk": risks}
 
 
 def noise_variance(mu: np.ndarray, noise: list[float]) -> np.ndarray:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from kernels import blockwiener
-from kernels.posterior import SIGMA_2D, TRUNCATE, WINDOW, noise_variance, window_sigma
+from kernels.posterior import SIGMA_2D, WINDOW, channel_table, choices, gaussian_taps, noise_variance, window_sigma
 
 
 def _reflect_index(n: int, reach: int) -> np.ndarray:
@@ -53,14 +53,6 @@ def _separable(x, weights):
     return x
 
 
-def gaussian_weights(sigma: float, truncate: float = TRUNCATE) -> np.ndarray:
-    """``scipy.ndimage.gaussian_filter``'s taps for ``sigma`` at ``truncate``."""
-    r = int(truncate * sigma + 0.5)
-    x = np.arange(-r, r + 1, dtype=np.float64)
-    phi = np.exp(-0.5 * (x / sigma) ** 2)
-    return phi / phi.sum()
-
-
 def structure(mu):
     """``kernels.posterior.structure`` of one channel (a float64 tensor)."""
     box = np.full(WINDOW, 1.0 / WINDOW)
@@ -85,30 +77,38 @@ def interp(x, xp: list[float], fp: list[float]):
 
 def weights(y, mu, noise: list[float], leak_centres: list[float], leak: list[float], *, sigma_2d: float = SIGMA_2D):
     """``kernels.posterior.weights`` of one channel, for float64 tensors on any device."""
-    gauss = gaussian_weights(window_sigma(mu.ndim, sigma_2d))
+    gauss = gaussian_taps(window_sigma(mu.ndim, sigma_2d))
     kept = 1.0 - interp(structure(mu), leak_centres, leak)
     noise_sum = _separable(noise_variance(mu, noise) * kept, gauss)
     residual_sum = _separable((y - mu) ** 2, gauss)
     return (1.0 - noise_sum / residual_sum.clamp_min(1e-30)).clamp(0.0, 1.0)
 
 
-def apply(y, mu, table: dict[str, Any], *, sigma_2d: float = SIGMA_2D, blocks: bool = True):
+def stages(y, mu, fit: dict[str, Any], choice: str, *, sigma_2d: float = SIGMA_2D):
+    """``kernels.posterior.stages`` of one channel, for float64 tensors on any device (the
+    blocks padded with scipy's ``reflect``, as ``numpy.pad``'s ``symmetric`` there)."""
+    if choice == "off":
+        return mu
+    variance = noise_variance(mu, fit["noise"])
+    width = blockwiener.BLOCK[mu.ndim]
+    if choice.startswith("pixel"):
+        first = mu + weights(y, mu, fit["noise"], fit["leak_centres"], fit["leak"], sigma_2d=sigma_2d) * (y - mu)
+    else:
+        taps = gaussian_taps(window_sigma(mu.ndim, sigma_2d))
+        pad = width - 1 + len(taps) // 2
+        first = mu + blockwiener.shrink_padded(_reflect_pad(y - mu, pad), _reflect_pad(variance, pad), width, taps)
+    if not choice.endswith("+blocks"):
+        return first
+    return blockwiener.filter_padded(*(_reflect_pad(a, width - 1) for a in (y, first, variance)), width)
+
+
+def apply(y, mu, table: dict[str, Any], *, sigma_2d: float = SIGMA_2D, choice: str = "auto"):
     """``kernels.posterior.apply`` for ``(C, *spatial)`` tensors on the network's device; returns
     a float32 tensor there."""
     import torch
 
-    out = []
-    for c in range(mu.shape[0]):
-        yc, mc = y[c].double(), mu[c].double()
-        w = weights(yc, mc, table["noise"][c], table["leak_centres"][c], table["leak"][c], sigma_2d=sigma_2d)
-        first = mc + w * (yc - mc)
-        if not blocks:
-            out.append(first.float())
-            continue
-        width = blockwiener.BLOCK[mc.ndim]
-        padded = (_reflect_pad(a, width - 1) for a in (yc, first, noise_variance(mc, table["noise"][c])))
-        out.append(blockwiener.filter_padded(*padded, width).float())
-    return torch.stack(out)
+    return torch.stack([stages(y[c].double(), mu[c].double(), channel_table(table, c), how, sigma_2d=sigma_2d).float()
+                        for c, how in enumerate(choices(table, choice))])
 
 
 def _reflect_pad(x, reach: int):

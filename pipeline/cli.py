@@ -170,8 +170,7 @@ def cmd_denoise(args) -> None:
     with _client(args) as client:
         summary, report = denoise(args.input, args.output, args.model, client,
                                   _engine_options(args, len(source.spatial_dims)), out_dtype=args.dtype,
-                                  precision=args.precision, tta=args.tta, posterior=args.posterior != "off",
-                                  posterior_blocks=args.posterior == "on")
+                                  precision=args.precision, tta=args.tta, posterior=args.posterior)
     print(f"wrote {args.output}: {summary.computed} tiles computed, {summary.skipped} already "
           f"done, {summary.voxels_per_s / 1e6:.2f} Mvox/s{_outside_note(summary.outside, summary.tiles)}; residual std {report.residual_std_median:.4f} "
           f"(normalised), {len(report.flagged)} tiles flagged")
@@ -419,6 +418,8 @@ def _engine_options(args, ndim: int):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from kernels.posterior import CHOICES as POSTERIOR_CHOICES  # numpy and scipy only, no torch
+
     parser = argparse.ArgumentParser(prog="tilewise", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     parser.add_argument("-q", "--quiet", action="store_true", help="only errors: no progress, notes or warnings")
@@ -669,11 +670,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", choices=("auto", "on", "off"), default="auto",
                    help="test-time augmentation: average the 8 flips / rotations (8x the cost); auto: on for "
                         "inputs up to 2^26 pixels (single images), off for larger volumes")
-    p.add_argument("--posterior", choices=("on", "first", "off"), default="on",
-                   help="N2V2 / Noise2Self models: blend each noisy pixel back into the prediction, more where "
-                        "the residual around it holds more than noise (edges, texture), then filter the image in "
-                        "blocks guided by that result; first: the blend alone (cheaper); off: the network's output "
-                        "alone")
+    p.add_argument("--posterior", choices=("auto", *POSTERIOR_CHOICES), default="auto",
+                   help="N2V2 / Noise2Self models: put each noisy pixel back into the prediction where the residual "
+                        "around it holds more than noise (edges, texture), with one weight per pixel or per "
+                        "frequency band, then (+blocks) filter the image in blocks guided by that result; auto "
+                        "(default): what training chose for this image by estimated risk (written on the model "
+                        "card); off: the network's output alone")
     _add_precision_option(p)
     _add_engine_options(p)
     _add_cluster_options(p)

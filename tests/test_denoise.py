@@ -208,21 +208,22 @@ def test_tiled_posterior_equals_untiled_and_changes_the_output(tmp_path, client,
     weights = posterior.weights(y, mu, table["noise"][0], table["leak_centres"][0], table["leak"][0])
     assert 0 < weights.min() and weights.max() < 1 and np.ptp(weights) > 0.05  # unclipped: each pixel's window counts
     model = tmp_path / "with-posterior"
+    chosen = table | {"choice": ["band+blocks"]}  # what training would have written: auto applies it
     save_model(model, result.state_dict, card.model_copy(update={"posterior": {
-        "method": posterior.METHOD, "sigma_2d": posterior.SIGMA_2D, "plain": table, "tta": table}}))
+        "method": posterior.METHOD, "sigma_2d": posterior.SIGMA_2D, "plain": chosen, "tta": chosen}}))
     url = str(tmp_path / "in.ome.zarr")
     sink = create_image(url, shape=shape, dtype=np.uint16, axes=default_axes("zyx"[-ndim:]), chunks=chunks, n_levels=1)
     sink.write((slice(None),) * ndim, data)
     results = {}
-    for name, tile, post in (("t", chunks, "on"), ("w", shape, "on"), ("off", shape, "off"),
-                             ("t1", chunks, "first"), ("w1", shape, "first")):  # first: the blend, not the blocks
+    for name, tile, post in (("t", chunks, "auto"), ("w", shape, "auto"), ("off", shape, "off"),
+                             ("t1", chunks, "pixel"), ("w1", shape, "pixel")):  # pixel: one weight each, no blocks
         denoise(url, str(tmp_path / f"{name}.ome.zarr"), str(model), client, progress=False, tile_shape=tile,
-                posterior=post != "off", posterior_blocks=post == "on", tta="off")
+                posterior=post, tta="off")
         results[name] = open_image(str(tmp_path / f"{name}.ome.zarr")).read((slice(None),) * ndim)
     a, b, off = results["t"], results["w"], results["off"]
     assert np.abs(a - b).max() <= 1e-5 * max(1.0, np.abs(b).max())
     assert np.abs(results["t1"] - results["w1"]).max() <= 1e-5 * max(1.0, np.abs(b).max())
-    assert np.abs(results["w1"] - b).max() > 100 * 1e-5 * np.abs(b).max()  # the second stage changed the output
+    assert np.abs(results["w1"] - b).max() > 100 * 1e-5 * np.abs(b).max()  # the choices differ
     on_gpu = DenoiseKernel(DenoiseKernel.Params(model=str(model)))  # a GPU worker's path: the step in torch
     on_gpu.load("cpu")
     on_gpu.posterior_on_device = lambda: True
@@ -234,17 +235,24 @@ def test_tiled_posterior_equals_untiled_and_changes_the_output(tmp_path, client,
     from kernels.unet import receptive_field
 
     rf = receptive_field(kernel.config)
-    assert all(h >= max(lo, hi) + posterior.radius(ndim) for h, lo, hi in zip(run["halo"][-ndim:], rf.low, rf.high))
-    assert json.load(open(tmp_path / "off.ome.zarr" / "_tilewise" / "run.json"))["kernel_params"]["posterior"] is False
+    assert all(h >= max(lo, hi) + posterior.radius(ndim, choice="band+blocks")
+               for h, lo, hi in zip(run["halo"][-ndim:], rf.low, rf.high))
+    assert "posterior" not in run["kernel_params"]  # auto: the card's choice, pinned by the weights' hash
+    assert json.load(open(tmp_path / "off.ome.zarr" / "_tilewise" / "run.json"))["kernel_params"]["posterior"] == "off"
     first = json.load(open(tmp_path / "t1.ome.zarr" / "_tilewise" / "run.json"))
-    assert first["kernel_params"]["posterior_blocks"] is False
-    assert all(h >= max(lo, hi) + posterior.radius(ndim, blocks=False) for h, lo, hi in
+    assert first["kernel_params"]["posterior"] == "pixel"
+    assert all(h >= max(lo, hi) + posterior.radius(ndim, choice="pixel") for h, lo, hi in
                zip(first["halo"][-ndim:], rf.low, rf.high))
+    legacy = tmp_path / "before-the-choice"  # a card fitted before choices were written: what it did then
+    save_model(legacy, result.state_dict, card.model_copy(update={"posterior": {
+        "method": posterior.METHOD, "sigma_2d": posterior.SIGMA_2D, "plain": table, "tta": table}}))
+    assert DenoiseKernel(DenoiseKernel.Params(model=str(legacy))).traits.halo == \
+        DenoiseKernel(DenoiseKernel.Params(model=str(model), posterior="pixel+blocks")).traits.halo
     older = tmp_path / "older-step"  # a card whose step this tilewise does not apply: refused, naming the way out
     save_model(older, result.state_dict, card.model_copy(update={"posterior": {"method": "sure-linear"}}))
     with pytest.raises(ModelFileError, match="--posterior off"):
         DenoiseKernel(DenoiseKernel.Params(model=str(older)))
-    assert DenoiseKernel(DenoiseKernel.Params(model=str(older), posterior=False)).posterior_table is None
+    assert DenoiseKernel(DenoiseKernel.Params(model=str(older), posterior="off")).posterior_table is None
 
 
 def test_residual_guard_flags_structure_but_not_noise(tiny_models):
@@ -266,8 +274,12 @@ def test_cli_train_and_denoise(tmp_path, client, capsys):
     args = ["-q", "train", "denoise", url, model, "--patch", "16,16", "--steps", "4", "--batch", "2", "--width", "4"]
     assert main(args) == 0 and "validation loss" in capsys.readouterr().out
     assert main(args) == 2 and "--overwrite" in capsys.readouterr().err
+    from kernels import posterior
+
     blend = read_card(model).posterior  # the posterior step's noise line and leak, fitted on its patches
     assert set(blend) == {"method", "sigma_2d", "plain", "tta"} and blend["method"] == "local-sure"
+    assert all(blend[mode]["choice"][0] in posterior.CHOICES and set(blend[mode]["risk"][0]) == set(posterior.CHOICES)
+               for mode in ("plain", "tta"))  # the stages chosen by estimated risk, each estimate kept
     assert all(0 <= min(blend[mode]["leak"][0]) <= max(blend[mode]["leak"][0]) < 1 and blend[mode]["noise"][0][2] > 0
                for mode in ("plain", "tta"))
     out = str(tmp_path / "out.ome.zarr")

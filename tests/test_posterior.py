@@ -79,8 +79,10 @@ def test_local_sure_helps_a_blind_predictor_and_accounts_for_a_leaking_one():
 def test_window_holds_as_many_pixels_in_3d():
     assert posterior.window_sigma(2) == posterior.SIGMA_2D
     assert abs((2 * np.sqrt(np.pi) * posterior.window_sigma(3)) ** 3 - (2 * np.sqrt(np.pi) * 10) ** 2) < 1e-6
-    # the window, the structure's, then the second stage's blocks
+    # the window, the structure's (pixel) or a block's (band), then the second stage's blocks
     assert posterior.radius(2) == 25 + 2 + 7 and posterior.radius(3) == 8 + 2 + blockwiener.reach(3)
+    assert posterior.radius(2, choice="pixel") == 27 and posterior.radius(2, choice="band") == 25 + 7
+    assert posterior.radius(2, choice="band+blocks") == 25 + 7 + 7 and posterior.radius(3, choice="off") == 0
 
 
 def test_noise_line_reads_signal_dependent_noise():
@@ -113,9 +115,10 @@ def test_the_step_in_torch_matches_scipy():
         mu = ndimage.gaussian_filter(y[0], 1.2).astype(np.float32)[None]
         w = posterior.weights(y[0], mu[0], table["noise"][0], table["leak_centres"][0], table["leak"][0])
         assert 0.05 < w.mean() < 0.95 and np.ptp(w) > 0.2  # weights in play, not all clipped
-        reference = posterior.apply(y, mu, table)
-        got = posterior_device.apply(torch.from_numpy(y), torch.from_numpy(mu), table).numpy()
-        assert got.dtype == np.float32 and np.abs(got - reference).max() <= 1e-6
+        for choice in posterior.CHOICES:
+            reference = posterior.apply(y, mu, table, choice=choice)
+            got = posterior_device.apply(torch.from_numpy(y), torch.from_numpy(mu), table, choice=choice).numpy()
+            assert got.dtype == np.float32 and np.abs(got - reference).max() <= 1e-6, choice
     x = np.concatenate([rng.uniform(-0.01, 0.02, 500), [0.0, 1e-3, 0.01, -1.0, 1.0]])
     for xp in ([0.0, 0.0, 1e-3, 0.01, 0.01], [0.005], [0.0, 0.01]):
         fp = list(rng.random(len(xp)))
@@ -163,3 +166,62 @@ def test_block_wiener_improves_a_pilot_and_reads_only_its_reach():
         width = blockwiener.BLOCK[len(shape)]
         padded = (_reflect_pad(torch.from_numpy(a), width - 1) for a in (noisy, pilot, variance))
         assert np.abs(blockwiener.filter_padded(*padded, width).numpy() - out).max() < 1e-12
+
+
+def test_band_stage_reads_only_its_reach_and_matches_torch():
+    """The per-band first stage (``kernels.blockwiener.shrink``): on a blurred prediction of a
+    textured image it puts back more of the texture than of the noise (nearer the clean image
+    than the prediction, in 2D and 3D); a pixel's output depends on nothing beyond the stage's
+    reach (a crop with that margin gives the same values, one pixel less does not); torch
+    computes the same."""
+    import torch
+
+    from kernels.posterior_device import _reflect_pad
+
+    for shape in ((120, 112), (36, 40, 36)):
+        clean = _textured(len(shape), shape)
+        noisy = clean + np.random.default_rng(5).normal(0, 0.08, shape)
+        mu = ndimage.gaussian_filter(noisy, 1.5)
+        variance = np.full(shape, 0.08**2)
+        taps = posterior.gaussian_taps(posterior.window_sigma(len(shape)))
+        out = mu + blockwiener.shrink(noisy - mu, variance, taps)
+        assert _psnr(out, clean) > _psnr(mu, clean) + 0.3, (shape, _psnr(out, clean), _psnr(mu, clean))
+        r = posterior.radius(len(shape), choice="band")
+        crop = tuple(slice(5, n - 3) for n in shape)
+        part = mu[crop] + blockwiener.shrink((noisy - mu)[crop], variance[crop], taps)
+        inner = tuple(slice(r, (c.stop - c.start) - r) for c in crop)
+        assert np.array_equal(part[inner], out[crop][inner])
+        wider = tuple(slice(r - 1, (c.stop - c.start) - r + 1) for c in crop)
+        assert not np.array_equal(part[wider], out[crop][wider])  # one pixel nearer the edge: it does differ
+        width = blockwiener.BLOCK[len(shape)]
+        pad = width - 1 + len(taps) // 2
+        padded = (_reflect_pad(torch.from_numpy(a), pad) for a in (noisy - mu, variance))
+        assert np.abs(blockwiener.shrink_padded(*padded, width, taps).numpy() - (out - mu)).max() < 1e-12
+
+
+def test_the_choice_follows_the_estimated_risk():
+    """``kernels.posterior.choose`` picks the stages by Stein's unbiased risk estimate, with no
+    clean image: a predictor that is already right everywhere keeps its output (``off``: every
+    stage could only put noise back); a blurring one gets stages, and the one picked is within
+    0.1 dB of the best against the clean image. Each estimate is near the true error."""
+    clean = _textured(2, (160, 160))
+    sigma = 0.08
+    noisy = clean + np.random.default_rng(7).normal(0, sigma, clean.shape)
+    table = {"noise": [[sigma**2, 0.0, sigma**2]], "leak_centres": [[0.0, 1.0]], "leak": [[0.0, 0.0]]}
+
+    def exact(x):
+        return np.broadcast_to(clean, x.shape).astype(np.float32)
+
+    assert posterior.choose(exact, [noisy[None]], table)["choice"] == ["off"]
+
+    def blurred(x):  # a linear smoother: the probe's divergence is exact, the leak its centre tap
+        return np.stack([[ndimage.gaussian_filter(c, 1.5, mode="reflect") for c in p] for p in x])
+
+    picked = posterior.choose(blurred, [noisy[None]], table)
+    mu = blurred(noisy[None, None])[0]
+    inner = (slice(39, -39),) * 2  # the pixels the estimate sums over (the stages' reach left out)
+    truth = {how: np.mean(((posterior.apply(noisy[None], mu, table, choice=how)[0] - clean) ** 2)[inner])
+             for how in posterior.CHOICES}
+    choice = picked["choice"][0]
+    assert choice != "off" and 10 * np.log10(truth[choice] / min(truth.values())) < 0.1, (picked, truth)
+    assert all(abs(picked["risk"][0][how] - truth[how]) < 0.06 * truth[how] for how in posterior.CHOICES), (picked, truth)

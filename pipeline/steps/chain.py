@@ -36,7 +36,7 @@ def denoise_then_segment(input_url: str, output_url: str, model_dir: str,
                          segment_spec: Callable[[str | ImageSource], KernelSpec], client: Any, *,
                          denoise_options: EngineOptions, segment_options: EngineOptions, fuse: bool = True,
                          out_dtype: str = "float32", precision: str = "fp32", tta: str | bool = "auto",
-                         posterior: bool = True, posterior_blocks: bool = True, name: str = "nuclei",
+                         posterior: str = "auto", name: str = "nuclei",
                          iou: float = 0.5) -> ChainSummary:
     """Denoise ``input_url`` into the image ``output_url`` with the model in ``model_dir``, then
     segment it with the kernel ``segment_spec(image)`` builds for the denoised image (its global
@@ -45,7 +45,7 @@ def denoise_then_segment(input_url: str, output_url: str, model_dir: str,
     ``fuse=False``, one after the other. The two options carry each step's workspace."""
     started = time.perf_counter()
     dense = begin_denoise(input_url, output_url, model_dir, client, denoise_options, out_dtype=out_dtype,
-                          precision=precision, tta=tta, posterior=posterior, posterior_blocks=posterior_blocks)
+                          precision=precision, tta=tta, posterior=posterior)
     seconds: dict[str, float] = {}
     why = _unfusable(dense.job.blend, segment_options) if fuse else "fuse is off"
     if why is None:

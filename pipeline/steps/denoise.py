@@ -50,15 +50,14 @@ class ResidualReport:
 TTA_AUTO_PIXELS = 2**26
 
 
-def model_spec(model_dir: str, *, precision: str = "fp32", tta: bool = False, posterior: bool = True,
-               posterior_blocks: bool = True) -> KernelSpec:
+def model_spec(model_dir: str, *, precision: str = "fp32", tta: bool = False, posterior: str = "auto") -> KernelSpec:
     """The denoise kernel spec for a model folder, keyed by its weights hash (resume-safe);
     ``precision``: ``fp32`` (default), or ``bf16`` / ``fp16`` autocast (opt-in, recorded);
-    ``tta``: average the 8 flips / rotations of each tile (recorded); ``posterior``: blend the
-    noisy pixel back in where the card has its parameters (``kernels.posterior``; off: recorded);
-    ``posterior_blocks``: then its second stage (``kernels.blockwiener``; off: recorded)."""
+    ``tta``: average the 8 flips / rotations of each tile (recorded); ``posterior``: the
+    posterior step where the card has its parameters (``kernels.posterior``): ``auto`` does
+    what training chose for the image, ``off`` or one of its choices is recorded."""
     extra = (({} if precision == "fp32" else {"precision": precision}) | ({"tta": True} if tta else {})
-             | ({} if posterior else {"posterior": False}) | ({} if posterior_blocks else {"posterior_blocks": False}))
+             | ({} if posterior == "auto" else {"posterior": posterior}))
     return _model_spec(model_dir, "denoise", **extra)
 
 
@@ -78,27 +77,27 @@ def resolve_tta(tta: str | bool, input_url: str, level: int, storage_options: di
 
 
 def denoise(input_url: str, output_url: str, model_dir: str, client: Any, options: EngineOptions | None = None,
-            *, out_dtype: str = "float32", precision: str = "fp32", tta: str | bool = "auto", posterior: bool = True,
-            posterior_blocks: bool = True, **settings: Any) -> tuple[RunSummary, ResidualReport]:
+            *, out_dtype: str = "float32", precision: str = "fp32", tta: str | bool = "auto", posterior: str = "auto",
+            **settings: Any) -> tuple[RunSummary, ResidualReport]:
     """Run a denoising model tile by tile into the image ``output_url`` (float32 by default;
-    ``out_dtype="input"`` keeps the input dtype; ``precision`` and ``posterior(_blocks)`` as in
+    ``out_dtype="input"`` keeps the input dtype; ``precision`` and ``posterior`` as in
     :func:`model_spec`; ``tta``: ``auto`` (on up to ``TTA_AUTO_PIXELS``), ``on``, ``off``).
     Tiles whose residual holds structure are logged."""
     options = EngineOptions.of(options, **settings)
     run = begin_denoise(input_url, output_url, model_dir, client, options, out_dtype=out_dtype, precision=precision,
-                        tta=tta, posterior=posterior, posterior_blocks=posterior_blocks)
+                        tta=tta, posterior=posterior)
     summary = run.finish(client)
     return summary, residual_report(output_url, options, known=run.computed)
 
 
 def begin_denoise(input_url: str, output_url: str, model_dir: str, client: Any, options: EngineOptions, *,
                   out_dtype: str = "float32", precision: str = "fp32", tta: str | bool = "auto",
-                  posterior: bool = True, posterior_blocks: bool = True) -> DenseRun:
+                  posterior: str = "auto") -> DenseRun:
     """:func:`denoise`'s output created (or resumed) and its tile job ready (``DenseRun``): a
     fused chain lets the segment step compute its tiles before ``finish``."""
     tta = resolve_tta(tta, input_url, options.level, options.storage_options)
     log.info("test-time augmentation %s", "on (8 orientations)" if tta else "off")
-    spec = model_spec(model_dir, precision=precision, tta=tta, posterior=posterior, posterior_blocks=posterior_blocks)
+    spec = model_spec(model_dir, precision=precision, tta=tta, posterior=posterior)
     return begin_dense(input_url, output_url, spec, client, options, name="denoised", out_dtype=out_dtype)
 
 

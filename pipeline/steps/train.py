@@ -122,6 +122,21 @@ class PatchPool:
             self.pool[int(rng.integers(len(self.pool)))] = self._read(int(rng.choice(self.training_ids)))
         return self._crop(self.pool, self.patch, n, rng)
 
+    def regions(self, edge: int, n: int, rng: np.random.Generator) -> list[np.ndarray]:
+        """``n`` normalised ``(C, *spatial)`` crops ``edge`` wide on every axis (the image's
+        length on shorter ones), at random places and time points of the whole image."""
+        lead = (slice(None),) if self.has_c else ()
+        out = []
+        for _ in range(n):
+            at = np.unravel_index(int(rng.integers(int(np.prod(self.batch_shape, dtype=np.int64)))), self.batch_shape) \
+                if self.batch_shape else ()
+            region = tuple(slice(a, a + min(edge, size)) for a, size in
+                           ((int(rng.integers(0, size - min(edge, size) + 1)), size) for size in self.shape))
+            data = self.source.read(tuple(slice(int(i), int(i) + 1) for i in at) + lead + region, self.level)
+            data = data.reshape(data.shape[len(at):])
+            out.append(self.norm.apply(data if self.has_c else data[None]).astype(np.float32))
+        return out
+
     def validation(self, n: int, rng: np.random.Generator) -> np.ndarray:
         """Patches from the held-out blocks only (read once, then dropped)."""
         blocks = [self._read(int(i)) for i in self.validation_ids[:8]]
@@ -166,6 +181,7 @@ CHECKPOINT = "checkpoint.pt"  # beside the card while training; removed once the
 # voxels the posterior step's noise line and leak are fitted on (64 patches of 64^2 in 2D); in 3D
 # the 18 passes over them cost about a minute on 2 CPU cores
 POSTERIOR_VOXELS = 2**18
+POSTERIOR_REGION_VOXELS = 2**18
 
 
 def checkpoint_of(model_dir: str, resume: bool) -> str | None:
@@ -337,12 +353,14 @@ def train_denoise(image_url: str, model_dir: str, *, method: str = "n2v2", targe
     if method in SUPERVISED:
         training.update(target=target, **pair_loss_floor(data.validation[:, channels:], method, loss,
                                                          result.best_val_loss))
-    blend = fit_posterior(result, posterior_patches(data, seed), method=method) if u is None else None
+    blend = fit_posterior(result, posterior_patches(data, seed), posterior_regions(data, seed), method=method) \
+        if u is None and method in SELF_SUPERVISED else None
     if blend is not None:
-        log.info("posterior step (the noisy pixel blended back in where the residual holds more than noise): "
-                 "noise variance %s (normalised), centre-pixel leak %s",
+        log.info("posterior step (the noisy pixel put back where the residual holds more than noise): "
+                 "noise variance %s (normalised), centre-pixel leak %s; chosen by estimated risk: %s (plain), %s (TTA)",
                  [f"max({f:.3g}, {o:.3g} + {s:.3g} mu)" for o, s, f in blend["tta"]["noise"]],
-                 [f"{min(leak):.3f}-{max(leak):.3f}" for leak in blend["tta"]["leak"]])
+                 [f"{min(leak):.3f}-{max(leak):.3f}" for leak in blend["tta"]["leak"]],
+                 blend["plain"]["choice"], blend["tta"]["choice"])
     return data.save(model_dir, result, task="denoise", method=method, training=training, uncertainty=u,
                      posterior=blend)
 
@@ -358,6 +376,19 @@ def posterior_patches(data: TrainingData, seed: int, max_voxels: int = POSTERIOR
     patches = np.concatenate([data.validation, data.pool.sample(2 * len(data.validation), rng)])
     keep = max(1, min(len(patches), max_voxels // int(np.prod(patches.shape[2:]))))
     return patches[np.sort(rng.choice(len(patches), keep, replace=False))]
+
+
+def posterior_regions(data: TrainingData, seed: int, edge_voxels: int = POSTERIOR_REGION_VOXELS,
+                      max_voxels: int = POSTERIOR_VOXELS * 4) -> list[np.ndarray]:
+    """Crops the posterior step's stages are chosen on (``kernels.posterior.choose``): wider
+    than the training patches, since the stages read up to 39 pixels around each one in 2D
+    (``edge_voxels`` each: 512 x 512 in 2D, 64 cubed in 3D, the image's length on shorter
+    axes), as many as ``max_voxels`` allows, at most 4, fewer when the image holds fewer."""
+    edge = int(round(edge_voxels ** (1.0 / len(data.pool.shape))))
+    one = int(np.prod([min(edge, n) for n in data.pool.shape]))
+    image = int(np.prod(data.pool.shape)) * int(np.prod(data.pool.batch_shape, dtype=np.int64))
+    n = max(1, min(4, max_voxels // one, image // one))
+    return data.pool.regions(edge, n, np.random.default_rng(seed + 11))
 
 
 def pair_loss_floor(targets: np.ndarray, method: str, loss: str, val_loss: float) -> dict:

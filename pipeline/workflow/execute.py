@@ -105,7 +105,7 @@ def denoise(step: Denoise, ctx: Context) -> dict:
 
     summary, report = run(ctx.input_url, ctx.output_url, ctx.model_dir(step.model), ctx.client,
                           ctx.options_for(step), out_dtype=step.dtype, precision=step.precision, tta=step.tta,
-                          posterior=step.posterior, posterior_blocks=step.posterior_blocks)
+                          posterior=step.posterior)
     return {**_summary(summary), "residual_std_median": report.residual_std_median, "flagged": len(report.flagged)}
 
 
@@ -169,7 +169,7 @@ def denoise_segment(first: Denoise, second: Segment, ctx: Context) -> tuple[dict
                                  lambda image: segment_spec(step, image, level=0, storage_options=so), ctx.client,
                                  denoise_options=ctx.options_for(first), segment_options=ctx.options_for(second),
                                  out_dtype=first.dtype, precision=first.precision, tta=first.tta,
-                                 posterior=first.posterior, posterior_blocks=first.posterior_blocks, name=second.name,
+                                 posterior=first.posterior, name=second.name,
                                  iou=second.iou)
     fused = {"fused": chain.fused}
     return ({**_summary(chain.denoise), "residual_std_median": chain.residual.residual_std_median,

@@ -17,6 +17,8 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from kernels.posterior import Choice
+
 INPUT = "input"  # the image reference meaning the workflow's input
 RESERVED = {"labels", "tables", "uncertainty", "models", "reports", "_tilewise"}  # folders of the output
 
@@ -106,8 +108,8 @@ class Denoise(Step):
     step: Literal["denoise"] = "denoise"
     model: str
     tta: Literal["auto", "on", "off"] = "auto"
-    posterior: bool = True  # N2V2 / Noise2Self: blend the noisy pixel back in (``kernels.posterior``)
-    posterior_blocks: bool = True  # ... then its second stage (``kernels.blockwiener``); false: the first alone
+    # N2V2 / Noise2Self: the posterior step (``kernels.posterior``): auto does what training chose
+    posterior: Literal["auto"] | Choice = "auto"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     dtype: str = "float32"
 
