@@ -108,8 +108,9 @@ def part_model_rate(cores: list[tuple[int, ...]], widths: list[int], device: str
             if width == widths[0]:
                 with torch.inference_mode():
                     mu = net.forward_padded(x.contiguous())[0].float()
-                    by_choice = {how: _median_seconds(lambda how=how: posterior_device.apply(x[0], mu, table, choice=how),
-                                                      device) for how in posterior.CHOICES if how != "off"}
+                    by_choice = {how: _median_seconds(
+                        lambda how=how: posterior_device.apply(x[0], mu, table, choice=how), device)
+                        for how in posterior.CHOICES if how != "off"}
                     post_s, first_s = by_choice["pixel+blocks"], by_choice["pixel"]
                 host = np.random.default_rng(0).random((1, 1, *padded), dtype=np.float32)
                 copy_s = _median_seconds(lambda: torch.from_numpy(host).to(device).cpu().numpy(), device)

@@ -1,15 +1,17 @@
 """Restoration quality: single images against non-local means, supervised against
 self-supervised training, and what attribution costs (``benchmarks/results/restore.json``).
 
-    python -m benchmarks.bench_restore [--parts single,pairs,attribution,ensemble,posterior_variants,posterior_3d]
+    python -m benchmarks.bench_restore [--parts single,pairs,attribution,ensemble,posterior_variants,posterior_3d,
+                                                posterior_fluorescence]
                                        [--images astronaut,coins,moon] [--steps-pairs 1500]
                                        [--pair-datasets dsb2018,lightsheet] [--pair-methods n2v2,n2s,n2n,care]
 
 ``single``: scikit-image's astronaut (as grey), coins and moon, 0..255, Gaussian noise sigma 25
 (seed 0, not clipped). Each row is the default ``tilewise train denoise`` (N2V2) then
 ``tilewise denoise`` through the engine (test-time augmentation ``auto``: on for images this
-small) with the posterior step (``kernels.posterior``: the noisy pixel blended back in), the same
-model without augmentation, and with augmentation but without the posterior step; non-local
+small) with the posterior step (``kernels.posterior``: the noisy pixel put back; the stages
+training chose for the image, ``posterior_choice``, by their estimated risk, ``posterior_risk``),
+the same model without augmentation, and with augmentation but without the posterior step; non-local
 means at its best ``h`` (oracle-tuned against the clean image: fast mode over h/sigma 0.3..1.4,
 the slow mode at three h around the best values found in development) and BM3D (the ``bm3d`` package, true sigma) where it installs.
 The training defaults were chosen on astronaut (``kernels.denoise.TrainConfig``), the posterior
@@ -19,6 +21,9 @@ version of the posterior step lost there (``kernels.posterior``).
 ``posterior_variants`` (after ``single`` on the same ``--images`` and ``--workdir``): variants of
 the posterior step's two stages on the models ``single`` trained, in-process on the whole image.
 ``posterior_3d``: the second stage's block width in 3D, on a tuning light-sheet volume (seed 1).
+``posterior_fluorescence``: the same on 2D fluorescence tuning data (a light-sheet slice, seed 3).
+Those three also score every choice of stages (``by_choice``) and what the risk estimate picks
+on the whole image (``chosen``, ``risk``).
 ``ensemble``: the MC-dropout model (``--uncertainty mc-dropout``: dropout in every block, kept
 at inference, 20 passes averaged) on the same images: its PSNR and its cost.
 ``pairs``: the real DSB-2018 nuclei image and the synthetic light-sheet volume (its clean
@@ -173,8 +178,9 @@ def single(names, work: Path, client, results: dict) -> None:
 
 
 def _probed(model: str, noisy: np.ndarray):
-    """``(y, mu, a, lo, hi)``: the normalised noisy image, the model's prediction with TTA and
-    its centre-pixel leak probe (``kernels.posterior.divergence_probe``), in-process."""
+    """``(y, mu, a, lo, hi, choose)``: the normalised noisy image, the model's prediction with
+    TTA and its centre-pixel leak probe (``kernels.posterior.divergence_probe``), in-process;
+    ``choose(fit)``: ``kernels.posterior.choose`` on the whole image with a fitted table."""
     from kernels import posterior
     from kernels.denoise import DenoiseKernel
 
@@ -183,13 +189,19 @@ def _probed(model: str, noisy: np.ndarray):
     lo, hi = np.percentile(noisy, kernel.traits.percentiles)
     y = ((noisy - lo) / (hi - lo)).astype(np.float32)
     mu, a = (v[0, 0].astype(np.float64) for v in posterior.divergence_probe(kernel.predict, y[None, None]))
-    return y.astype(np.float64), mu, a, lo, hi
+
+    def choose(fit: dict) -> dict:
+        picked = posterior.choose(kernel.predict, [y[None]], {k: [v] for k, v in fit.items()})
+        return {"chosen": picked["choice"][0], "risk": picked["risk"][0]}
+
+    return y.astype(np.float64), mu, a, lo, hi, choose
 
 
 def _stages(y: np.ndarray, mu: np.ndarray, fit: dict, score, blocks: Sequence[int]) -> dict:
     """The posterior step's two stages scored apart: the first (the per-pixel blend), the
     second (``kernels.blockwiener``) at several block widths on the first's output, and at the
-    default width on the prediction alone (the other pilot)."""
+    default width on the prediction alone (the other pilot); then every choice the step can
+    make (``by_choice``: per-pixel or per-band first stage, with or without the blocks)."""
     from kernels import blockwiener, posterior
 
     first = mu + posterior.weights(y, mu, fit["noise"], fit["leak_centres"], fit["leak"]) * (y - mu)
@@ -198,7 +210,8 @@ def _stages(y: np.ndarray, mu: np.ndarray, fit: dict, score, blocks: Sequence[in
     by_block = {str(b): score(blockwiener.apply(y, first, variance, block=b)) for b in sorted({*blocks, default})}
     return {"prediction": score(mu), "first_stage": score(first), "second_stage_by_block": by_block,
             "second_stage_prediction_pilot": score(blockwiener.apply(y, mu, variance, block=default)),
-            "default": by_block[str(default)]}
+            "default": by_block[str(default)],
+            "by_choice": {how: score(posterior.stages(y, mu, fit, how)) for how in posterior.CHOICES}}
 
 
 def posterior_variants(names, work: Path, results: dict) -> None:
@@ -213,7 +226,7 @@ def posterior_variants(names, work: Path, results: dict) -> None:
     rows = results.setdefault("posterior_variants", {})
     for name in names:
         clean, noisy = noisy_pair(name)
-        y, mu, a, lo, hi = _probed(str(work / f"model-{name}"), noisy)
+        y, mu, a, lo, hi, choose = _probed(str(work / f"model-{name}"), noisy)
 
         def score(estimate) -> float:
             return psnr(estimate * (hi - lo) + lo, clean, 255.0)
@@ -235,10 +248,10 @@ def posterior_variants(names, work: Path, results: dict) -> None:
         row["window_by_sigma"] = {str(sigma): blend(posterior.weights(y, mu, noise, fit["leak_centres"], fit["leak"],
                                                                         sigma_2d=sigma))
                                   for sigma in (4.0, 6.0, 8.0, posterior.SIGMA_2D, 14.0, 20.0)}
-        row.update(_stages(y, mu, fit, score, blocks=(4, 6, 8, 12)))
+        row.update(_stages(y, mu, fit, score, blocks=(4, 6, 8, 12)), **choose(fit))
         rows[name] = row
         print(name, {k: round(v, 2) for k, v in row.items() if isinstance(v, float)}, row["second_stage_by_block"],
-              flush=True)
+              row["by_choice"], row["chosen"], flush=True)
         save(RESULTS_NAME, results)
 
 
@@ -246,7 +259,6 @@ def posterior_3d(work: Path, client, results: dict, steps: int) -> None:
     """The posterior step's block width in 3D, on tuning data: the synthetic light-sheet volume
     made as ``pairs`` makes it but with seed 1 (``pairs`` reports seed 0), its first noisy
     realisation, N2V2 trained with ``pairs``' settings (kept in ``work`` and reused)."""
-    from kernels import posterior
     from pipeline.data.synthetic import make_lightsheet
     from pipeline.steps.train import train_denoise
 
@@ -259,12 +271,42 @@ def posterior_3d(work: Path, client, results: dict, steps: int) -> None:
     if not (model / "card.json").exists():
         write(first_url, first)
         train_denoise(first_url, str(model), steps=steps, patch=(16, 32, 32), overwrite=True, progress=False)
-    y, mu, a, lo, hi = _probed(str(model), first)
+    results["posterior_3d"] = {"dataset": "lightsheet seed 1 (tuning)", "shape": list(clean.shape),
+                               **_tuning_row(str(model), clean, first, blocks=(4, 6, 8))}
+    save(RESULTS_NAME, results)
+
+
+def _tuning_row(model: str, clean: np.ndarray, noisy: np.ndarray, blocks: Sequence[int]) -> dict:
+    """:func:`_stages` and the step's own choice (:func:`_probed`) for a tuning image."""
+    from kernels import posterior
+
+    y, mu, a, lo, hi, choose = _probed(model, noisy)
     fit = posterior.fit_channel(y[None], mu[None], a[None])
-    row = _stages(y, mu, fit, lambda e: psnr(e * (hi - lo) + lo, clean, float(clean.max())), blocks=(4, 6, 8))
-    results["posterior_3d"] = {"dataset": "lightsheet seed 1 (tuning)", "shape": list(clean.shape), **row}
-    print("posterior_3d", {k: round(v, 2) for k, v in row.items() if isinstance(v, float)}, row["second_stage_by_block"],
-          flush=True)
+    row = _stages(y, mu, fit, lambda e: psnr(e * (hi - lo) + lo, clean, float(clean.max())), blocks=blocks)
+    row.update(choose(fit))
+    print({k: round(v, 2) for k, v in row.items() if isinstance(v, float)}, row["second_stage_by_block"],
+          row["by_choice"], row["chosen"], flush=True)
+    return row
+
+
+def posterior_fluorescence(work: Path, client, results: dict) -> None:
+    """The posterior step on 2D fluorescence tuning data: a slice of a synthetic light-sheet
+    volume (seed 3; neither ``pairs``' seed 0 nor ``posterior_3d``'s seed 1) at 20 photons as
+    ``pairs`` makes it, N2V2 trained with the defaults (``train denoise`` as a user runs it)."""
+    from pipeline.data.synthetic import make_lightsheet
+    from pipeline.steps.train import train_denoise
+
+    volume = str(work / "fluorescence-tuning.ome.zarr")
+    model = work / "model-fluorescence-tuning"
+    first_url = str(work / "fluorescence-tuning-first.ome.zarr")
+    if not Path(volume).exists():
+        make_lightsheet(volume, client, shape=(6, 448, 448), seed=3, overwrite=True, progress=False)
+    clean, first, _ = pair_images(read(volume + "/clean")[3])
+    if not (model / "card.json").exists():
+        write(first_url, first)
+        train_denoise(first_url, str(model), overwrite=True, progress=False)
+    results["posterior_fluorescence"] = {"dataset": "lightsheet seed 3, slice 3 (2D tuning)",
+                                         "shape": list(clean.shape), **_tuning_row(str(model), clean, first, (8,))}
     save(RESULTS_NAME, results)
 
 
@@ -381,6 +423,8 @@ def main(argv=None) -> dict:
             posterior_variants(names, work, results)
         if "posterior_3d" in parts:
             posterior_3d(work, client, results, args.steps_pairs)
+        if "posterior_fluorescence" in parts:
+            posterior_fluorescence(work, client, results)
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
     return results

@@ -9,7 +9,16 @@ around it. Where the prediction misses detail (edges, texture) the residual ``y 
 more than noise and ``w`` grows; on flat ground it is noise alone and ``w`` falls to 0. A
 second stage (``kernels.blockwiener``) then filters ``y`` in a sliding block DCT with gains read
 off that first result, which tells texture from noise where one weight per pixel cannot; it
-needs only the noise line below, so models trained before it get it too.
+needs only the noise line below, so models trained before it get it too. The first stage can
+also weigh the residual per frequency band of that DCT (``kernels.blockwiener.shrink``).
+
+No one combination wins everywhere: on textured grey images the band stage with blocks does
+best, on a light-sheet volume the per-pixel stage with blocks, and on sparse 2D fluorescence,
+where the prediction's error in the background is a few percent of the noise, every stage
+costs a little (see ``kernels.blockwiener``). So when training ends, :func:`choose` estimates
+each combination's mean squared error on regions of the image with Stein's unbiased risk
+estimate (the noise line below; the divergence of the whole step, network included, by a
+Monte-Carlo probe) and the card keeps the least; ``denoise --posterior auto`` applies it.
 
 ``w`` is Stein's unbiased risk estimate (SURE) minimised over a Gaussian window around the
 pixel, which has a closed form for a linear blend: ``w = 1 - G[var * (1 - a)] / G[(y - mu) ** 2]``

@@ -159,7 +159,16 @@ def cmd_train_denoise(args) -> None:
                          samples=args.samples, members=args.members, overwrite=args.overwrite,
                          progress=not args.quiet, resume=args.resume)
     print(f"wrote {args.model}: {card.method}{_uncertainty_note(card)}, validation loss {card.validation_loss:.5f}, "
-          f"{card.training['seconds']:.0f} s, weights {card.weights_sha256[:12]}")
+          f"{card.training['seconds']:.0f} s, weights {card.weights_sha256[:12]}{_posterior_note(card)}")
+
+
+def _posterior_note(card) -> str:
+    """The posterior step training chose (``kernels.posterior.choose``), for the summary line."""
+    if not card.posterior or "choice" not in card.posterior.get("tta", {}):
+        return ""
+    plain, tta = card.posterior["plain"]["choice"], card.posterior["tta"]["choice"]
+    note = f"; posterior step by estimated risk: {', '.join(tta)}"
+    return note if plain == tta else f"{note} ({', '.join(plain)} without TTA)"
 
 
 def cmd_denoise(args) -> None:

@@ -272,7 +272,8 @@ def test_cli_train_and_denoise(tmp_path, client, capsys):
     sink.write((slice(None),) * 2, data)
     model = str(tmp_path / "model")
     args = ["-q", "train", "denoise", url, model, "--patch", "16,16", "--steps", "4", "--batch", "2", "--width", "4"]
-    assert main(args) == 0 and "validation loss" in capsys.readouterr().out
+    out = capsys.readouterr().out if main(args) == 0 else ""
+    assert "validation loss" in out and "posterior step by estimated risk: " in out
     assert main(args) == 2 and "--overwrite" in capsys.readouterr().err
     from kernels import posterior
 

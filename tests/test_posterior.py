@@ -224,4 +224,5 @@ def test_the_choice_follows_the_estimated_risk():
              for how in posterior.CHOICES}
     choice = picked["choice"][0]
     assert choice != "off" and 10 * np.log10(truth[choice] / min(truth.values())) < 0.1, (picked, truth)
-    assert all(abs(picked["risk"][0][how] - truth[how]) < 0.06 * truth[how] for how in posterior.CHOICES), (picked, truth)
+    assert all(abs(picked["risk"][0][how] - truth[how]) < 0.06 * truth[how] for how in posterior.CHOICES), \
+        (picked, truth)
