@@ -44,8 +44,8 @@ class ResidualReport:
 # 8. With the posterior step's first stage alone it gained 0.07-0.19 dB (sigma 25,
 # benchmarks/results/restore.json: astronaut 29.64 -> 29.83, coins 28.16 -> 28.27, moon 36.32 ->
 # 36.39 dB); with its second stage (the block filter) it gains next to nothing (tuning images,
-# in-process: camera 29.66 -> 29.70, chelsea 30.58 -> 30.55; restore.json: astronaut 30.38 ->
-# 30.41, coins 28.51 -> 28.49, moon 36.23 -> 36.24). It stays on for small inputs, where it
+# in-process: camera 29.66 -> 29.70, chelsea 30.58 -> 30.55; restore.json, with the stages chosen
+# per image: astronaut 30.49 -> 30.52, coins 28.51 -> 28.49, moon 36.32 -> 36.39). It stays on for small inputs, where it
 # costs seconds: the engine's tests prove it keeps tiled == untiled, and users may turn it off.
 TTA_AUTO_PIXELS = 2**26
 
