@@ -211,14 +211,23 @@ def stages(y: np.ndarray, mu: np.ndarray, fit: dict[str, Any], choice: str, *, s
            ) -> np.ndarray:
     """One channel through the step as ``choice`` says (float64 arrays, normalised units; ``fit``:
     the channel's :func:`fit_channel` entries)."""
-    if choice == "off":
-        return mu
+    return _all_stages(y, mu, fit, (choice,), sigma_2d=sigma_2d)[choice]
+
+
+def _all_stages(y: np.ndarray, mu: np.ndarray, fit: dict[str, Any], wanted, *, sigma_2d: float = SIGMA_2D
+                ) -> dict[str, np.ndarray]:
+    """:func:`stages` for each choice in ``wanted``, each first stage computed once."""
     variance = noise_variance(mu, fit["noise"])
-    if choice.startswith("pixel"):
-        first = mu + weights(y, mu, fit["noise"], fit["leak_centres"], fit["leak"], sigma_2d=sigma_2d) * (y - mu)
-    else:
-        first = mu + blockwiener.shrink(y - mu, variance, gaussian_taps(window_sigma(mu.ndim, sigma_2d)))
-    return blockwiener.apply(y, first, variance) if choice.endswith("+blocks") else first
+    firsts: dict[str, np.ndarray] = {"off": mu}
+    out = {}
+    for how in wanted:
+        kind = how.split("+")[0]
+        if kind not in firsts:
+            firsts[kind] = (mu + weights(y, mu, fit["noise"], fit["leak_centres"], fit["leak"], sigma_2d=sigma_2d)
+                            * (y - mu)) if kind == "pixel" else \
+                mu + blockwiener.shrink(y - mu, variance, gaussian_taps(window_sigma(mu.ndim, sigma_2d)))
+        out[how] = blockwiener.apply(y, firsts[kind], variance) if how.endswith("+blocks") else firsts[kind]
+    return out
 
 
 def apply(y: np.ndarray, mu: np.ndarray, table: dict[str, Any], *, sigma_2d: float = SIGMA_2D,
@@ -275,9 +284,10 @@ def choose(predict, regions: list[np.ndarray], table: dict[str, Any], *, sigma_2
             fit = channel_table(table, c)
             yc, yn, mc, mn = (np.asarray(a[c], np.float64) for a in (y, nudged, mu, mu_nudged))
             variance = noise_variance(mc, fit["noise"])
-            for how in CHOICES:
-                out = stages(yc, mc, fit, how, sigma_2d=sigma_2d)
-                divergence = signs[c] * (stages(yn, mn, fit, how, sigma_2d=sigma_2d) - out) / EPSILON
+            outs = _all_stages(yc, mc, fit, CHOICES, sigma_2d=sigma_2d)
+            nudged_outs = _all_stages(yn, mn, fit, CHOICES, sigma_2d=sigma_2d)
+            for how, out in outs.items():
+                divergence = signs[c] * (nudged_outs[how] - out) / EPSILON
                 risk = (out - yc) ** 2 - variance + 2.0 * variance * divergence
                 sums[how][c] += float(risk[inner].sum())
     risks = [{how: sums[how][c] / max(count, 1) for how in CHOICES} for c in range(n_channels)]

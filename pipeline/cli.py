@@ -175,6 +175,10 @@ def cmd_denoise(args) -> None:
     from pipeline.steps.denoise import denoise
     from pipeline.io import open_image
 
+    from kernels.posterior import CHOICES  # checked here, not in the parser: importing kernels costs every command 0.5 s
+
+    if args.posterior not in ("auto", *CHOICES):
+        raise OptionError(f"--posterior must be auto or one of {', '.join(CHOICES)}, got '{args.posterior}'.")
     source = open_image(args.input)
     with _client(args) as client:
         summary, report = denoise(args.input, args.output, args.model, client,
@@ -427,8 +431,6 @@ def _engine_options(args, ndim: int):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from kernels.posterior import CHOICES as POSTERIOR_CHOICES  # numpy and scipy only, no torch
-
     parser = argparse.ArgumentParser(prog="tilewise", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     parser.add_argument("-q", "--quiet", action="store_true", help="only errors: no progress, notes or warnings")
@@ -679,7 +681,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", choices=("auto", "on", "off"), default="auto",
                    help="test-time augmentation: average the 8 flips / rotations (8x the cost); auto: on for "
                         "inputs up to 2^26 pixels (single images), off for larger volumes")
-    p.add_argument("--posterior", choices=("auto", *POSTERIOR_CHOICES), default="auto",
+    p.add_argument("--posterior", default="auto", metavar="{auto,off,pixel,pixel+blocks,band,band+blocks}",
                    help="N2V2 / Noise2Self models: put each noisy pixel back into the prediction where the residual "
                         "around it holds more than noise (edges, texture), with one weight per pixel or per "
                         "frequency band, then (+blocks) filter the image in blocks guided by that result; auto "

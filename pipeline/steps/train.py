@@ -88,18 +88,21 @@ class PatchPool:
         return tuple(slice(max(0, min(sl.start, n - p)), max(sl.stop, min(n, sl.start + p)))
                      for sl, n, p in zip(region, self.shape, self.patch))
 
+    def _read_image(self, at: tuple[slice, ...], region: Region, source: ImageSource | None = None) -> np.ndarray:
+        """``(C, *region)`` of ``source`` (the input by default) at the batch-axis slices ``at``
+        (one time point), normalised with the input's percentiles."""
+        lead = (slice(None),) if self.has_c else ()
+        data = (source or self.source).read(at + lead + region, self.level)
+        data = data.reshape(data.shape[len(at):])
+        return self.norm.apply(data if self.has_c else data[None])
+
     def _read(self, block_id: int) -> np.ndarray:
         """``(C, *block)`` normalised image; with labels, their 3-class map follows as one more
         channel; with a target image, its C channels follow (normalised like the input)."""
-        lead = (slice(None),) if self.has_c else ()
         at, region = self._locate(block_id)
-        data = self.source.read(at + lead + region, self.level)
-        data = data.reshape(data.shape[len(at):])  # one time point
-        image = self.norm.apply(data if self.has_c else data[None])
+        image = self._read_image(at, region)
         if self.target is not None:
-            paired = self.target.read(at + lead + region, self.level)
-            paired = paired.reshape(paired.shape[len(at):])
-            return np.concatenate([image, self.norm.apply(paired if self.has_c else paired[None])])
+            return np.concatenate([image, self._read_image(at, region, self.target)])
         if self.labels is None:
             return image
         truth = self.labels.read(at + region, self.level)
@@ -125,16 +128,13 @@ class PatchPool:
     def regions(self, edge: int, n: int, rng: np.random.Generator) -> list[np.ndarray]:
         """``n`` normalised ``(C, *spatial)`` crops ``edge`` wide on every axis (the image's
         length on shorter ones), at random places and time points of the whole image."""
-        lead = (slice(None),) if self.has_c else ()
         out = []
         for _ in range(n):
             at = np.unravel_index(int(rng.integers(int(np.prod(self.batch_shape, dtype=np.int64)))), self.batch_shape) \
                 if self.batch_shape else ()
             region = tuple(slice(a, a + min(edge, size)) for a, size in
                            ((int(rng.integers(0, size - min(edge, size) + 1)), size) for size in self.shape))
-            data = self.source.read(tuple(slice(int(i), int(i) + 1) for i in at) + lead + region, self.level)
-            data = data.reshape(data.shape[len(at):])
-            out.append(self.norm.apply(data if self.has_c else data[None]).astype(np.float32))
+            out.append(self._read_image(tuple(slice(int(i), int(i) + 1) for i in at), region).astype(np.float32))
         return out
 
     def validation(self, n: int, rng: np.random.Generator) -> np.ndarray:
