@@ -1,6 +1,6 @@
 """GPU figures (run on a CUDA machine; CI has none, so ``make bench`` skips this without CUDA).
 
-    python -m benchmarks.bench_gpu [--parts model_rate,agreement,throughput] [--shape 128,1024,1024]
+    python -m benchmarks.bench_gpu [--parts model_rate,posterior,agreement,throughput] [--shape 128,1024,1024]
                                    [--tiles 64x256x256,128x256x256] [--configs 128x256x256:bf16:cl,...]
                                    [--widths 32,16] [--width 32] [--train-steps 40] [--tiles-in-flight 4]
 
@@ -9,9 +9,10 @@
   field plus the posterior step's window), at widths 32 (the network of the first GPU figure,
   2026-11-24) and 16 (``tilewise train``'s default now), for each tile, precision (fp32 with
   TF32 convolutions, bf16 and fp16 autocast), memory format (contiguous, ``channels_last_3d``)
-  and cuDNN autotuning (``cudnn.benchmark``) off and on; then, per tile, the posterior step (both
-  stages, and the first alone) in
-  torch on the same GPU and the copies of a tile to and from it.
+  and cuDNN autotuning (``cudnn.benchmark``) off and on.
+- posterior: the denoiser's posterior step in torch on the GPU, each of its choices (``pixel``,
+  ``pixel+blocks``, ``band``, ``band+blocks``) on 2D and 3D tiles (``--posterior-tiles``),
+  and the copies of a padded tile to the GPU and back.
 - agreement: the conv-net tiled through the engine on the GPU against the same kernel on the whole
   padded volume on the GPU and on the CPU (max abs difference, float32).
 - throughput: an N2V2 model trained on the GPU on the random volume (``--train-steps``: the
@@ -69,12 +70,11 @@ def part_model_rate(cores: list[tuple[int, ...]], widths: list[int], device: str
 
     import torch
 
-    from kernels import posterior, posterior_device
+    from kernels import posterior
     from kernels.denoise import architecture
     from kernels.unet import UNet, receptive_field
 
     rows = []
-    table = {"noise": [[0.01, 0.02, 1e-4]], "leak_centres": [[0.0, 1e-3, 1e-2]], "leak": [[0.02, 0.05, 0.12]]}
     for width in widths:
         cfg = architecture("n2v2", 3, 1, depth=2, width=width)
         net = UNet(cfg).to(device).eval()
@@ -105,24 +105,45 @@ def part_model_rate(cores: list[tuple[int, ...]], widths: list[int], device: str
                         print("model_rate", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()},
                               flush=True)
             torch.backends.cudnn.benchmark = False
-            if width == widths[0]:
-                with torch.inference_mode():
-                    mu = net.forward_padded(x.contiguous())[0].float()
-                    by_choice = {how: _median_seconds(
-                        lambda how=how: posterior_device.apply(x[0], mu, table, choice=how), device)
-                        for how in posterior.CHOICES if how != "off"}
-                    post_s, first_s = by_choice["pixel+blocks"], by_choice["pixel"]
-                host = np.random.default_rng(0).random((1, 1, *padded), dtype=np.float32)
-                copy_s = _median_seconds(lambda: torch.from_numpy(host).to(device).cpu().numpy(), device)
-                row = {"core": list(core), "padded": list(padded), "posterior_seconds": post_s,
-                       "posterior_core_voxels_per_s": float(np.prod(core)) / post_s,
-                       "posterior_first_stage_seconds": first_s, "posterior_seconds_by_choice": by_choice,
-                       "copy_in_out_seconds": copy_s}
-                rows.append(row)
-                print("model_rate", row, flush=True)
         net = x = None  # free the device before the next width
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
+    return rows
+
+
+def part_posterior(cores: list[tuple[int, ...]], device: str) -> list[dict]:
+    """The posterior step in torch on the device, each choice on one tile padded by the 2D or 3D
+    N2V2 network's receptive field plus that choice's reach, and the copies of such a tile to the
+    device and back. The step's cost does not depend on the network, so a noisy random tile and
+    a smoothed copy of it stand in for the input and the prediction."""
+    import torch
+
+    from kernels import posterior, posterior_device
+    from kernels.denoise import architecture
+    from kernels.unet import receptive_field
+
+    table = {"noise": [[0.01, 0.02, 1e-4]], "leak_centres": [[0.0, 1e-3, 1e-2]], "leak": [[0.02, 0.05, 0.12]]}
+    rows = []
+    for core in cores:
+        ndim = len(core)
+        field = receptive_field(architecture("n2v2", ndim, 1, depth=2, width=32)).halo
+        row: dict = {"core": list(core), "seconds_by_choice": {}, "padded_by_choice": {}}
+        for how in posterior.CHOICES:
+            if how == "off":
+                continue
+            padded = tuple(c + 2 * (h + posterior.radius(ndim, choice=how)) for c, h in zip(core, field))
+            generator = torch.Generator(device=device).manual_seed(0)
+            y = torch.rand((1, *padded), device=device, generator=generator)
+            mu = 0.5 * y + 0.25
+            seconds = _median_seconds(lambda: posterior_device.apply(y, mu, table, choice=how), device, warmup=1)
+            row["seconds_by_choice"][how] = seconds
+            row["padded_by_choice"][how] = list(padded)
+            row[f"core_voxels_per_s_{how}"] = float(np.prod(core)) / seconds
+            y = mu = None
+        host = np.random.default_rng(0).random((1, 1, *padded), dtype=np.float32)
+        row["copy_in_out_seconds"] = _median_seconds(lambda: torch.from_numpy(host).to(device).cpu().numpy(), device)
+        rows.append(row)
+        print("posterior", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
     return rows
 
 
@@ -235,12 +256,14 @@ def part_throughput(work: Path, client, url: str, model: str, shape, configs, gp
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--parts", default="model_rate,agreement,throughput")
+    parser.add_argument("--parts", default="model_rate,posterior,agreement,throughput")
     parser.add_argument("--shape", default="128,1024,1024", help="throughput: the random input volume")
     parser.add_argument("--tiles", default="64x256x256,128x256x256", help="model_rate: core tile shapes")
     parser.add_argument("--configs", default="64x256x256:fp32,128x256x256:fp32,128x256x256:bf16,128x256x256:bf16:cl",
                         help="throughput: tile:precision[:cl] through the engine (cl: channels-last)")
     parser.add_argument("--widths", default="32,16", help="model_rate: network widths")
+    parser.add_argument("--posterior-tiles", default="2048x2048,64x256x256,128x256x256",
+                        help="posterior: core tile shapes, 2D or 3D")
     parser.add_argument("--width", type=int, default=32, help="throughput: width of the trained N2V2 network")
     parser.add_argument("--train-steps", type=int, default=40)
     parser.add_argument("--tiles-in-flight", type=int, default=4, help="GPU tiles in flight per worker")
@@ -271,6 +294,10 @@ def main(argv=None) -> dict:
         keep("model_rate", {"rows": part_model_rate(tiles, [int(w) for w in args.widths.split(",")], device),
                             "note": "network alone on device tensors, median of 3 after 2 warm-ups; core voxels of "
                                     "one tile per second (padded by the denoiser's halo with the posterior step)"})
+    if "posterior" in parts:
+        keep("posterior", {"rows": part_posterior([_shape(t) for t in args.posterior_tiles.split(",")], device),
+                           "note": "the posterior step per choice in torch (float64) on the device, median of 3 "
+                                   "after 1 warm-up; copies: one padded float32 tile to the device and back"})
     with tempfile.TemporaryDirectory(prefix="tilewise-bench-gpu-") as tmp:
         work = Path(tmp)
         with connect(gpu_tiles=args.tiles_in_flight) as client:  # the default cluster: its GPU workers
