@@ -73,15 +73,17 @@ def basis(width: int) -> np.ndarray:
 def _correlate_rows(x, rows: np.ndarray, axis: int):
     """``sum_a rows[k, a] * x[q + a]`` along ``axis`` for every row ``k`` and every ``q`` whose
     window lies inside (length ``n - rows.shape[1] + 1``): a sequence of maps, for numpy arrays
-    (scipy, one row at a time) and torch tensors (one ``conv1d`` with a channel per row). Each
-    value depends only on the samples it reads (what tiled == untiled needs).
+    (scipy) and torch tensors (``conv1d``) alike. Each value depends only on the samples it reads
+    (what tiled == untiled needs).
 
-    On a GPU the stage is bound by memory traffic, not arithmetic. As sums of shifted slices (its
-    first form) every tap cost a pass over the tile; a convolution reads the tile once for all
-    its rows. On an H200 (``bench_gpu --parts posterior``) that took the band stage from 0.87 to
-    0.19 s on a 2048^2 tile and from 8.2 to 2.9 s on a 128 x 256 x 256 one, but the Wiener stage
-    (pixel+blocks) only from 2.13 to 1.85 s there: the element-wise work on 216 coefficient maps
-    in float64 remains, and it is ~9x the network's 0.2 s."""
+    On a GPU the stage is bound by memory traffic and by cuDNN's float64 kernels, not by
+    arithmetic. Measured on an H200 (``bench_gpu --parts posterior``, 2026-12-04): as sums of
+    shifted slices (the first form) every tap cost a pass over the tile, and the Wiener stage took
+    2.13 s on a 3D tile of 128 x 256 x 256 voxels (the network: 0.2 s); one ``conv1d`` with a
+    channel per row brought it to 1.85 s (the band stage 8.2 -> 2.9 s, 0.87 -> 0.19 s on 2048^2),
+    but 1.27 s of that went to cuDNN's float64 implicit GEMM for the 6-channel convolutions (11.8
+    ms each) where a 1-channel one ran its direct kernel in 0.29 ms; hence one 1-channel
+    ``conv1d`` per row (not timed end to end: the device time was spent)."""
     rows = np.atleast_2d(rows)
     if isinstance(x, np.ndarray):  # scipy's correlation, its centred window shifted to the start
         n = x.shape[axis] - rows.shape[1] + 1
@@ -92,10 +94,13 @@ def _correlate_rows(x, rows: np.ndarray, axis: int):
     import torch.nn.functional as F
 
     moved = x.movedim(axis, -1)
-    weight = torch.as_tensor(np.ascontiguousarray(rows), dtype=x.dtype, device=x.device).unsqueeze(1)
-    out = F.conv1d(moved.reshape(-1, 1, moved.shape[-1]), weight)  # (pixels, rows, n); conv1d correlates
-    out = out.reshape(*moved.shape[:-1], len(rows), out.shape[-1]).movedim(-2, 0).movedim(-1, axis + 1)
-    return out.unbind(0)
+    lines = moved.reshape(-1, 1, moved.shape[-1])  # one copy, shared by the rows
+    weights = torch.as_tensor(np.ascontiguousarray(rows), dtype=x.dtype, device=x.device)
+    maps = []
+    for taps in weights:
+        out = F.conv1d(lines, taps.view(1, 1, -1))  # conv1d correlates (no flip)
+        maps.append(out.reshape(*moved.shape[:-1], out.shape[-1]).movedim(-1, axis))
+    return maps
 
 
 def _correlate_valid(x, taps: np.ndarray, axis: int):
