@@ -5,6 +5,7 @@ self-supervised training, and what attribution costs (``benchmarks/results/resto
                                                 posterior_fluorescence]
                                        [--images astronaut,coins,moon] [--steps-pairs 1500]
                                        [--pair-datasets dsb2018,lightsheet] [--pair-methods n2v2,n2s,n2n,care]
+                                       [--reuse-models] [--workdir W]
 
 ``single``: scikit-image's astronaut (as grey), coins and moon, 0..255, Gaussian noise sigma 25
 (seed 0, not clipped). Each row is the default ``tilewise train denoise`` (N2V2) then
@@ -20,7 +21,8 @@ restore_tuning``); moon was used to choose neither, coins was looked at once, to
 version of the posterior step lost there (``kernels.posterior``).
 ``posterior_variants`` (after ``single`` on the same ``--images`` and ``--workdir``): variants of
 the posterior step's two stages on the models ``single`` trained, in-process on the whole image.
-``posterior_3d``: the second stage's block width in 3D, on a tuning light-sheet volume (seed 1).
+``posterior_3d``: the second stage's block width and step between blocks in 3D, on a tuning
+light-sheet volume (seed 1).
 ``posterior_fluorescence``: the same on 2D fluorescence tuning data (a light-sheet slice, seed 3).
 Those three also score every choice of stages (``by_choice``) and what the risk estimate picks
 on the whole image (``chosen``, ``risk``).
@@ -51,6 +53,10 @@ from benchmarks.measure import previous, save
 
 SIGMA = 25.0
 RESULTS_NAME = "restore"
+# the second stage's (block width, step between blocks) pairs scored on the tuning data
+GRIDS_2D = ((8, 1), (8, 2), (10, 2), (12, 2), (12, 3), (16, 3), (16, 4))
+GRIDS_3D = ((6, 1), (6, 2), (6, 3), (8, 2), (8, 3), (8, 4), (10, 2), (10, 3), (10, 4), (12, 3), (12, 4), (12, 5),
+            (14, 4), (16, 4), (16, 5))
 NLM_SLOW_H = {"astronaut": (0.8, 0.9, 1.0), "coins": (0.7, 0.8, 0.9), "moon": (1.0, 1.1, 1.2)}
 
 
@@ -119,10 +125,12 @@ def bm3d_row(noisy: np.ndarray, clean: np.ndarray) -> dict | None:
 
 def learned(noisy_url: str, clean: np.ndarray, data_range: float, work: Path, client, name: str, *,
             method: str = "n2v2", target: str | None = None, steps: int | None = None, patch=None,
-            uncertainty: str | None = None, ttas=("auto",), posterior_off: bool = False) -> dict:
+            uncertainty: str | None = None, ttas=("auto",), posterior_off: bool = False, reuse: bool = False) -> dict:
     """Train with the library's defaults (``steps``/``patch`` only where given), denoise through
     the engine once per ``tta`` setting (``posterior_off``: and once more with ``tta`` auto and
-    the posterior step off); PSNR / SSIM against ``clean``."""
+    the posterior step off); PSNR / SSIM against ``clean``. ``reuse``: a model already in
+    ``work`` is not trained again (inference re-measured; ``train_s`` read off its card)."""
+    from kernels.modelfile import read_card
     from pipeline.steps.denoise import denoise
     from pipeline.steps.train import train_denoise
 
@@ -130,9 +138,14 @@ def learned(noisy_url: str, clean: np.ndarray, data_range: float, work: Path, cl
     extra = {k: v for k, v in {"steps": steps, "patch": patch, "target": target, "uncertainty": uncertainty}.items()
              if v is not None}
     t0 = time.perf_counter()
-    card = train_denoise(noisy_url, model, method=method, overwrite=True, progress=False, device="cpu", **extra)
-    row = {"method": method, "train_s": time.perf_counter() - t0, "steps_run": card.training["history"][-1]["step"],
-           "width": card.architecture["width"], "validation_loss": card.validation_loss}
+    if reuse and (Path(model) / "card.json").exists():
+        card = read_card(model)
+        train_s = float(card.training["seconds"])
+    else:
+        card = train_denoise(noisy_url, model, method=method, overwrite=True, progress=False, device="cpu", **extra)
+        train_s = time.perf_counter() - t0
+    row = {"method": method, "train_s": train_s, "steps_run": card.training["history"][-1]["step"],
+           "width": card.architecture["width"], "validation_loss": card.validation_loss, "model_reused": reuse}
     if card.posterior:  # the stages training chose by estimated risk, and the estimates (normalised units)
         row["posterior_choice"] = {mode: card.posterior[mode]["choice"][0] for mode in ("plain", "tta")}
         row["posterior_risk"] = {mode: card.posterior[mode]["risk"][0] for mode in ("plain", "tta")}
@@ -197,7 +210,8 @@ def _probed(model: str, noisy: np.ndarray):
     return y.astype(np.float64), mu, a, lo, hi, choose
 
 
-def _stages(y: np.ndarray, mu: np.ndarray, fit: dict, score, blocks: Sequence[int]) -> dict:
+def _stages(y: np.ndarray, mu: np.ndarray, fit: dict, score, blocks: Sequence[int],
+            grids: Sequence[tuple[int, int]] = ()) -> dict:
     """The posterior step's two stages scored apart: the first (the per-pixel blend), the
     second (``kernels.blockwiener``) at several block widths on the first's output, and at the
     default width on the prediction alone (the other pilot); then every choice the step can
@@ -207,8 +221,15 @@ def _stages(y: np.ndarray, mu: np.ndarray, fit: dict, score, blocks: Sequence[in
     first = mu + posterior.weights(y, mu, fit["noise"], fit["leak_centres"], fit["leak"]) * (y - mu)
     variance = posterior.noise_variance(mu, fit["noise"])
     default = blockwiener.BLOCK[y.ndim]
-    by_block = {str(b): score(blockwiener.apply(y, first, variance, block=b)) for b in sorted({*blocks, default})}
+    by_block = {str(b): score(blockwiener.apply(y, first, variance, block=b, step=1))
+                for b in sorted({*blocks, default})}
+    by_grid = {}
+    for block, step in grids:  # block width, pixels between block starts
+        t0 = time.perf_counter()
+        estimate = blockwiener.apply(y, first, variance, block=block, step=step)
+        by_grid[f"{block}/{step}"] = {"psnr": score(estimate), "seconds": time.perf_counter() - t0}
     return {"prediction": score(mu), "first_stage": score(first), "second_stage_by_block": by_block,
+            "second_stage_by_grid": by_grid,
             "second_stage_prediction_pilot": score(blockwiener.apply(y, mu, variance, block=default)),
             "default": by_block[str(default)],
             "by_choice": {how: score(posterior.stages(y, mu, fit, how)) for how in posterior.CHOICES}}
@@ -248,17 +269,18 @@ def posterior_variants(names, work: Path, results: dict) -> None:
         row["window_by_sigma"] = {str(sigma): blend(posterior.weights(y, mu, noise, fit["leak_centres"], fit["leak"],
                                                                         sigma_2d=sigma))
                                   for sigma in (4.0, 6.0, 8.0, posterior.SIGMA_2D, 14.0, 20.0)}
-        row.update(_stages(y, mu, fit, score, blocks=(4, 6, 8, 12)), **choose(fit))
+        row.update(_stages(y, mu, fit, score, blocks=(4, 6, 8, 12), grids=GRIDS_2D), **choose(fit))
         rows[name] = row
         print(name, {k: round(v, 2) for k, v in row.items() if isinstance(v, float)}, row["second_stage_by_block"],
-              row["by_choice"], row["chosen"], flush=True)
+              row["second_stage_by_grid"], row["by_choice"], row["chosen"], flush=True)
         save(RESULTS_NAME, results)
 
 
 def posterior_3d(work: Path, client, results: dict, steps: int) -> None:
-    """The posterior step's block width in 3D, on tuning data: the synthetic light-sheet volume
-    made as ``pairs`` makes it but with seed 1 (``pairs`` reports seed 0), its first noisy
-    realisation, N2V2 trained with ``pairs``' settings (kept in ``work`` and reused)."""
+    """The posterior step's block width and step between blocks (``GRIDS_3D``) in 3D, on tuning
+    data: the synthetic light-sheet volume made as ``pairs`` makes it but with seed 1 (``pairs``
+    reports seed 0), its first noisy realisation, N2V2 trained with ``pairs``' settings (kept in
+    ``work`` and reused)."""
     from pipeline.data.synthetic import make_lightsheet
     from pipeline.steps.train import train_denoise
 
@@ -272,20 +294,22 @@ def posterior_3d(work: Path, client, results: dict, steps: int) -> None:
         write(first_url, first)
         train_denoise(first_url, str(model), steps=steps, patch=(16, 32, 32), overwrite=True, progress=False)
     results["posterior_3d"] = {"dataset": "lightsheet seed 1 (tuning)", "shape": list(clean.shape),
-                               **_tuning_row(str(model), clean, first, blocks=(4, 6, 8))}
+                               **_tuning_row(str(model), clean, first, blocks=(4, 6, 8), grids=GRIDS_3D)}
     save(RESULTS_NAME, results)
 
 
-def _tuning_row(model: str, clean: np.ndarray, noisy: np.ndarray, blocks: Sequence[int]) -> dict:
+def _tuning_row(model: str, clean: np.ndarray, noisy: np.ndarray, blocks: Sequence[int],
+                grids: Sequence[tuple[int, int]] = ()) -> dict:
     """:func:`_stages` and the step's own choice (:func:`_probed`) for a tuning image."""
     from kernels import posterior
 
     y, mu, a, lo, hi, choose = _probed(model, noisy)
     fit = posterior.fit_channel(y[None], mu[None], a[None])
-    row = _stages(y, mu, fit, lambda e: psnr(e * (hi - lo) + lo, clean, float(clean.max())), blocks=blocks)
+    row = _stages(y, mu, fit, lambda e: psnr(e * (hi - lo) + lo, clean, float(clean.max())), blocks=blocks,
+                  grids=grids)
     row.update(choose(fit))
     print({k: round(v, 2) for k, v in row.items() if isinstance(v, float)}, row["second_stage_by_block"],
-          row["by_choice"], row["chosen"], flush=True)
+          row["second_stage_by_grid"], row["by_choice"], row["chosen"], flush=True)
     return row
 
 
@@ -331,7 +355,7 @@ def pair_images(clean: np.ndarray, peak: float = 20.0):
 
 
 def pairs(work: Path, client, results: dict, steps: int, which: Sequence[str] = ("dsb2018", "lightsheet"),
-          methods: Sequence[str] = ("n2v2", "n2s", "n2n", "care")) -> None:
+          methods: Sequence[str] = ("n2v2", "n2s", "n2n", "care"), reuse: bool = False) -> None:
     from pipeline.data.fetch import load_sample_arrays
     from pipeline.data.synthetic import make_lightsheet
 
@@ -354,7 +378,7 @@ def pairs(work: Path, client, results: dict, steps: int, which: Sequence[str] = 
                 continue
             row = learned(urls["first"], clean, float(clean.max()), work, client, f"{dataset}-{method}",
                           method=method, target=target, steps=steps, patch=patch,
-                          posterior_off=method in ("n2v2", "n2s"))
+                          posterior_off=method in ("n2v2", "n2s"), reuse=reuse)
             rows.append({"dataset": dataset, "shape": list(clean.shape), "noisy_psnr": psnr(first, clean, clean.max()),
                          **row})
             print(dataset, method, round(row["psnr"], 2), round(row["ssim"], 3), f"{row['train_s']:.0f} s", flush=True)
@@ -394,6 +418,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--pair-datasets", default="dsb2018,lightsheet", help="pairs part: datasets to (re)measure")
     parser.add_argument("--pair-methods", default="n2v2,n2s,n2n,care", help="pairs part: methods to (re)measure")
     parser.add_argument("--workdir")
+    parser.add_argument("--reuse-models", action="store_true",
+                        help="pairs: models already in --workdir are not trained again (inference re-measured)")
     parser.add_argument("--results", default="restore",
                         help="results name (benchmarks/results/NAME.json); parts run side by side need their own")
     args = parser.parse_args(argv)
@@ -414,7 +440,8 @@ def main(argv=None) -> dict:
         if "single" in parts:
             single(names, work, client, results)
         if "pairs" in parts:
-            pairs(work, client, results, args.steps_pairs, args.pair_datasets.split(","), args.pair_methods.split(","))
+            pairs(work, client, results, args.steps_pairs, args.pair_datasets.split(","), args.pair_methods.split(","),
+                  reuse=args.reuse_models)
         if "attribution" in parts:
             attribution(work, client, results)
         if "ensemble" in parts:

@@ -16,8 +16,16 @@ Chosen on tuning data the benchmark's figures do not use (``python -m benchmarks
 scikit-image's camera and chelsea (sigma 25): the first stage's 29.44 / 30.40 dB become 29.70
 / 30.60 with 8-pixel blocks (4: 29.26 / 30.14, 12: 29.72 / 30.66, at twice the cost). In 3D, a
 synthetic light-sheet volume (seed 1; the benchmark's is seed 0) at 20 photons: 39.46 dB after
-the first stage, 39.72 / 40.42 / 40.64 with blocks of 4 / 6 / 8 voxels; 6 is the default, 8
-costs 2.8x as much (216 vs 512 coefficients) for 0.2 dB. The pilot is the first stage's
+the first stage, 39.72 / 40.42 / 40.64 with every block of 4 / 6 / 8 voxels. Every block is
+costly in 3D (``B ** 3`` coefficients for each voxel: on an H200 the stage with blocks of 6 took
+~9x the network's time per tile), so as in BM3D (whose reference code steps 3 pixels between
+blocks) blocks start only every ``STEP`` voxels, on a grid anchored at global position 0 so
+that tiles share it: blocks of 10 every 3 voxels (37 coefficients per voxel, against 216)
+scored 40.48 dB, blocks of 6 every 2 / 3 voxels 39.97 / 39.64, of 8 every 2 / 3 / 4 40.32 /
+40.22 / 39.84, of 10 every 2 / 4 40.49 / 40.18, of 12 every 3 / 4 / 5 40.40 / 40.31 / 40.27,
+of 14 / 16 every 4 40.43 / 40.34 (``second_stage_by_grid``). In 2D every block is kept: there
+a step lost 0.04-0.09 dB on camera and chelsea at every width tried (8 every 2: 29.61 / 30.50;
+12 every 3: 29.63 / 30.57; 16 every 4: 29.61 / 30.59) and 2D costs less. The pilot is the first stage's
 output, which is the better pilot in 2D (the network's prediction as pilot: camera 29.11,
 chelsea 30.29); on that volume the prediction alone was the better one (40.81 with blocks of
 6), because there the first stage loses to the prediction: the prediction's error in the
@@ -57,12 +65,19 @@ import numpy as np
 from scipy import ndimage
 from scipy.fft import dct
 
-BLOCK = {2: 8, 3: 6}  # block width per number of spatial axes (see the module docstring)
+BLOCK = {2: 8, 3: 10}  # the Wiener stage's block width per number of spatial axes (module docstring)
+STEP = {2: 1, 3: 3}  # the Wiener stage's pixels between block starts (1: every block)
+BAND_BLOCK = {2: 8, 3: 6}  # the band stage's block width (every block: its gains are smoothed across blocks)
 
 
 def reach(ndim: int) -> int:
-    """Pixels the stage reads beyond each side of a pixel."""
+    """Pixels the Wiener stage reads beyond each side of a pixel."""
     return BLOCK[ndim] - 1
+
+
+def band_reach(ndim: int) -> int:
+    """Pixels the band stage's blocks read beyond each side of a pixel (besides its window)."""
+    return BAND_BLOCK[ndim] - 1
 
 
 def basis(width: int) -> np.ndarray:
@@ -70,11 +85,11 @@ def basis(width: int) -> np.ndarray:
     return dct(np.eye(width), norm="ortho", axis=0)
 
 
-def _correlate_rows(x, rows: np.ndarray, axis: int):
-    """``sum_a rows[k, a] * x[q + a]`` along ``axis`` for every row ``k`` and every ``q`` whose
-    window lies inside (length ``n - rows.shape[1] + 1``): a sequence of maps, for numpy arrays
-    (scipy) and torch tensors (``conv1d``) alike. Each value depends only on the samples it reads
-    (what tiled == untiled needs).
+def _correlate_rows(x, rows: np.ndarray, axis: int, start: int = 0, step: int = 1):
+    """``sum_a rows[k, a] * x[start + j * step + a]`` along ``axis`` for every row ``k`` and
+    every ``j`` whose window lies inside: a sequence of maps, for numpy arrays (scipy, or sums
+    of strided slices) and torch tensors (``conv1d``) alike. Each value depends only on the
+    samples it reads (what tiled == untiled needs).
 
     On a GPU the stage is bound by memory traffic and by cuDNN's float64 kernels, not by
     arithmetic. Measured on an H200 (``bench_gpu --parts posterior``, 2026-12-04): as sums of
@@ -83,63 +98,77 @@ def _correlate_rows(x, rows: np.ndarray, axis: int):
     channel per row brought it to 1.85 s (the band stage 8.2 -> 2.9 s, 0.87 -> 0.19 s on 2048^2),
     but 1.27 s of that went to cuDNN's float64 implicit GEMM for the 6-channel convolutions (11.8
     ms each) where a 1-channel one ran its direct kernel in 0.29 ms; hence one 1-channel
-    ``conv1d`` per row (not timed end to end: the device time was spent)."""
+    ``conv1d`` per row."""
     rows = np.atleast_2d(rows)
-    if isinstance(x, np.ndarray):  # scipy's correlation, its centred window shifted to the start
-        n = x.shape[axis] - rows.shape[1] + 1
+    width = rows.shape[1]
+    count = (x.shape[axis] - width - start) // step + 1
+    if isinstance(x, np.ndarray):
         index = [slice(None)] * x.ndim
-        index[axis] = slice(rows.shape[1] // 2, rows.shape[1] // 2 + n)
-        return [ndimage.correlate1d(x, taps, axis=axis, mode="constant")[tuple(index)] for taps in rows]
+        if step == 1:  # scipy's correlation, its centred window shifted to the start
+            index[axis] = slice(start + width // 2, start + width // 2 + count)
+            return [ndimage.correlate1d(x, taps, axis=axis, mode="constant")[tuple(index)] for taps in rows]
+        maps = []
+        for taps in rows:
+            total = 0.0
+            for a, t in enumerate(taps):
+                index[axis] = slice(start + a, start + a + (count - 1) * step + 1, step)
+                total = total + t * x[tuple(index)]
+            maps.append(total)
+        return maps
     import torch
     import torch.nn.functional as F
 
-    moved = x.movedim(axis, -1)
+    moved = x.movedim(axis, -1)[..., start:]
     lines = moved.reshape(-1, 1, moved.shape[-1])  # one copy, shared by the rows
     weights = torch.as_tensor(np.ascontiguousarray(rows), dtype=x.dtype, device=x.device)
     maps = []
     for taps in weights:
-        out = F.conv1d(lines, taps.view(1, 1, -1))  # conv1d correlates (no flip)
+        out = F.conv1d(lines, taps.view(1, 1, -1), stride=step)  # conv1d correlates (no flip)
         maps.append(out.reshape(*moved.shape[:-1], out.shape[-1]).movedim(-1, axis))
     return maps
 
 
-def _correlate_valid(x, taps: np.ndarray, axis: int):
+def _correlate_valid(x, taps: np.ndarray, axis: int, start: int = 0, step: int = 1):
     """:func:`_correlate_rows` of a single row of taps."""
-    return _correlate_rows(x, taps, axis)[0]
+    return _correlate_rows(x, taps, axis, start, step)[0]
 
 
-def _scatter_rows(parts, rows: np.ndarray, axis: int):
-    """The transpose of :func:`_correlate_rows`: ``out[q + a] += rows[k, a] * parts[k][q]``
-    summed over the rows (length ``n + rows.shape[1] - 1``): blocks' coefficients put back onto
-    the pixels they cover. numpy: a correlation with the taps reversed over zeros beyond the
-    ends; torch: one ``conv_transpose1d`` over all rows."""
+def _scatter_rows(parts, rows: np.ndarray, axis: int, length: int, start: int = 0, step: int = 1):
+    """The transpose of :func:`_correlate_rows` onto an axis of ``length`` samples:
+    ``out[start + j * step + a] += rows[k, a] * parts[k][j]`` summed over the rows: blocks'
+    coefficients put back onto the pixels they cover. numpy: sums of strided slices; torch:
+    one ``conv_transpose1d`` over all rows."""
     rows = np.atleast_2d(rows)
+    count = parts[0].shape[axis]
     if isinstance(parts[0], np.ndarray):
-        total = None
+        shape = list(parts[0].shape)
+        shape[axis] = length
+        out = np.zeros(shape, np.result_type(parts[0], rows))
+        index = [slice(None)] * out.ndim
         for z, taps in zip(parts, rows):
-            widths = [(0, 0)] * z.ndim
-            widths[axis] = (len(taps) - 1, len(taps) - 1)
-            part = _correlate_valid(np.pad(z, widths), taps[::-1], axis)
-            total = part if total is None else total + part
-        return total
+            for a, t in enumerate(taps):
+                index[axis] = slice(start + a, start + a + (count - 1) * step + 1, step)
+                out[tuple(index)] += t * z
+        return out
     import torch
     import torch.nn.functional as F
 
-    moved = torch.stack(parts).movedim(axis + 1, -1).movedim(0, -2)  # (other axes, rows, n)
+    moved = torch.stack(parts).movedim(axis + 1, -1).movedim(0, -2)  # (other axes, rows, count)
     weight = torch.as_tensor(np.ascontiguousarray(rows), dtype=moved.dtype, device=moved.device).unsqueeze(1)
-    out = F.conv_transpose1d(moved.reshape(-1, len(rows), moved.shape[-1]), weight)  # (pixels, 1, n + K - 1)
-    return out.reshape(*moved.shape[:-2], out.shape[-1]).movedim(-1, axis)
+    out = F.conv_transpose1d(moved.reshape(-1, len(rows), count), weight, stride=step)  # (pixels, 1, covered)
+    out = F.pad(out, (start, length - start - out.shape[-1]))
+    return out.reshape(*moved.shape[:-2], length).movedim(-1, axis)
 
 
-def _scatter_full(z, taps: np.ndarray, axis: int):
+def _scatter_full(z, taps: np.ndarray, axis: int, length: int, start: int = 0, step: int = 1):
     """:func:`_scatter_rows` of a single map and row of taps."""
-    return _scatter_rows([z], taps, axis)
+    return _scatter_rows([z], taps, axis, length, start, step)
 
 
-def _separable(x, taps: np.ndarray):
+def _separable(x, taps: np.ndarray, starts=None, step: int = 1):
     """:func:`_correlate_valid` along every axis."""
     for axis in range(x.ndim):
-        x = _correlate_valid(x, taps, axis)
+        x = _correlate_valid(x, taps, axis, starts[axis] if starts else 0, step)
     return x
 
 
@@ -148,57 +177,73 @@ def _crop(x, reach: int):
     return x[tuple(slice(reach, n - reach) for n in x.shape)] if reach else x
 
 
-def _coefficient_maps(x, rows: np.ndarray, axis: int = 0):
-    """Every block's DCT coefficients of the padded ``x``, one map at a time (the partial
-    transforms along the leading axes shared between coefficients; along the last axis all
-    rows at once, ``B`` maps of the tile held)."""
+def _coefficient_maps(x, rows: np.ndarray, starts, step: int, axis: int = 0):
+    """The DCT coefficients of every block of the padded ``x`` on the grid (``starts``, ``step``),
+    one map at a time (the partial transforms along the leading axes shared between
+    coefficients; along the last axis all rows in one pass, ``B`` maps held)."""
     if axis == x.ndim - 1:
-        yield from _correlate_rows(x, rows, axis)
+        yield from _correlate_rows(x, rows, axis, starts[axis], step)
         return
     for taps in rows:
-        yield from _coefficient_maps(_correlate_valid(x, taps, axis), rows, axis + 1)
+        yield from _coefficient_maps(_correlate_valid(x, taps, axis, starts[axis], step), rows, starts, step, axis + 1)
 
 
-def _filtered(y, pilot, rows: np.ndarray, scale, axis: int = 0):
-    """The filtered blocks put back onto the padded grid: ``scale(c, p)`` of each coefficient
-    of ``y`` and ``pilot``, then the transpose of the transform, axis by axis (the same shared
-    partial transforms as :func:`_coefficient_maps`)."""
+def _filtered(y, pilot, rows: np.ndarray, scale, lengths, starts, step: int, axis: int = 0):
+    """The filtered blocks put back onto the padded grid (``lengths`` samples per axis):
+    ``scale(c, p)`` of each coefficient of ``y`` and ``pilot``, then the transpose of the
+    transform, axis by axis (the same shared partial transforms as :func:`_coefficient_maps`)."""
     if axis == y.ndim - 1:
-        coefficients = zip(_correlate_rows(y, rows, axis), _correlate_rows(pilot, rows, axis))
-        return _scatter_rows([scale(c, p) for c, p in coefficients], rows, axis)
+        coefficients = zip(_correlate_rows(y, rows, axis, starts[axis], step),
+                           _correlate_rows(pilot, rows, axis, starts[axis], step))
+        return _scatter_rows([scale(c, p) for c, p in coefficients], rows, axis, lengths[axis], starts[axis], step)
     total = None
     for taps in rows:
-        part = _filtered(_correlate_valid(y, taps, axis), _correlate_valid(pilot, taps, axis), rows, scale, axis + 1)
-        part = _scatter_full(part, taps, axis)
+        part = _filtered(_correlate_valid(y, taps, axis, starts[axis], step),
+                         _correlate_valid(pilot, taps, axis, starts[axis], step), rows, scale, lengths, starts, step,
+                         axis + 1)
+        part = _scatter_full(part, taps, axis, lengths[axis], starts[axis], step)
         total = part if total is None else total + part
     return total
 
 
-def _aggregate(y, pilot, width: int, gain, crop: int = 0):
-    """Every block of ``y`` filtered in the DCT domain by ``gain(p)`` of the same coefficient
-    ``p`` of ``pilot``, and the blocks put back with BM3D's weights (``1 / sum(gain ** 2)`` per
-    block: a block whose gains keep less noise counts more); ``gain`` reads ``crop`` maps'
-    samples beyond each side (its output is that much shorter). Returns the result without
-    the ``width - 1`` padding the blocks need."""
+def _aggregate(y, pilot, width: int, gain, crop: int = 0, starts=None, step: int = 1):
+    """Every block of ``y`` on the grid (first block at ``starts`` per axis, then every
+    ``step``: all of them by default) filtered in the DCT domain by ``gain(p)`` of the same
+    coefficient ``p`` of ``pilot``, and the blocks put back with BM3D's weights (``1 /
+    sum(gain ** 2)`` per block: a block whose gains keep less noise counts more); ``gain``
+    reads ``crop`` maps' samples beyond each side (its output is that much shorter; only on
+    the full grid). Returns the result without the ``width - 1`` padding the blocks need."""
     rows = basis(width)
+    starts = tuple(starts or (0,) * y.ndim)
+    assert not crop or (step == 1 and not any(starts)), "a cropping gain needs the full grid"
+    lengths = tuple(n - 2 * crop for n in y.shape)  # the output frame starts ``crop`` samples in
     # the sum of squared gains per block must be known before any block is put back, so the
     # pilot's coefficients are made twice rather than all held (B ** ndim maps of the tile)
     kept = None
-    for p in _coefficient_maps(pilot, rows):
+    for p in _coefficient_maps(pilot, rows, starts, step):
         kept = gain(p) ** 2 if kept is None else kept + gain(p) ** 2
     block_weight = 1.0 / (kept + 1e-12)
-    out = _filtered(y, pilot, rows, lambda c, p: block_weight * gain(p) * _crop(c, crop))
+    out = _filtered(y, pilot, rows, lambda c, p: block_weight * gain(p) * _crop(c, crop), lengths, starts, step)
     weight = block_weight
     for axis in range(y.ndim):
-        weight = _scatter_full(weight, np.ones(width), axis)
-    return _crop(out / weight, width - 1)
+        weight = _scatter_full(weight, np.ones(width), axis, lengths[axis], starts[axis], step)
+    return _crop(out, width - 1) / _crop(weight, width - 1)  # (with a step, padding beyond may hold no block)
 
 
-def filter_padded(y, pilot, variance, width: int):
+def grid_starts(origin, width: int, step: int) -> tuple[int, ...]:
+    """Per axis, the first block start of an array padded by ``width - 1`` whose unpadded first
+    pixel lies at global position ``origin``: blocks start where the global position is a
+    multiple of ``step``, so every tile of a run and the whole image share one block grid."""
+    return tuple((width - 1 - o) % step for o in origin)
+
+
+def filter_padded(y, pilot, variance, width: int, *, step: int = 1, starts=None):
     """The Wiener filter on arrays padded by ``width - 1`` on every side (numpy arrays or float64
-    torch tensors alike); returns the unpadded result."""
-    noise = _separable(variance, np.full(width, 1.0 / width))  # the noise variance averaged over each block
-    return _aggregate(y, pilot, width, lambda p: p * p / (p * p + noise))
+    torch tensors alike), blocks on the grid ``starts`` / ``step`` (:func:`grid_starts`; every
+    block by default); returns the unpadded result."""
+    starts = tuple(starts or (0,) * y.ndim)
+    noise = _separable(variance, np.full(width, 1.0 / width), starts, step)  # the noise averaged over each block
+    return _aggregate(y, pilot, width, lambda p: p * p / (p * p + noise), starts=starts, step=step)
 
 
 def shrink_padded(residual, variance, width: int, window: np.ndarray):
@@ -219,18 +264,22 @@ def shrink_padded(residual, variance, width: int, window: np.ndarray):
     return _aggregate(residual, residual, width, gain, crop=len(window) // 2)
 
 
-def apply(y: np.ndarray, pilot: np.ndarray, variance: np.ndarray, *, block: int | None = None) -> np.ndarray:
+def apply(y: np.ndarray, pilot: np.ndarray, variance: np.ndarray, *, block: int | None = None,
+          step: int | None = None, origin: tuple[int, ...] | None = None) -> np.ndarray:
     """The filtered image of one channel: ``y`` the noisy image, ``pilot`` an estimate of it,
-    ``variance`` the noise variance per pixel (all the same spatial shape, normalised units)."""
-    width = block or BLOCK[np.ndim(y)]
+    ``variance`` the noise variance per pixel (all the same spatial shape, normalised units);
+    blocks every ``step`` pixels (default :data:`STEP`) from global position ``origin`` of the
+    first pixel (default 0: a whole image; a tile passes its own, so tiles share the grid)."""
+    ndim = np.ndim(y)
+    width, step = block or BLOCK[ndim], step or STEP[ndim]
     padded = (np.pad(np.asarray(a, np.float64), width - 1, mode="symmetric") for a in (y, pilot, variance))
-    return filter_padded(*padded, width)
+    return filter_padded(*padded, width, step=step, starts=grid_starts(origin or (0,) * ndim, width, step))
 
 
 def shrink(residual: np.ndarray, variance: np.ndarray, window: np.ndarray, *, block: int | None = None) -> np.ndarray:
     """:func:`shrink_padded` of one channel's whole ``residual`` (``variance``: the noise
     variance per pixel; ``window``: the SURE window's taps along one axis)."""
-    width = block or BLOCK[np.ndim(residual)]
+    width = block or BAND_BLOCK[np.ndim(residual)]
     pad = width - 1 + len(window) // 2
     padded = (np.pad(np.asarray(a, np.float64), pad, mode="symmetric") for a in (residual, variance))
     return shrink_padded(*padded, width, np.asarray(window, np.float64))

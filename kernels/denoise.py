@@ -274,7 +274,8 @@ class DenoiseKernel(UNetModelKernel):
 
     def with_maps(self, batch: np.ndarray, context: BatchContext) -> tuple[np.ndarray, np.ndarray | None]:
         if self.uncertainty is None:
-            mean = self.predict(batch) if self.posterior_table is None else self.predict_with_posterior(batch)
+            mean = (self.predict(batch) if self.posterior_table is None
+                    else self.predict_with_posterior(batch, context.origins))
             var = None
         elif self.uncertainty.method == "adf":
             mean, var = self.predict_moments(batch)
@@ -293,12 +294,13 @@ class DenoiseKernel(UNetModelKernel):
         136 x 328 x 328: 2.9 s against torch's 10 s)."""
         return not str(self.device).startswith("cpu")
 
-    def predict_with_posterior(self, batch: np.ndarray) -> np.ndarray:
-        """The prediction with the noisy pixel blended back in (``kernels.posterior``)."""
+    def predict_with_posterior(self, batch: np.ndarray, origins) -> np.ndarray:
+        """The prediction with the noisy pixel blended back in (``kernels.posterior``); ``origins``:
+        each block's global first pixel (the step's block grid is anchored there)."""
         if not self.posterior_on_device():
             return np.stack([posterior.apply(block, pred, self.posterior_table, sigma_2d=self.posterior_sigma,
-                                             choice=self.posterior_choice)
-                             for block, pred in zip(batch, self.predict(batch))])
+                                             choice=self.posterior_choice, origin=origin)
+                             for block, pred, origin in zip(batch, self.predict(batch), origins)])
         import torch
 
         from kernels import posterior_device
@@ -307,8 +309,8 @@ class DenoiseKernel(UNetModelKernel):
         mu = self.predict_on_device(x)
         with torch.inference_mode():
             return torch.stack([posterior_device.apply(block, pred, self.posterior_table, sigma_2d=self.posterior_sigma,
-                                                       choice=self.posterior_choice)
-                                for block, pred in zip(x, mu)]).cpu().numpy()
+                                                       choice=self.posterior_choice, origin=origin)
+                                for block, pred, origin in zip(x, mu, origins)]).cpu().numpy()
 
     def __call__(self, batch: np.ndarray, context: BatchContext) -> np.ndarray:
         return self.with_maps(batch, context)[0]

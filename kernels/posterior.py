@@ -105,7 +105,7 @@ def radius(ndim: int, sigma_2d: float = SIGMA_2D, *, choice: str = LEGACY_CHOICE
     if choice == "off":
         return 0
     window = int(TRUNCATE * window_sigma(ndim, sigma_2d) + 0.5)
-    first = window + (WINDOW // 2 if choice.startswith("pixel") else blockwiener.reach(ndim))
+    first = window + (WINDOW // 2 if choice.startswith("pixel") else blockwiener.band_reach(ndim))
     return first + (blockwiener.reach(ndim) if choice.endswith("+blocks") else 0)
 
 
@@ -207,15 +207,16 @@ def choices(table: dict[str, Any], choice: str = "auto") -> list[str]:
     return list(table.get("choice") or [LEGACY_CHOICE] * len(table["noise"]))
 
 
-def stages(y: np.ndarray, mu: np.ndarray, fit: dict[str, Any], choice: str, *, sigma_2d: float = SIGMA_2D
-           ) -> np.ndarray:
+def stages(y: np.ndarray, mu: np.ndarray, fit: dict[str, Any], choice: str, *, sigma_2d: float = SIGMA_2D,
+           origin: tuple[int, ...] | None = None) -> np.ndarray:
     """One channel through the step as ``choice`` says (float64 arrays, normalised units; ``fit``:
-    the channel's :func:`fit_channel` entries)."""
-    return _all_stages(y, mu, fit, (choice,), sigma_2d=sigma_2d)[choice]
+    the channel's :func:`fit_channel` entries; ``origin``: the global position of the first
+    pixel, which anchors the second stage's block grid)."""
+    return _all_stages(y, mu, fit, (choice,), sigma_2d=sigma_2d, origin=origin)[choice]
 
 
-def _all_stages(y: np.ndarray, mu: np.ndarray, fit: dict[str, Any], wanted, *, sigma_2d: float = SIGMA_2D
-                ) -> dict[str, np.ndarray]:
+def _all_stages(y: np.ndarray, mu: np.ndarray, fit: dict[str, Any], wanted, *, sigma_2d: float = SIGMA_2D,
+                origin: tuple[int, ...] | None = None) -> dict[str, np.ndarray]:
     """:func:`stages` for each choice in ``wanted``, each first stage computed once."""
     variance = noise_variance(mu, fit["noise"])
     firsts: dict[str, np.ndarray] = {"off": mu}
@@ -226,20 +227,22 @@ def _all_stages(y: np.ndarray, mu: np.ndarray, fit: dict[str, Any], wanted, *, s
             firsts[kind] = (mu + weights(y, mu, fit["noise"], fit["leak_centres"], fit["leak"], sigma_2d=sigma_2d)
                             * (y - mu)) if kind == "pixel" else \
                 mu + blockwiener.shrink(y - mu, variance, gaussian_taps(window_sigma(mu.ndim, sigma_2d)))
-        out[how] = blockwiener.apply(y, firsts[kind], variance) if how.endswith("+blocks") else firsts[kind]
+        out[how] = (blockwiener.apply(y, firsts[kind], variance, origin=origin) if how.endswith("+blocks")
+                    else firsts[kind])
     return out
 
 
 def apply(y: np.ndarray, mu: np.ndarray, table: dict[str, Any], *, sigma_2d: float = SIGMA_2D,
-          choice: str = "auto") -> np.ndarray:
+          choice: str = "auto", origin: tuple[int, ...] | None = None) -> np.ndarray:
     """The posterior output of ``(C, *spatial)`` input ``y`` and prediction ``mu`` (normalised
     units); ``table``: the card's entry for the inference mode (one noise line and leak table
     per channel, and the choice training made); ``choice``: ``auto`` (the card's) or one of
-    :data:`CHOICES` for every channel."""
+    :data:`CHOICES` for every channel; ``origin``: the global position of the first pixel (a
+    tile's; none for a whole image)."""
     out = np.empty(np.shape(mu), np.float32)
     for c, (yc, mc, how) in enumerate(zip(y, mu, choices(table, choice))):
         out[c] = stages(np.asarray(yc, np.float64), np.asarray(mc, np.float64), channel_table(table, c), how,
-                        sigma_2d=sigma_2d)
+                        sigma_2d=sigma_2d, origin=origin)
     return out
 
 

@@ -84,30 +84,35 @@ def weights(y, mu, noise: list[float], leak_centres: list[float], leak: list[flo
     return (1.0 - noise_sum / residual_sum.clamp_min(1e-30)).clamp(0.0, 1.0)
 
 
-def stages(y, mu, fit: dict[str, Any], choice: str, *, sigma_2d: float = SIGMA_2D):
+def stages(y, mu, fit: dict[str, Any], choice: str, *, sigma_2d: float = SIGMA_2D,
+           origin: tuple[int, ...] | None = None):
     """``kernels.posterior.stages`` of one channel, for float64 tensors on any device (the
     blocks padded with scipy's ``reflect``, as ``numpy.pad``'s ``symmetric`` there)."""
     if choice == "off":
         return mu
     variance = noise_variance(mu, fit["noise"])
-    width = blockwiener.BLOCK[mu.ndim]
     if choice.startswith("pixel"):
         first = mu + weights(y, mu, fit["noise"], fit["leak_centres"], fit["leak"], sigma_2d=sigma_2d) * (y - mu)
     else:
         taps = gaussian_taps(window_sigma(mu.ndim, sigma_2d))
-        pad = width - 1 + len(taps) // 2
-        first = mu + blockwiener.shrink_padded(_reflect_pad(y - mu, pad), _reflect_pad(variance, pad), width, taps)
+        band = blockwiener.BAND_BLOCK[mu.ndim]
+        pad = band - 1 + len(taps) // 2
+        first = mu + blockwiener.shrink_padded(_reflect_pad(y - mu, pad), _reflect_pad(variance, pad), band, taps)
     if not choice.endswith("+blocks"):
         return first
-    return blockwiener.filter_padded(*(_reflect_pad(a, width - 1) for a in (y, first, variance)), width)
+    width, step = blockwiener.BLOCK[mu.ndim], blockwiener.STEP[mu.ndim]
+    return blockwiener.filter_padded(*(_reflect_pad(a, width - 1) for a in (y, first, variance)), width, step=step,
+                                     starts=blockwiener.grid_starts(origin or (0,) * mu.ndim, width, step))
 
 
-def apply(y, mu, table: dict[str, Any], *, sigma_2d: float = SIGMA_2D, choice: str = "auto"):
+def apply(y, mu, table: dict[str, Any], *, sigma_2d: float = SIGMA_2D, choice: str = "auto",
+          origin: tuple[int, ...] | None = None):
     """``kernels.posterior.apply`` for ``(C, *spatial)`` tensors on the network's device; returns
     a float32 tensor there."""
     import torch
 
-    return torch.stack([stages(y[c].double(), mu[c].double(), channel_table(table, c), how, sigma_2d=sigma_2d).float()
+    return torch.stack([stages(y[c].double(), mu[c].double(), channel_table(table, c), how, sigma_2d=sigma_2d,
+                               origin=origin).float()
                         for c, how in enumerate(choices(table, choice))])
 
 

@@ -232,7 +232,9 @@ def test_tiled_posterior_equals_untiled_and_changes_the_output(tmp_path, client,
     on_gpu.load("cpu")
     on_gpu.posterior_on_device = lambda: True
     block = np.pad(y, [(h, h) for h in on_gpu.traits.halo], mode="reflect")[None, None].astype(np.float32)
-    in_torch, in_scipy = on_gpu.predict_with_posterior(block), DenoiseKernel.predict_with_posterior(on_gpu, block)
+    origins = [tuple(-h for h in on_gpu.traits.halo)]
+    in_torch = on_gpu.predict_with_posterior(block, origins)
+    in_scipy = DenoiseKernel.predict_with_posterior(on_gpu, block, origins)
     assert np.abs(in_torch - in_scipy).max() <= 1e-6 and np.abs(in_scipy - on_gpu.predict(block)).max() > 1e-3
     assert np.abs(b - off).max() > 100 * 1e-5 * np.abs(b).max()
     run = json.load(open(tmp_path / "t.ome.zarr" / "_tilewise" / "run.json"))

@@ -5,6 +5,8 @@ a predictor that leaks its centre pixel, read signal-dependent noise (through th
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 from scipy import ndimage
 
@@ -146,7 +148,7 @@ def test_block_wiener_improves_a_pilot_and_reads_only_its_reach():
 
     from kernels.posterior_device import _reflect_pad
 
-    for shape in ((96, 88), (20, 40, 36)):
+    for shape in ((96, 88), (30, 40, 36)):
         clean = _textured(len(shape), shape)
         rng = np.random.default_rng(5)
         noisy = clean + rng.normal(0, 0.08, shape)
@@ -157,15 +159,71 @@ def test_block_wiener_improves_a_pilot_and_reads_only_its_reach():
         r = blockwiener.reach(len(shape))
         crop = tuple(slice(5, n - 3) for n in shape)
         inner = tuple(slice(r, (c.stop - c.start) - r) for c in crop)
-        part = blockwiener.apply(noisy[crop], pilot[crop], variance[crop])
+        part = blockwiener.apply(noisy[crop], pilot[crop], variance[crop], origin=(5,) * len(shape))
         whole = out[crop][inner]
         assert np.array_equal(part[inner], whole)
         wider = tuple(slice(r - 1, (c.stop - c.start) - r + 1) for c in crop)
         assert not np.array_equal(part[wider], out[crop][wider])  # one pixel nearer the edge: it does differ
         assert np.allclose(blockwiener.apply(noisy, noisy, np.full(shape, 1e-12)), noisy, atol=1e-6)
-        width = blockwiener.BLOCK[len(shape)]
+        width, step = blockwiener.BLOCK[len(shape)], blockwiener.STEP[len(shape)]
         padded = (_reflect_pad(torch.from_numpy(a), width - 1) for a in (noisy, pilot, variance))
-        assert np.abs(blockwiener.filter_padded(*padded, width).numpy() - out).max() < 1e-12
+        starts = blockwiener.grid_starts((0,) * len(shape), width, step)
+        assert np.abs(blockwiener.filter_padded(*padded, width, step=step, starts=starts).numpy() - out).max() < 1e-12
+
+
+def _blocks_one_by_one(y, pilot, variance, width: int, step: int, origin) -> np.ndarray:
+    """The block Wiener filter written out block by block (the definition the separable code
+    must equal): every block whose global start is a multiple of ``step``."""
+    dct = blockwiener.basis(width)
+
+    def transform(block, matrix):
+        for axis in range(block.ndim):
+            block = np.moveaxis(np.tensordot(matrix, np.moveaxis(block, axis, 0), 1), 0, axis)
+        return block
+
+    pad = [np.pad(a, width - 1, mode="symmetric") for a in (y, pilot, variance)]
+    total, weight = np.zeros(pad[0].shape), np.zeros(pad[0].shape)
+    firsts = [(width - 1 - o) % step for o in origin]
+    for start in itertools.product(*(range(f, n - width + 1, step) for f, n in zip(firsts, pad[0].shape))):
+        where = tuple(slice(a, a + width) for a in start)
+        c, p = transform(pad[0][where], dct), transform(pad[1][where], dct)
+        gain = p * p / (p * p + pad[2][where].mean())
+        block_weight = 1.0 / ((gain**2).sum() + 1e-12)
+        total[where] += block_weight * transform(gain * c, dct.T)
+        weight[where] += block_weight
+    inside = tuple(slice(width - 1, n - width + 1) for n in pad[0].shape)
+    return total[inside] / weight[inside]
+
+
+def test_block_grid_with_a_step_is_its_blocks_one_by_one_and_shared_by_tiles():
+    """With blocks every ``step`` pixels, the separable code (numpy and torch) equals the filter
+    written block by block, and a crop that knows its global origin gets the whole image's
+    values wherever its blocks are inside (the grid is global, so tiles agree); a crop that
+    does not (origin 0) gets other values."""
+    import torch
+
+    from kernels.posterior_device import _reflect_pad
+
+    rng = np.random.default_rng(2)
+    for shape, width, step in (((23, 26), 5, 2), ((14, 15, 17), 4, 3)):
+        y = rng.random(shape)
+        pilot = 0.6 * y + 0.2 * rng.random(shape)
+        variance = 0.01 + 0.01 * rng.random(shape)
+        for origin in ((0,) * len(shape), (-3,) + (4,) * (len(shape) - 1)):
+            out = blockwiener.apply(y, pilot, variance, block=width, step=step, origin=origin)
+            assert np.abs(out - _blocks_one_by_one(y, pilot, variance, width, step, origin)).max() < 1e-12
+            starts = blockwiener.grid_starts(origin, width, step)
+            padded = (_reflect_pad(torch.from_numpy(a), width - 1) for a in (y, pilot, variance))
+            on_torch = blockwiener.filter_padded(*padded, width, step=step, starts=starts).numpy()
+            assert np.abs(on_torch - out).max() < 1e-12
+        out = blockwiener.apply(y, pilot, variance, block=width, step=step)
+        crop = tuple(slice(1, n - 1) for n in shape)
+        inner = tuple(slice(width - 1, n - 2 - (width - 1)) for n in shape)
+        shared = blockwiener.apply(y[crop], pilot[crop], variance[crop], block=width, step=step,
+                                   origin=(1,) * len(shape))
+        assert np.array_equal(shared[inner], out[crop][inner])
+        alone = blockwiener.apply(y[crop], pilot[crop], variance[crop], block=width, step=step)
+        assert not np.allclose(alone[inner], out[crop][inner])
 
 
 def test_band_stage_reads_only_its_reach_and_matches_torch():
@@ -193,7 +251,7 @@ def test_band_stage_reads_only_its_reach_and_matches_torch():
         assert np.array_equal(part[inner], out[crop][inner])
         wider = tuple(slice(r - 1, (c.stop - c.start) - r + 1) for c in crop)
         assert not np.array_equal(part[wider], out[crop][wider])  # one pixel nearer the edge: it does differ
-        width = blockwiener.BLOCK[len(shape)]
+        width = blockwiener.BAND_BLOCK[len(shape)]
         pad = width - 1 + len(taps) // 2
         padded = (_reflect_pad(torch.from_numpy(a), pad) for a in (noisy - mu, variance))
         assert np.abs(blockwiener.shrink_padded(*padded, width, taps).numpy() - (out - mu)).max() < 1e-12
