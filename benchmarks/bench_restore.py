@@ -78,11 +78,11 @@ def grey_image(name: str) -> np.ndarray:
     return (color.rgb2gray(image) * 255.0 if image.ndim == 3 else image.astype(np.float64)).astype(np.float64)
 
 
-def write(url: str, image: np.ndarray, chunks=None) -> str:
+def write(url: str, image: np.ndarray, chunks=None, overwrite: bool = False) -> str:
     from pipeline.io import create_image, default_axes
 
     axes = default_axes("zyx"[-image.ndim:])
-    sink = create_image(url, shape=image.shape, dtype=np.float32, axes=axes, n_levels=1,
+    sink = create_image(url, shape=image.shape, dtype=np.float32, axes=axes, n_levels=1, overwrite=overwrite,
                         chunks=chunks or ((256, 256) if image.ndim == 2 else (32, 128, 128)))
     sink.write((slice(None),) * image.ndim, image.astype(np.float32))
     return url
@@ -138,17 +138,20 @@ def learned(noisy_url: str, clean: np.ndarray, data_range: float, work: Path, cl
     extra = {k: v for k, v in {"steps": steps, "patch": patch, "target": target, "uncertainty": uncertainty}.items()
              if v is not None}
     t0 = time.perf_counter()
-    if reuse and (Path(model) / "card.json").exists():
+    reused = reuse and (Path(model) / "card.json").exists()
+    if reused:
         card = read_card(model)
         train_s = float(card.training["seconds"])
     else:
         card = train_denoise(noisy_url, model, method=method, overwrite=True, progress=False, device="cpu", **extra)
         train_s = time.perf_counter() - t0
     row = {"method": method, "train_s": train_s, "steps_run": card.training["history"][-1]["step"],
-           "width": card.architecture["width"], "validation_loss": card.validation_loss, "model_reused": reuse}
+           "width": card.architecture["width"], "validation_loss": card.validation_loss, "model_reused": reused}
     if card.posterior:  # the stages training chose by estimated risk, and the estimates (normalised units)
-        row["posterior_choice"] = {mode: card.posterior[mode]["choice"][0] for mode in ("plain", "tta")}
-        row["posterior_risk"] = {mode: card.posterior[mode]["risk"][0] for mode in ("plain", "tta")}
+        from kernels.posterior import choices
+
+        row["posterior_choice"] = {mode: choices(card.posterior[mode])[0] for mode in ("plain", "tta")}
+        row["posterior_risk"] = {mode: (card.posterior[mode].get("risk") or [None])[0] for mode in ("plain", "tta")}
     for tta, posterior in [(tta, True) for tta in ttas] + ([("auto", False)] if posterior_off else []):
         out = str(work / f"out-{name}-{tta}-{posterior}.ome.zarr")
         t0 = time.perf_counter()
@@ -231,7 +234,7 @@ def _stages(y: np.ndarray, mu: np.ndarray, fit: dict, score, blocks: Sequence[in
     return {"prediction": score(mu), "first_stage": score(first), "second_stage_by_block": by_block,
             "second_stage_by_grid": by_grid,
             "second_stage_prediction_pilot": score(blockwiener.apply(y, mu, variance, block=default)),
-            "default": by_block[str(default)],
+            "default": score(blockwiener.apply(y, first, variance)),  # the default block grid
             "by_choice": {how: score(posterior.stages(y, mu, fit, how)) for how in posterior.CHOICES}}
 
 
@@ -370,7 +373,7 @@ def pairs(work: Path, client, results: dict, steps: int, which: Sequence[str] = 
                               if r["dataset"] not in datasets or r["method"] not in methods]
     for dataset, base in datasets.items():
         clean, first, second = pair_images(base)
-        urls = {k: write(str(work / f"{dataset}-{k}.ome.zarr"), v)
+        urls = {k: write(str(work / f"{dataset}-{k}.ome.zarr"), v, overwrite=reuse)  # reused: the same images
                 for k, v in (("first", first), ("second", second), ("clean", clean))}
         patch = None if base.ndim == 2 else (16, 32, 32)
         for method, target in (("n2v2", None), ("n2s", None), ("n2n", urls["second"]), ("care", urls["clean"])):

@@ -6,58 +6,60 @@ the same place. This second stage does what BM3D's second step does without its 
 matching (Dabov et al. 2007; the sliding-window DCT of Yaroslavsky 1996): every ``B``-wide
 block of the noisy image is taken to the DCT domain, each coefficient is scaled by the Wiener
 gain ``P ** 2 / (P ** 2 + var)`` read off the same coefficient ``P`` of the pilot (the first
-stage's output), and the blocks are put back, each pixel the average of the ``B ** ndim``
-blocks that cover it, weighted by ``1 / sum(gain ** 2)`` (BM3D's aggregation: a block whose
+stage's output), and the blocks are put back, each pixel the average of the blocks that cover
+it, weighted by ``1 / sum(gain ** 2)`` (BM3D's aggregation: a block whose
 gains keep less noise counts more). ``var`` is the noise variance averaged over the block, from
 the model card's noise line, so Poisson-Gaussian noise is followed block by block.
 
 Chosen on tuning data the benchmark's figures do not use (``python -m benchmarks.bench_restore
 --parts posterior_variants,posterior_3d``, ``benchmarks/results/restore_tuning.json``). In 2D,
-scikit-image's camera and chelsea (sigma 25): the first stage's 29.44 / 30.40 dB become 29.70
-/ 30.60 with 8-pixel blocks (4: 29.26 / 30.14, 12: 29.72 / 30.66, at twice the cost). In 3D, a
+scikit-image's camera and chelsea (sigma 25): the first stage's 29.44 / 30.40 dB become 29.70 /
+30.60 with 8-pixel blocks (4: 29.26 / 30.14, 12: 29.72 / 30.66, at twice the cost). In 3D, a
 synthetic light-sheet volume (seed 1; the benchmark's is seed 0) at 20 photons: 39.46 dB after
 the first stage, 39.72 / 40.42 / 40.64 with every block of 4 / 6 / 8 voxels. Every block is
 costly in 3D (``B ** 3`` coefficients for each voxel: on an H200 the stage with blocks of 6 took
 ~9x the network's time per tile), so as in BM3D (whose reference code steps 3 pixels between
-blocks) blocks start only every ``STEP`` voxels, on a grid anchored at global position 0 so
-that tiles share it: blocks of 10 every 3 voxels (37 coefficients per voxel, against 216)
-scored 40.48 dB, blocks of 6 every 2 / 3 voxels 39.97 / 39.64, of 8 every 2 / 3 / 4 40.32 /
-40.22 / 39.84, of 10 every 2 / 4 40.49 / 40.18, of 12 every 3 / 4 / 5 40.40 / 40.31 / 40.27,
-of 14 / 16 every 4 40.43 / 40.34 (``second_stage_by_grid``). In 2D every block is kept: there
-a step lost 0.04-0.09 dB on camera and chelsea at every width tried (8 every 2: 29.61 / 30.50;
-12 every 3: 29.63 / 30.57; 16 every 4: 29.61 / 30.59) and 2D costs less. The pilot is the first stage's
-output, which is the better pilot in 2D (the network's prediction as pilot: camera 29.11,
-chelsea 30.29); on that volume the prediction alone was the better one (40.81 with blocks of
-6), because there the first stage loses to the prediction: the prediction's error in the
-background is under 1 % of the noise variance, so the noise line's reading, 4-27 % under the
-true variance across intensity bins, makes it blend 7-13 % of the noisy voxel back in where
-almost none belongs. That is a known shortfall of the first stage, not fixed here. BM3D's own Wiener step (the ``bm3d`` package,
-the first stage's output as its pilot) scored lower on camera and chelsea (29.57 / 30.52):
-with a learned pilot, block matching bought nothing, so it is not built.
+blocks) blocks start only every ``STEP`` voxels, on a grid anchored at global position 0 so that
+tiles share it: blocks of 10 every 3 voxels (37 coefficients per voxel, against 216) scored
+40.48 dB, blocks of 6 every 2 / 3 voxels 39.97 / 39.64, of 8 every 2 / 3 / 4 40.32 / 40.22 /
+39.84, of 10 every 2 / 4 40.49 / 40.18, of 12 every 3 / 4 / 5 40.40 / 40.31 / 40.27, of 14 / 16
+every 4 40.43 / 40.34 (``second_stage_by_grid``); in numpy on one tile of 96 x 192 x 192 voxels
+0.20 M voxels/s against 0.08 for every block of 6. On the benchmark's volume (seed 0, reported,
+not used to choose) the same models lost 0.12 dB (N2V2) and 0.24 dB (N2S) with it against every
+block of 6. In 2D every block is kept: there a step lost 0.04-0.09 dB on camera and chelsea at
+every width tried (8 every 2: 29.61 / 30.50; 12 every 3: 29.63 / 30.57; 16 every 4: 29.61 /
+30.59) and 2D costs less. The pilot is the first stage's output, which is the better pilot in 2D
+(the network's prediction as pilot: camera 29.11, chelsea 30.29); on that volume the prediction
+alone was the better one (40.81 with blocks of 6), because there the first stage loses to the
+prediction: the prediction's error in the background is under 1 % of the noise variance, so the
+noise line's reading, 4-27 % under the true variance across intensity bins, makes it blend 7-13
+% of the noisy voxel back in where almost none belongs. That is a known shortfall of the first
+stage, not fixed here. BM3D's own Wiener step (the ``bm3d`` package, the first stage's output as
+its pilot) scored lower on camera and chelsea (29.57 / 30.52): with a learned pilot, block
+matching bought nothing, so it is not built.
 
 The same machinery gives the posterior step a first stage per frequency band (:func:`shrink`):
 each block coefficient ``c`` of the residual (noisy image less prediction) keeps the share ``1 -
 G[var] / G[c ** 2]`` of itself, ``G`` a Gaussian window around the block (the per-pixel stage's
-window, 10 pixels in 2D), i.e. the per-pixel stage's SURE weight taken frequency by frequency, so
-a texture the network smoothed away comes back while noise at other frequencies of the same
-place does not. On camera / chelsea (in-process, TTA): the per-pixel stage 29.44 / 30.40 dB,
-per band 29.45 / 30.52, each followed by the Wiener step 29.70 / 30.60 and 29.71 / 30.76
-(with the window at 14 pixels, blocks of 4 / 6 / 8 / 12 for the band stage gave 29.71 / 29.72 /
-29.73 / 29.72 and 30.74 / 30.76 / 30.78 / 30.77: 8, the Wiener step's width, is kept, and the
-window stays the card's, 10, for 0.02 dB). It estimates the kept share from fewer
-independent samples than the per-pixel stage (sliding blocks overlap), so where the residual
-is noise alone it keeps a little noise by chance: on a 2D fluorescence slice (20 photons), where
-the network's prediction is already within a few percent of the noise in the background, it
-lost 0.9 dB against the prediction alone (39.83 -> 38.91). Which stages a 2D model applies is
-therefore chosen per image by estimated risk (``kernels.posterior.choose``).
+window, 10 pixels in 2D), i.e. the per-pixel stage's SURE weight taken frequency by frequency,
+so a texture the network smoothed away comes back while noise at other frequencies of the same
+place does not. On camera / chelsea (in-process, TTA): the per-pixel stage 29.44 / 30.40 dB, per
+band 29.45 / 30.52, each followed by the Wiener step 29.70 / 30.60 and 29.71 / 30.76 (with the
+window at 14 pixels, blocks of 4 / 6 / 8 / 12 for the band stage gave 29.71 / 29.72 / 29.73 /
+29.72 and 30.74 / 30.76 / 30.78 / 30.77: 8, the Wiener step's width, is kept, and the window
+stays the card's, 10, for 0.02 dB). It estimates the kept share from fewer independent samples
+than the per-pixel stage (sliding blocks overlap), so where the residual is noise alone it keeps
+a little noise by chance: on a 2D fluorescence slice (20 photons), where the network's
+prediction is already within a few percent of the noise in the background, it lost 0.9 dB
+against the prediction alone (39.83 -> 38.91). Which stages a 2D model applies is therefore
+chosen per image by estimated risk (``kernels.posterior.choose``).
 
 scipy has a DCT but no sliding one, and a whole block stack (``B ** ndim`` coefficients per
-pixel) would hold 64x the tile, so the coefficients are computed one at a time with separable
-1D correlations on the padded tile (scipy's ``correlate1d``, or torch's ``conv1d`` with a channel
-per DCT row), and the gains' sums in a first pass. Every output pixel reads the pilot, the image and the noise within
-``B - 1`` pixels of it (:func:`reach`; the band stage also the window's radius), which the halo
-covers, so tiled equals untiled.
-"""
+pixel) would hold 64x the tile, so the coefficients are computed one at a time with separable 1D
+correlations on the padded tile (scipy's ``correlate1d`` or sums of strided slices, or torch's
+``conv1d``, one per DCT row), and the gains' sums in a first pass. Every output pixel reads the
+pilot, the image and the noise within ``B - 1`` pixels of it (:func:`reach`; the band stage also
+the window's radius), which the halo covers, so tiled equals untiled."""
 
 from __future__ import annotations
 
