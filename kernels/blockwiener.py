@@ -26,17 +26,17 @@ tiles share it: blocks of 10 every 3 voxels (37 coefficients per voxel, against 
 every 4 40.43 / 40.34 (``second_stage_by_grid``); in numpy on one tile of 96 x 192 x 192 voxels
 0.20 M voxels/s against 0.08 for every block of 6. On the benchmark's volume (seed 0, reported,
 not used to choose) the same models lost 0.12 dB (N2V2) and 0.24 dB (N2S) with it against every
-block of 6. In 2D every block is kept: there a step lost 0.04-0.09 dB on camera and chelsea at
-every width tried (8 every 2: 29.61 / 30.50; 12 every 3: 29.63 / 30.57; 16 every 4: 29.61 /
-30.59) and 2D costs less. The pilot is the first stage's output, which is the better pilot in 2D
-(the network's prediction as pilot: camera 29.11, chelsea 30.29); on that volume the prediction
-alone was the better one (40.81 with blocks of 6), because there the first stage loses to the
-prediction: the prediction's error in the background is under 1 % of the noise variance, so the
-noise line's reading, 4-27 % under the true variance across intensity bins, makes it blend 7-13
-% of the noisy voxel back in where almost none belongs. That is a known shortfall of the first
-stage, not fixed here. BM3D's own Wiener step (the ``bm3d`` package, the first stage's output as
-its pilot) scored lower on camera and chelsea (29.57 / 30.52): with a learned pilot, block
-matching bought nothing, so it is not built.
+block of 6. In 2D every block is kept: no grid beat every block of 8 (29.70 / 30.60) on both
+camera and chelsea (8 every 2: 29.61 / 30.50; 12 every 2: 29.67 / 30.61; 16 every 3: 29.65 /
+30.65; 16 every 4: 29.61 / 30.59), and 2D costs less. The pilot is the first stage's output,
+which is the better pilot in 2D (the network's prediction as pilot: camera 29.11, chelsea
+30.29); on that volume the prediction alone was the better one (40.81 with blocks of 6), because
+there the first stage loses to the prediction: the prediction's error in the background is under
+1 % of the noise variance, so the noise line's reading, 4-27 % under the true variance across
+intensity bins, makes it blend 7-13 % of the noisy voxel back in where almost none belongs. That
+is a known shortfall of the first stage, not fixed here. BM3D's own Wiener step (the ``bm3d``
+package, the first stage's output as its pilot) scored lower on camera and chelsea (29.57 /
+30.52): with a learned pilot, block matching bought nothing, so it is not built.
 
 The same machinery gives the posterior step a first stage per frequency band (:func:`shrink`):
 each block coefficient ``c`` of the residual (noisy image less prediction) keeps the share ``1 -
