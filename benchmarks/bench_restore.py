@@ -131,6 +131,7 @@ def learned(noisy_url: str, clean: np.ndarray, data_range: float, work: Path, cl
     the posterior step off); PSNR / SSIM against ``clean``. ``reuse``: a model already in
     ``work`` is not trained again (inference re-measured; ``train_s`` read off its card)."""
     from kernels.modelfile import read_card
+    from kernels.posterior import choices
     from pipeline.steps.denoise import denoise
     from pipeline.steps.train import train_denoise
 
@@ -148,8 +149,6 @@ def learned(noisy_url: str, clean: np.ndarray, data_range: float, work: Path, cl
     row = {"method": method, "train_s": train_s, "steps_run": card.training["history"][-1]["step"],
            "width": card.architecture["width"], "validation_loss": card.validation_loss, "model_reused": reused}
     if card.posterior:  # the stages training chose by estimated risk, and the estimates (normalised units)
-        from kernels.posterior import choices
-
         row["posterior_choice"] = {mode: choices(card.posterior[mode])[0] for mode in ("plain", "tta")}
         row["posterior_risk"] = {mode: (card.posterior[mode].get("risk") or [None])[0] for mode in ("plain", "tta")}
     for tta, posterior in [(tta, True) for tta in ttas] + ([("auto", False)] if posterior_off else []):
@@ -221,7 +220,8 @@ def _stages(y: np.ndarray, mu: np.ndarray, fit: dict, score, blocks: Sequence[in
     make (``by_choice``: per-pixel or per-band first stage, with or without the blocks)."""
     from kernels import blockwiener, posterior
 
-    first = mu + posterior.weights(y, mu, fit["noise"], fit["leak_centres"], fit["leak"]) * (y - mu)
+    by_choice = posterior.all_stages(y, mu, fit, posterior.CHOICES)
+    first = by_choice["pixel"]
     variance = posterior.noise_variance(mu, fit["noise"])
     default = blockwiener.BLOCK[y.ndim]
     by_block = {str(b): score(blockwiener.apply(y, first, variance, block=b, step=1))
@@ -234,8 +234,8 @@ def _stages(y: np.ndarray, mu: np.ndarray, fit: dict, score, blocks: Sequence[in
     return {"prediction": score(mu), "first_stage": score(first), "second_stage_by_block": by_block,
             "second_stage_by_grid": by_grid,
             "second_stage_prediction_pilot": score(blockwiener.apply(y, mu, variance, block=default)),
-            "default": score(blockwiener.apply(y, first, variance)),  # the default block grid
-            "by_choice": {how: score(posterior.stages(y, mu, fit, how)) for how in posterior.CHOICES}}
+            "default": score(by_choice["pixel+blocks"]),  # the default block grid
+            "by_choice": {how: score(estimate) for how, estimate in by_choice.items()}}
 
 
 def posterior_variants(names, work: Path, results: dict) -> None:

@@ -212,12 +212,12 @@ def stages(y: np.ndarray, mu: np.ndarray, fit: dict[str, Any], choice: str, *, s
     """One channel through the step as ``choice`` says (float64 arrays, normalised units; ``fit``:
     the channel's :func:`fit_channel` entries; ``origin``: the global position of the first
     pixel, which anchors the second stage's block grid)."""
-    return _all_stages(y, mu, fit, (choice,), sigma_2d=sigma_2d, origin=origin)[choice]
+    return all_stages(y, mu, fit, (choice,), sigma_2d=sigma_2d, origin=origin)[choice]
 
 
-def _all_stages(y: np.ndarray, mu: np.ndarray, fit: dict[str, Any], wanted, *, sigma_2d: float = SIGMA_2D,
+def all_stages(y: np.ndarray, mu: np.ndarray, fit: dict[str, Any], wanted, *, sigma_2d: float = SIGMA_2D,
                 origin: tuple[int, ...] | None = None) -> dict[str, np.ndarray]:
-    """:func:`stages` for each choice in ``wanted``, each first stage computed once."""
+    """:func:`stages` for each choice in ``wanted`` (a dict by choice), each first stage computed once."""
     variance = noise_variance(mu, fit["noise"])
     firsts: dict[str, np.ndarray] = {"off": mu}
     out = {}
@@ -287,8 +287,8 @@ def choose(predict, regions: list[np.ndarray], table: dict[str, Any], *, sigma_2
             fit = channel_table(table, c)
             yc, yn, mc, mn = (np.asarray(a[c], np.float64) for a in (y, nudged, mu, mu_nudged))
             variance = noise_variance(mc, fit["noise"])
-            outs = _all_stages(yc, mc, fit, CHOICES, sigma_2d=sigma_2d)
-            nudged_outs = _all_stages(yn, mn, fit, CHOICES, sigma_2d=sigma_2d)
+            outs = all_stages(yc, mc, fit, CHOICES, sigma_2d=sigma_2d)
+            nudged_outs = all_stages(yn, mn, fit, CHOICES, sigma_2d=sigma_2d)
             for how, out in outs.items():
                 divergence = signs[c] * (nudged_outs[how] - out) / EPSILON
                 risk = (out - yc) ** 2 - variance + 2.0 * variance * divergence
