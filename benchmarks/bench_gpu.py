@@ -118,7 +118,7 @@ def part_posterior(cores: list[tuple[int, ...]], device: str) -> list[dict]:
     a smoothed copy of it stand in for the input and the prediction."""
     import torch
 
-    from kernels import posterior, posterior_device
+    from kernels import blockwiener, posterior, posterior_device
     from kernels.denoise import architecture
     from kernels.unet import receptive_field
 
@@ -127,7 +127,8 @@ def part_posterior(cores: list[tuple[int, ...]], device: str) -> list[dict]:
     for core in cores:
         ndim = len(core)
         field = receptive_field(architecture("n2v2", ndim, 1, depth=2, width=32)).halo
-        row: dict = {"core": list(core), "seconds_by_choice": {}, "padded_by_choice": {}}
+        row: dict = {"core": list(core), "seconds_by_choice": {}, "padded_by_choice": {},
+                     "wiener_block_every": [blockwiener.BLOCK[ndim], blockwiener.STEP[ndim]]}
         for how in posterior.CHOICES:
             if how == "off":
                 continue
