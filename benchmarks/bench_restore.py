@@ -2,7 +2,7 @@
 self-supervised training, and what attribution costs (``benchmarks/results/restore.json``).
 
     python -m benchmarks.bench_restore [--parts single,pairs,attribution,ensemble,posterior_variants,posterior_3d,
-                                                posterior_fluorescence]
+                                                posterior_fluorescence,noise_line]
                                        [--images astronaut,coins,moon] [--steps-pairs 1500]
                                        [--pair-datasets dsb2018,lightsheet] [--pair-methods n2v2,n2s,n2n,care]
                                        [--reuse-models] [--workdir W]
@@ -26,6 +26,8 @@ light-sheet volume (seed 1).
 ``posterior_fluorescence``: the same on 2D fluorescence tuning data (a light-sheet slice, seed 3).
 Those three also score every choice of stages (``by_choice``) and what the risk estimate picks
 on the whole image (``chosen``, ``risk``).
+``noise_line`` (after the parts above on the same ``--workdir``): the posterior step's noise
+line against the true noise variance, per intensity bin, and the PSNR it costs (a diagnosis).
 ``ensemble``: the MC-dropout model (``--uncertainty mc-dropout``: dropout in every block, kept
 at inference, 20 passes averaged) on the same images: its PSNR and its cost.
 ``pairs``: the real DSB-2018 nuclei image and the synthetic light-sheet volume (its clean
@@ -337,6 +339,95 @@ def posterior_fluorescence(work: Path, client, results: dict) -> None:
     save(RESULTS_NAME, results)
 
 
+def _flat_features(mu: np.ndarray) -> dict:
+    """Ways to pick the flatter half of each intensity bin for the noise line: the default
+    (``kernels.posterior.structure``: the prediction's variance over a 5-pixel box), none, and
+    two features read at a coarser scale (less tied to the same pixels' noise than the default)."""
+    from scipy import ndimage
+
+    from kernels import posterior
+
+    def local_variance(x: np.ndarray, size: int) -> np.ndarray:
+        mean = ndimage.uniform_filter(x, size)
+        return np.maximum(ndimage.uniform_filter(x * x, size) - mean * mean, 0.0)
+
+    return {"structure (default)": posterior.structure(mu), "none": np.zeros_like(mu),
+            "variance over 9 of mu smoothed 1.5": local_variance(ndimage.gaussian_filter(mu, 1.5), 9),
+            "gradient of mu smoothed 2": ndimage.gaussian_gradient_magnitude(mu, 2.0)}
+
+
+def _noise_line_row(model: str, clean: np.ndarray, noisy: np.ndarray, true_variance: np.ndarray,
+                    data_range: float, wanted: Sequence[str]) -> dict:
+    """The fitted noise line against the true noise variance: per intensity bin (the line's own
+    bins, its flatter half) the measured / true variance, and the PSNR of the ``wanted`` choices
+    with the line from each flat-half feature and with the true variance (whole image, TTA)."""
+    from kernels import posterior
+    from kernels.noise import second_difference_variance
+
+    y, mu, a, lo, hi, _ = _probed(model, noisy)
+    true = np.broadcast_to(true_variance, y.shape) / (hi - lo) ** 2  # normalised units
+
+    def score(estimate) -> float:
+        return psnr(estimate * (hi - lo) + lo, clean, data_range)
+
+    fit = posterior.fit_channel(y[None], mu[None], a[None])
+    inner = posterior.interior(y.shape)
+    d2, m, t = (v[inner].ravel() for v in (second_difference_variance(y), mu, true))
+    levels = np.concatenate([1.0 - 0.5 ** np.arange(posterior.NOISE_BINS), [1.0]])
+    which = posterior.bin_index(m, np.unique(np.quantile(m, levels)))
+    row: dict = {"by_feature": {}}
+    features = {label: (feature, d2) for label, feature in _flat_features(mu).items()}
+    # the second difference of the residual (noisy less prediction) instead of the noisy image:
+    # less of the signal's texture, but the prediction carries the neighbours' noise
+    features["structure, second difference of the residual"] = (posterior.structure(mu),
+                                                                 second_difference_variance(y - mu)[inner].ravel())
+    for label, (feature, d2) in features.items():
+        f = feature[inner].ravel()
+        ratios = []
+        for b in np.unique(which):
+            sel = which == b
+            flat = f[sel] <= np.median(f[sel])
+            ratios.append(float(np.median(d2[sel][flat]) / t[sel][flat].mean()))
+        noise = list(posterior.noise_line(d2, m, f))
+        stages = posterior.all_stages(y, mu, dict(fit, noise=noise), wanted)
+        row["by_feature"][label] = {"noise": noise, "measured_over_true_by_bin": ratios,
+                                    "psnr": {how: score(v) for how, v in stages.items()}}
+    # the true variance is a line in the clean intensity (a constant for Gaussian noise)
+    slope, offset = np.polyfit(((clean - lo) / (hi - lo)).ravel(), true.ravel(), 1) if np.ptp(true) else (0.0, true.flat[0])
+    exact = [float(offset), float(slope), float(true.min())]
+    stages = posterior.all_stages(y, mu, dict(fit, noise=exact), wanted)
+    row["true_line"] = {"noise": exact, "psnr": {how: score(v) for how, v in stages.items()}}
+    row["true_line_scaled_psnr"] = {  # how much a line off by a few per cent costs
+        str(k): score(posterior.all_stages(y, mu, dict(fit, noise=[k * v for v in exact]),
+                                           ("pixel+blocks",))["pixel+blocks"]) for k in (0.9, 0.95, 1.05, 1.1)}
+    print(Path(model).name, {k: {c: round(v, 3) for c, v in r["psnr"].items()} for k, r in row["by_feature"].items()},
+          {c: round(v, 3) for c, v in row["true_line"]["psnr"].items()}, flush=True)
+    return row
+
+
+def noise_line(names, work: Path, results: dict) -> None:
+    """Diagnosis (nothing is chosen from it): how far the posterior step's noise line
+    (``kernels.posterior.noise_line``) is from the true noise variance, and what that costs, on
+    the models other parts left in ``work``: ``single``'s for ``names`` (sigma 25), the 2D
+    fluorescence and 3D light-sheet tuning models (``posterior_fluorescence``,
+    ``posterior_3d``; Poisson at 20 photons plus read noise: variance ``clean + 0.16``)."""
+    rows = results.setdefault("noise_line", {})
+    for name in names:
+        clean, noisy = noisy_pair(name)
+        rows[name] = _noise_line_row(str(work / f"model-{name}"), clean, noisy, np.full(clean.shape, SIGMA ** 2),
+                                     255.0, ("pixel", "pixel+blocks", "band+blocks"))
+        save(RESULTS_NAME, results)
+    tuning = {"fluorescence-tuning": (lambda c: c[3], ("pixel", "pixel+blocks", "band+blocks")),
+              "lightsheet-tuning": (lambda c: c, ("pixel", "pixel+blocks"))}
+    for name, (crop, wanted) in tuning.items():
+        if not (work / f"model-{name}").exists():
+            continue
+        clean, first, _ = pair_images(crop(read(str(work / f"{name}.ome.zarr") + "/clean")))
+        rows[name] = _noise_line_row(str(work / f"model-{name}"), clean, first, clean + (0.02 * 20.0) ** 2,
+                                     float(clean.max()), wanted)
+        save(RESULTS_NAME, results)
+
+
 def ensemble(names, work: Path, client, results: dict) -> None:
     rows = results.setdefault("ensemble", {})
     for name in names:
@@ -455,6 +546,8 @@ def main(argv=None) -> dict:
             posterior_3d(work, client, results, args.steps_pairs)
         if "posterior_fluorescence" in parts:
             posterior_fluorescence(work, client, results)
+        if "noise_line" in parts:
+            noise_line(names, work, results)
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
     return results
