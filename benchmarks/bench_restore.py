@@ -360,8 +360,10 @@ def _noise_line_row(model: str, clean: np.ndarray, noisy: np.ndarray, true_varia
                     data_range: float, wanted: Sequence[str]) -> dict:
     """The fitted noise line against the true noise variance: per intensity bin (the line's own
     bins, its flatter half) the measured / true variance, and the PSNR of the ``wanted`` choices
-    with the line from each flat-half feature and with the true variance (whole image, TTA)."""
+    with the line from each flat-half feature read off the whole image, with the model card's
+    line and with the true variance (whole image, TTA)."""
     from kernels import posterior
+    from kernels.modelfile import read_card
     from kernels.noise import second_difference_variance
 
     y, mu, a, lo, hi, _ = _probed(model, noisy)
@@ -392,6 +394,11 @@ def _noise_line_row(model: str, clean: np.ndarray, noisy: np.ndarray, true_varia
         stages = posterior.all_stages(y, mu, dict(fit, noise=noise), wanted)
         row["by_feature"][label] = {"noise": noise, "measured_over_true_by_bin": ratios,
                                     "psnr": {how: score(v) for how, v in stages.items()}}
+    # the line on the model's card: fitted when training ended (read off its patches by models
+    # trained before the line moved to the regions); the leak stays the whole image's
+    card = read_card(model).posterior["tta"]["noise"][0]
+    stages = posterior.all_stages(y, mu, dict(fit, noise=card), wanted)
+    row["card_line"] = {"noise": card, "psnr": {how: score(v) for how, v in stages.items()}}
     # the true variance is a line in the clean intensity (a constant for Gaussian noise)
     slope, offset = np.polyfit(((clean - lo) / (hi - lo)).ravel(), true.ravel(), 1) if np.ptp(true) else (0.0, true.flat[0])
     exact = [float(offset), float(slope), float(true.min())]

@@ -52,7 +52,7 @@ the halo grows by the window's reach (:func:`radius`).
 
 from __future__ import annotations
 
-from typing import Any, Literal, get_args
+from typing import Any, Literal, NamedTuple, get_args
 
 import numpy as np
 from scipy import ndimage
@@ -161,11 +161,9 @@ def fit_channel(y: np.ndarray, mu: np.ndarray, divergence: np.ndarray, *, bins: 
     local structure (``leak_centres``, ``leak``; the probe's per-pixel values are noisy, their
     means per bin are not)."""
     y, mu, divergence = (np.asarray(a, np.float64) for a in (y, mu, divergence))
-    feature = np.stack([structure(m) for m in mu])
-    d2 = np.stack([second_difference_variance(p) for p in y])
-    inner = (slice(None),) + interior(y.shape[1:])
-    y, mu, divergence, feature, d2 = (a[inner].ravel() for a in (y, mu, divergence, feature, d2))
-    offset, slope, floor = noise_line(d2, mu, feature)
+    d2, m, feature = _line_inputs(y, mu)
+    offset, slope, floor = noise_line(d2, m, feature)
+    divergence = divergence[(slice(None),) + interior(y.shape[1:])].ravel()
     which = bin_index(feature, np.quantile(feature, np.linspace(0, 1, bins + 1)))
     centres, leak = [], []
     for b in range(bins):
@@ -174,6 +172,23 @@ def fit_channel(y: np.ndarray, mu: np.ndarray, divergence: np.ndarray, *, bins: 
             centres.append(float(np.median(feature[sel])))
             leak.append(float(np.clip(divergence[sel].mean(), 0.0, 0.99)))
     return {"noise": [offset, slope, floor], "leak_centres": centres, "leak": leak}
+
+
+def _line_inputs(y: np.ndarray, mu: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(d2, mu, structure)`` of one channel's ``(N, *spatial)`` crops, flattened over their
+    :func:`interior`: what :func:`noise_line` reads."""
+    y, mu = np.asarray(y, np.float64), np.asarray(mu, np.float64)
+    inner = (slice(None),) + interior(y.shape[1:])
+    return tuple(np.stack([f(a) for a in arrays])[inner].ravel()
+                 for f, arrays in ((second_difference_variance, y), (lambda a: a, mu), (structure, mu)))
+
+
+def fit_noise_line(ys: list[np.ndarray], mus: list[np.ndarray]) -> list[float]:
+    """The noise line ``[offset, slope, floor]`` of one channel from crops of any shapes (the
+    noisy crops and the network's predictions of them, spatial arrays): :func:`noise_line` over
+    all their interiors at once."""
+    parts = [_line_inputs(y[None], m[None]) for y, m in zip(ys, mus)]
+    return list(noise_line(*(np.concatenate(p) for p in zip(*parts))))
 
 
 def interior(shape: tuple[int, ...]) -> tuple[slice, ...]:
@@ -246,8 +261,36 @@ def apply(y: np.ndarray, mu: np.ndarray, table: dict[str, Any], *, sigma_2d: flo
     return out
 
 
-def choose(predict, regions: list[np.ndarray], table: dict[str, Any], *, sigma_2d: float = SIGMA_2D
-           ) -> dict[str, list]:
+class RegionPrediction(NamedTuple):
+    """One region as :func:`choose` probes it: the noisy crop ``y`` and the network's prediction
+    ``mu`` of it, and the same for ``y`` nudged by ``EPSILON`` times ``signs``."""
+
+    y: np.ndarray
+    signs: np.ndarray
+    nudged: np.ndarray
+    mu: np.ndarray
+    mu_nudged: np.ndarray
+
+
+def predict_regions(predict, regions: list[np.ndarray]) -> list[RegionPrediction]:
+    """The network's passes over ``regions`` (``(C, *spatial)`` noisy crops, normalised) that
+    :func:`choose` needs, made once so that training can also read the noise line off them
+    (``kernels.denoise.fit_posterior``); none where nothing is estimated (no regions, or spatial
+    axes not in :data:`CHOOSE_NDIM`)."""
+    if not regions or np.ndim(regions[0]) - 1 not in CHOOSE_NDIM:
+        return []
+    rng = np.random.default_rng(SELECTION_SEED)
+    out = []
+    for region in regions:
+        y = np.asarray(region, np.float32)
+        signs = rng.choice(np.array([-1.0, 1.0], np.float32), size=y.shape)
+        nudged = y + np.float32(EPSILON) * signs
+        out.append(RegionPrediction(y, signs, nudged, predict(y[None])[0], predict(nudged[None])[0]))
+    return out
+
+
+def choose(predict, regions: list[np.ndarray], table: dict[str, Any], *, sigma_2d: float = SIGMA_2D,
+           predicted: list[RegionPrediction] | None = None) -> dict[str, list]:
     """Per channel, the choice of :data:`CHOICES` with the least estimated mean squared error on
     ``regions`` (``(C, *spatial)`` noisy crops of the image, normalised), and every choice's
     estimate: Stein's unbiased risk estimate ``|f(y) - y|^2 - var + 2 var df/dy`` with the
@@ -270,16 +313,13 @@ def choose(predict, regions: list[np.ndarray], table: dict[str, Any], *, sigma_2
     scores 41.41 / 41.10; on the tuning volume (seed 1) it had picked right. This was decided
     after seeing the benchmark's volume, so its light-sheet figures are not independent of it."""
     n_channels = len(table["noise"])
-    if not regions or np.ndim(regions[0]) - 1 not in CHOOSE_NDIM:
+    if predicted is None:
+        predicted = predict_regions(predict, regions)
+    if not predicted:
         return {"choice": [LEGACY_CHOICE] * n_channels, "risk": [{} for _ in range(n_channels)]}
     sums = {how: np.zeros(n_channels) for how in CHOICES}
     count = 0
-    rng = np.random.default_rng(SELECTION_SEED)
-    for region in regions:
-        y = np.asarray(region, np.float32)
-        signs = rng.choice(np.array([-1.0, 1.0], np.float32), size=y.shape)
-        nudged = y + np.float32(EPSILON) * signs
-        mu, mu_nudged = predict(y[None])[0], predict(nudged[None])[0]
+    for y, signs, nudged, mu, mu_nudged in predicted:
         margin = radius(y.ndim - 1, sigma_2d, choice="band+blocks")
         inner = tuple(slice(min(margin, n // 4), n - min(margin, n // 4)) for n in y.shape[1:])
         count += int(np.prod([s.stop - s.start for s in inner]))
