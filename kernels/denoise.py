@@ -197,9 +197,10 @@ def _train_one(sample: PatchSampler, validation: np.ndarray, cfg: TrainConfig, d
 def fit_posterior(result: TrainResult, patches: np.ndarray, regions: list[np.ndarray], *, method: Method,
                   batch: int = 8) -> dict[str, Any] | None:
     """The posterior step's parameters (``kernels.posterior``: the noise line and the centre
-    pixel's leak) for a trained blind-spot denoiser, fitted on noisy ``patches`` of its image
-    (normalised, ``(N, C, *patch)``), and its choice of stages, made on larger ``regions``
-    (``(C, *spatial)`` each, wide enough for the stages' reach), once for plain inference and
+    pixel's leak) for a trained blind-spot denoiser, the leak fitted on noisy ``patches`` of its
+    image (normalised, ``(N, C, *patch)``; the line too where there are no regions), the line
+    and the choice of stages on larger ``regions`` (``(C, *spatial)`` each, wide enough for the
+    stages' reach; more pixels, so a steadier line), once for plain inference and
     once for test-time augmentation (its prediction differs, and so does its leak), on the
     device it trained on. None for supervised methods (their network already sees the pixel).
     One network only: the caller leaves out uncertainty models, whose output is a mean over

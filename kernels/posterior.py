@@ -44,8 +44,14 @@ with one leak scored astronaut 29.78 dB, 0.15 above the first version, but coins
 below it; coins, looked at then, leaks 0.01 on flat ground to 0.12 at edges, which the leak per
 bin, kept because it helps on camera and chelsea, takes into account.
 The window holds the same number of pixels in 3D (sigma 3.05 voxels), so its estimate is as
-steady. The noise line and the leak are fitted once, when training ends, on patches from the
-whole image (``pipeline.steps.train.posterior_patches``), and stored on the model card; applying
+steady. The noise line and the leak are fitted once, when training ends, and stored on the model
+card: the leak on patches from the whole image (``pipeline.steps.train.posterior_patches``), the
+line in 2D on the larger regions :func:`choose` reads (every pixel of up to four 512 x 512
+crops: the camera / chelsea / 2D fluorescence tuning images scored -0.01..+0.04, +0.04..+0.15 dB
+with it against the patches' line; ``bench_restore --parts noise_line``), in 3D on the patches
+(no regions there). The line's own error, not where it is read, is what still costs most
+(coins, with the true variance: +0.09 dB; ``kernels.noise``'s estimate reads textured bins high,
+Poisson bins low: see the README). Applying
 the step reads a window of ``y`` and ``mu`` around each pixel, so tiled still equals untiled when
 the halo grows by the window's reach (:func:`radius`).
 """

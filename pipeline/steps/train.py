@@ -366,12 +366,13 @@ def train_denoise(image_url: str, model_dir: str, *, method: str = "n2v2", targe
 
 
 def posterior_patches(data: TrainingData, seed: int, max_voxels: int = POSTERIOR_VOXELS) -> np.ndarray:
-    """Patches the posterior step's noise line and leak are fitted on: held-out and training
-    patches mixed, because the held-out blocks alone can be all background (camera's were: the
-    step's first version, one weight per structure bin, came out below 0.02 everywhere on them
-    after 300 steps, up to 0.47 on patches from the whole image), and a noise line read off
-    background alone misses the brighter levels; at most ``max_voxels`` in all, since the fit
-    runs the network 18 times over them."""
+    """Patches the posterior step's leak is fitted on (and its noise line where there are no
+    :func:`posterior_regions`: 3D): held-out and training patches mixed, because the held-out
+    blocks alone can be all background (camera's were: the step's first version, one weight
+    per structure bin, came out below 0.02 everywhere on them after 300 steps, up to 0.47 on
+    patches from the whole image), and a noise line read off background alone misses the
+    brighter levels; at most ``max_voxels`` in all, since the fit runs the network 18 times
+    over them."""
     rng = np.random.default_rng(seed)
     patches = np.concatenate([data.validation, data.pool.sample(2 * len(data.validation), rng)])
     keep = max(1, min(len(patches), max_voxels // int(np.prod(patches.shape[2:]))))
@@ -380,11 +381,11 @@ def posterior_patches(data: TrainingData, seed: int, max_voxels: int = POSTERIOR
 
 def posterior_regions(data: TrainingData, seed: int, edge_voxels: int = POSTERIOR_REGION_VOXELS,
                       max_voxels: int = POSTERIOR_VOXELS * 4) -> list[np.ndarray]:
-    """Crops the posterior step's stages are chosen on (``kernels.posterior.choose``): wider
-    than the training patches, since the stages read up to 39 pixels around each one in 2D
-    (``edge_voxels`` each: 512 x 512 in 2D, the image's length on shorter axes), as many as
-    ``max_voxels`` allows, at most 4, fewer when the image holds fewer; none where the choice
-    is not estimated (3D)."""
+    """Crops the posterior step's noise line is read off and its stages are chosen on
+    (``kernels.posterior.choose``): wider than the training patches, since the stages read up
+    to 39 pixels around each one in 2D (``edge_voxels`` each: 512 x 512 in 2D, the image's
+    length on shorter axes), as many as ``max_voxels`` allows, at most 4, fewer when the image
+    holds fewer; none where the choice is not estimated (3D)."""
     from kernels.posterior import CHOOSE_NDIM
 
     if len(data.pool.shape) not in CHOOSE_NDIM:
