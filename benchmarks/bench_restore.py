@@ -400,7 +400,8 @@ def _noise_line_row(model: str, clean: np.ndarray, noisy: np.ndarray, true_varia
     stages = posterior.all_stages(y, mu, dict(fit, noise=card), wanted)
     row["card_line"] = {"noise": card, "psnr": {how: score(v) for how, v in stages.items()}}
     # the true variance is a line in the clean intensity (a constant for Gaussian noise)
-    slope, offset = np.polyfit(((clean - lo) / (hi - lo)).ravel(), true.ravel(), 1) if np.ptp(true) else (0.0, true.flat[0])
+    slope, offset = (np.polyfit(((clean - lo) / (hi - lo)).ravel(), true.ravel(), 1) if np.ptp(true)
+                     else (0.0, true.flat[0]))
     exact = [float(offset), float(slope), float(true.min())]
     stages = posterior.all_stages(y, mu, dict(fit, noise=exact), wanted)
     row["true_line"] = {"noise": exact, "psnr": {how: score(v) for how, v in stages.items()}}
