@@ -226,8 +226,8 @@ def fit_posterior(result: TrainResult, patches: np.ndarray, regions: list[np.nda
         mu, divergence = posterior.divergence_probe(predict, val)
         fits = [posterior.fit_channel(val[:, c], mu[:, c], divergence[:, c]) for c in range(val.shape[1])]
         predicted = posterior.predict_regions(predict, regions)
-        for c, fit in enumerate(fits):  # where there are regions, the noise line is read off them
-            if predicted:
+        if predicted:  # the noise line read off the regions: more pixels than the patches
+            for c, fit in enumerate(fits):
                 fit["noise"] = posterior.fit_noise_line([p.y[c] for p in predicted], [p.mu[c] for p in predicted])
         out[mode] = {key: [f[key] for f in fits] for key in fits[0]}
         out[mode].update(posterior.choose(predict, regions, out[mode], sigma_2d=posterior.SIGMA_2D,

@@ -47,8 +47,8 @@ The window holds the same number of pixels in 3D (sigma 3.05 voxels), so its est
 steady. The noise line and the leak are fitted once, when training ends, and stored on the model
 card: the leak on patches from the whole image (``pipeline.steps.train.posterior_patches``), the
 line in 2D on the larger regions :func:`choose` reads (every pixel of up to four 512 x 512
-crops: the camera / chelsea / 2D fluorescence tuning images scored -0.01..+0.04, +0.04..+0.15 dB
-with it against the patches' line; ``bench_restore --parts noise_line``), in 3D on the patches
+crops: against the patches' line, camera and chelsea -0.01..+0.04 dB, the 2D fluorescence
+tuning slice +0.09..+0.15; ``bench_restore --parts noise_line``), in 3D on the patches
 (no regions there). The line's own error, not where it is read, is what still costs most
 (coins, with the true variance: +0.09 dB; ``kernels.noise``'s estimate reads textured bins high,
 Poisson bins low: see the README). Applying
@@ -185,8 +185,9 @@ def _line_inputs(y: np.ndarray, mu: np.ndarray) -> tuple[np.ndarray, np.ndarray,
     :func:`interior`: what :func:`noise_line` reads."""
     y, mu = np.asarray(y, np.float64), np.asarray(mu, np.float64)
     inner = (slice(None),) + interior(y.shape[1:])
-    return tuple(np.stack([f(a) for a in arrays])[inner].ravel()
-                 for f, arrays in ((second_difference_variance, y), (lambda a: a, mu), (structure, mu)))
+    d2 = np.stack([second_difference_variance(crop) for crop in y])
+    feature = np.stack([structure(crop) for crop in mu])
+    return d2[inner].ravel(), mu[inner].ravel(), feature[inner].ravel()
 
 
 def fit_noise_line(ys: list[np.ndarray], mus: list[np.ndarray]) -> list[float]:
