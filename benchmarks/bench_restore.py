@@ -17,8 +17,8 @@ means at its best ``h`` (oracle-tuned against the clean image: fast mode over h/
 the slow mode at three h around the best values found in development) and BM3D (the ``bm3d`` package, true sigma) where it installs.
 The training defaults were chosen on astronaut (``kernels.denoise.TrainConfig``), the posterior
 step on scikit-image's camera and chelsea (``--images camera,chelsea --results
-restore_tuning``); moon was used to choose neither, coins was looked at once, to find why a
-version of the posterior step lost there (``kernels.posterior``).
+restore_tuning``); moon was used to choose neither, coins was looked at to find why versions
+of the posterior step lost there (``kernels.posterior``; ``noise_line``), nothing chosen on it.
 ``posterior_variants`` (after ``single`` on the same ``--images`` and ``--workdir``): variants of
 the posterior step's two stages on the models ``single`` trained, in-process on the whole image.
 ``posterior_3d``: the second stage's block width and step between blocks in 3D, on a tuning
