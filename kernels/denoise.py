@@ -296,8 +296,9 @@ class DenoiseKernel(UNetModelKernel):
 
     def posterior_on_device(self) -> bool:
         """Whether the posterior step runs in torch beside the network: on a GPU, where scipy's
-        filters on one CPU core would set the pace; on the CPU scipy is faster (3D tile of
-        136 x 328 x 328: 2.9 s against torch's 10 s)."""
+        filters on one CPU core would set the pace; on the CPU scipy was the faster when the
+        torch path was added (the first stage on a 3D tile of 136 x 328 x 328: 2.9 s against
+        torch's 10 s; the block stages were not timed in torch on a CPU)."""
         return not str(self.device).startswith("cpu")
 
     def predict_with_posterior(self, batch: np.ndarray, origins) -> np.ndarray:
