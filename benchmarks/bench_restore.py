@@ -27,7 +27,8 @@ light-sheet volume (seed 1).
 Those three also score every choice of stages (``by_choice``) and what the risk estimate picks
 on the whole image (``chosen``, ``risk``).
 ``noise_line`` (after the parts above on the same ``--workdir``): the posterior step's noise
-line against the true noise variance, per intensity bin, and the PSNR it costs (a diagnosis).
+line against the true noise variance, per intensity bin, and the PSNR it costs; the card's line
+against the whole image's (which chose, on the tuning images, where 2D training reads it).
 ``ensemble``: the MC-dropout model (``--uncertainty mc-dropout``: dropout in every block, kept
 at inference, 20 passes averaged) on the same images: its PSNR and its cost.
 ``pairs``: the real DSB-2018 nuclei image and the synthetic light-sheet volume (its clean
@@ -383,14 +384,14 @@ def _noise_line_row(model: str, clean: np.ndarray, noisy: np.ndarray, true_varia
     # less of the signal's texture, but the prediction carries the neighbours' noise
     features["structure, second difference of the residual"] = (posterior.structure(mu),
                                                                  second_difference_variance(y - mu)[inner].ravel())
-    for label, (feature, d2) in features.items():
+    for label, (feature, reading) in features.items():
         f = feature[inner].ravel()
         ratios = []
         for b in np.unique(which):
             sel = which == b
             flat = f[sel] <= np.median(f[sel])
-            ratios.append(float(np.median(d2[sel][flat]) / t[sel][flat].mean()))
-        noise = list(posterior.noise_line(d2, m, f))
+            ratios.append(float(np.median(reading[sel][flat]) / t[sel][flat].mean()))
+        noise = list(posterior.noise_line(reading, m, f))
         stages = posterior.all_stages(y, mu, dict(fit, noise=noise), wanted)
         row["by_feature"][label] = {"noise": noise, "measured_over_true_by_bin": ratios,
                                     "psnr": {how: score(v) for how, v in stages.items()}}
@@ -414,8 +415,10 @@ def _noise_line_row(model: str, clean: np.ndarray, noisy: np.ndarray, true_varia
 
 
 def noise_line(names, work: Path, results: dict) -> None:
-    """Diagnosis (nothing is chosen from it): how far the posterior step's noise line
-    (``kernels.posterior.noise_line``) is from the true noise variance, and what that costs, on
+    """How far the posterior step's noise line (``kernels.posterior.noise_line``) is from the
+    true noise variance, and what that costs (a diagnosis: of it, only the card's line against
+    the whole image's on the tuning images, camera, chelsea and the fluorescence slice, chose
+    anything: 2D training reads the line off its regions), on
     the models other parts left in ``work``: ``single``'s for ``names`` (sigma 25), the 2D
     fluorescence and 3D light-sheet tuning models (``posterior_fluorescence``,
     ``posterior_3d``; Poisson at 20 photons plus read noise: variance ``clean + 0.16``)."""
