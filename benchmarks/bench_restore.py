@@ -209,7 +209,8 @@ def _probed(model: str, noisy: np.ndarray):
     mu, a = (v[0, 0].astype(np.float64) for v in posterior.divergence_probe(kernel.predict, y[None, None]))
 
     def choose(fit: dict) -> dict:
-        picked = posterior.choose(kernel.predict, [y[None]], {k: [v] for k, v in fit.items()})
+        table = {k: [v] for k, v in fit.items()}
+        picked = posterior.choose(posterior.predict_regions(kernel.predict, [y[None]]), table)
         return {"chosen": picked["choice"][0], "risk": picked["risk"][0]}
 
     return y.astype(np.float64), mu, a, lo, hi, choose
@@ -348,12 +349,8 @@ def _flat_features(mu: np.ndarray) -> dict:
 
     from kernels import posterior
 
-    def local_variance(x: np.ndarray, size: int) -> np.ndarray:
-        mean = ndimage.uniform_filter(x, size)
-        return np.maximum(ndimage.uniform_filter(x * x, size) - mean * mean, 0.0)
-
     return {"structure (default)": posterior.structure(mu), "none": np.zeros_like(mu),
-            "variance over 9 of mu smoothed 1.5": local_variance(ndimage.gaussian_filter(mu, 1.5), 9),
+            "variance over 9 of mu smoothed 1.5": posterior.structure(ndimage.gaussian_filter(mu, 1.5), window=9),
             "gradient of mu smoothed 2": ndimage.gaussian_gradient_magnitude(mu, 2.0)}
 
 
@@ -376,13 +373,12 @@ def _noise_line_row(model: str, clean: np.ndarray, noisy: np.ndarray, true_varia
     fit = posterior.fit_channel(y[None], mu[None], a[None])
     inner = posterior.interior(y.shape)
     d2, m, t = (v[inner].ravel() for v in (second_difference_variance(y), mu, true))
-    levels = np.concatenate([1.0 - 0.5 ** np.arange(posterior.NOISE_BINS), [1.0]])
-    which = posterior.bin_index(m, np.unique(np.quantile(m, levels)))
+    which = posterior.intensity_bins(m)
     row: dict = {"by_feature": {}}
     features = {label: (feature, d2) for label, feature in _flat_features(mu).items()}
     # the second difference of the residual (noisy less prediction) instead of the noisy image:
     # less of the signal's texture, but the prediction carries the neighbours' noise
-    features["structure, second difference of the residual"] = (posterior.structure(mu),
+    features["structure, second difference of the residual"] = (features["structure (default)"][0],
                                                                  second_difference_variance(y - mu)[inner].ravel())
     for label, (feature, reading) in features.items():
         f = feature[inner].ravel()

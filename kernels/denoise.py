@@ -230,8 +230,7 @@ def fit_posterior(result: TrainResult, patches: np.ndarray, regions: list[np.nda
             for c, fit in enumerate(fits):
                 fit["noise"] = posterior.fit_noise_line([p.y[c] for p in predicted], [p.mu[c] for p in predicted])
         out[mode] = {key: [f[key] for f in fits] for key in fits[0]}
-        out[mode].update(posterior.choose(predict, regions, out[mode], sigma_2d=posterior.SIGMA_2D,
-                                          predicted=predicted))
+        out[mode].update(posterior.choose(predicted, out[mode], sigma_2d=posterior.SIGMA_2D))
     return out
 
 

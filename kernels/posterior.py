@@ -115,16 +115,23 @@ def radius(ndim: int, sigma_2d: float = SIGMA_2D, *, choice: str = LEGACY_CHOICE
     return first + (blockwiener.reach(ndim) if choice.endswith("+blocks") else 0)
 
 
-def structure(mu: np.ndarray) -> np.ndarray:
-    """Local variance of one channel's prediction over a ``WINDOW``-wide box (every axis)."""
+def structure(mu: np.ndarray, *, window: int = WINDOW) -> np.ndarray:
+    """Local variance of one channel's prediction over a ``window``-wide box (every axis)."""
     mu = np.asarray(mu, np.float64)
-    mean = ndimage.uniform_filter(mu, WINDOW, mode="reflect")
-    return np.maximum(ndimage.uniform_filter(mu * mu, WINDOW, mode="reflect") - mean * mean, 0.0)
+    mean = ndimage.uniform_filter(mu, window, mode="reflect")
+    return np.maximum(ndimage.uniform_filter(mu * mu, window, mode="reflect") - mean * mean, 0.0)
 
 
 def bin_index(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
     """The bin of each value between sorted ``edges`` (the last edge closes the last bin)."""
     return np.clip(np.searchsorted(edges, values, side="right") - 1, 0, max(len(edges) - 2, 0))
+
+
+def intensity_bins(mu: np.ndarray) -> np.ndarray:
+    """The noise line's intensity bin of each (flattened) predicted value: the top 1/2, 1/4, ...
+    1/1024 of the values (:data:`NOISE_BINS`), a level most values share (background) one bin."""
+    levels = np.concatenate([1.0 - 0.5 ** np.arange(NOISE_BINS), [1.0]])
+    return bin_index(mu, np.unique(np.quantile(mu, levels)))
 
 
 def noise_line(d2: np.ndarray, mu: np.ndarray, feature: np.ndarray) -> tuple[float, float, float]:
@@ -141,11 +148,9 @@ def noise_line(d2: np.ndarray, mu: np.ndarray, feature: np.ndarray) -> tuple[flo
     -0.001 at the background's 0.05, which measures 0.0005), and a variance near zero would
     hand the blend the whole noisy pixel there."""
     d2, m, f = (np.asarray(a, np.float64).ravel() for a in (d2, mu, feature))
-    levels = np.concatenate([1.0 - 0.5 ** np.arange(NOISE_BINS), [1.0]])
-    edges = np.unique(np.quantile(m, levels))  # a level most pixels share (background) is one bin
-    which = bin_index(m, edges)
+    which = intensity_bins(m)
     centres, variances = [], []
-    for b in range(max(len(edges) - 1, 1)):
+    for b in range(int(which.max()) + 1):
         sel = which == b
         if sel.sum() >= 32:
             flat = f[sel] <= np.median(f[sel])
@@ -296,10 +301,11 @@ def predict_regions(predict, regions: list[np.ndarray]) -> list[RegionPrediction
     return out
 
 
-def choose(predict, regions: list[np.ndarray], table: dict[str, Any], *, sigma_2d: float = SIGMA_2D,
-           predicted: list[RegionPrediction] | None = None) -> dict[str, list]:
+def choose(predicted: list[RegionPrediction], table: dict[str, Any], *, sigma_2d: float = SIGMA_2D
+           ) -> dict[str, list]:
     """Per channel, the choice of :data:`CHOICES` with the least estimated mean squared error on
-    ``regions`` (``(C, *spatial)`` noisy crops of the image, normalised), and every choice's
+    regions of the image (``predicted``: :func:`predict_regions` of noisy ``(C, *spatial)``
+    crops, normalised), and every choice's
     estimate: Stein's unbiased risk estimate ``|f(y) - y|^2 - var + 2 var df/dy`` with the
     divergence of the whole step (network included) probed by Monte Carlo, as
     :func:`divergence_probe` does for the network alone. No clean image is needed, so every
@@ -311,7 +317,8 @@ def choose(predict, regions: list[np.ndarray], table: dict[str, Any], *, sigma_2
     Pixels within the step's reach of a region's edge are left out of the sums (less on
     short axes), so the estimate reads what tiled inference computes.
 
-    With no regions, or in 3D (not in :data:`CHOOSE_NDIM`), nothing is estimated and every channel keeps
+    With no regions, or in 3D (not in :data:`CHOOSE_NDIM`; :func:`predict_regions` then makes no
+    predictions), nothing is estimated and every channel keeps
     :data:`LEGACY_CHOICE`: the estimate leans on the noise line, which reads 5-25 % low per
     intensity bin on a light-sheet volume at 20 photons, and a low line favours the stages that
     keep more noise (the estimate's error is ``sum (var - line) (1 - 2 df/dy)``). On the
@@ -320,8 +327,6 @@ def choose(predict, regions: list[np.ndarray], table: dict[str, Any], *, sigma_2
     scores 41.41 / 41.10; on the tuning volume (seed 1) it had picked right. This was decided
     after seeing the benchmark's volume, so its light-sheet figures are not independent of it."""
     n_channels = len(table["noise"])
-    if predicted is None:
-        predicted = predict_regions(predict, regions)
     if not predicted:
         return {"choice": [LEGACY_CHOICE] * n_channels, "risk": [{} for _ in range(n_channels)]}
     sums = {how: np.zeros(n_channels) for how in CHOICES}

@@ -270,12 +270,12 @@ def test_the_choice_follows_the_estimated_risk():
     def exact(x):
         return np.broadcast_to(clean, x.shape).astype(np.float32)
 
-    assert posterior.choose(exact, [noisy[None]], table)["choice"] == ["off"]
+    assert posterior.choose(posterior.predict_regions(exact, [noisy[None]]), table)["choice"] == ["off"]
 
     def blurred(x):  # a linear smoother: the probe's divergence is exact, the leak its centre tap
         return np.stack([[ndimage.gaussian_filter(c, 1.5, mode="reflect") for c in p] for p in x])
 
-    picked = posterior.choose(blurred, [noisy[None]], table)
+    picked = posterior.choose(posterior.predict_regions(blurred, [noisy[None]]), table)
     mu = blurred(noisy[None, None])[0]
     inner = (slice(39, -39),) * 2  # the pixels the estimate sums over (the stages' reach left out)
     truth = {how: np.mean(((posterior.apply(noisy[None], mu, table, choice=how)[0] - clean) ** 2)[inner])
@@ -285,4 +285,5 @@ def test_the_choice_follows_the_estimated_risk():
     assert all(abs(picked["risk"][0][how] - truth[how]) < 0.06 * truth[how] for how in posterior.CHOICES), \
         (picked, truth)
     volume = np.zeros((1, 6, 16, 16), np.float32)  # in 3D the estimate is not trusted: the old default, unestimated
-    assert posterior.choose(exact, [volume], table) == {"choice": [posterior.LEGACY_CHOICE], "risk": [{}]}
+    assert posterior.choose(posterior.predict_regions(exact, [volume]), table) == \
+        {"choice": [posterior.LEGACY_CHOICE], "risk": [{}]}
