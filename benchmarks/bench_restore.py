@@ -28,7 +28,9 @@ Those three also score every choice of stages (``by_choice``) and what the risk 
 on the whole image (``chosen``, ``risk``).
 ``noise_line`` (after the parts above on the same ``--workdir``): the posterior step's noise
 line against the true noise variance, per intensity bin, and the PSNR it costs; the card's line
-against the whole image's (which chose, on the tuning images, where 2D training reads it).
+against the whole image's (which chose, on the tuning images, where 2D training reads it); two
+readings meant to resist texture (the least of two orientations of the mask, and the patch
+covariance's smallest eigenvalues per bin, Chen et al. 2015), scored and not adopted.
 ``ensemble``: the MC-dropout model (``--uncertainty mc-dropout``: dropout in every block, kept
 at inference, 20 passes averaged) on the same images: its PSNR and its cost.
 ``pairs``: the real DSB-2018 nuclei image and the synthetic light-sheet volume (its clean
@@ -354,6 +356,72 @@ def _flat_features(mu: np.ndarray) -> dict:
             "gradient of mu smoothed 2": ndimage.gaussian_gradient_magnitude(mu, 2.0)}
 
 
+def _diagonal_second_difference(image: np.ndarray) -> np.ndarray:
+    """``kernels.noise.second_difference_variance`` with the 2D mask turned by 45 degrees (the
+    second difference along both diagonals; in 3D times the one along the first axis), scaled
+    alike: it has the same variance on noise (each tap lands on its own pixel) and answers to
+    edges of other orientations."""
+    from scipy import ndimage
+
+    from kernels.noise import CHI2_1_MEDIAN, SECOND_DIFFERENCE
+
+    kernel = np.zeros((5, 5))
+    for u in (-1, 0, 1):
+        for v in (-1, 0, 1):
+            kernel[2 + u + v, 2 + u - v] = SECOND_DIFFERENCE[u + 1] * SECOND_DIFFERENCE[v + 1]
+    r = np.asarray(image, np.float64)
+    if r.ndim == 3:
+        r = ndimage.correlate1d(r, SECOND_DIFFERENCE, axis=0, mode="reflect")
+        kernel = kernel[None]
+    r = ndimage.correlate(r, kernel, mode="reflect")
+    return r * r / CHI2_1_MEDIAN / 6.0 ** r.ndim
+
+
+def _least_orientation_reading(image: np.ndarray) -> np.ndarray:
+    """Per pixel the lesser of the axis-aligned and the diagonal second-difference readings,
+    rescaled so that its median on pure noise is again the variance (the two responses are
+    jointly Gaussian with correlation 8/36 on white noise: the factor is the median of the
+    lesser of their squares, by simulation on 10^6 pixels, seed 0)."""
+    from kernels.noise import second_difference_variance
+
+    noise = np.random.default_rng(0).normal(size=(1000, 1000))
+    factor = np.median(np.minimum(second_difference_variance(noise), _diagonal_second_difference(noise))[4:-4, 4:-4])
+    return np.minimum(second_difference_variance(image), _diagonal_second_difference(image)) / factor
+
+
+def _patch_pca_variance(patches: np.ndarray) -> float:
+    """The noise variance of ``(N, D)`` patches by Chen, Zhu & Heng (ICCV 2015): the mean of the
+    smallest eigenvalues of their covariance, as many as keep that mean at or below their median
+    (signal fills the largest ones)."""
+    centred = patches - patches.mean(axis=0)
+    eigenvalues = np.sort(np.linalg.eigvalsh(centred.T @ centred / len(centred)))[::-1]
+    for i in range(len(eigenvalues)):
+        tail = eigenvalues[i:]
+        if tail.mean() <= np.median(tail):
+            return float(tail.mean())
+    return float(eigenvalues[-1])
+
+
+def _pca_line(y: np.ndarray, m: np.ndarray, which: np.ndarray, inner: tuple[slice, ...]) -> tuple[list, list, list]:
+    """``(bins, centres, variances)``: the noise line's per-bin variances read by
+    :func:`_patch_pca_variance` off every pixel of each intensity bin (patches 5 x 5 in 2D,
+    3 x 3 x 3 in 3D, centred on the bin's pixels) and the bins' median intensities; a bin with
+    fewer than 4 patches per dimension is left out."""
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    width = 5 if y.ndim == 2 else 3
+    origin = tuple(slice(s.start - width // 2, s.stop - width // 2) for s in inner)
+    patches = sliding_window_view(y, (width,) * y.ndim)[origin].reshape(-1, width ** y.ndim)
+    bins, centres, variances = [], [], []
+    for b in np.unique(which):
+        sel = which == b
+        if sel.sum() >= 4 * patches.shape[1]:
+            bins.append(b)
+            centres.append(float(np.median(m[sel])))
+            variances.append(_patch_pca_variance(patches[sel]))
+    return bins, centres, variances
+
+
 def _noise_line_row(model: str, clean: np.ndarray, noisy: np.ndarray, true_variance: np.ndarray,
                     data_range: float, wanted: Sequence[str]) -> dict:
     """The fitted noise line against the true noise variance: per intensity bin (the line's own
@@ -380,6 +448,10 @@ def _noise_line_row(model: str, clean: np.ndarray, noisy: np.ndarray, true_varia
     # less of the signal's texture, but the prediction carries the neighbours' noise
     features["structure, second difference of the residual"] = (features["structure (default)"][0],
                                                                  second_difference_variance(y - mu)[inner].ravel())
+    # the lesser of the mask's response and the same mask turned by 45 degrees: texture of one
+    # orientation passes one of them less (Immerkaer's mask cancels edges along the axes only)
+    features["structure, least of two orientations"] = (features["structure (default)"][0],
+                                                        _least_orientation_reading(y)[inner].ravel())
     for label, (feature, reading) in features.items():
         f = feature[inner].ravel()
         ratios = []
@@ -391,6 +463,16 @@ def _noise_line_row(model: str, clean: np.ndarray, noisy: np.ndarray, true_varia
         stages = posterior.all_stages(y, mu, dict(fit, noise=noise), wanted)
         row["by_feature"][label] = {"noise": noise, "measured_over_true_by_bin": ratios,
                                     "psnr": {how: score(v) for how, v in stages.items()}}
+    # a reading made for texture: the smallest eigenvalues of the patches' covariance per bin
+    # (every pixel of the bin, no flat half), the line through them as ``noise_line`` fits one
+    bins, centres, variances = _pca_line(y, m, which, inner)
+    slope, offset = np.polyfit(centres, variances, 1)
+    floor = max(min(variances), 1e-12)
+    noise = ([float(offset), float(slope), floor] if slope >= 0 else [float(np.median(variances)), 0.0, floor])
+    stages = posterior.all_stages(y, mu, dict(fit, noise=noise), wanted)
+    ratios = [float(v / t[which == b].mean()) for b, v in zip(bins, variances)]
+    row["patch_pca_line"] = {"noise": noise, "measured_over_true_by_bin": ratios,
+                             "psnr": {how: score(v) for how, v in stages.items()}}
     # the line on the model's card: fitted when training ended (read off its patches by models
     # trained before the line moved to the regions); the leak stays the whole image's
     card = read_card(model).posterior["tta"]["noise"][0]
@@ -406,7 +488,8 @@ def _noise_line_row(model: str, clean: np.ndarray, noisy: np.ndarray, true_varia
         str(k): score(posterior.all_stages(y, mu, dict(fit, noise=[k * v for v in exact]),
                                            ("pixel+blocks",))["pixel+blocks"]) for k in (0.9, 0.95, 1.05, 1.1)}
     print(Path(model).name, {k: {c: round(v, 3) for c, v in r["psnr"].items()} for k, r in row["by_feature"].items()},
-          {c: round(v, 3) for c, v in row["true_line"]["psnr"].items()}, flush=True)
+          "pca", {c: round(v, 3) for c, v in row["patch_pca_line"]["psnr"].items()},
+          "true", {c: round(v, 3) for c, v in row["true_line"]["psnr"].items()}, flush=True)
     return row
 
 
