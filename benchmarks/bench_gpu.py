@@ -1,6 +1,7 @@
 """GPU figures (run on a CUDA machine; CI has none, so ``make bench`` skips this without CUDA).
 
-    python -m benchmarks.bench_gpu [--parts model_rate,posterior,agreement,throughput] [--shape 128,1024,1024]
+    python -m benchmarks.bench_gpu [--parts model_rate,posterior,agreement,throughput,attribution]
+                                   [--shape 128,1024,1024]
                                    [--tiles 64x256x256,128x256x256] [--configs 128x256x256:bf16:cl,...]
                                    [--widths 32,16] [--width 32] [--train-steps 40] [--tiles-in-flight 4]
 
@@ -20,6 +21,11 @@
   pyramid) against the resident kernel on in-memory padded tiles of the same shapes on the same
   GPU worker (copies, network, posterior step), for each tile, precision and memory layout
   (``--configs``); best of two rounds.
+- attribution (not in the default parts; ``--attribution-image``, ``--attribution-model``):
+  ``tilewise explain`` (integrated gradients, occlusion, Grad-CAM) of objects of a 2D image on
+  the GPU worker: seconds per object, the IG completeness error, and the attribution images
+  against a reference run of the same part on the CPU (``--attribution-reference``: the folder
+  of ``CUDA_VISIBLE_DEVICES= ... --smoke --attribution-keep DIR``).
 
 Without CUDA, ``--smoke`` runs every part on the CPU at the sizes given (a check of the code
 before device time is spent; no figures are saved).
@@ -255,6 +261,47 @@ def part_throughput(work: Path, client, url: str, model: str, shape, configs, gp
     return rows
 
 
+ATTRIBUTION_METHODS = ("ig", "occlusion", "gradcam")
+
+
+def part_attribution(work: Path, client, image: str, model: str, objects: int, reference: Path | None) -> dict:
+    """``tilewise explain`` of ``objects`` objects of ``image`` (segmented here by the classical
+    kernel, or the reference run's labels) with ``model`` for each method on ``client``: seconds
+    per object, the largest IG completeness error, and against a ``reference`` run of this part
+    (its folder: the same objects on the CPU) the largest difference of the attribution images
+    and of the cheating check's ``attribution_inside``. Outputs stay in ``work``."""
+    import json
+
+    from pipeline.io import open_image
+    from pipeline.io.tables import read_table
+    from pipeline.steps.explain import explain
+    from pipeline.steps.segment import classical_spec, segment_labels
+
+    seg = str(reference / "seg.ome.zarr") if reference else str(work / "seg.ome.zarr")
+    if not reference:
+        segment_labels(image, seg, classical_spec(image), client, progress=False, overwrite=True)
+    rows = {}
+    for method in ATTRIBUTION_METHODS:
+        out = work / f"explain-{method}.ome.zarr"
+        summary = explain(seg, str(out), client, model=model, method=method, objects=list(range(1, objects + 1)),
+                          panels=0, progress=False, overwrite=True)
+        row = {"objects": summary.targets, "seconds_per_object": summary.seconds_per_target,
+               "completeness_error_max": summary.completeness_error_max}
+        if reference:
+            mine = open_image(summary.image).read((slice(None),) * 2)
+            theirs = open_image(str(reference / out.name / "attribution" / method)).read((slice(None),) * 2)
+            inside = [np.asarray(read_table(str(where), f"attribution_{method}")["attribution_inside"])
+                      for where in (out, reference / out.name)]
+            row.update({"max_abs_difference_vs_reference": float(np.abs(mine - theirs).max()),
+                        "max_abs_reference": float(np.abs(theirs).max()),
+                        "attribution_inside_max_abs_difference": float(np.abs(inside[0] - inside[1]).max()),
+                        "reference_seconds_per_object": json.loads((reference / "timings.json").read_text())[method]})
+        rows[method] = row
+        print("attribution", method, row, flush=True)
+    (work / "timings.json").write_text(json.dumps({m: r["seconds_per_object"] for m, r in rows.items()}))
+    return rows
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser()
     parser.add_argument("--parts", default="model_rate,posterior,agreement,throughput")
@@ -268,6 +315,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--width", type=int, default=32, help="throughput: width of the trained N2V2 network")
     parser.add_argument("--train-steps", type=int, default=40)
     parser.add_argument("--tiles-in-flight", type=int, default=4, help="GPU tiles in flight per worker")
+    parser.add_argument("--attribution-image", help="attribution: a 2D image (OME-Zarr) to segment and explain")
+    parser.add_argument("--attribution-model", help="attribution: a denoising or segmentation model folder")
+    parser.add_argument("--attribution-objects", type=int, default=20, help="attribution: objects 1..N")
+    parser.add_argument("--attribution-reference", help="attribution: the folder of a CPU run of this part "
+                                                        "(--smoke --attribution-keep) to compare with")
+    parser.add_argument("--attribution-keep", help="attribution: keep the outputs in this folder")
     parser.add_argument("--smoke", action="store_true", help="without CUDA: run on the CPU, save nothing")
     args = parser.parse_args(argv)
     import torch
@@ -301,6 +354,17 @@ def main(argv=None) -> dict:
                                    "after 1 warm-up; copies: one padded float32 tile to the device and back"})
     with tempfile.TemporaryDirectory(prefix="tilewise-bench-gpu-") as tmp:
         work = Path(tmp)
+        if "attribution" in parts:
+            keep_dir = Path(args.attribution_keep) if args.attribution_keep else work / "attribution"
+            keep_dir.mkdir(parents=True, exist_ok=True)
+            reference = Path(args.attribution_reference) if args.attribution_reference else None
+            with connect(gpu_tiles=args.tiles_in_flight) as client:
+                rows = part_attribution(keep_dir, client, args.attribution_image, args.attribution_model,
+                                        args.attribution_objects, reference)
+            keep("attribution", {"image": args.attribution_image, "model": args.attribution_model, **rows,
+                                 "note": "tilewise explain through the engine on the default cluster (its GPU "
+                                         "worker), target: the object's mean model output; the reference: the "
+                                         "same part on this machine's CPUs (CUDA hidden), same labels"})
         with connect(gpu_tiles=args.tiles_in_flight) as client:  # the default cluster: its GPU workers
             if "agreement" in parts:
                 keep("agreement", part_agreement(work, client, device, gpu))
