@@ -26,7 +26,9 @@ maps are the whole image's; outside that it is zero). ``pipeline.steps.explain``
 from __future__ import annotations
 
 import itertools
-from typing import Any, Callable, Literal
+import threading
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Literal
 
 import numpy as np
 from pydantic import Field
@@ -38,6 +40,34 @@ from kernels.modelfile import UNetModelKernel
 Method = Literal["ig", "occlusion", "gradcam"]
 Baseline = Literal["zero", "blur"]
 METHODS = ("ig", "occlusion", "gradcam")
+
+
+_FULL_FLOAT32 = threading.Lock()
+
+
+@contextmanager
+def full_float32(device: Any) -> Iterator[None]:
+    """cuDNN convolutions in full float32 (not TF32) while attributions are computed on a GPU.
+
+    On Ampere and later GPUs torch runs float32 convolutions in TF32 by default (a 10-bit
+    mantissa). Occlusion's drops are differences of two outputs, so that rounding (about 1e-3
+    of the output) stays in every window's drop: on an H200 it left differences of 0.4 % of the
+    largest attribution against the CPU, and moved the cheating check's share of mass on the
+    object by up to 0.022 (``bench_gpu --parts attribution``). The flag is process-wide: the
+    lock keeps concurrent attribution calls from restoring it under one another; other kernels
+    of the worker run in full float32 meanwhile (slower, never less exact)."""
+    import torch
+
+    if not str(device).startswith("cuda"):
+        yield
+        return
+    with _FULL_FLOAT32:
+        saved = torch.backends.cudnn.allow_tf32  # the legacy flag sets conv and RNN alike
+        torch.backends.cudnn.allow_tf32 = False
+        try:
+            yield
+        finally:
+            torch.backends.cudnn.allow_tf32 = saved
 
 
 def baseline_of(crop: np.ndarray, kind: Baseline, sigma: float) -> np.ndarray:
@@ -196,52 +226,57 @@ class AttributionKernel(UNetModelKernel):
         map the target averages), ``value`` and ``baseline_value`` (the target at the input and
         the baseline), and ``completeness_error`` (IG: |sum of attributions - their difference|;
         NaN for the others)."""
-        import torch
-
         if self.net is None:
             raise RuntimeError("attribution kernel used before load()")
         out: dict[str, list] = {k: [] for k in ("attribution", "output", "value", "baseline_value",
                                                 "completeness_error")}
-        for crop, mask, origin in zip(crops, masks, origins):
-            x = torch.from_numpy(np.ascontiguousarray(crop[None], dtype=np.float32)).to(self.device)
-            m = torch.from_numpy(np.ascontiguousarray(mask[None], dtype=np.float32)).to(self.device)
-            base = torch.from_numpy(baseline_of(crop.astype(np.float32), self.params.baseline,
-                                                self.params.blur_sigma)[None]).to(self.device)
-
-            # the target depends on its reach alone (reach_of): every method evaluates it there
-            reach = reach_of(mask, self.reach.low, self.reach.high, self.config.factor)
-            inside = (slice(None), slice(None)) + reach
-            xr, br, mr = x[inside], base[inside], m[inside[1:]]
-
-            def target(batch, m=mr):
-                return (self.output_map(batch) * m).flatten(1).sum(1) / m.sum().clamp_min(1.0)
-
-            with torch.no_grad():
-                output = self.output_map(x)[0]
-            error = float("nan")
-            if self.params.method == "ig":  # gradients outside the reach are zero: not computed
-                part, value, base_value = integrated_gradients(target, xr, br, self.params.steps)
-                attr = torch.zeros_like(x[0, 0])
-                attr[reach] = part[0].sum(0)
-                error = abs(float(attr.sum()) - (value - base_value))
-            else:
-                with torch.no_grad():
-                    base_value = float(target(br)[0])
-                if self.params.method == "occlusion":
-                    attr, value = occlusion(target, x, base, self.window, self.stride, tuple(int(o) for o in origin),
-                                            reach=reach)
-                    attr = attr[0]
-                else:
-                    attr = self._gradcam(x, m)
-                    with torch.no_grad():
-                        value = float(target(xr)[0])
-            out["attribution"].append(attr.float().cpu().numpy())
-            out["output"].append(output.float().cpu().numpy())
-            out["value"].append(value)
-            out["baseline_value"].append(base_value)
-            out["completeness_error"].append(error)
+        with full_float32(self.device):
+            for crop, mask, origin in zip(crops, masks, origins):
+                self._explain_one(crop, mask, origin, out)
         return {k: np.asarray(np.stack(v) if k in ("attribution", "output") else v, np.float32)
                 for k, v in out.items()}
+
+    def _explain_one(self, crop: np.ndarray, mask: np.ndarray, origin: np.ndarray, out: dict[str, list]) -> None:
+        """:meth:`explain` for one crop, its results appended to ``out``."""
+        import torch
+
+        x = torch.from_numpy(np.ascontiguousarray(crop[None], dtype=np.float32)).to(self.device)
+        m = torch.from_numpy(np.ascontiguousarray(mask[None], dtype=np.float32)).to(self.device)
+        base = torch.from_numpy(baseline_of(crop.astype(np.float32), self.params.baseline,
+                                            self.params.blur_sigma)[None]).to(self.device)
+
+        # the target depends on its reach alone (reach_of): every method evaluates it there
+        reach = reach_of(mask, self.reach.low, self.reach.high, self.config.factor)
+        inside = (slice(None), slice(None)) + reach
+        xr, br, mr = x[inside], base[inside], m[inside[1:]]
+
+        def target(batch, m=mr):
+            return (self.output_map(batch) * m).flatten(1).sum(1) / m.sum().clamp_min(1.0)
+
+        with torch.no_grad():
+            output = self.output_map(x)[0]
+        error = float("nan")
+        if self.params.method == "ig":  # gradients outside the reach are zero: not computed
+            part, value, base_value = integrated_gradients(target, xr, br, self.params.steps)
+            attr = torch.zeros_like(x[0, 0])
+            attr[reach] = part[0].sum(0)
+            error = abs(float(attr.sum()) - (value - base_value))
+        else:
+            with torch.no_grad():
+                base_value = float(target(br)[0])
+            if self.params.method == "occlusion":
+                attr, value = occlusion(target, x, base, self.window, self.stride, tuple(int(o) for o in origin),
+                                        reach=reach)
+                attr = attr[0]
+            else:
+                attr = self._gradcam(x, m)
+                with torch.no_grad():
+                    value = float(target(xr)[0])
+        out["attribution"].append(attr.float().cpu().numpy())
+        out["output"].append(output.float().cpu().numpy())
+        out["value"].append(value)
+        out["baseline_value"].append(base_value)
+        out["completeness_error"].append(error)
 
     def _gradcam(self, x, m):
         """Grad-CAM at ``self.level``, up-sampled to the crop and zero within one receptive

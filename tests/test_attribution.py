@@ -217,3 +217,23 @@ def test_cli_explain_region_and_errors(segmented, tmp_path, capsys):
     assert "[999]" in capsys.readouterr().err
     assert main(["-q", "explain", seg, out, "--model", model, "--region", "20:40,30:50", "--workers", "1"]) == 2
     assert "overwrite" in capsys.readouterr().err
+
+
+def test_attributions_on_a_gpu_run_without_tf32():
+    """On CUDA the kernel turns cuDNN's TF32 off while it explains and puts the flag back after
+    (occlusion's drops are differences of outputs: TF32 rounding stayed in them on an H200);
+    on the CPU it touches nothing. The flag is a plain setting, so this runs without a GPU."""
+    import torch
+
+    from kernels.attribution import full_float32
+
+    before = torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = True
+        with full_float32("cuda:0"):
+            assert torch.backends.cudnn.allow_tf32 is False
+        assert torch.backends.cudnn.allow_tf32 is True
+        with full_float32("cpu"):
+            assert torch.backends.cudnn.allow_tf32 is True
+    finally:
+        torch.backends.cudnn.allow_tf32 = before
