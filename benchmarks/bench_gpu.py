@@ -24,8 +24,9 @@
 - attribution (not in the default parts; ``--attribution-image``, ``--attribution-model``):
   ``tilewise explain`` (integrated gradients, occlusion, Grad-CAM) of objects of a 2D image on
   the GPU worker: seconds per object, the IG completeness error, and the attribution images
-  against a reference run of the same part on the CPU (``--attribution-reference``: the folder
-  of ``CUDA_VISIBLE_DEVICES= ... --smoke --attribution-keep DIR``).
+  against a reference run of the same part on a CPU (``--attribution-reference``: the folder
+  of ``... --smoke --attribution-keep DIR`` on a machine without CUDA); ``--attribution-model``
+  takes several model folders, comma-separated.
 
 Without CUDA, ``--smoke`` runs every part on the CPU at the sizes given (a check of the code
 before device time is spent; no figures are saved).
@@ -269,8 +270,9 @@ def part_attribution(work: Path, client, image: str, model: str, objects: int, r
     kernel, or the reference run's labels) with ``model`` for each method on ``client``: seconds
     per object (after one untimed object: workers, model and CUDA started), the largest IG
     completeness error, and against a ``reference`` run of this part
-    (its folder: the same objects on a CPU, this machine's or another's) the largest difference of the attribution images
-    and of the cheating check's ``attribution_inside``. Outputs stay in ``work``."""
+    (its folder: the same objects on a CPU, this machine's or another's) the largest difference
+    of the attribution images and of the cheating check's ``attribution_inside``. Outputs stay
+    in ``work``."""
     import json
 
     from pipeline.io import open_image
@@ -278,6 +280,7 @@ def part_attribution(work: Path, client, image: str, model: str, objects: int, r
     from pipeline.steps.explain import explain
     from pipeline.steps.segment import classical_spec, segment_labels
 
+    work.mkdir(parents=True, exist_ok=True)
     seg = str(reference / "seg.ome.zarr") if reference else str(work / "seg.ome.zarr")
     if not reference:
         segment_labels(image, seg, classical_spec(image), client, progress=False, overwrite=True)
@@ -321,7 +324,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--train-steps", type=int, default=40)
     parser.add_argument("--tiles-in-flight", type=int, default=4, help="GPU tiles in flight per worker")
     parser.add_argument("--attribution-image", help="attribution: a 2D image (OME-Zarr) to segment and explain")
-    parser.add_argument("--attribution-model", help="attribution: a denoising or segmentation model folder")
+    parser.add_argument("--attribution-model", help="attribution: denoising or segmentation model folders, "
+                                                    "comma-separated")
     parser.add_argument("--attribution-objects", type=int, default=20, help="attribution: objects 1..N")
     parser.add_argument("--attribution-reference", help="attribution: the folder of a CPU run of this part "
                                                         "(--smoke --attribution-keep) to compare with")
@@ -363,13 +367,18 @@ def main(argv=None) -> dict:
             keep_dir = Path(args.attribution_keep) if args.attribution_keep else work / "attribution"
             keep_dir.mkdir(parents=True, exist_ok=True)
             reference = Path(args.attribution_reference) if args.attribution_reference else None
+            by_model = {}
             with connect(gpu_tiles=args.tiles_in_flight) as client:
-                rows = part_attribution(keep_dir, client, args.attribution_image, args.attribution_model,
-                                        args.attribution_objects, reference)
-            keep("attribution", {"image": args.attribution_image, "model": args.attribution_model, **rows,
+                for model in args.attribution_model.split(","):
+                    name = Path(model).name  # each model's outputs (and its reference's) in a folder of its name
+                    print("attribution", name, flush=True)
+                    by_model[name] = part_attribution(keep_dir / name, client, args.attribution_image, model,
+                                                      args.attribution_objects, reference / name if reference else None)
+            keep("attribution", {"image": args.attribution_image, "models": by_model,
                                  "note": "tilewise explain through the engine on the default cluster (its GPU "
-                                         "worker), target: the object's mean model output; the reference: the "
-                                         "same part on this machine's CPUs (CUDA hidden), same labels"})
+                                         "worker), target: the object's mean output (a denoiser's value, a "
+                                         "segmenter's interior probability); the reference: the same part run "
+                                         "on a CPU (--smoke), same labels"})
         with connect(gpu_tiles=args.tiles_in_flight) as client:  # the default cluster: its GPU workers
             if "agreement" in parts:
                 keep("agreement", part_agreement(work, client, device, gpu))
