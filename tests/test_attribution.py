@@ -59,6 +59,21 @@ def test_integrated_gradients_are_complete(models, task):
                                                                             abs=1e-6)
 
 
+def test_integrated_gradients_double_their_steps_until_complete(models):
+    """Without ``steps`` a target whose 32-point path misses completeness (a steep softmax: the
+    image at 50x contrast) gets more points until the error is within tolerance; given steps
+    are kept as they are."""
+    from kernels.attribution import IG_FIRST_STEPS, IG_FLOOR, IG_TOLERANCE
+
+    image, mask = _blob_image((64, 64), (32, 30))
+    args = (50.0 * image[None, None], mask[None], np.zeros((1, 2), int))
+    fixed = _kernel(models["segment"], method="ig", steps=IG_FIRST_STEPS).explain(*args)
+    auto = _kernel(models["segment"], method="ig").explain(*args)
+    tolerance = IG_TOLERANCE * abs(float(auto["value"][0] - auto["baseline_value"][0])) + IG_FLOOR
+    assert fixed["steps"][0] == IG_FIRST_STEPS and fixed["completeness_error"][0] > tolerance
+    assert auto["steps"][0] > IG_FIRST_STEPS and auto["completeness_error"][0] <= tolerance
+
+
 def test_occlusion_is_zero_where_the_output_cannot_see(models):
     """Windows beyond the receptive field of the target's pixels change nothing: exactly zero;
     windows on the object do change the target."""
@@ -185,6 +200,7 @@ def test_explain_tiled_equals_untiled_with_table_and_panels(segmented, client, t
         assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
     if method == "ig":
         assert small.completeness_error_max is not None and np.isfinite(ta["completeness_error"]).all()
+        assert (ta["ig_steps"] == 8).all()  # given steps are kept, and recorded
 
 
 def test_inside_share_is_the_objects_part_of_the_mass():

@@ -18,7 +18,8 @@
 - ``OUT/tables/attribution_<method>``: one row per target with the source table's columns and
   ``attribution_inside`` (the share of the attribution's absolute mass that lies on the object:
   an object found from its surroundings has a low share: the cheating check), the target at the
-  input and at the baseline, and (IG) the completeness error.
+  input and at the baseline, and (IG) the completeness error and the points on the path it took
+  (``ig_steps``).
 """
 
 from __future__ import annotations
@@ -144,7 +145,7 @@ class ExplainJob:
         return meta
 
 
-def attribution_spec(model: str, method: str, *, steps: int, baseline: str, window: Sequence[int] | None,
+def attribution_spec(model: str, method: str, *, steps: int | None, baseline: str, window: Sequence[int] | None,
                      stride: Sequence[int] | None, level: int | None) -> KernelSpec:
     if method not in METHODS:
         raise OptionError(f"Unknown attribution method '{method}'; choose {', '.join(METHODS)}.")
@@ -169,13 +170,14 @@ def attribution_spec(model: str, method: str, *, steps: int, baseline: str, wind
 
 def explain(image_url: str, output_url: str, client: Any, options: EngineOptions | None = None, *, model: str,
             method: str = "ig", objects: Sequence[int] | str | None = None, region: str | None = None,
-            labels: str = "nuclei", table: str | None = None, steps: int = 32, baseline: str = "zero",
+            labels: str = "nuclei", table: str | None = None, steps: int | None = None, baseline: str = "zero",
             window: float | None = None, stride: float | None = None, level: int | None = None, panels: int = 20,
             **settings: Any) -> ExplainSummary:
     """Explain ``model``'s output on ``objects`` (ids of ``IMAGE/labels/<labels>``, or ``"all"``)
     or on ``region`` (``"y0:y1,x0:x1"`` pixels) with ``method``; see the module docstring.
 
-    ``steps``, ``baseline`` (``zero`` or ``blur``): integrated gradients; ``window``, ``stride``:
+    ``steps`` (default: 32 per target, doubled until complete: ``kernels.attribution``),
+    ``baseline`` (``zero`` or ``blur``): integrated gradients; ``window``, ``stride``:
     occlusion, physical units (default 8 pixels and half of it); ``level``: Grad-CAM's encoder
     level (default the deepest encoder block).
     """
@@ -227,7 +229,7 @@ def explain(image_url: str, output_url: str, client: Any, options: EngineOptions
                                        progress=options.progress, storage_options=so)
         panel_urls = _write_panels(output_url, method, results[:max(0, panels)], card.task, so)
         columns = {"attribution_inside": "inside", "target_value": "value", "baseline_value": "baseline_value",
-                   "completeness_error": "completeness_error", "seconds": "seconds"}
+                   "completeness_error": "completeness_error", "ig_steps": "steps", "seconds": "seconds"}
         frame = frame.assign(**{c: np.asarray([float(r[k]) for r in results], np.float64)
                                 for c, k in columns.items()})
         table_url = write_table(output_url, name, frame,
