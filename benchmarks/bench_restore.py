@@ -589,8 +589,9 @@ def attribution(work: Path, client, results: dict) -> None:
         print("attribution", method, rows[method], flush=True)
     results["attribution"] = {"model": "DSB-2018 CARE (pairs part; its --steps-pairs), "
                                        "target: mean denoised value of the object",
-                              "defaults": "ig 32 steps, zero baseline; occlusion 8-pixel window, stride 4; "
-                                          "gradcam deepest encoder block", **rows}
+                              "defaults": "ig 32 steps doubled per target until complete (figures before stop 41: "
+                                          "32 fixed; a denoiser's targets stay at 32), zero baseline; occlusion "
+                                          "8-pixel window, stride 4; gradcam deepest encoder block", **rows}
     save(RESULTS_NAME, results)
 
 
