@@ -265,25 +265,21 @@ def part_throughput(work: Path, client, url: str, model: str, shape, configs, gp
 ATTRIBUTION_METHODS = ("ig", "occlusion", "gradcam")
 
 
-def part_attribution(work: Path, client, image: str, model: str, objects: int, reference: Path | None) -> dict:
-    """``tilewise explain`` of ``objects`` objects of ``image`` (segmented here by the classical
-    kernel, or the reference run's labels) with ``model`` for each method on ``client``: seconds
-    per object (after one untimed object: workers, model and CUDA started), the largest IG
-    completeness error, and against a ``reference`` run of this part
-    (its folder: the same objects on a CPU, this machine's or another's) the largest difference
-    of the attribution images and of the cheating check's ``attribution_inside``. Outputs stay
-    in ``work``."""
+def part_attribution(work: Path, client, seg: str, model: str, objects: int, reference: Path | None) -> dict:
+    """``tilewise explain`` of objects 1..``objects`` of ``seg`` (an image with its labels) with
+    ``model`` for each method on ``client``: seconds per object (after one untimed object:
+    workers, model and CUDA started), the largest IG completeness error, and against a
+    ``reference`` run of this part (its folder: the same objects on a CPU, this machine's or
+    another's) the largest difference of the attribution images and of the cheating check's
+    ``attribution_inside``. Outputs stay in ``work``."""
     import json
 
     from pipeline.io import open_image
     from pipeline.io.tables import read_table
     from pipeline.steps.explain import explain
-    from pipeline.steps.segment import classical_spec, segment_labels
 
     work.mkdir(parents=True, exist_ok=True)
-    seg = str(reference / "seg.ome.zarr") if reference else str(work / "seg.ome.zarr")
-    if not reference:
-        segment_labels(image, seg, classical_spec(image), client, progress=False, overwrite=True)
+    theirs_seconds = json.loads((reference / "timings.json").read_text()) if reference else {}
     # a first object, untimed: the workers start and load the model (on a GPU, CUDA starts too)
     explain(seg, str(work / "warm-up.ome.zarr"), client, model=model, method=ATTRIBUTION_METHODS[0], objects=[1],
             panels=0, progress=False, overwrite=True)
@@ -302,12 +298,35 @@ def part_attribution(work: Path, client, image: str, model: str, objects: int, r
             row.update({"max_abs_difference_vs_reference": float(np.abs(mine - theirs).max()),
                         "max_abs_reference": float(np.abs(theirs).max()),
                         "attribution_inside_max_abs_difference": float(np.abs(inside[0] - inside[1]).max()),
-                        "reference_seconds_per_object": json.loads((reference / "timings.json").read_text())
-                        .get(method)})
+                        "reference_seconds_per_object": theirs_seconds.get(method)})
         rows[method] = row
         print("attribution", method, row, flush=True)
         (work / "timings.json").write_text(json.dumps({m: r["seconds_per_object"] for m, r in rows.items()}))
     return rows
+
+
+def _attribution(args, work: Path, client) -> dict:
+    """The attribution part for each ``--attribution-model``: the image segmented once (or the
+    reference run's labels taken), each model's outputs (and its reference's) in a folder of
+    its name."""
+    from pipeline.steps.segment import classical_spec, segment_labels
+
+    keep_dir = Path(args.attribution_keep) if args.attribution_keep else work / "attribution"
+    reference = Path(args.attribution_reference) if args.attribution_reference else None
+    seg = str((reference or keep_dir) / "seg.ome.zarr")
+    if not reference:
+        image = args.attribution_image
+        segment_labels(image, seg, classical_spec(image), client, progress=False, overwrite=True)
+    by_model = {}
+    for model in args.attribution_model.split(","):
+        name = Path(model).name
+        print("attribution", name, flush=True)
+        by_model[name] = part_attribution(keep_dir / name, client, seg, model, args.attribution_objects,
+                                          reference / name if reference else None)
+    return {"image": args.attribution_image, "models": by_model,
+            "note": "tilewise explain through the engine on the default cluster (its GPU worker), target: the "
+                    "object's mean output (a denoiser's value, a segmenter's interior probability); the "
+                    "reference: the same part run on a CPU (--smoke), same labels"}
 
 
 def main(argv=None) -> dict:
@@ -363,23 +382,9 @@ def main(argv=None) -> dict:
                                    "after 1 warm-up; copies: one padded float32 tile to the device and back"})
     with tempfile.TemporaryDirectory(prefix="tilewise-bench-gpu-") as tmp:
         work = Path(tmp)
-        if "attribution" in parts:
-            keep_dir = Path(args.attribution_keep) if args.attribution_keep else work / "attribution"
-            keep_dir.mkdir(parents=True, exist_ok=True)
-            reference = Path(args.attribution_reference) if args.attribution_reference else None
-            by_model = {}
-            with connect(gpu_tiles=args.tiles_in_flight) as client:
-                for model in args.attribution_model.split(","):
-                    name = Path(model).name  # each model's outputs (and its reference's) in a folder of its name
-                    print("attribution", name, flush=True)
-                    by_model[name] = part_attribution(keep_dir / name, client, args.attribution_image, model,
-                                                      args.attribution_objects, reference / name if reference else None)
-            keep("attribution", {"image": args.attribution_image, "models": by_model,
-                                 "note": "tilewise explain through the engine on the default cluster (its GPU "
-                                         "worker), target: the object's mean output (a denoiser's value, a "
-                                         "segmenter's interior probability); the reference: the same part run "
-                                         "on a CPU (--smoke), same labels"})
         with connect(gpu_tiles=args.tiles_in_flight) as client:  # the default cluster: its GPU workers
+            if "attribution" in parts:
+                keep("attribution", _attribution(args, work, client))
             if "agreement" in parts:
                 keep("agreement", part_agreement(work, client, device, gpu))
                 print("agreement", results["agreement"], flush=True)

@@ -466,9 +466,7 @@ def _noise_line_row(model: str, clean: np.ndarray, noisy: np.ndarray, true_varia
     # a reading made for texture: the smallest eigenvalues of the patches' covariance per bin
     # (every pixel of the bin, no flat half), the line through them as ``noise_line`` fits one
     bins, centres, variances = _pca_line(y, m, which, inner)
-    slope, offset = np.polyfit(centres, variances, 1)
-    floor = max(min(variances), 1e-12)
-    noise = ([float(offset), float(slope), floor] if slope >= 0 else [float(np.median(variances)), 0.0, floor])
+    noise = list(posterior.line_through(centres, variances))
     stages = posterior.all_stages(y, mu, dict(fit, noise=noise), wanted)
     ratios = [float(v / t[which == b].mean()) for b, v in zip(bins, variances)]
     row["patch_pca_line"] = {"noise": noise, "measured_over_true_by_bin": ratios,

@@ -156,6 +156,13 @@ def noise_line(d2: np.ndarray, mu: np.ndarray, feature: np.ndarray) -> tuple[flo
             flat = f[sel] <= np.median(f[sel])
             centres.append(float(np.median(m[sel][flat])))
             variances.append(float(np.median(d2[sel][flat])))
+    return line_through(centres, variances)
+
+
+def line_through(centres: list[float], variances: list[float]) -> tuple[float, float, float]:
+    """``(offset, slope, floor)``: the least-squares line through per-bin variances at their
+    intensities, the median with no slope where it would fall (or cannot be fitted), bounded
+    below by the least variance measured (see :func:`noise_line`)."""
     floor = max(min(variances), 1e-12)
     if len(centres) < 2 or np.ptp(centres) == 0:
         return float(np.median(variances)), 0.0, floor
