@@ -156,7 +156,7 @@ def otsu_watershed(image: np.ndarray) -> np.ndarray:
 def part_scale(work: Path, factors: tuple[float, ...], steps: int) -> list[dict]:
     """Rows per (data, factor, method): the classical kernel with the estimated object scale and
     with the fixed pixel defaults of before (sigma 1, seed distance 5, smallest 16 voxels, halo
-    32), the plain baseline, and a 3-class U-Net trained once per image on one half at x1 (DSB
+    32, one threshold level), the plain baseline, and a 3-class U-Net trained once per image on one half at x1 (DSB
     left half; the 3D sample's upper z half), run with tiles resampled to its training scale and
     without. Rows score the other half only (DSB right half; 3D lower half, the middle slice
     left out). Nothing here was tuned on these images."""
@@ -199,7 +199,7 @@ def part_scale(work: Path, factors: tuple[float, ...], steps: int) -> list[dict]
                 specs = {"classical (estimated scale)": (estimated, est_d),
                          "classical (fixed pixel defaults)": (estimated.with_params(
                              diameter=None, object_scale=None, sigma=1.0, min_distance=5.0, min_size=16,
-                             halo=[32] * img.ndim), None)}
+                             halo=[32] * img.ndim, background=None), None)}
                 if unet:
                     zoom, _ = model_zoom(url, unet)
                     specs["U-Net (at its training scale)"] = (model_spec(unet, zoom=zoom), est_d)

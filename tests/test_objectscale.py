@@ -58,7 +58,7 @@ def test_the_estimate_follows_a_rescaled_image_down_to_small_objects(tmp_path, c
 
     shape, d = ((150, 170), 16) if ndim == 2 else ((30, 70, 70), 12)
     image, _ = touching_nuclei(shape, d, seed=0, noise=0.08, texture=0.5)
-    found = {}
+    found, background = {}, {}
     for factor in (1.0, 0.5):
         folder = tmp_path / str(factor)
         folder.mkdir()
@@ -229,27 +229,33 @@ def test_the_classical_kernel_sees_a_mirrored_edge_and_labels_only_the_volume():
 def test_the_threshold_is_otsu_of_the_smoothed_signal_without_the_fill(tmp_path):
     """``classical_spec``'s threshold is Otsu's on what the kernel thresholds (the object signal
     smoothed by its sigma), and a zero row past the image (a rescaled image's empty edge) moves
-    it by nothing: the row and the voxels its smoothing reaches are left out."""
+    it by nothing: the row and the voxels its smoothing reaches are left out. Nor does it move
+    the background's level read off the same values."""
     from scipy import ndimage
 
     from kernels.brightfield import ObjectSignal, otsu_gap
-    from pipeline.engine.stats import Normalisation, smoothed_threshold, window_blocks
+    from pipeline.engine.stats import Normalisation, background_level, smoothed_signal, window_blocks
     from pipeline.io import create_image, default_axes, open_image
 
     image, _ = touching_nuclei((24, 64, 64), 12, seed=4, noise=0.3)
     image += 2.0  # a camera offset: zero lies well below every real value
-    found = {}
+    found, background = {}, {}
     for name, data in (("plain", image), ("padded", np.concatenate([image, np.zeros((24, 5, 64), np.float32)], 1))):
         url = str(tmp_path / f"{name}.ome.zarr")
         sink = create_image(url, shape=data.shape, dtype=np.float32, axes=default_axes("zyx"), n_levels=1)
         sink.write((slice(None),) * 3, data)
         source = open_image(url)
         norm = Normalisation.of(source)
-        found[name] = smoothed_threshold(window_blocks(source), source.spatial_scale(0), sigma=1.2, signal=ObjectSignal(),
-                                         scaling=norm)
+        values = smoothed_signal(window_blocks(source), source.spatial_scale(0), sigma=1.2, signal=ObjectSignal(),
+                                 scaling=norm)
+        found[name] = otsu_gap(values)
+        background[name] = background_level(values, found[name])
         if name == "plain":
             smooth = ndimage.gaussian_filter(norm.apply(image[None])[0], 1.2)
             assert abs(found[name] - otsu_gap(smooth.ravel())) < 1e-3
+            assert abs(background[name] - np.median(smooth[smooth < found[name]])) < 1e-3
+            assert background[name] < found[name] - 0.05
             raw = otsu_gap(norm.apply(image[None])[0].ravel())
             assert abs(found[name] - raw) > 0.01  # noise widens the raw classes unequally
     assert abs(found["padded"] - found["plain"]) < 0.01, found
+    assert abs(background["padded"] - background["plain"]) < 0.01, background

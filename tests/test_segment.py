@@ -122,6 +122,37 @@ def unet_model(annotated, tmp_path_factory):
     return model, card
 
 
+def test_classical_objects_grow_from_their_cores_to_their_own_edges():
+    """A bright and a dim nucleus, blurred as a microscope blurs them: with one threshold the
+    bright one swells into its blur (IoU 0.67) and the dim one is cut to its centre (0.65); grown
+    from their cores towards the background and trimmed by their own peaks, both fit (>= 0.79)."""
+    from scipy import ndimage
+
+    from kernels.contract import BatchContext
+    from kernels.segment import ClassicalSegmentKernel
+
+    yy, xx = np.mgrid[:64, :128]
+    truth = np.zeros((64, 128), np.int32)
+    truth[(yy - 32) ** 2 + (xx - 32) ** 2 <= 12**2] = 1
+    truth[(yy - 32) ** 2 + (xx - 90) ** 2 <= 12**2] = 2
+    image = (0.05 + ndimage.gaussian_filter(np.where(truth == 1, 0.95, np.where(truth == 2, 0.3, 0.0)), 3.0))
+    batch = image[None, None].astype(np.float32)
+
+    def fits(background):
+        kernel = ClassicalSegmentKernel(ClassicalSegmentKernel.Params(
+            threshold=0.25, background=background, scale=[1.0, 1.0], diameter=24.0))
+        labels = kernel(batch, BatchContext.whole(batch))[0, 0]
+        assert len(np.unique(labels)) == 3  # two objects
+        ious = []
+        for t in (1, 2):
+            found = labels == np.bincount(labels[truth == t]).argmax()
+            ious.append((found & (truth == t)).sum() / (found | (truth == t)).sum())
+        return ious
+
+    assert min(fits(0.05)) > 0.75
+    assert max(fits(None)) < 0.7  # one level: the threshold alone
+
+
 def test_training_lowers_validation_loss(unet_model):
     _, card = unet_model
     history = card.training["history"]

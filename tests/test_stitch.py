@@ -207,6 +207,7 @@ def test_classical_tiled_equals_untiled_and_table(tmp_path, client, monkeypatch,
                         scale=scale)
     sink.write(tuple(slice(0, s) for s in shape), image)
     spec = classical_spec(url, min_distance=radius)
+    assert spec.params["background"] < spec.params["threshold"]  # two levels: cores grown to their edges
     tiled = segment_labels(url, str(tmp_path / "tiled.ome.zarr"), spec, client, tile_shape=tile, progress=False)
     whole = segment_labels(url, str(tmp_path / "whole.ome.zarr"), spec, client, tile_shape=shape, progress=False)
     assert tiled.tiles >= 9 and whole.tiles == 1

@@ -210,17 +210,17 @@ def _read_windows(source: ImageSource, level: int, spatial: list[int], max_voxel
     return blocks
 
 
-def smoothed_threshold(blocks: list[np.ndarray], spacing: Sequence[float], *, sigma: float, signal: ObjectSignal,
-                       scaling: Scaling | None) -> float:
-    """Otsu's threshold (:func:`kernels.brightfield.otsu_gap`) of the object signal of ``blocks``
-    (:func:`window_blocks`, pixel size ``spacing``) smoothed by ``sigma`` (physical units): the
-    values the classical kernel thresholds. Noise widens the raw histogram's two classes
-    unequally, so Otsu on raw values sits off the smoothed image's valley (on the left half of
-    DSB-2018, 0.204 against 0.199 normalised). Fills (:func:`kernels.brightfield.fill_values`,
-    found on all blocks together) are left out with the voxels their smoothing reaches."""
+def smoothed_signal(blocks: list[np.ndarray], spacing: Sequence[float], *, sigma: float, signal: ObjectSignal,
+                    scaling: Scaling | None) -> np.ndarray:
+    """The object signal of ``blocks`` (:func:`window_blocks`, pixel size ``spacing``) smoothed
+    by ``sigma`` (physical units), flat: the values the classical kernel thresholds, so its
+    global levels are read off them. Noise widens the raw histogram's two classes unequally, so
+    Otsu on raw values sits off the smoothed image's valley (on the left half of DSB-2018, 0.204
+    against 0.199 normalised). Fills (:func:`kernels.brightfield.fill_values`, found on all
+    blocks together) are left out with the voxels their smoothing reaches."""
     from scipy import ndimage
 
-    from kernels.brightfield import fill_values, otsu_gap
+    from kernels.brightfield import fill_values
 
     signals = [signal(block, scaling) for block in blocks]
     fills = fill_values(np.concatenate([b.ravel() for b in signals]))
@@ -232,7 +232,14 @@ def smoothed_threshold(blocks: list[np.ndarray], spacing: Sequence[float], *, si
             near = ndimage.maximum_filter(np.isin(block, fills), size=reach)
             smooth = smooth[~near]
         values.append(smooth.ravel())
-    return otsu_gap(np.concatenate(values))
+    return np.concatenate(values)
+
+
+def background_level(values: np.ndarray, threshold: float) -> float | None:
+    """The background's level among ``values`` (:func:`smoothed_signal`): the median of those
+    below ``threshold``; None when there are none."""
+    below = values[values < threshold]
+    return float(np.median(below)) if below.size else None
 
 
 WELL_RESOLVED_PX = 12  # an object this many pixels across is measured as well as at full resolution

@@ -405,7 +405,9 @@ def classical_spec(input_url: str | ImageSource, *, level: int = 0, diameter: fl
                    storage_options: dict | None = None) -> KernelSpec:
     """The ``segment-classical`` kernel for an image: Otsu's threshold computed once from the
     image's global statistics (normalised the way the engine normalises tiles; once the
-    diameter is known, on the signal smoothed as the kernel smooths it), distances in
+    diameter is known, on the signal smoothed as the kernel smooths it) and the background's
+    level below it (the median of that smoothed signal under the threshold; the kernel grows
+    objects from their cores towards it, see :data:`kernels.segment.GROW_TO`), distances in
     the image's physical units, and its lengths (smoothing, seed distance, smallest object,
     halo) from the typical object ``diameter`` (physical units), estimated once from the whole
     image (:func:`~pipeline.engine.stats.estimate_object_scale`) unless given. Explicit
@@ -416,7 +418,7 @@ def classical_spec(input_url: str | ImageSource, *, level: int = 0, diameter: fl
     ``auto``) say what an object looks like (:mod:`kernels.brightfield`); ``auto`` decides once
     per image from the global sample (:func:`object_signal`), never per tile."""
     from kernels.segment import SIGMA_PER_DIAMETER
-    from pipeline.engine.stats import estimate_object_scale, smoothed_threshold, window_blocks
+    from pipeline.engine.stats import background_level, estimate_object_scale, smoothed_signal, window_blocks
 
     if diameter is not None and not (math.isfinite(diameter) and diameter > 0):
         raise OptionError(f"--diameter must be a positive length in the image's units, got {diameter}.")
@@ -442,10 +444,14 @@ def classical_spec(input_url: str | ImageSource, *, level: int = 0, diameter: fl
     else:
         found = replace(found, unit=source.spatial_unit)
         log.info("object diameter %s", found.describe())
-        if threshold is None:  # Otsu again, on what the kernel thresholds: the signal smoothed by its sigma
-            value = smoothed_threshold(blocks, scale, signal=signal, scaling=norm,
-                                       sigma=sigma if sigma is not None else SIGMA_PER_DIAMETER * found.diameter)
-    return KernelSpec.of("segment-classical", threshold=round(value, 6), scale=scale,
+    # the levels are read off what the kernel thresholds: the signal smoothed by its sigma
+    kernel_sigma = sigma if sigma is not None else (SIGMA_PER_DIAMETER * found.diameter if found else min(scale))
+    smoothed = smoothed_signal(blocks, scale, signal=signal, scaling=norm, sigma=kernel_sigma)
+    if threshold is None and found is not None:  # Otsu again, on the smoothed signal
+        value = otsu_gap(smoothed)
+    background = background_level(smoothed, value)
+    return KernelSpec.of("segment-classical", threshold=round(value, 6),
+                         background=round(background, 6) if background is not None else None, scale=scale,
                          diameter=round(found.diameter, 6) if found else None,
                          object_scale=found.to_dict() if found else None,
                          sigma=sigma, min_distance=min_distance, min_size=min_size,
