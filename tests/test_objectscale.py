@@ -58,7 +58,7 @@ def test_the_estimate_follows_a_rescaled_image_down_to_small_objects(tmp_path, c
 
     shape, d = ((150, 170), 16) if ndim == 2 else ((30, 70, 70), 12)
     image, _ = touching_nuclei(shape, d, seed=0, noise=0.08, texture=0.5)
-    found, background = {}, {}
+    found = {}
     for factor in (1.0, 0.5):
         folder = tmp_path / str(factor)
         folder.mkdir()
