@@ -526,7 +526,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", help="output store")
     how = p.add_mutually_exclusive_group(required=True)
     how.add_argument("--model", help="model folder from `tilewise train segment`")
-    how.add_argument("--classical", action="store_true", help="smoothing + Otsu threshold + distance watershed")
+    how.add_argument("--classical", action="store_true",
+                     help="smoothing + Otsu threshold + distance watershed of the cores, grown to each object's edge")
     p.add_argument("--name", default="nuclei", help="labels and table name (default nuclei)")
     p.add_argument("--iou", type=float, default=0.5, help="IoU inside the tile overlap that makes two pieces one object")
     p.add_argument("--sparse-ids", action="store_true", help="keep tile-packed uint64 ids instead of 1..N")
