@@ -41,7 +41,8 @@ def seeded_watershed(elevation: np.ndarray, seeds: np.ndarray, mask: np.ndarray,
 
 
 def drop_small(labels: np.ndarray, min_size: int) -> np.ndarray:
-    """``labels`` (int32) with objects of fewer than ``min_size`` voxels set to 0."""
+    """``labels`` (int32; in place when they are int32 already) with objects of fewer than
+    ``min_size`` voxels set to 0."""
     labels = labels.astype(np.int32, copy=False)
     if min_size > 1 and labels.max() > 0:
         counts = np.bincount(labels.ravel())
@@ -63,10 +64,9 @@ def grow_and_trim(cores: np.ndarray, signal: np.ndarray, within: np.ndarray, *, 
     ``tie_break`` (small, e.g. a distance inside the cores) orders a flat plateau, such as a
     saturated region, that the flooding order would otherwise split by block position."""
     from scipy import ndimage
-    from skimage.segmentation import watershed
 
     elevation = -signal if tie_break is None else -(signal + tie_break)
-    labels = watershed(elevation, cores, mask=within | (cores > 0)).astype(np.int32)
+    labels = seeded_watershed(elevation, cores, within | (cores > 0), 0)
     n = int(labels.max())
     if n:
         peaks = np.asarray(ndimage.maximum(signal, labels, np.arange(1, n + 1)), np.float64)
