@@ -396,3 +396,22 @@ def test_objects_split_into_fragments_are_reported(tmp_path, client, caplog):
         segment_labels(url, str(tmp_path / "out.ome.zarr"), KernelSpec.of("relabel", ndim=2, halo=4), client,
                        tile_shape=(16, 32), progress=False)
     assert "two groups far apart" in caplog.text
+
+
+def test_an_image_without_objects_gets_one_line_warnings_not_an_error(tmp_path, client, caplog):
+    """A blank field (a slide's empty corner, a volume before the sample): the size estimate says
+    it found nothing to measure and falls back to pixel defaults, and the finished labels say
+    they hold 0 objects; both one line each, and the run still finishes."""
+    from pipeline.steps.segment import classical_spec
+
+    ramp = np.add.outer(np.linspace(0, 50, 64), np.linspace(0, 50, 96)).astype(np.float32)
+    url = _store(tmp_path, "blank.ome.zarr", ramp, "yx", (32, 32))
+    with caplog.at_level("WARNING"):
+        spec = classical_spec(url, threshold=1000.0)  # input units: above every pixel
+        result = segment_labels(url, str(tmp_path / "out.ome.zarr"), spec, client, tile_shape=(32, 32), progress=False)
+    assert spec.params["diameter"] is None
+    assert result.objects == 0 and open_image(result.labels).read((slice(None),) * 2).max() == 0
+    lines = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("the object size cannot be estimated" in line for line in lines), lines
+    assert any(": 0 objects:" in line for line in lines), lines
+    assert all("\n" not in line for line in lines)
