@@ -55,7 +55,8 @@ HALO_PER_DIAMETER = 2.0  # a pair of touching objects, seen whole by every tile 
 # growing to the lower level without the trim 0.755, lowering the one threshold alone 0.759;
 # splitting each foreground component where a higher level of its own signal parts it into two
 # or more pieces of at least 0.1-0.3 of a ball (a component tree, against merged touching
-# nuclei, the largest error left on DSB-2018) 0.643-0.748. On the reported halves 3D gained (+0.07..+0.10 a factor) and DSB-2018 lost (-0.01..-0.04).
+# nuclei, the largest error left on DSB-2018) 0.643-0.748. On the reported halves 3D gained
+# (+0.07..+0.10 a factor) and DSB-2018 lost (-0.01..-0.04).
 GROW_TO = 0.5
 KEEP_ABOVE = 0.3
 
