@@ -167,6 +167,7 @@ def test_dark_objects_segment_as_well_as_their_inverted_bright_copy(tmp_path, cl
         assert main(["-q", "segment", url, out, "--classical", "--workers", "2"]) == 0
         params = zarr.open_group(out, mode="r").attrs["tilewise"]["run"]["kernel_params"]
         assert params["polarity"] == name and params["stain"] == "none"
+        assert params["background"] is not None  # grey images of either polarity get two levels
         m = match(truth, zarr.open_array(f"{out}/labels/nuclei/0", mode="r")[:])[0]
         scores[name] = m.tp / (m.tp + m.fp + m.fn)
     assert scores["bright"] > 0.7
@@ -179,6 +180,7 @@ def test_real_he_nuclei_via_haematoxylin(tmp_path_factory, client, tmp_path):
     assert main(["-q", "segment", he, out, "--classical", "--workers", "2"]) == 0
     params = zarr.open_group(out, mode="r").attrs["tilewise"]["run"]["kernel_params"]
     assert params["polarity"] == "dark" and params["stain"] == "hematoxylin"
+    assert params["background"] is None  # one level: stained nuclei end at their edge (grows_from_cores)
     n = json.load(open(f"{out}/_tilewise/summary.json"))["objects"]
     assert 150 < n < 450  # a 300 x 500 crop of dense tumour tissue: a few hundred nuclei
     # grey-level segmentation of the same image is a different (worse) answer: the option matters

@@ -407,7 +407,8 @@ def classical_spec(input_url: str | ImageSource, *, level: int = 0, diameter: fl
     image's global statistics (normalised the way the engine normalises tiles; once the
     diameter is known, on the signal smoothed as the kernel smooths it) and the background's
     level below it (the median of that smoothed signal under the threshold; the kernel grows
-    objects from their cores towards it, see :data:`kernels.segment.GROW_TO`), distances in
+    objects from their cores towards it, see :data:`kernels.segment.GROW_TO`; not for H&E's
+    haematoxylin, :func:`kernels.segment.grows_from_cores`), distances in
     the image's physical units, and its lengths (smoothing, seed distance, smallest object,
     halo) from the typical object ``diameter`` (physical units), estimated once from the whole
     image (:func:`~pipeline.engine.stats.estimate_object_scale`) unless given. Explicit
@@ -417,7 +418,7 @@ def classical_spec(input_url: str | ImageSource, *, level: int = 0, diameter: fl
     ``polarity`` (``bright``, ``dark``, ``auto``) and ``stain`` (``none``, ``hematoxylin``,
     ``auto``) say what an object looks like (:mod:`kernels.brightfield`); ``auto`` decides once
     per image from the global sample (:func:`object_signal`), never per tile."""
-    from kernels.segment import SIGMA_PER_DIAMETER
+    from kernels.segment import SIGMA_PER_DIAMETER, grows_from_cores
     from pipeline.engine.stats import background_level, estimate_object_scale, smoothed_signal, window_blocks
 
     if diameter is not None and not (math.isfinite(diameter) and diameter > 0):
@@ -449,7 +450,8 @@ def classical_spec(input_url: str | ImageSource, *, level: int = 0, diameter: fl
     smoothed = smoothed_signal(blocks, scale, signal=signal, scaling=norm, sigma=kernel_sigma)
     if threshold is None and found is not None:  # Otsu again, on the smoothed signal
         value = otsu_gap(smoothed)
-    background = background_level(smoothed, value)
+    # one level for H&E's haematoxylin: see kernels.segment.grows_from_cores
+    background = background_level(smoothed, value) if grows_from_cores(signal.stain) else None
     return KernelSpec.of("segment-classical", threshold=round(value, 6),
                          background=round(background, 6) if background is not None else None, scale=scale,
                          diameter=round(found.diameter, 6) if found else None,
