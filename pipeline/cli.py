@@ -527,7 +527,8 @@ def build_parser() -> argparse.ArgumentParser:
     how = p.add_mutually_exclusive_group(required=True)
     how.add_argument("--model", help="model folder from `tilewise train segment`")
     how.add_argument("--classical", action="store_true",
-                     help="smoothing + Otsu threshold + distance watershed of the cores, grown to each object's edge")
+                     help="smoothing + Otsu threshold + distance watershed of the cores, grown to each object's edge "
+                          "(H&E: the haematoxylin cores as they are)")
     p.add_argument("--name", default="nuclei", help="labels and table name (default nuclei)")
     p.add_argument("--iou", type=float, default=0.5, help="IoU inside the tile overlap that makes two pieces one object")
     p.add_argument("--sparse-ids", action="store_true", help="keep tile-packed uint64 ids instead of 1..N")
