@@ -70,7 +70,7 @@ def grows_from_cores(stain: str) -> bool:
     (``make_wholeslide`` seeds 3 and 5, 2,048² and 4,096², not the benchmark's) two levels
     lost 0.004 and 0.018 of accuracy@0.5 (0.787 against 0.791; 0.761 against 0.779 at the
     labels' diameter); on the benchmark's slides, measured first, 0.03 (``wholeslide.json``
-    ``sections`` against ``sections_one_level``)."""
+    ``sections_two_levels`` and ``slide_two_levels`` against ``sections`` and ``slide``)."""
     return stain == "none"
 
 
