@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import Literal
+from typing import Literal, Sequence
 
 import numpy as np
 from pydantic import Field
@@ -72,6 +72,15 @@ def grows_from_cores(stain: str) -> bool:
     labels' diameter); on the benchmark's slides, measured first, 0.03 (``wholeslide.json``
     ``sections_two_levels`` and ``slide_two_levels`` against ``sections`` and ``slide``)."""
     return stain == "none"
+
+
+def smoothing(sigma: float | None, diameter: float | None, scale: Sequence[float]) -> float:
+    """The kernel's smoothing in physical units: ``sigma`` when given, else a share of the
+    object ``diameter`` (:data:`SIGMA_PER_DIAMETER`), else one pixel. The segmentation step reads
+    the image's global levels off the signal smoothed by the same amount."""
+    if sigma is not None:
+        return sigma
+    return SIGMA_PER_DIAMETER * diameter if diameter else min(scale)
 
 
 def ball_voxels(diameter: float, scale: tuple[float, ...]) -> float:
@@ -137,7 +146,7 @@ class ClassicalSegmentKernel(Kernel):
         self.scale = tuple(params.scale)
         ndim = len(self.scale)
         d, pixel = params.diameter, min(self.scale)
-        self.sigma = params.sigma if params.sigma is not None else (SIGMA_PER_DIAMETER * d if d else pixel)
+        self.sigma = smoothing(params.sigma, d, self.scale)
         self.min_distance = (params.min_distance if params.min_distance is not None
                              else (SEED_DISTANCE_PER_DIAMETER * d if d else 4 * pixel))
         self.min_size = (params.min_size if params.min_size is not None

@@ -418,7 +418,7 @@ def classical_spec(input_url: str | ImageSource, *, level: int = 0, diameter: fl
     ``polarity`` (``bright``, ``dark``, ``auto``) and ``stain`` (``none``, ``hematoxylin``,
     ``auto``) say what an object looks like (:mod:`kernels.brightfield`); ``auto`` decides once
     per image from the global sample (:func:`object_signal`), never per tile."""
-    from kernels.segment import SIGMA_PER_DIAMETER, grows_from_cores
+    from kernels.segment import grows_from_cores, smoothing
     from pipeline.engine.stats import background_level, estimate_object_scale, smoothed_signal, window_blocks
 
     if diameter is not None and not (math.isfinite(diameter) and diameter > 0):
@@ -445,13 +445,18 @@ def classical_spec(input_url: str | ImageSource, *, level: int = 0, diameter: fl
     else:
         found = replace(found, unit=source.spatial_unit)
         log.info("object diameter %s", found.describe())
-    # the levels are read off what the kernel thresholds: the signal smoothed by its sigma
-    kernel_sigma = sigma if sigma is not None else (SIGMA_PER_DIAMETER * found.diameter if found else min(scale))
-    smoothed = smoothed_signal(blocks, scale, signal=signal, scaling=norm, sigma=kernel_sigma)
-    if threshold is None and found is not None:  # Otsu again, on the smoothed signal
-        value = otsu_gap(smoothed)
-    # one level for H&E's haematoxylin: see kernels.segment.grows_from_cores
-    background = background_level(smoothed, value) if grows_from_cores(signal.stain) else None
+    # the levels are read off what the kernel thresholds: the signal smoothed by its sigma;
+    # smoothed only when a level is wanted (a given threshold on H&E needs none)
+    otsu_again = threshold is None and found is not None
+    two_levels = grows_from_cores(signal.stain)  # one level for H&E's haematoxylin
+    background = None
+    if otsu_again or two_levels:
+        smoothed = smoothed_signal(blocks, scale, signal=signal, scaling=norm,
+                                   sigma=smoothing(sigma, found.diameter if found else None, scale))
+        if otsu_again:
+            value = otsu_gap(smoothed)
+        if two_levels:
+            background = background_level(smoothed, value)
     return KernelSpec.of("segment-classical", threshold=round(value, 6),
                          background=round(background, 6) if background is not None else None, scale=scale,
                          diameter=round(found.diameter, 6) if found else None,
